@@ -1,0 +1,668 @@
+//! The resource kinds of ARCHITECTURE §3 as they are written in YAML. These types are the
+//! schema: unknown fields are errors, and values that have a grammar (identities, paths,
+//! durations, times) are checked as they are read. The evaluators never see these types;
+//! [`crate::model`] turns them into the compiled-ready model.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use meshward_identity::{SpiffeId, TrustDomain};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// The API version every resource carries.
+pub const API_VERSION: &str = "meshward.io/v1alpha1";
+
+/// Every kind the loader knows.
+pub const KINDS: &[&str] = &[
+    "Mesh",
+    "Workload",
+    "Service",
+    "AuthorizationPolicy",
+    "Override",
+    "RateLimitPolicy",
+    "TrafficPolicy",
+    "FaultInjection",
+    "TrustDomainFederation",
+    "PolicyTest",
+];
+
+/// `metadata` of a resource.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Metadata {
+    pub name: Name,
+    #[serde(default)]
+    pub namespace: Option<Name>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// A resource or namespace name: a DNS label (`[a-z0-9]([-a-z0-9]*[a-z0-9])?`, ≤ 63) or a
+/// dotted DNS subdomain of such labels.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize)]
+pub struct Name(pub String);
+
+impl Name {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let ok_label = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if s.len() <= 253 && s.split('.').all(ok_label) {
+            Ok(Name(s.to_owned()))
+        } else {
+            Err(format!(
+                "`{s}` is not a valid name: use lower-case letters, digits and `-` (DNS label rules)"
+            ))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Name {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Name::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A duration written as `90s`, `30m`, `1h`, `1h30m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "`{s}` is not a duration ({e}); write e.g. `90s`, `30m`, `1h`"
+            ))
+        })
+    }
+}
+
+/// A point in time written in RFC 3339 (`2026-11-28T12:00:00Z`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Time(pub SystemTime);
+
+impl Time {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        humantime::parse_rfc3339_weak(s.trim_end_matches('Z'))
+            .or_else(|_| humantime::parse_rfc3339(s))
+            .map(Time)
+            .map_err(|e| {
+                format!("`{s}` is not an RFC 3339 time ({e}); write e.g. `2026-11-28T12:00:00Z`")
+            })
+    }
+}
+
+impl<'de> Deserialize<'de> for Time {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Time::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// One value or a list of values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OneOrMany(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a value or a list of values")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_owned()]))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_string()]))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_string()]))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_string()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<OneOrMany, A::Error> {
+                let mut out = Vec::new();
+                while let Some(s) = a.next_element::<String>()? {
+                    out.push(s);
+                }
+                if out.is_empty() {
+                    return Err(serde::de::Error::custom("the list of values is empty"));
+                }
+                Ok(OneOrMany(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Mesh
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+pub enum DefaultAction {
+    #[default]
+    #[serde(rename = "DENY", alias = "deny", alias = "Deny")]
+    Deny,
+    #[serde(rename = "ALLOW", alias = "allow", alias = "Allow")]
+    Allow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+pub enum MtlsMode {
+    /// Plaintext is refused before policy runs.
+    #[default]
+    #[serde(rename = "STRICT", alias = "strict")]
+    Strict,
+    /// Plaintext reaches policy as an unauthenticated source.
+    #[serde(rename = "PERMISSIVE", alias = "permissive")]
+    Permissive,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+pub enum OutboundMode {
+    #[default]
+    #[serde(rename = "DENY", alias = "deny")]
+    Deny,
+    #[serde(rename = "ALLOW_LISTED", alias = "allowListed")]
+    AllowListed,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutboundTraffic {
+    #[serde(default)]
+    pub mode: OutboundMode,
+    /// `host:port` or `cidr:port` destinations outside the mesh that may be called.
+    #[serde(default)]
+    pub allowed: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MeshSpec {
+    pub trust_domain: TrustDomain,
+    /// Workload certificate lifetime, 5m to 24h (default 1h).
+    #[serde(default)]
+    pub certificate_lifetime: Option<Dur>,
+    #[serde(default)]
+    pub default_action: DefaultAction,
+    #[serde(default)]
+    pub mtls_mode: MtlsMode,
+    /// The longest an `Override` may last (default 24h).
+    #[serde(default)]
+    pub max_override_duration: Option<Dur>,
+    #[serde(default)]
+    pub outbound_traffic: Option<OutboundTraffic>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Workload and Service
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+pub enum Protocol {
+    #[serde(rename = "HTTP", alias = "http")]
+    Http,
+    #[serde(rename = "HTTP2", alias = "http2")]
+    Http2,
+    #[serde(rename = "GRPC", alias = "grpc")]
+    Grpc,
+    #[serde(rename = "TCP", alias = "tcp")]
+    Tcp,
+}
+
+impl Protocol {
+    /// Whether requests on this protocol carry HTTP attributes.
+    pub fn is_http(self) -> bool {
+        !matches!(self, Protocol::Tcp)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadPort {
+    pub port: u16,
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadSpec {
+    /// Service account; the identity is `spiffe://TD/ns/NAMESPACE/sa/SERVICE_ACCOUNT`.
+    /// Defaults to the workload's name.
+    #[serde(default)]
+    pub service_account: Option<Name>,
+    /// role, classification, team, posture, tenant, ...: matched by `attributes` in rules.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    #[serde(default)]
+    pub ports: Vec<WorkloadPort>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicePort {
+    pub port: u16,
+    #[serde(default)]
+    pub target_port: Option<u16>,
+    #[serde(default)]
+    pub protocol: Option<Protocol>,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// Workloads (in the service's namespace) whose labels include all of these.
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    /// Or workloads by name (`name` or `namespace/name`).
+    #[serde(default)]
+    pub workloads: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    /// Extra host names the service is called by (besides `NAME.NAMESPACE`).
+    #[serde(default)]
+    pub hosts: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------------------
+// AuthorizationPolicy
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    Baseline,
+    Domain,
+    Service,
+}
+
+impl Tier {
+    pub const ALL: [Tier; 3] = [Tier::Baseline, Tier::Domain, Tier::Service];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Baseline => "baseline",
+            Tier::Domain => "domain",
+            Tier::Service => "service",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+pub enum Action {
+    #[serde(rename = "ALLOW", alias = "allow", alias = "Allow")]
+    Allow,
+    #[serde(rename = "DENY", alias = "deny", alias = "Deny")]
+    Deny,
+    #[serde(rename = "AUDIT", alias = "audit", alias = "Audit")]
+    Audit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, Default)]
+pub enum Mode {
+    #[default]
+    #[serde(rename = "enforce", alias = "ENFORCE")]
+    Enforce,
+    #[serde(rename = "dry-run", alias = "DRY_RUN", alias = "dryRun")]
+    DryRun,
+}
+
+/// Which destinations a policy or override applies to. Fields combine with AND, the
+/// values of one field with OR; an empty target means every workload.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TargetSpec {
+    /// `name` (in the resource's namespace) or `namespace/name`.
+    #[serde(default)]
+    pub workloads: Vec<String>,
+    #[serde(default)]
+    pub services: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub attributes: BTreeMap<String, OneOrMany>,
+}
+
+/// Who a rule is about. Fields combine with AND, values with OR.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SourceSpec {
+    #[serde(default)]
+    pub identities: Vec<String>,
+    #[serde(default)]
+    pub not_identities: Vec<String>,
+    /// Namespaces of the mesh's own trust domain.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub not_namespaces: Vec<String>,
+    #[serde(default)]
+    pub trust_domains: Vec<String>,
+    #[serde(default)]
+    pub not_trust_domains: Vec<String>,
+    /// Source workload attributes that must hold.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, OneOrMany>,
+    #[serde(default)]
+    pub not_attributes: BTreeMap<String, OneOrMany>,
+    /// Attributes whose value must equal the destination's (both present).
+    #[serde(default)]
+    pub same_attributes: Vec<String>,
+    /// Attributes whose value must differ from the destination's (or be missing on either).
+    #[serde(default)]
+    pub different_attributes: Vec<String>,
+    /// Matches plaintext (no client certificate) sources only.
+    #[serde(default)]
+    pub unauthenticated: bool,
+}
+
+/// What a rule is about on the destination side.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OperationSpec {
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub not_methods: Vec<String>,
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub not_paths: Vec<String>,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+}
+
+/// A condition on a request header.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConditionSpec {
+    pub header: String,
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub not_values: Vec<String>,
+    #[serde(default)]
+    pub present: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RuleSpec {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub from: Vec<SourceSpec>,
+    #[serde(default)]
+    pub to: Vec<OperationSpec>,
+    #[serde(default)]
+    pub when: Vec<ConditionSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthorizationPolicySpec {
+    pub tier: Tier,
+    #[serde(default)]
+    pub target: TargetSpec,
+    pub action: Action,
+    #[serde(default)]
+    pub mode: Mode,
+    /// Baseline DENY only: an allow `Override` may lift it.
+    #[serde(default)]
+    pub overridable: bool,
+    #[serde(default)]
+    pub rules: Vec<RuleSpec>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Override
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OverrideAction {
+    #[serde(alias = "ALLOW")]
+    Allow,
+    #[serde(alias = "DENY")]
+    Deny,
+    #[serde(alias = "QUARANTINE")]
+    Quarantine,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OverrideSpec {
+    pub action: OverrideAction,
+    /// The source (for `quarantine`: the identity isolated both ways).
+    #[serde(default)]
+    pub subject: Option<SourceSpec>,
+    #[serde(default)]
+    pub target: Option<TargetSpec>,
+    #[serde(default)]
+    pub to: Vec<OperationSpec>,
+    pub reason: String,
+    #[serde(default)]
+    pub ticket: Option<String>,
+    #[serde(default)]
+    pub requester: Option<String>,
+    #[serde(default)]
+    pub approver: Option<String>,
+    #[serde(default)]
+    pub starts_at: Option<Time>,
+    /// Required; checked by lint (MW305) so that it can say why.
+    #[serde(default)]
+    pub expires_at: Option<Time>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Kinds parsed and validated now, enforced by later issues.
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RateLimit {
+    #[serde(default)]
+    pub from: Option<SourceSpec>,
+    pub requests_per_second: u32,
+    #[serde(default)]
+    pub burst: Option<u32>,
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RateLimitPolicySpec {
+    pub target: TargetSpec,
+    pub limits: Vec<RateLimit>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    #[serde(default)]
+    pub per_try_timeout: Option<Dur>,
+    #[serde(default)]
+    pub retry_on: Vec<String>,
+    /// Retries may add at most this percentage of requests.
+    #[serde(default)]
+    pub budget_percent: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutlierDetection {
+    #[serde(default)]
+    pub consecutive_errors: Option<u32>,
+    #[serde(default)]
+    pub interval: Option<Dur>,
+    #[serde(default)]
+    pub base_ejection_time: Option<Dur>,
+    #[serde(default)]
+    pub max_ejection_percent: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CircuitBreaker {
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    #[serde(default)]
+    pub max_pending_requests: Option<u32>,
+    #[serde(default)]
+    pub max_requests: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TrafficPolicySpec {
+    pub target: TargetSpec,
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+    #[serde(default)]
+    pub retries: Option<RetryPolicy>,
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetection>,
+    #[serde(default)]
+    pub circuit_breaker: Option<CircuitBreaker>,
+    /// Localities to fail over to, in order.
+    #[serde(default)]
+    pub failover: Vec<String>,
+    /// A service (`namespace/name`) to call when every endpoint is down.
+    #[serde(default)]
+    pub fallback: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultDelay {
+    pub fixed: Dur,
+    pub percent: f64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultAbort {
+    pub http_status: u16,
+    pub percent: f64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultInjectionSpec {
+    pub target: TargetSpec,
+    #[serde(default)]
+    pub from: Option<SourceSpec>,
+    #[serde(default)]
+    pub to: Vec<OperationSpec>,
+    #[serde(default)]
+    pub delay: Option<FaultDelay>,
+    #[serde(default)]
+    pub abort: Option<FaultAbort>,
+    /// Drills are time-bound: required.
+    pub expires_at: Time,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum BundleProfile {
+    #[serde(rename = "https_web")]
+    HttpsWeb,
+    #[serde(rename = "https_spiffe")]
+    HttpsSpiffe,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BundleEndpoint {
+    pub url: String,
+    pub profile: BundleProfile,
+    #[serde(default)]
+    pub endpoint_spiffe_id: Option<SpiffeId>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TrustDomainFederationSpec {
+    pub trust_domain: TrustDomain,
+    #[serde(default)]
+    pub bundle_endpoint: Option<BundleEndpoint>,
+    /// An inline SPIFFE bundle (JWKS JSON).
+    #[serde(default)]
+    pub bundle: Option<String>,
+    #[serde(default)]
+    pub refresh_hint: Option<Dur>,
+}
+
+// ---------------------------------------------------------------------------------------
+// PolicyTest
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ScenarioRequest {
+    /// A SPIFFE ID, or `unauthenticated`.
+    pub from: String,
+    /// The destination workload, `namespace/name`.
+    pub to: String,
+    pub port: u16,
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, OneOrMany>,
+    #[serde(default)]
+    pub at: Option<Time>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Expectation {
+    pub verdict: crate::decision::Verdict,
+    #[serde(default)]
+    pub reason: Option<crate::decision::Reason>,
+    /// `namespace/name` of the deciding policy or override.
+    #[serde(default)]
+    pub policy: Option<String>,
+    #[serde(default)]
+    pub rule: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Scenario {
+    pub name: String,
+    pub request: ScenarioRequest,
+    pub expect: Expectation,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PolicyTestSpec {
+    /// Default evaluation time for the scenarios (default: now).
+    #[serde(default)]
+    pub at: Option<Time>,
+    pub scenarios: Vec<Scenario>,
+}
