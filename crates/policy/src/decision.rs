@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::resource::Tier;
 
 /// Allow or deny.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
     #[serde(alias = "ALLOW")]
@@ -36,7 +36,7 @@ impl fmt::Display for Verdict {
 
 /// Why a decision came out as it did. Stable codes: they appear in 403 bodies, metrics,
 /// the decision log and `PolicyTest` expectations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
     /// An ALLOW rule matched at every tier that has ALLOW policies for the destination.

@@ -9,14 +9,19 @@
 //! and [`suggest`] are the policy-as-code tools behind `meshward policy …`.
 
 pub mod decision;
+pub mod decision_log;
 pub mod diag;
+pub mod diff;
 pub mod engine;
+pub mod impact;
 pub mod lint;
 pub mod matcher;
 pub mod model;
 pub mod path;
 pub mod reference;
 pub mod resource;
+pub mod scenario;
+pub mod suggest;
 pub mod yaml;
 
 pub use decision::{Decision, PolicyRevision, Reason, Request, Source, Verdict, WorkloadRef};

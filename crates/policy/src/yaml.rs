@@ -179,8 +179,13 @@ impl Builder {
                 }
             }
             Some(Frame::Seq(_, _, items)) => items.push(node),
-            Some(Frame::Map(_, _, entries, pending)) => match pending.take() {
+            Some(Frame::Map(map_span, _, entries, pending)) => match pending.take() {
                 None => {
+                    // A block mapping's start event is marked at its first `:`; point
+                    // at its first key instead.
+                    if entries.is_empty() {
+                        *map_span = node.span;
+                    }
                     let dup = entries
                         .iter()
                         .any(|(k, _)| k.as_str().is_some() && k.as_str() == node.as_str());
