@@ -9,7 +9,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 mod policy_cmd;
 
 #[derive(Debug, Parser)]
-#[command(name = "meshward", version, about = "Meshward: a service mesh that proves its security policy before it ships", propagate_version = true)]
+#[command(
+    name = "meshward",
+    version,
+    about = "Meshward: a service mesh that proves its security policy before it ships",
+    propagate_version = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -40,7 +45,9 @@ pub enum LintFormat {
 #[derive(Debug, Subcommand)]
 enum PolicyCommand {
     /// Check a policy repository: schema, references and semantics, with stable codes.
-    #[command(after_help = "Examples:\n  meshward policy lint examples/policies\n  meshward policy lint examples/policies --format sarif > lint.sarif\n\nExit status: 0 clean or warnings only, 1 errors found.")]
+    #[command(
+        after_help = "Examples:\n  meshward policy lint examples/policies\n  meshward policy lint examples/policies --format sarif > lint.sarif\n\nExit status: 0 clean or warnings only, 1 errors found."
+    )]
     Lint {
         /// A directory of YAML files (read recursively) or one file.
         dir: PathBuf,
@@ -51,7 +58,9 @@ enum PolicyCommand {
         now: Option<String>,
     },
     /// Run the PolicyTest scenarios of a policy repository.
-    #[command(after_help = "Examples:\n  meshward policy test examples/policies\n  meshward policy test examples/policies --junit policy-tests.xml\n\nEnds with the line `N passed, N failed`; exit status 1 when any scenario fails.")]
+    #[command(
+        after_help = "Examples:\n  meshward policy test examples/policies\n  meshward policy test examples/policies --junit policy-tests.xml\n\nEnds with the line `N passed, N failed`; exit status 1 when any scenario fails."
+    )]
     Test {
         dir: PathBuf,
         /// Also write JUnit XML to this file.
@@ -64,10 +73,14 @@ enum PolicyCommand {
         now: Option<String>,
     },
     /// Explain the verdict for one request, tier by tier.
-    #[command(after_help = "Example:\n  meshward policy explain examples/policies \\\n    --from spiffe://shop.example/ns/web/sa/frontend --to payments/payments-api \\\n    --port 8443 --method POST --path /v1/charges")]
+    #[command(
+        after_help = "Example:\n  meshward policy explain examples/policies \\\n    --from spiffe://shop.example/ns/web/sa/frontend --to payments/payments-api \\\n    --port 8443 --method POST --path /v1/charges"
+    )]
     Explain(ExplainArgs),
     /// Semantic diff: which edges change verdict between two policy sets.
-    #[command(after_help = "Example:\n  meshward policy diff old-policies/ examples/policies --output json\n\nExit status: 0, or 1 with --exit-code when any edge changes.")]
+    #[command(
+        after_help = "Example:\n  meshward policy diff old-policies/ examples/policies --output json\n\nExit status: 0, or 1 with --exit-code when any edge changes."
+    )]
     Diff {
         old: PathBuf,
         new: PathBuf,
@@ -81,7 +94,9 @@ enum PolicyCommand {
         exit_code: bool,
     },
     /// Replay a recorded decision log against a candidate policy set.
-    #[command(after_help = "Example:\n  meshward policy impact examples/policies --log decisions.jsonl\n\nThe log format is described in docs/decision-log.md.")]
+    #[command(
+        after_help = "Example:\n  meshward policy impact examples/policies --log decisions.jsonl\n\nThe log format is described in docs/decision-log.md."
+    )]
     Impact {
         /// The candidate policy set.
         dir: PathBuf,
@@ -98,7 +113,9 @@ enum PolicyCommand {
         exit_code: bool,
     },
     /// Suggest least-privilege service-tier ALLOW policies from observed traffic.
-    #[command(after_help = "Example:\n  meshward policy suggest --log decisions.jsonl > suggested.yaml")]
+    #[command(
+        after_help = "Example:\n  meshward policy suggest --log decisions.jsonl > suggested.yaml"
+    )]
     Suggest {
         /// A decision log (JSON lines); `-` reads standard input.
         #[arg(long)]
@@ -144,8 +161,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Policy(cmd) => match cmd {
-            PolicyCommand::Lint { dir, format, now } => policy_cmd::lint(&dir, format, now.as_deref()),
-            PolicyCommand::Test { dir, junit, output, now } => policy_cmd::test(&dir, junit.as_deref(), output, now.as_deref()),
+            PolicyCommand::Lint { dir, format, now } => {
+                policy_cmd::lint(&dir, format, now.as_deref())
+            }
+            PolicyCommand::Test {
+                dir,
+                junit,
+                output,
+                now,
+            } => policy_cmd::test(&dir, junit.as_deref(), output, now.as_deref()),
             PolicyCommand::Explain(a) => policy_cmd::explain(&policy_cmd::ExplainInput {
                 dir: a.dir,
                 from: a.from,
@@ -158,9 +182,25 @@ fn main() -> ExitCode {
                 at: a.at,
                 output: a.output,
             }),
-            PolicyCommand::Diff { old, new, output, at, exit_code } => policy_cmd::diff(&old, &new, output, at.as_deref(), exit_code),
-            PolicyCommand::Impact { dir, log, at, output, exit_code } => policy_cmd::impact(&dir, &log, at.as_deref(), output, exit_code),
-            PolicyCommand::Suggest { log, collapse_above, out } => policy_cmd::suggest(&log, collapse_above, out.as_deref()),
+            PolicyCommand::Diff {
+                old,
+                new,
+                output,
+                at,
+                exit_code,
+            } => policy_cmd::diff(&old, &new, output, at.as_deref(), exit_code),
+            PolicyCommand::Impact {
+                dir,
+                log,
+                at,
+                output,
+                exit_code,
+            } => policy_cmd::impact(&dir, &log, at.as_deref(), output, exit_code),
+            PolicyCommand::Suggest {
+                log,
+                collapse_above,
+                out,
+            } => policy_cmd::suggest(&log, collapse_above, out.as_deref()),
         },
     };
     match result {

@@ -13,7 +13,9 @@ use meshward_policy::diag::{self, Diagnostic};
 use meshward_policy::engine::Engine;
 use meshward_policy::model::{Loaded, PolicySet, load_path};
 use meshward_policy::resource::{OneOrMany, ScenarioRequest, Time};
-use meshward_policy::{diff as sdiff, impact as simpact, lint as slint, reference, scenario, suggest as ssuggest};
+use meshward_policy::{
+    diff as sdiff, impact as simpact, lint as slint, reference, scenario, suggest as ssuggest,
+};
 
 use crate::{LintFormat, Output};
 
@@ -30,9 +32,19 @@ fn load_valid(dir: &Path) -> Result<PolicySet> {
     match loaded.into_valid() {
         Ok(set) => Ok(set),
         Err(l) => {
-            let errors: Vec<Diagnostic> = l.diagnostics.iter().filter(|d| d.is_error()).cloned().collect();
+            let errors: Vec<Diagnostic> = l
+                .diagnostics
+                .iter()
+                .filter(|d| d.is_error())
+                .cloned()
+                .collect();
             eprint!("{}", diag::render_text(&errors, &l.sources));
-            bail!("the policy set in `{}` has {} error(s); fix them (see `meshward policy lint {}`)", dir.display(), errors.len(), dir.display())
+            bail!(
+                "the policy set in `{}` has {} error(s); fix them (see `meshward policy lint {}`)",
+                dir.display(),
+                errors.len(),
+                dir.display()
+            )
         }
     }
 }
@@ -57,21 +69,36 @@ pub fn lint(dir: &Path, format: LintFormat, now: Option<&str>) -> Result<ExitCod
         LintFormat::Sarif => diag::render_sarif(&diags, env!("CARGO_PKG_VERSION")) + "\n",
     };
     print!("{out}");
-    Ok(if diags.iter().any(Diagnostic::is_error) { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if diags.iter().any(Diagnostic::is_error) {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
-pub fn test(dir: &Path, junit: Option<&Path>, output: Output, now: Option<&str>) -> Result<ExitCode> {
+pub fn test(
+    dir: &Path,
+    junit: Option<&Path>,
+    output: Output,
+    now: Option<&str>,
+) -> Result<ExitCode> {
     let now = parse_time(now)?;
     let set = load_valid(dir)?;
     let engine = Engine::compile(&set);
     let results = scenario::run(&set, &engine, now);
     if let Some(path) = junit {
-        std::fs::write(path, scenario::junit(&results)).with_context(|| format!("cannot write JUnit XML to `{}`", path.display()))?;
+        std::fs::write(path, scenario::junit(&results))
+            .with_context(|| format!("cannot write JUnit XML to `{}`", path.display()))?;
     }
     let passed = results.iter().filter(|r| r.passed).count();
     let failed = results.len() - passed;
     if output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "passed": passed, "failed": failed, "results": results }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "passed": passed, "failed": failed, "results": results })
+            )?
+        );
     } else {
         for r in &results {
             if r.passed {
@@ -94,7 +121,11 @@ pub fn test(dir: &Path, junit: Option<&Path>, output: Output, now: Option<&str>)
         }
         println!("{passed} passed, {failed} failed");
     }
-    Ok(if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Arguments of `policy explain`.
@@ -117,35 +148,82 @@ pub fn explain(a: &ExplainInput) -> Result<ExitCode> {
     let at = parse_time(a.at.as_deref())?;
     let mut headers: BTreeMap<String, OneOrMany> = BTreeMap::new();
     for h in &a.headers {
-        let (k, v) = h.split_once('=').with_context(|| format!("`--header {h}`: write NAME=VALUE"))?;
-        headers.entry(k.to_owned()).or_insert_with(|| OneOrMany(vec![])).0.push(v.to_owned());
+        let (k, v) = h
+            .split_once('=')
+            .with_context(|| format!("`--header {h}`: write NAME=VALUE"))?;
+        headers
+            .entry(k.to_owned())
+            .or_insert_with(|| OneOrMany(vec![]))
+            .0
+            .push(v.to_owned());
     }
-    let sr = ScenarioRequest { from: a.from.clone(), to: a.to.clone(), port: a.port, method: a.method.clone(), path: a.path.clone(), host: a.host.clone(), headers, at: None };
+    let sr = ScenarioRequest {
+        from: a.from.clone(),
+        to: a.to.clone(),
+        port: a.port,
+        method: a.method.clone(),
+        path: a.path.clone(),
+        host: a.host.clone(),
+        headers,
+        at: None,
+    };
     let req = scenario::build_request(&set, &sr, at).map_err(anyhow::Error::msg)?;
     if set.workload(&req.destination).is_none() {
         let names: Vec<String> = set.workloads.iter().map(|w| w.id.to_string()).collect();
-        bail!("`{}` is not a workload of this policy set; known workloads: {}", a.to, names.join(", "));
+        bail!(
+            "`{}` is not a workload of this policy set; known workloads: {}",
+            a.to,
+            names.join(", ")
+        );
     }
     let (reference_decision, trace) = reference::explain(&set, &req);
     let d = Engine::compile(&set).decide(&req);
     if !d.same_outcome(&reference_decision) {
-        bail!("internal error: the compiled engine and the reference evaluator disagree on this request; please report it with the policy set");
+        bail!(
+            "internal error: the compiled engine and the reference evaluator disagree on this request; please report it with the policy set"
+        );
     }
     if a.output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "decision": d, "trace": trace }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "decision": d, "trace": trace }))?
+        );
         return Ok(ExitCode::SUCCESS);
     }
-    println!("request: {} -> {} port {}{}", req.source, req.destination, req.port, req.http.as_ref().map(|h| format!(" {} {}", h.method, h.path)).unwrap_or_else(|| " (tcp)".into()));
+    println!(
+        "request: {} -> {} port {}{}",
+        req.source,
+        req.destination,
+        req.port,
+        req.http
+            .as_ref()
+            .map(|h| format!(" {} {}", h.method, h.path))
+            .unwrap_or_else(|| " (tcp)".into())
+    );
     print!("{}", scenario::render_trace(&trace));
     println!(
         "verdict: {} ({}){}{}",
         d.verdict.as_str().to_uppercase(),
         d.reason,
-        d.policy.as_deref().map(|p| format!(" by `{p}`")).unwrap_or_default(),
-        d.rule.as_deref().map(|r| format!(" rule `{r}`")).unwrap_or_default()
+        d.policy
+            .as_deref()
+            .map(|p| format!(" by `{p}`"))
+            .unwrap_or_default(),
+        d.rule
+            .as_deref()
+            .map(|r| format!(" rule `{r}`"))
+            .unwrap_or_default()
     );
     if let Some(s) = &d.shadow {
-        println!("shadow (dry-run) verdict: {} ({}){}", s.verdict.as_str().to_uppercase(), s.reason, s.policy.as_deref().map(|p| format!(" by `{p}`")).unwrap_or_default());
+        println!(
+            "shadow (dry-run) verdict: {} ({}){}",
+            s.verdict.as_str().to_uppercase(),
+            s.reason,
+            s.policy
+                .as_deref()
+                .map(|p| format!(" by `{p}`"))
+                .unwrap_or_default()
+        );
     }
     for m in &d.audit {
         println!("audit mark: `{}` rule `{}`", m.policy, m.rule);
@@ -154,7 +232,13 @@ pub fn explain(a: &ExplainInput) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn diff(old: &Path, new: &Path, output: Output, at: Option<&str>, exit_code: bool) -> Result<ExitCode> {
+pub fn diff(
+    old: &Path,
+    new: &Path,
+    output: Output,
+    at: Option<&str>,
+    exit_code: bool,
+) -> Result<ExitCode> {
     let at = parse_time(at)?;
     let (a, b) = (load_valid(old)?, load_valid(new)?);
     let d = sdiff::diff(&a, &b, at);
@@ -162,7 +246,10 @@ pub fn diff(old: &Path, new: &Path, output: Output, at: Option<&str>, exit_code:
         println!("{}", serde_json::to_string_pretty(&d)?);
     } else {
         if d.changes.is_empty() {
-            println!("no edge changes verdict ({} edges compared)", d.edges_compared);
+            println!(
+                "no edge changes verdict ({} edges compared)",
+                d.edges_compared
+            );
         }
         for c in &d.changes {
             let op = match (&c.method, &c.path) {
@@ -171,7 +258,11 @@ pub fn diff(old: &Path, new: &Path, output: Output, at: Option<&str>, exit_code:
             };
             println!(
                 "{} {} -> {} port {} {}: {} ({}) -> {} ({}){}",
-                if c.new == meshward_policy::Verdict::Allow { "+" } else { "-" },
+                if c.new == meshward_policy::Verdict::Allow {
+                    "+"
+                } else {
+                    "-"
+                },
                 c.source,
                 c.destination,
                 c.port,
@@ -180,21 +271,33 @@ pub fn diff(old: &Path, new: &Path, output: Output, at: Option<&str>, exit_code:
                 c.old_reason,
                 c.new,
                 c.new_reason,
-                c.new_policy.as_deref().map(|p| format!(" by `{p}`")).unwrap_or_default()
+                c.new_policy
+                    .as_deref()
+                    .map(|p| format!(" by `{p}`"))
+                    .unwrap_or_default()
             );
         }
         if !d.changes.is_empty() {
-            println!("{} edge(s) change verdict ({} compared)", d.changes.len(), d.edges_compared);
+            println!(
+                "{} edge(s) change verdict ({} compared)",
+                d.changes.len(),
+                d.edges_compared
+            );
         }
     }
-    Ok(if exit_code && !d.changes.is_empty() { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if exit_code && !d.changes.is_empty() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn open_log(log: &Path) -> Result<(Box<dyn Read>, Option<u64>)> {
     if log == Path::new("-") {
         return Ok((Box::new(std::io::stdin()), None));
     }
-    let f = File::open(log).with_context(|| format!("cannot open the decision log `{}`", log.display()))?;
+    let f = File::open(log)
+        .with_context(|| format!("cannot open the decision log `{}`", log.display()))?;
     let len = f.metadata().ok().map(|m| m.len());
     Ok((Box::new(f), len))
 }
@@ -205,13 +308,21 @@ fn progress(len: Option<u64>) -> indicatif::ProgressBar {
         None => indicatif::ProgressBar::new_spinner(),
     };
     pb.set_draw_target(indicatif::ProgressDrawTarget::stderr_with_hz(4));
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} replaying {bytes}/{total_bytes} [{bar:30}] {percent}% eta {eta} ({msg} records)") {
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} replaying {bytes}/{total_bytes} [{bar:30}] {percent}% eta {eta} ({msg} records)",
+    ) {
         pb.set_style(style.progress_chars("=> "));
     }
     pb
 }
 
-pub fn impact(dir: &Path, log: &Path, at: Option<&str>, output: Output, exit_code: bool) -> Result<ExitCode> {
+pub fn impact(
+    dir: &Path,
+    log: &Path,
+    at: Option<&str>,
+    output: Output,
+    exit_code: bool,
+) -> Result<ExitCode> {
     let set = load_valid(dir)?;
     let at = at.map(|t| parse_time(Some(t))).transpose()?;
     let engine = Engine::compile(&set);
@@ -219,14 +330,17 @@ pub fn impact(dir: &Path, log: &Path, at: Option<&str>, output: Output, exit_cod
     let pb = progress(len);
     let mut replay = simpact::Replay::new(&engine, at);
     let mut n = 0u64;
-    for_each_record(BufReader::with_capacity(1 << 16, reader), |line, bytes, rec| {
-        replay.add(line, rec);
-        n += 1;
-        if n % 4096 == 0 {
-            pb.set_position(bytes);
-            pb.set_message(n.to_string());
-        }
-    })
+    for_each_record(
+        BufReader::with_capacity(1 << 16, reader),
+        |line, bytes, rec| {
+            replay.add(line, rec);
+            n += 1;
+            if n % 4096 == 0 {
+                pb.set_position(bytes);
+                pb.set_message(n.to_string());
+            }
+        },
+    )
     .with_context(|| format!("cannot read `{}`", log.display()))?;
     pb.finish_and_clear();
     let r = replay.finish();
@@ -256,12 +370,18 @@ pub fn impact(dir: &Path, log: &Path, at: Option<&str>, output: Output, exit_cod
                 f.recorded,
                 f.candidate,
                 f.candidate_reason,
-                f.candidate_policy.as_deref().map(|p| format!(" by `{p}`")).unwrap_or_default(),
+                f.candidate_policy
+                    .as_deref()
+                    .map(|p| format!(" by `{p}`"))
+                    .unwrap_or_default(),
                 f.example_lines.first().copied().unwrap_or_default()
             );
         }
         if r.skipped > 0 {
-            println!("skipped {} records no policy decided (rate limited)", r.skipped);
+            println!(
+                "skipped {} records no policy decided (rate limited)",
+                r.skipped
+            );
         }
         if r.invalid_lines > 0 {
             println!("{} invalid line(s) ignored:", r.invalid_lines);
@@ -271,7 +391,11 @@ pub fn impact(dir: &Path, log: &Path, at: Option<&str>, output: Output, exit_cod
         }
     }
     let flips = r.allow_to_deny_records + r.deny_to_allow_records;
-    Ok(if exit_code && flips > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if exit_code && flips > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 pub fn suggest(log: &Path, collapse_above: usize, out: Option<&Path>) -> Result<ExitCode> {
@@ -279,21 +403,29 @@ pub fn suggest(log: &Path, collapse_above: usize, out: Option<&Path>) -> Result<
     let pb = progress(len);
     let mut obs = ssuggest::Observed::default();
     let mut invalid = 0u64;
-    for_each_record(BufReader::with_capacity(1 << 16, reader), |_, bytes, rec| {
-        match rec {
-            Ok(r) => obs.add(&r),
-            Err(_) => invalid += 1,
-        }
-        pb.set_position(bytes);
-    })
+    for_each_record(
+        BufReader::with_capacity(1 << 16, reader),
+        |_, bytes, rec| {
+            match rec {
+                Ok(r) => obs.add(&r),
+                Err(_) => invalid += 1,
+            }
+            pb.set_position(bytes);
+        },
+    )
     .with_context(|| format!("cannot read `{}`", log.display()))?;
     pb.finish_and_clear();
     if invalid > 0 {
-        eprintln!("warning: {invalid} invalid line(s) in `{}` were ignored", log.display());
+        eprintln!(
+            "warning: {invalid} invalid line(s) in `{}` were ignored",
+            log.display()
+        );
     }
     let yaml = ssuggest::suggest(&obs, ssuggest::SuggestOptions { collapse_above });
     match out {
-        Some(p) => std::fs::write(p, yaml).with_context(|| format!("cannot write `{}`", p.display()))?,
+        Some(p) => {
+            std::fs::write(p, yaml).with_context(|| format!("cannot write `{}`", p.display()))?
+        }
         None => std::io::stdout().write_all(yaml.as_bytes())?,
     }
     Ok(ExitCode::SUCCESS)

@@ -97,7 +97,10 @@ impl DecisionRecord {
             policy: d.policy.as_deref().map(String::from),
             rule: d.rule.as_deref().map(String::from),
             shadow_verdict: d.shadow.as_ref().map(|s| s.verdict),
-            shadow_policy: d.shadow.as_ref().and_then(|s| s.policy.as_deref().map(String::from)),
+            shadow_policy: d
+                .shadow
+                .as_ref()
+                .and_then(|s| s.policy.as_deref().map(String::from)),
             decision_ns: u64::try_from(d.elapsed.as_nanos()).unwrap_or(u64::MAX),
             weight,
         }
@@ -118,12 +121,22 @@ impl DecisionRecord {
                 method: m.clone(),
                 path: path::normalize(p).map_err(|e| format!("`path`: {e}"))?.path,
                 host: self.host.as_deref().map(normalize_host),
-                headers: self.headers.iter().flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_ascii_lowercase(), v.clone()))).collect(),
+                headers: self
+                    .headers
+                    .iter()
+                    .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_ascii_lowercase(), v.clone())))
+                    .collect(),
             }),
             (None, None) => None,
             _ => return Err("`method` and `path` go together".into()),
         };
-        Ok(Request { source, destination, port: self.port, http, at })
+        Ok(Request {
+            source,
+            destination,
+            port: self.port,
+            http,
+            at,
+        })
     }
 
     /// The time of the record.
@@ -139,7 +152,10 @@ impl DecisionRecord {
 
 /// Reads a decision log line by line, calling `f(line_number, bytes_read_so_far, record)`.
 /// Blank lines are skipped; a line that is not a record is passed as an error naming why.
-pub fn for_each_record<R: BufRead>(mut r: R, mut f: impl FnMut(u64, u64, Result<DecisionRecord, String>)) -> std::io::Result<()> {
+pub fn for_each_record<R: BufRead>(
+    mut r: R,
+    mut f: impl FnMut(u64, u64, Result<DecisionRecord, String>),
+) -> std::io::Result<()> {
     let mut line = String::new();
     let mut n = 0u64;
     let mut bytes = 0u64;
@@ -154,6 +170,10 @@ pub fn for_each_record<R: BufRead>(mut r: R, mut f: impl FnMut(u64, u64, Result<
         if line.trim().is_empty() {
             continue;
         }
-        f(n, bytes, serde_json::from_str::<DecisionRecord>(line.trim()).map_err(|e| e.to_string()));
+        f(
+            n,
+            bytes,
+            serde_json::from_str::<DecisionRecord>(line.trim()).map_err(|e| e.to_string()),
+        );
     }
 }

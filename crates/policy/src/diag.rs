@@ -123,7 +123,7 @@ pub fn render_text(diags: &[Diagnostic], sources: &Sources) -> String {
             let col = usize::try_from(d.column.saturating_sub(1)).unwrap_or(0);
             let rest = src.get(col..).unwrap_or("");
             let len = rest
-                .find(|c: char| c == ':' || c == ',' || c == ']' || c == '}' || c == '#')
+                .find([':', ',', ']', '}', '#'])
                 .unwrap_or(rest.len())
                 .max(1);
             let len = rest[..len.min(rest.len())].trim_end().len().max(1);

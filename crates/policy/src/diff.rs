@@ -41,11 +41,20 @@ pub struct SemanticDiff {
     pub changes: Vec<EdgeChange>,
 }
 
-fn universe(sets: [&PolicySet; 2]) -> (Vec<Source>, Vec<(WorkloadRef, u16, bool)>, Vec<String>, Vec<String>) {
+/// Sources, (destination, port, is HTTP), methods and paths to probe.
+type Universe = (
+    Vec<Source>,
+    Vec<(WorkloadRef, u16, bool)>,
+    Vec<String>,
+    Vec<String>,
+);
+
+fn universe(sets: [&PolicySet; 2]) -> Universe {
     let mut sources = BTreeSet::new();
     let mut dests = BTreeSet::new();
     let mut methods: BTreeSet<String> = ["GET".to_owned(), "MESHWARD-OTHER".to_owned()].into();
-    let mut paths: BTreeSet<String> = ["/".to_owned(), "/meshward-unmatched-path".to_owned()].into();
+    let mut paths: BTreeSet<String> =
+        ["/".to_owned(), "/meshward-unmatched-path".to_owned()].into();
     let mut plaintext = false;
     for set in sets {
         plaintext |= set.mesh.mtls_mode == crate::resource::MtlsMode::Permissive;
@@ -77,11 +86,19 @@ fn universe(sets: [&PolicySet; 2]) -> (Vec<Source>, Vec<(WorkloadRef, u16, bool)
             }
         }
     }
-    let mut srcs: Vec<Source> = sources.iter().filter_map(|s| Source::parse(s).ok()).collect();
+    let mut srcs: Vec<Source> = sources
+        .iter()
+        .filter_map(|s| Source::parse(s).ok())
+        .collect();
     if plaintext {
         srcs.push(Source::Unauthenticated);
     }
-    (srcs, dests.into_iter().collect(), methods.into_iter().collect(), paths.into_iter().collect())
+    (
+        srcs,
+        dests.into_iter().collect(),
+        methods.into_iter().collect(),
+        paths.into_iter().collect(),
+    )
 }
 
 /// Compares two policy sets edge by edge at time `at`.
@@ -95,7 +112,12 @@ pub fn diff(old: &PolicySet, new: &PolicySet, at: SystemTime) -> SemanticDiff {
         if *http {
             for m in &methods {
                 for p in &paths {
-                    probes.push(Some(HttpAttrs { method: m.clone(), path: p.clone(), host: None, headers: vec![] }));
+                    probes.push(Some(HttpAttrs {
+                        method: m.clone(),
+                        path: p.clone(),
+                        host: None,
+                        headers: vec![],
+                    }));
                 }
             }
         } else {
@@ -104,7 +126,13 @@ pub fn diff(old: &PolicySet, new: &PolicySet, at: SystemTime) -> SemanticDiff {
         for src in &sources {
             for h in &probes {
                 n += 1;
-                let req = Request { source: src.clone(), destination: dest.clone(), port: *port, http: h.clone(), at };
+                let req = Request {
+                    source: src.clone(),
+                    destination: dest.clone(),
+                    port: *port,
+                    http: h.clone(),
+                    at,
+                };
                 let (x, y): (Decision, Decision) = (a.decide(&req), b.decide(&req));
                 if x.verdict != y.verdict {
                     changes.push(EdgeChange {
@@ -124,5 +152,8 @@ pub fn diff(old: &PolicySet, new: &PolicySet, at: SystemTime) -> SemanticDiff {
         }
     }
     changes.sort();
-    SemanticDiff { edges_compared: n, changes }
+    SemanticDiff {
+        edges_compared: n,
+        changes,
+    }
 }

@@ -47,7 +47,15 @@ pub struct ImpactReport {
     pub flips: Vec<EdgeFlip>,
 }
 
-type Key = (String, String, u16, Option<String>, Option<String>, Verdict, Verdict);
+type Key = (
+    String,
+    String,
+    u16,
+    Option<String>,
+    Option<String>,
+    Verdict,
+    Verdict,
+);
 
 /// Accumulates a replay.
 #[derive(Debug)]
@@ -61,7 +69,12 @@ pub struct Replay<'e> {
 impl<'e> Replay<'e> {
     /// `at` evaluates every record at that time instead of its own (overrides differ).
     pub fn new(engine: &'e Engine, at: Option<SystemTime>) -> Self {
-        Replay { engine, at, report: ImpactReport::default(), flips: BTreeMap::new() }
+        Replay {
+            engine,
+            at,
+            report: ImpactReport::default(),
+            flips: BTreeMap::new(),
+        }
     }
 
     /// Adds one line of the log.
@@ -95,9 +108,22 @@ impl<'e> Replay<'e> {
             self.report.deny_to_allow_records += 1;
             self.report.deny_to_allow_requests += w;
         }
-        let key: Key = (rec.source.clone().unwrap_or_else(|| "unauthenticated".into()), rec.destination.clone(), rec.port, rec.method.clone(), rec.path.clone(), rec.verdict, d.verdict);
+        let key: Key = (
+            rec.source
+                .clone()
+                .unwrap_or_else(|| "unauthenticated".into()),
+            rec.destination.clone(),
+            rec.port,
+            rec.method.clone(),
+            rec.path.clone(),
+            rec.verdict,
+            d.verdict,
+        );
         let e = self.flips.entry(key).or_insert_with(|| EdgeFlip {
-            source: rec.source.clone().unwrap_or_else(|| "unauthenticated".into()),
+            source: rec
+                .source
+                .clone()
+                .unwrap_or_else(|| "unauthenticated".into()),
             destination: rec.destination.clone(),
             port: rec.port,
             method: rec.method.clone(),
@@ -127,7 +153,17 @@ impl<'e> Replay<'e> {
     /// The report, flips ordered by request count (largest first).
     pub fn finish(mut self) -> ImpactReport {
         let mut flips: Vec<EdgeFlip> = self.flips.into_values().collect();
-        flips.sort_by(|a, b| b.requests.cmp(&a.requests).then_with(|| (&a.source, &a.destination, a.port, &a.method, &a.path).cmp(&(&b.source, &b.destination, b.port, &b.method, &b.path))));
+        flips.sort_by(|a, b| {
+            b.requests.cmp(&a.requests).then_with(|| {
+                (&a.source, &a.destination, a.port, &a.method, &a.path).cmp(&(
+                    &b.source,
+                    &b.destination,
+                    b.port,
+                    &b.method,
+                    &b.path,
+                ))
+            })
+        });
         self.report.flips = flips;
         self.report
     }

@@ -207,13 +207,19 @@ use crate::yaml::PathSeg;
 /// Runs every semantic check. `now` decides which overrides are expired or too long.
 pub fn lint(set: &PolicySet, now: SystemTime) -> Vec<Diagnostic> {
     let mut out = vec![];
-    let mut l = Linter { set, now, out: &mut out };
+    let mut l = Linter {
+        set,
+        now,
+        out: &mut out,
+    };
     l.mesh();
     l.overrides();
     for p in &set.policies {
         l.policy(p);
     }
-    out.sort_by(|a, b| (&a.file, a.line, a.column, a.code).cmp(&(&b.file, b.line, b.column, b.code)));
+    out.sort_by(|a, b| {
+        (&a.file, a.line, a.column, a.code).cmp(&(&b.file, b.line, b.column, b.code))
+    });
     out.dedup();
     out
 }
@@ -229,15 +235,27 @@ fn label(kind: &str, id: &str) -> String {
 }
 
 fn rule_path(i: usize, rest: &[PathSeg]) -> Vec<PathSeg> {
-    let mut v = p!["spec", "rules", i];
+    let mut v = p!["spec", "rules", i].to_vec();
     v.extend_from_slice(rest);
     v
 }
 
 impl<'a> Linter<'a> {
-    fn emit(&mut self, p: &Policy, code: &'static str, sev: Severity, path: &[PathSeg], msg: String, help: &str) {
+    fn emit(
+        &mut self,
+        p: &Policy,
+        code: &'static str,
+        sev: Severity,
+        path: &[PathSeg],
+        msg: String,
+        help: &str,
+    ) {
         if let Some(o) = &p.origin {
-            self.out.push(o.diag(code, sev, path, msg).help(help).resource(label("AuthorizationPolicy", &p.id)));
+            self.out.push(
+                o.diag(code, sev, path, msg)
+                    .help(help)
+                    .resource(label("AuthorizationPolicy", &p.id)),
+            );
         }
     }
 
@@ -260,8 +278,16 @@ impl<'a> Linter<'a> {
             match o.expires_at {
                 None => self.out.push(
                     origin
-                        .diag("MW305", Severity::Error, &p!["spec", "expiresAt"], "the override has no `expiresAt`; overrides are always time-bound")
-                        .help(format!("add `expiresAt:` at most {} from its start", humantime::format_duration(max)))
+                        .diag(
+                            "MW305",
+                            Severity::Error,
+                            &p!["spec", "expiresAt"],
+                            "the override has no `expiresAt`; overrides are always time-bound",
+                        )
+                        .help(format!(
+                            "add `expiresAt:` at most {} from its start",
+                            humantime::format_duration(max)
+                        ))
                         .resource(res),
                 ),
                 Some(exp) => {
@@ -275,7 +301,17 @@ impl<'a> Linter<'a> {
                                 .resource(res),
                         );
                     } else if exp <= self.now {
-                        self.out.push(origin.diag("MW308", Severity::Warning, &p!["spec", "expiresAt"], "the override has expired and no longer applies").help("delete it from the repository").resource(res));
+                        self.out.push(
+                            origin
+                                .diag(
+                                    "MW308",
+                                    Severity::Warning,
+                                    &p!["spec", "expiresAt"],
+                                    "the override has expired and no longer applies",
+                                )
+                                .help("delete it from the repository")
+                                .resource(res),
+                        );
                     }
                 }
             }
@@ -283,7 +319,11 @@ impl<'a> Linter<'a> {
     }
 
     fn targets(&self, p: &Policy) -> Vec<&'a Workload> {
-        self.set.workloads.iter().filter(|w| p.target.matches(w)).collect()
+        self.set
+            .workloads
+            .iter()
+            .filter(|w| p.target.matches(w))
+            .collect()
     }
 
     fn policy(&mut self, p: &Policy) {
@@ -292,7 +332,14 @@ impl<'a> Linter<'a> {
         }
         let dests = self.targets(p);
         if dests.is_empty() {
-            self.emit(p, "MW311", Severity::Warning, &p!["spec", "target"], "the policy's target matches no workload".into(), "check the target's names, namespaces, labels and attributes");
+            self.emit(
+                p,
+                "MW311",
+                Severity::Warning,
+                &p!["spec", "target"],
+                "the policy's target matches no workload".into(),
+                "check the target's names, namespaces, labels and attributes",
+            );
         }
         for (i, r) in p.rules.iter().enumerate() {
             self.identities(p, i, r);
@@ -314,31 +361,73 @@ impl<'a> Linter<'a> {
 
     fn identities(&mut self, p: &Policy, i: usize, r: &Rule) {
         let td = self.set.mesh.trust_domain.as_str();
-        let federated: BTreeSet<&str> = self.set.federations.iter().map(|f| f.spec.trust_domain.as_str()).collect();
-        let declared: BTreeSet<&str> = self.set.workloads.iter().flat_map(|w| w.attributes.keys().map(String::as_str)).collect();
+        let federated: BTreeSet<&str> = self
+            .set
+            .federations
+            .iter()
+            .map(|f| f.spec.trust_domain.as_str())
+            .collect();
+        let declared: BTreeSet<&str> = self
+            .set
+            .workloads
+            .iter()
+            .flat_map(|w| w.attributes.keys().map(String::as_str))
+            .collect();
         for (j, m) in r.from.iter().enumerate() {
-            for (field, list) in [("identities", &m.identities), ("notIdentities", &m.not_identities)] {
+            for (field, list) in [
+                ("identities", &m.identities),
+                ("notIdentities", &m.not_identities),
+            ] {
                 for (k, pat) in list.iter().enumerate() {
                     let path = rule_path(i, &p!["from", j, field, k]);
                     let (ptd, exact) = match pat {
                         IdentityPattern::Exact(id) => (id.trust_domain_name().to_owned(), Some(id)),
-                        IdentityPattern::Glob { trust_domain, .. } => (trust_domain.as_str().to_owned(), None),
+                        IdentityPattern::Glob { trust_domain, .. } => {
+                            (trust_domain.as_str().to_owned(), None)
+                        }
                     };
                     if ptd == td {
                         if let Some(id) = exact {
                             if self.set.workload_by_identity(id).is_none() {
-                                self.emit(p, "MW205", Severity::Warning, &path, format!("no workload has the identity `{id}`"), &suggest_identity(id, self.set));
+                                self.emit(
+                                    p,
+                                    "MW205",
+                                    Severity::Warning,
+                                    &path,
+                                    format!("no workload has the identity `{id}`"),
+                                    &suggest_identity(id, self.set),
+                                );
                             }
                         }
                     } else if !federated.contains(ptd.as_str()) {
-                        self.emit(p, "MW206", Severity::Warning, &path, format!("trust domain `{ptd}` is neither the mesh's nor federated"), "add a `TrustDomainFederation` for it, or fix the trust domain");
+                        self.emit(
+                            p,
+                            "MW206",
+                            Severity::Warning,
+                            &path,
+                            format!("trust domain `{ptd}` is neither the mesh's nor federated"),
+                            "add a `TrustDomainFederation` for it, or fix the trust domain",
+                        );
                     }
                 }
             }
-            let keys = m.attributes.iter().chain(&m.not_attributes).map(|(k, _)| k).chain(&m.same_attributes).chain(&m.different_attributes);
+            let keys = m
+                .attributes
+                .iter()
+                .chain(&m.not_attributes)
+                .map(|(k, _)| k)
+                .chain(&m.same_attributes)
+                .chain(&m.different_attributes);
             for k in keys {
                 if !declared.contains(k.as_str()) {
-                    self.emit(p, "MW207", Severity::Warning, &rule_path(i, &p!["from", j]), format!("no workload declares the attribute `{k}`"), "check the attribute's spelling against the workloads' `spec.attributes`");
+                    self.emit(
+                        p,
+                        "MW207",
+                        Severity::Warning,
+                        &rule_path(i, &p!["from", j]),
+                        format!("no workload declares the attribute `{k}`"),
+                        "check the attribute's spelling against the workloads' `spec.attributes`",
+                    );
                 }
             }
         }
@@ -348,20 +437,46 @@ impl<'a> Linter<'a> {
         let strict = self.set.mesh.mtls_mode == MtlsMode::Strict;
         for (j, m) in r.from.iter().enumerate() {
             if let Some(why) = source_contradiction(m) {
-                self.emit(p, "MW301", Severity::Error, &rule_path(i, &p!["from", j]), format!("this `from` entry can never match: {why}"), "remove the contradiction, or the entry");
+                self.emit(
+                    p,
+                    "MW301",
+                    Severity::Error,
+                    &rule_path(i, &p!["from", j]),
+                    format!("this `from` entry can never match: {why}"),
+                    "remove the contradiction, or the entry",
+                );
             }
         }
-        if strict && p.action != Action::Deny && !r.from.is_empty() && r.from.iter().all(|m| m.unauthenticated) {
-            self.emit(p, "MW301", Severity::Error, &rule_path(i, &p!["from"]), "the rule only matches plaintext sources, which the mesh refuses (mtlsMode STRICT)".into(), "remove the rule, or set `mtlsMode: PERMISSIVE` on purpose");
+        if strict
+            && p.action != Action::Deny
+            && !r.from.is_empty()
+            && r.from.iter().all(|m| m.unauthenticated)
+        {
+            self.emit(
+                p,
+                "MW301",
+                Severity::Error,
+                &rule_path(i, &p!["from"]),
+                "the rule only matches plaintext sources, which the mesh refuses (mtlsMode STRICT)"
+                    .into(),
+                "remove the rule, or set `mtlsMode: PERMISSIVE` on purpose",
+            );
         }
         for (j, op) in r.to.iter().enumerate() {
             if let Some(why) = op_contradiction(op) {
-                self.emit(p, "MW301", Severity::Error, &rule_path(i, &p!["to", j]), format!("this `to` entry can never match: {why}"), "remove the contradiction, or the entry");
+                self.emit(
+                    p,
+                    "MW301",
+                    Severity::Error,
+                    &rule_path(i, &p!["to", j]),
+                    format!("this `to` entry can never match: {why}"),
+                    "remove the contradiction, or the entry",
+                );
             }
         }
         for (j, c) in r.when.iter().enumerate() {
             if let CondKind::NotValues(ms) = &c.kind {
-                if ms.iter().any(|m| *m == crate::matcher::StringMatch::Any) && p.action != Action::Deny {
+                if ms.contains(&crate::matcher::StringMatch::Any) && p.action != Action::Deny {
                     self.emit(p, "MW301", Severity::Error, &rule_path(i, &p!["when", j]), "`notValues: [\"*\"]` excludes every value; it only holds when the header is absent".into(), "use `present: false`");
                 }
             }
@@ -373,10 +488,14 @@ impl<'a> Linter<'a> {
             return;
         }
         let deny = p.action == Action::Deny;
-        let consequence = if deny { "so the DENY applies to all of that port's traffic" } else { "so the rule never matches there" };
+        let consequence = if deny {
+            "so the DENY applies to all of that port's traffic"
+        } else {
+            "so the rule never matches there"
+        };
         let is_tcp = |w: &Workload, port: u16| w.protocol(port).is_some_and(|pr| !pr.is_http());
         for (j, op) in r.to.iter().enumerate() {
-            if !(op.has_http() || !r.when.is_empty()) {
+            if !op.has_http() && r.when.is_empty() {
                 continue;
             }
             for port in &op.ports {
@@ -387,15 +506,27 @@ impl<'a> Linter<'a> {
             }
         }
         // HTTP conditions without explicit ports apply to every port of every target.
-        let unported = r.to.is_empty() || r.to.iter().any(|op| op.ports.is_empty() && (op.has_http() || !r.when.is_empty()));
+        let unported = r.to.is_empty()
+            || r.to
+                .iter()
+                .any(|op| op.ports.is_empty() && (op.has_http() || !r.when.is_empty()));
         if !unported {
             return;
         }
         for w in dests {
-            let tcp: Vec<u16> = w.ports.iter().filter(|pt| !pt.protocol.is_http()).map(|pt| pt.port).collect();
+            let tcp: Vec<u16> = w
+                .ports
+                .iter()
+                .filter(|pt| !pt.protocol.is_http())
+                .map(|pt| pt.port)
+                .collect();
             let all_tcp = !w.ports.is_empty() && tcp.len() == w.ports.len();
             if (deny && !tcp.is_empty()) || (!deny && all_tcp) {
-                let list = tcp.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+                let list = tcp
+                    .iter()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 self.emit(p, "MW304", Severity::Error, &rule_path(i, &[]), format!("the rule has HTTP conditions and no ports, and `{}` carries plain TCP on port {list}, {consequence}", w.id), "list the HTTP ports in `to.ports`, or narrow the target");
                 return;
             }
@@ -407,12 +538,27 @@ impl<'a> Linter<'a> {
             return;
         }
         // Structural cover: a DENY rule that matches everything this rule matches.
-        for q in self.set.policies.iter().filter(|q| q.action == Action::Deny && q.mode == Mode::Enforce) {
+        for q in self
+            .set
+            .policies
+            .iter()
+            .filter(|q| q.action == Action::Deny && q.mode == Mode::Enforce)
+        {
             if !dests.iter().all(|w| q.target.matches(w)) {
                 continue;
             }
             if let Some(d) = q.rules.iter().find(|d| rule_covers(d, r)) {
-                self.emit(p, "MW302", Severity::Warning, &rule_path(i, &[]), format!("every request this rule allows is denied first by `{}` rule `{}`", q.id, d.name), "remove the ALLOW rule, or narrow the DENY");
+                self.emit(
+                    p,
+                    "MW302",
+                    Severity::Warning,
+                    &rule_path(i, &[]),
+                    format!(
+                        "every request this rule allows is denied first by `{}` rule `{}`",
+                        q.id, d.name
+                    ),
+                    "remove the ALLOW rule, or narrow the DENY",
+                );
                 return;
             }
         }
@@ -423,7 +569,18 @@ impl<'a> Linter<'a> {
             for req in witnesses(self.set, r, w, self.now) {
                 any = true;
                 let set = self.set;
-                let hit = set.policies.iter().filter(|q| q.action == Action::Deny && q.mode == Mode::Enforce && q.target.matches(w)).find_map(|q| q.rules.iter().find(|d| reference::rule_matches(self.set, d, Action::Deny, &req, w)).map(|d| (q.id.to_string(), d.name.to_string())));
+                let hit = set
+                    .policies
+                    .iter()
+                    .filter(|q| {
+                        q.action == Action::Deny && q.mode == Mode::Enforce && q.target.matches(w)
+                    })
+                    .find_map(|q| {
+                        q.rules
+                            .iter()
+                            .find(|d| reference::rule_matches(self.set, d, Action::Deny, &req, w))
+                            .map(|d| (q.id.to_string(), d.name.to_string()))
+                    });
                 match hit {
                     Some(h) => {
                         first.get_or_insert(h);
@@ -447,11 +604,27 @@ impl<'a> Linter<'a> {
                 continue;
             }
             for tier in Tier::ALL.iter().filter(|t| **t < p.tier) {
-                let higher: Vec<&Policy> = self.set.policies.iter().filter(|q| q.tier == *tier && q.action == Action::Allow && q.mode == Mode::Enforce && q.target.matches(w)).collect();
+                let higher: Vec<&Policy> = self
+                    .set
+                    .policies
+                    .iter()
+                    .filter(|q| {
+                        q.tier == *tier
+                            && q.action == Action::Allow
+                            && q.mode == Mode::Enforce
+                            && q.target.matches(w)
+                    })
+                    .collect();
                 if higher.is_empty() {
                     continue;
                 }
-                let any = witnesses.iter().any(|req| higher.iter().any(|q| q.rules.iter().any(|hr| reference::rule_matches(self.set, hr, Action::Allow, req, w))));
+                let any = witnesses.iter().any(|req| {
+                    higher.iter().any(|q| {
+                        q.rules
+                            .iter()
+                            .any(|hr| reference::rule_matches(self.set, hr, Action::Allow, req, w))
+                    })
+                });
                 if !any {
                     self.emit(p, "MW303", Severity::Warning, &rule_path(i, &[]), format!("the {} tier never allows what this rule allows for `{}`, so the rule has no effect there", tier.as_str(), w.id), "tiers intersect: a lower tier can only narrow what a higher tier allows; widen the higher tier first");
                     return;
@@ -466,7 +639,11 @@ fn round(d: Duration) -> Duration {
 }
 
 fn suggest_identity(id: &SpiffeId, set: &PolicySet) -> String {
-    let ids: Vec<String> = set.workloads.iter().map(|w| w.identity.to_string()).collect();
+    let ids: Vec<String> = set
+        .workloads
+        .iter()
+        .map(|w| w.identity.to_string())
+        .collect();
     match crate::yaml::did_you_mean(id.as_str(), ids.iter().map(String::as_str)) {
         Some(s) => format!("did you mean `{s}`?"),
         None => "check the namespace and service account against the workloads".into(),
@@ -482,26 +659,47 @@ fn source_contradiction(m: &SourceMatch) -> Option<String> {
             }
         }
     }
-    if let Some(k) = m.same_attributes.iter().find(|k| m.different_attributes.contains(k)) {
-        return Some(format!("attribute `{k}` must be both the same as and different from the destination's"));
+    if let Some(k) = m
+        .same_attributes
+        .iter()
+        .find(|k| m.different_attributes.contains(k))
+    {
+        return Some(format!(
+            "attribute `{k}` must be both the same as and different from the destination's"
+        ));
     }
     if !m.namespaces.is_empty() && m.namespaces.iter().all(|n| m.not_namespaces.contains(n)) {
         return Some("every namespace it names is also excluded".into());
     }
-    if !m.trust_domains.is_empty() && m.trust_domains.iter().all(|t| m.not_trust_domains.contains(t)) {
+    if !m.trust_domains.is_empty()
+        && m.trust_domains
+            .iter()
+            .all(|t| m.not_trust_domains.contains(t))
+    {
         return Some("every trust domain it names is also excluded".into());
     }
     if !m.identities.is_empty() {
-        let exact: Vec<&SpiffeId> = m.identities.iter().filter_map(|p| match p {
-            IdentityPattern::Exact(id) => Some(id),
-            IdentityPattern::Glob { .. } => None,
-        }).collect();
+        let exact: Vec<&SpiffeId> = m
+            .identities
+            .iter()
+            .filter_map(|p| match p {
+                IdentityPattern::Exact(id) => Some(id),
+                IdentityPattern::Glob { .. } => None,
+            })
+            .collect();
         if exact.len() == m.identities.len() {
             let possible = exact.iter().any(|id| {
                 !m.not_identities.iter().any(|n| n.matches(id))
-                    && (m.trust_domains.is_empty() || m.trust_domains.iter().any(|t| t == id.trust_domain_name()))
-                    && !m.not_trust_domains.iter().any(|t| t == id.trust_domain_name())
-                    && (m.namespaces.is_empty() || id.namespace().is_some_and(|ns| m.namespaces.iter().any(|n| n == ns)))
+                    && (m.trust_domains.is_empty()
+                        || m.trust_domains.iter().any(|t| t == id.trust_domain_name()))
+                    && !m
+                        .not_trust_domains
+                        .iter()
+                        .any(|t| t == id.trust_domain_name())
+                    && (m.namespaces.is_empty()
+                        || id
+                            .namespace()
+                            .is_some_and(|ns| m.namespaces.iter().any(|n| n == ns)))
             });
             if !possible {
                 return Some("no identity it names also satisfies its other fields".into());
@@ -516,7 +714,12 @@ fn op_contradiction(op: &Operation) -> Option<String> {
     if !op.methods.is_empty() && op.methods.iter().all(|m| op.not_methods.contains(m)) {
         return Some("every method it names is also excluded".into());
     }
-    if !op.paths.is_empty() && op.paths.iter().all(|p| op.not_paths.iter().any(|n| n.covers(p))) {
+    if !op.paths.is_empty()
+        && op
+            .paths
+            .iter()
+            .all(|p| op.not_paths.iter().any(|n| n.covers(p)))
+    {
         return Some("every path it names is also excluded by `notPaths`".into());
     }
     None
@@ -527,8 +730,16 @@ fn rule_covers(d: &Rule, r: &Rule) -> bool {
     if !d.when.is_empty() {
         return false;
     }
-    let from_ok = d.from.is_empty() || (!r.from.is_empty() && r.from.iter().all(|rm| d.from.iter().any(|dm| source_covers(dm, rm))));
-    let to_ok = d.to.is_empty() || (!r.to.is_empty() && r.to.iter().all(|ro| d.to.iter().any(|dop| op_covers(dop, ro))));
+    let from_ok = d.from.is_empty()
+        || (!r.from.is_empty()
+            && r.from
+                .iter()
+                .all(|rm| d.from.iter().any(|dm| source_covers(dm, rm))));
+    let to_ok = d.to.is_empty()
+        || (!r.to.is_empty()
+            && r.to
+                .iter()
+                .all(|ro| d.to.iter().any(|dop| op_covers(dop, ro))));
     from_ok && to_ok
 }
 
@@ -536,9 +747,14 @@ fn source_covers(d: &SourceMatch, r: &SourceMatch) -> bool {
     if d == r {
         return true;
     }
-    let only = |m: &SourceMatch, f: fn(&SourceMatch) -> bool| f(m) && m.is_negative_only() == false;
+    let only = |m: &SourceMatch, f: fn(&SourceMatch) -> bool| f(m) && !m.is_negative_only();
     // A deny by namespaces alone covers entries confined to those namespaces.
-    if only(d, |m| *m == SourceMatch { namespaces: m.namespaces.clone(), ..Default::default() }) {
+    if only(d, |m| {
+        *m == SourceMatch {
+            namespaces: m.namespaces.clone(),
+            ..Default::default()
+        }
+    }) {
         if !r.namespaces.is_empty() && r.namespaces.iter().all(|n| d.namespaces.contains(n)) {
             return true;
         }
@@ -549,7 +765,13 @@ fn source_covers(d: &SourceMatch, r: &SourceMatch) -> bool {
         }
     }
     // A deny by identities alone covers entries whose identities it all matches.
-    if only(d, |m| *m == SourceMatch { identities: m.identities.clone(), ..Default::default() }) && !r.identities.is_empty() {
+    if only(d, |m| {
+        *m == SourceMatch {
+            identities: m.identities.clone(),
+            ..Default::default()
+        }
+    }) && !r.identities.is_empty()
+    {
         return r.identities.iter().all(|p| match p {
             IdentityPattern::Exact(id) => d.identities.iter().any(|dp| dp.matches(id)),
             g => d.identities.contains(g),
@@ -559,18 +781,29 @@ fn source_covers(d: &SourceMatch, r: &SourceMatch) -> bool {
 }
 
 fn op_covers(d: &Operation, r: &Operation) -> bool {
-    let sub = |dv: &Vec<String>, rv: &Vec<String>| dv.is_empty() || (!rv.is_empty() && rv.iter().all(|x| dv.contains(x)));
+    let sub = |dv: &Vec<String>, rv: &Vec<String>| {
+        dv.is_empty() || (!rv.is_empty() && rv.iter().all(|x| dv.contains(x)))
+    };
     (d.ports.is_empty() || (!r.ports.is_empty() && r.ports.iter().all(|p| d.ports.contains(p))))
         && sub(&d.methods, &r.methods)
         && d.not_methods.is_empty()
-        && (d.paths.is_empty() || (!r.paths.is_empty() && r.paths.iter().all(|rp| d.paths.iter().any(|dp| dp.covers(rp)))))
+        && (d.paths.is_empty()
+            || (!r.paths.is_empty()
+                && r.paths
+                    .iter()
+                    .all(|rp| d.paths.iter().any(|dp| dp.covers(rp)))))
         && d.not_paths.is_empty()
-        && (d.hosts.is_empty() || (!r.hosts.is_empty() && r.hosts.iter().all(|h| d.hosts.contains(h))))
+        && (d.hosts.is_empty()
+            || (!r.hosts.is_empty() && r.hosts.iter().all(|h| d.hosts.contains(h))))
 }
 
 /// Concrete requests, over the workloads the set knows, that rule `r` matches at `w`.
 pub fn witnesses(set: &PolicySet, r: &Rule, w: &Workload, now: SystemTime) -> Vec<Request> {
-    let mut sources: Vec<Source> = set.workloads.iter().map(|x| Source::Authenticated(x.identity.clone())).collect();
+    let mut sources: Vec<Source> = set
+        .workloads
+        .iter()
+        .map(|x| Source::Authenticated(x.identity.clone()))
+        .collect();
     for m in &r.from {
         for p in &m.identities {
             if let IdentityPattern::Exact(id) = p {
@@ -592,7 +825,11 @@ pub fn witnesses(set: &PolicySet, r: &Rule, w: &Workload, now: SystemTime) -> Ve
         let https: Vec<Option<HttpAttrs>> = if !http {
             vec![None]
         } else {
-            let ops: Vec<&Operation> = if r.to.is_empty() { vec![] } else { r.to.iter().collect() };
+            let ops: Vec<&Operation> = if r.to.is_empty() {
+                vec![]
+            } else {
+                r.to.iter().collect()
+            };
             let mut v = vec![];
             let headers: Vec<(String, String)> = r
                 .when
@@ -604,21 +841,41 @@ pub fn witnesses(set: &PolicySet, r: &Rule, w: &Workload, now: SystemTime) -> Ve
                 })
                 .collect();
             if ops.is_empty() {
-                v.push(Some(HttpAttrs { method: "GET".into(), path: "/".into(), host: None, headers: headers.clone() }));
+                v.push(Some(HttpAttrs {
+                    method: "GET".into(),
+                    path: "/".into(),
+                    host: None,
+                    headers: headers.clone(),
+                }));
             }
             for op in ops {
                 let method = op.methods.first().cloned().unwrap_or_else(|| "GET".into());
-                let paths: Vec<String> = if op.paths.is_empty() { vec!["/".into()] } else { op.paths.iter().map(|p| p.example()).collect() };
+                let paths: Vec<String> = if op.paths.is_empty() {
+                    vec!["/".into()]
+                } else {
+                    op.paths.iter().map(|p| p.example()).collect()
+                };
                 for path in paths {
                     let host = op.hosts.first().map(|h| h.to_string().replace('*', "x"));
-                    v.push(Some(HttpAttrs { method: method.clone(), path, host, headers: headers.clone() }));
+                    v.push(Some(HttpAttrs {
+                        method: method.clone(),
+                        path,
+                        host,
+                        headers: headers.clone(),
+                    }));
                 }
             }
             v
         };
         for source in &sources {
             for h in &https {
-                let req = Request { source: source.clone(), destination: w.id.clone(), port, http: h.clone(), at: now };
+                let req = Request {
+                    source: source.clone(),
+                    destination: w.id.clone(),
+                    port,
+                    http: h.clone(),
+                    at: now,
+                };
                 if reference::rule_matches(set, r, Action::Allow, &req, w) {
                     out.push(req);
                 }

@@ -43,7 +43,7 @@ impl Origin {
 /// Builds a field path: `p!["spec", "rules", 0]`.
 #[macro_export]
 macro_rules! p {
-    ($($seg:expr),* $(,)?) => { vec![$($crate::model::IntoSeg::into_seg($seg)),*] };
+    ($($seg:expr),* $(,)?) => { [$($crate::model::IntoSeg::into_seg($seg)),*] };
 }
 
 /// Conversion for the [`p!`] macro.
@@ -387,14 +387,13 @@ impl Loaded {
     }
 
     /// The set, only if loading found no error (fail closed).
-    pub fn into_valid(self) -> Result<PolicySet, Loaded> {
-        if self.has_errors() || self.set.is_none() {
-            Err(self)
-        } else {
-            match self.set {
-                Some(s) => Ok(s),
-                None => Err(Loaded { set: None, ..self }),
-            }
+    pub fn into_valid(self) -> Result<PolicySet, Box<Loaded>> {
+        if self.has_errors() {
+            return Err(Box::new(self));
+        }
+        match self.set {
+            Some(s) => Ok(s),
+            None => Err(Box::new(Loaded { set: None, ..self })),
         }
     }
 }
@@ -1037,10 +1036,8 @@ impl Builder {
                     }
                 }
                 if let Some(bundle) = &s.bundle {
-                    if serde_json::from_str::<serde_json::Value>(bundle)
-                        .map(|v| v.get("keys").is_some())
-                        .unwrap_or(false)
-                        == false
+                    if !serde_json::from_str::<serde_json::Value>(bundle)
+                        .is_ok_and(|v| v.get("keys").is_some())
                     {
                         b.diags.push(d.origin.diag("MW103", Severity::Error, &p!["spec", "bundle"], "the inline bundle is not a SPIFFE bundle (JWKS JSON with `keys`)").resource(d.label()));
                     }
@@ -1826,9 +1823,8 @@ fn qualify(name: &str, ns: &str) -> Result<WorkloadRef, String> {
 fn suggest_workload(name: &str, workloads: &[Workload]) -> String {
     let names: Vec<String> = workloads.iter().map(|w| w.id.to_string()).collect();
     let short = name.rsplit('/').next().unwrap_or(name);
-    let by_short = workloads
-        .iter()
-        .find(|w| w.id.name == short)
+    let by_short = yaml::did_you_mean(short, workloads.iter().map(|w| w.id.name.as_str()))
+        .and_then(|n| workloads.iter().find(|w| w.id.name == n))
         .map(|w| w.id.to_string());
     match (
         yaml::did_you_mean(name, names.iter().map(String::as_str)),

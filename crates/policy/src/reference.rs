@@ -96,10 +96,10 @@ pub fn operation_matches(op: &Operation, action: Action, req: &Request) -> bool 
     let Some(http) = &req.http else {
         return action == Action::Deny || !op.has_http();
     };
-    if !op.methods.is_empty() && !op.methods.iter().any(|m| *m == http.method) {
+    if !op.methods.is_empty() && !op.methods.contains(&http.method) {
         return false;
     }
-    if op.not_methods.iter().any(|m| *m == http.method) {
+    if op.not_methods.contains(&http.method) {
         return false;
     }
     if !op.paths.is_empty() && !op.paths.iter().any(|p| p.matches(&http.path)) {
@@ -206,7 +206,10 @@ pub fn override_matches(set: &PolicySet, o: &Override, req: &Request, dest: &Wor
     }
 }
 
-fn rref(p: &Policy, r: &Rule) -> (Option<Arc<str>>, Option<Arc<str>>) {
+/// The deciding policy and rule of a decision.
+type PolicyRule = (Option<Arc<str>>, Option<Arc<str>>);
+
+fn rref(p: &Policy, r: &Rule) -> PolicyRule {
     (Some(p.id.clone()), Some(r.name.clone()))
 }
 
@@ -313,7 +316,7 @@ fn decide(
 ) -> Decision {
     let rev = set.revision;
     let active = |p: &Policy| (p.mode == Mode::Enforce || dry_run) && p.target.matches(dest);
-    let deny = |reason, tier, (policy, rule): (Option<Arc<str>>, Option<Arc<str>>)| Decision {
+    let deny = |reason, tier, (policy, rule): PolicyRule| Decision {
         tier,
         policy,
         rule,
@@ -384,7 +387,7 @@ fn decide(
     }
     // 4. Every other DENY.
     for p in set.policies.iter().filter(|p| {
-        p.action == Action::Deny && !(p.tier == Tier::Baseline && !p.overridable) && active(p)
+        p.action == Action::Deny && (p.tier != Tier::Baseline || p.overridable) && active(p)
     }) {
         for r in &p.rules {
             let m = rule_matches(set, r, Action::Deny, req, dest);
@@ -400,7 +403,7 @@ fn decide(
         }
     }
     // 5. Tiers intersect.
-    let mut decided: Option<(Tier, Option<Arc<str>>, Option<Arc<str>>)> = None;
+    let mut decided: Option<(Tier, PolicyRule)> = None;
     for tier in Tier::ALL {
         let allows: Vec<&Policy> = set
             .policies
@@ -436,7 +439,7 @@ fn decide(
             }
         }
         match found {
-            Some((policy, rule)) => decided = Some((tier, policy, rule)),
+            Some(pr) => decided = Some((tier, pr)),
             None => {
                 note(
                     5,
@@ -452,7 +455,7 @@ fn decide(
         }
     }
     match decided {
-        Some((tier, policy, rule)) => Decision {
+        Some((tier, (policy, rule))) => Decision {
             tier: Some(tier),
             policy,
             rule,

@@ -35,13 +35,24 @@ pub struct ScenarioResult {
 /// Turns a scenario's request into an engine request, normalizing the path as the proxy
 /// would. The request is HTTP when the destination declares the port as HTTP, or when it
 /// names a method or path.
-pub fn build_request(set: &PolicySet, r: &ScenarioRequest, at: SystemTime) -> Result<Request, String> {
+pub fn build_request(
+    set: &PolicySet,
+    r: &ScenarioRequest,
+    at: SystemTime,
+) -> Result<Request, String> {
     let source = Source::parse(&r.from)?;
     let destination = WorkloadRef::parse(&r.to)?;
-    let declared_http = set.workload(&destination).and_then(|w| w.protocol(r.port)).map(|p| p.is_http());
-    let wants_http = r.method.is_some() || r.path.is_some() || r.host.is_some() || !r.headers.is_empty();
+    let declared_http = set
+        .workload(&destination)
+        .and_then(|w| w.protocol(r.port))
+        .map(|p| p.is_http());
+    let wants_http =
+        r.method.is_some() || r.path.is_some() || r.host.is_some() || !r.headers.is_empty();
     if declared_http == Some(false) && wants_http {
-        return Err(format!("port {} of `{destination}` carries plain TCP: a request there has no method, path, host or headers", r.port));
+        return Err(format!(
+            "port {} of `{destination}` carries plain TCP: a request there has no method, path, host or headers",
+            r.port
+        ));
     }
     let http = if declared_http == Some(true) || (declared_http.is_none() && wants_http) {
         let raw = r.path.clone().unwrap_or_else(|| "/".into());
@@ -52,17 +63,31 @@ pub fn build_request(set: &PolicySet, r: &ScenarioRequest, at: SystemTime) -> Re
                 headers.push((k.to_ascii_lowercase(), v.clone()));
             }
         }
-        Some(HttpAttrs { method: r.method.clone().unwrap_or_else(|| "GET".into()), path: norm.path, host: r.host.as_deref().map(normalize_host), headers })
+        Some(HttpAttrs {
+            method: r.method.clone().unwrap_or_else(|| "GET".into()),
+            path: norm.path,
+            host: r.host.as_deref().map(normalize_host),
+            headers,
+        })
     } else {
         None
     };
-    Ok(Request { source, destination, port: r.port, http, at: r.at.map_or(at, |t| t.0) })
+    Ok(Request {
+        source,
+        destination,
+        port: r.port,
+        http,
+        at: r.at.map_or(at, |t| t.0),
+    })
 }
 
 fn check(s: &Scenario, d: &Decision) -> Vec<String> {
     let mut f = vec![];
     if d.verdict != s.expect.verdict {
-        f.push(format!("expected verdict {}, got {}", s.expect.verdict, d.verdict));
+        f.push(format!(
+            "expected verdict {}, got {}",
+            s.expect.verdict, d.verdict
+        ));
     }
     if let Some(r) = s.expect.reason {
         if r != d.reason {
@@ -71,12 +96,22 @@ fn check(s: &Scenario, d: &Decision) -> Vec<String> {
     }
     if let Some(p) = &s.expect.policy {
         if d.policy.as_deref() != Some(p.as_str()) {
-            f.push(format!("expected deciding policy `{p}`, got {}", d.policy.as_deref().map_or("none".into(), |x| format!("`{x}`"))));
+            f.push(format!(
+                "expected deciding policy `{p}`, got {}",
+                d.policy
+                    .as_deref()
+                    .map_or("none".into(), |x| format!("`{x}`"))
+            ));
         }
     }
     if let Some(r) = &s.expect.rule {
         if d.rule.as_deref() != Some(r.as_str()) {
-            f.push(format!("expected deciding rule `{r}`, got {}", d.rule.as_deref().map_or("none".into(), |x| format!("`{x}`"))));
+            f.push(format!(
+                "expected deciding rule `{r}`, got {}",
+                d.rule
+                    .as_deref()
+                    .map_or("none".into(), |x| format!("`{x}`"))
+            ));
         }
     }
     f
@@ -89,14 +124,32 @@ pub fn run(set: &PolicySet, engine: &Engine, now: SystemTime) -> Vec<ScenarioRes
         let default_at = t.spec.at.map_or(now, |x| x.0);
         for (i, s) in t.spec.scenarios.iter().enumerate() {
             let line = t.origin.span(&crate::p!["spec", "scenarios", i]).line;
-            let base = ScenarioResult { test: t.id.clone(), name: s.name.clone(), file: t.origin.file.clone(), line, passed: false, failures: vec![], decision: None, trace: None };
+            let base = ScenarioResult {
+                test: t.id.clone(),
+                name: s.name.clone(),
+                file: t.origin.file.clone(),
+                line,
+                passed: false,
+                failures: vec![],
+                decision: None,
+                trace: None,
+            };
             match build_request(set, &s.request, default_at) {
-                Err(e) => out.push(ScenarioResult { failures: vec![e], ..base }),
+                Err(e) => out.push(ScenarioResult {
+                    failures: vec![e],
+                    ..base
+                }),
                 Ok(req) => {
                     let d = engine.decide(&req);
                     let failures = check(s, &d);
                     let trace = (!failures.is_empty()).then(|| reference::explain(set, &req).1);
-                    out.push(ScenarioResult { passed: failures.is_empty(), failures, decision: Some(d), trace, ..base });
+                    out.push(ScenarioResult {
+                        passed: failures.is_empty(),
+                        failures,
+                        decision: Some(d),
+                        trace,
+                        ..base
+                    });
                 }
             }
         }
@@ -109,14 +162,20 @@ pub fn render_trace(trace: &Trace) -> String {
     let mut s = String::new();
     for st in &trace.steps {
         let mark = if st.matched { "✔" } else { "·" };
-        let tier = st.tier.map_or(String::new(), |t| format!("[{}] ", t.as_str()));
+        let tier = st
+            .tier
+            .map_or(String::new(), |t| format!("[{}] ", t.as_str()));
         let _ = writeln!(s, "  step {} {mark} {tier}{}", st.step, st.what);
     }
     s
 }
 
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&apos;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&apos;")
 }
 
 /// JUnit XML for CI systems.
@@ -130,18 +189,39 @@ pub fn junit(results: &[ScenarioResult]) -> String {
     }
     let failures = results.iter().filter(|r| !r.passed).count();
     let mut x = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
-    let _ = writeln!(x, "<testsuites name=\"meshward policy test\" tests=\"{}\" failures=\"{failures}\">", results.len());
+    let _ = writeln!(
+        x,
+        "<testsuites name=\"meshward policy test\" tests=\"{}\" failures=\"{failures}\">",
+        results.len()
+    );
     for (t, rs) in by_test {
         let f = rs.iter().filter(|r| !r.passed).count();
-        let _ = writeln!(x, "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{f}\">", xml_escape(t), rs.len());
+        let _ = writeln!(
+            x,
+            "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{f}\">",
+            xml_escape(t),
+            rs.len()
+        );
         for r in rs {
-            let _ = write!(x, "    <testcase classname=\"{}\" name=\"{}\" file=\"{}\" line=\"{}\"", xml_escape(t), xml_escape(&r.name), xml_escape(&r.file), r.line);
+            let _ = write!(
+                x,
+                "    <testcase classname=\"{}\" name=\"{}\" file=\"{}\" line=\"{}\"",
+                xml_escape(t),
+                xml_escape(&r.name),
+                xml_escape(&r.file),
+                r.line
+            );
             if r.passed {
                 x.push_str("/>\n");
             } else {
                 let msg = r.failures.join("; ");
                 let body = r.trace.as_ref().map(render_trace).unwrap_or_default();
-                let _ = writeln!(x, ">\n      <failure message=\"{}\">{}</failure>\n    </testcase>", xml_escape(&msg), xml_escape(&body));
+                let _ = writeln!(
+                    x,
+                    ">\n      <failure message=\"{}\">{}</failure>\n    </testcase>",
+                    xml_escape(&msg),
+                    xml_escape(&body)
+                );
             }
         }
         x.push_str("  </testsuite>\n");

@@ -22,11 +22,14 @@ impl Default for SuggestOptions {
     }
 }
 
+/// source ("" = plaintext) → port → method ("" = TCP) → paths.
+type BySource = BTreeMap<String, BTreeMap<u16, BTreeMap<String, BTreeSet<String>>>>;
+
 /// Observed allowed traffic, accumulated from records.
 #[derive(Debug, Default)]
 pub struct Observed {
     /// destination → source ("" = plaintext) → port → method ("" = TCP) → paths
-    edges: BTreeMap<String, BTreeMap<String, BTreeMap<u16, BTreeMap<String, BTreeSet<String>>>>>,
+    edges: BTreeMap<String, BySource>,
     pub records: u64,
 }
 
@@ -82,7 +85,16 @@ fn q(s: &str) -> String {
 }
 
 fn slug(s: &str) -> String {
-    let mut out: String = s.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
+    let mut out: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
     while out.contains("--") {
         out = out.replace("--", "-");
     }
@@ -92,10 +104,19 @@ fn slug(s: &str) -> String {
 /// YAML with one policy per destination.
 pub fn suggest(obs: &Observed, opts: SuggestOptions) -> String {
     let mut y = String::new();
-    let _ = writeln!(y, "# Suggested by `meshward policy suggest` from {} observed allowed requests.", obs.records);
-    let _ = writeln!(y, "# Each policy admits exactly the traffic observed; review before applying.");
+    let _ = writeln!(
+        y,
+        "# Suggested by `meshward policy suggest` from {} observed allowed requests.",
+        obs.records
+    );
+    let _ = writeln!(
+        y,
+        "# Each policy admits exactly the traffic observed; review before applying."
+    );
     for (dest, sources) in &obs.edges {
-        let Ok(d) = WorkloadRef::parse(dest) else { continue };
+        let Ok(d) = WorkloadRef::parse(dest) else {
+            continue;
+        };
         y.push_str("---\n");
         let _ = writeln!(y, "apiVersion: {}", crate::resource::API_VERSION);
         y.push_str("kind: AuthorizationPolicy\nmetadata:\n");
@@ -106,7 +127,11 @@ pub fn suggest(obs: &Observed, opts: SuggestOptions) -> String {
         y.push_str("  rules:\n");
         let mut names = BTreeSet::new();
         for (src, ports) in sources {
-            let base = if src.is_empty() { "from-plaintext".to_owned() } else { slug(&format!("from-{}", src.trim_start_matches("spiffe://"))) };
+            let base = if src.is_empty() {
+                "from-plaintext".to_owned()
+            } else {
+                slug(&format!("from-{}", src.trim_start_matches("spiffe://")))
+            };
             let mut name = base.clone();
             let mut k = 2;
             while !names.insert(name.clone()) {
@@ -125,7 +150,10 @@ pub fn suggest(obs: &Observed, opts: SuggestOptions) -> String {
                     let _ = writeln!(y, "        - ports: [{port}]");
                     if !method.is_empty() {
                         let _ = writeln!(y, "          methods: [{}]", q(method));
-                        let ps: Vec<String> = collapse(paths, opts.collapse_above).iter().map(|p| q(p)).collect();
+                        let ps: Vec<String> = collapse(paths, opts.collapse_above)
+                            .iter()
+                            .map(|p| q(p))
+                            .collect();
                         if !ps.is_empty() {
                             let _ = writeln!(y, "          paths: [{}]", ps.join(", "));
                         }

@@ -1,3 +1,10 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
 //! Differential test: the compiled engine must decide exactly as the reference evaluator on
 //! generated policy sets and requests. 10,000 cases by default (each with 24 requests); set
 //! `PROPTEST_CASES=1000000` to run a million (see docs/policy.md).

@@ -1,0 +1,404 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+//! Every diagnostic the loader and the linter emit, each on a minimal policy set, checking
+//! code, position and field — and that a fixed version is clean.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use meshward_policy::diag::{Diagnostic, Severity};
+use meshward_policy::lint::lint;
+use meshward_policy::load_sources;
+
+const BASE: &str = r#"
+apiVersion: meshward.io/v1alpha1
+kind: Mesh
+metadata: {name: m}
+spec: {trustDomain: td.example, maxOverrideDuration: 2h}
+---
+apiVersion: meshward.io/v1alpha1
+kind: Workload
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec:
+  attributes: {tier: front, posture: compliant}
+  ports: [{port: 8080, protocol: HTTP}]
+---
+apiVersion: meshward.io/v1alpha1
+kind: Workload
+metadata: {name: db, namespace: shop, labels: {app: db}}
+spec:
+  attributes: {tier: data}
+  ports: [{port: 5432, protocol: TCP}]
+"#;
+
+fn now() -> SystemTime {
+    humantime::parse_rfc3339("2026-11-28T10:00:00Z").unwrap()
+}
+
+/// Diagnostics for BASE plus `doc` (in its own file `case.yaml`).
+fn diags(doc: &str) -> Vec<Diagnostic> {
+    let loaded = load_sources(vec![
+        (Arc::from("base.yaml"), Arc::from(BASE)),
+        (Arc::from("case.yaml"), Arc::from(doc)),
+    ]);
+    let mut d = loaded.diagnostics.clone();
+    if let Some(set) = &loaded.set {
+        d.extend(lint(set, now()));
+    }
+    d
+}
+
+fn only(doc: &str, code: &str) -> Diagnostic {
+    let d = diags(doc);
+    let hits: Vec<&Diagnostic> = d.iter().filter(|x| x.code == code).collect();
+    assert_eq!(hits.len(), 1, "expected exactly one {code}, got {d:#?}");
+    hits[0].clone()
+}
+
+fn clean(doc: &str) {
+    let d = diags(doc);
+    assert!(d.is_empty(), "expected no diagnostics, got {d:#?}");
+}
+
+const POLICY_HEAD: &str = "apiVersion: meshward.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\nspec:\n";
+
+fn policy(body: &str) -> String {
+    format!("{POLICY_HEAD}{body}")
+}
+
+#[test]
+fn base_is_clean() {
+    clean("");
+}
+
+#[test]
+fn mw101_yaml_syntax() {
+    let d = only("a: [1, 2\nb: 3\n", "MW101");
+    assert_eq!(&*d.file, "case.yaml");
+    assert!(d.line >= 1);
+}
+
+#[test]
+fn mw102_unknown_field_with_suggestion_and_position() {
+    let d = only(
+        &policy(
+            "  tier: service\n  action: ALLOW\n  target: {workloads: [web]}\n  rules:\n    - from:\n        - identites: [\"spiffe://td.example/ns/shop/sa/db\"]\n",
+        ),
+        "MW102",
+    );
+    assert_eq!((d.line, d.column), (10, 11));
+    assert_eq!(d.field.as_deref(), Some("spec.rules[0].from[0].identites"));
+    assert_eq!(d.help.as_deref(), Some("did you mean `identities`?"));
+    assert_eq!(d.severity, Severity::Error);
+    // Top-level too.
+    let d = only(
+        "apiVersion: meshward.io/v1alpha1\nkind: Mesh\nmetadata: {name: x}\nspecs: {}\n",
+        "MW102",
+    );
+    assert_eq!(d.help.as_deref(), Some("did you mean `spec`?"));
+}
+
+#[test]
+fn mw103_mw104_mw105_schema() {
+    let d = only(
+        &policy(
+            "  tier: service\n  action: ALLOW\n  target: {workloads: [web]}\n  rules:\n    - to: [{ports: [80000]}]\n",
+        ),
+        "MW103",
+    );
+    assert_eq!(d.field.as_deref(), Some("spec.rules[0].to[0].ports[0]"));
+    let d = only(
+        &policy("  tier: service\n  target: {workloads: [web]}\n"),
+        "MW104",
+    );
+    assert!(d.message.contains("`action`"), "{}", d.message);
+    let d = only(
+        "apiVersion: meshward.io/v1alpha1\nkind: AuthorisationPolicy\nmetadata: {name: x}\nspec: {}\n",
+        "MW105",
+    );
+    assert_eq!(
+        d.help.as_deref(),
+        Some("did you mean `AuthorizationPolicy`?")
+    );
+    let d = only(&policy("  tier: services\n  action: ALLOW\n"), "MW103");
+    assert_eq!(d.help.as_deref(), Some("did you mean `service`?"));
+}
+
+#[test]
+fn errors_from_all_documents_are_collected() {
+    let doc = format!(
+        "{}\n---\n{}",
+        policy("  tier: service\n  action: ALOW\n  target: {workloads: [web]}\n"),
+        "apiVersion: meshward.io/v1alpha1\nkind: Workload\nmetadata: {name: x, namespace: shop}\nspec: {ports: [{port: 1, protcol: TCP}]}\n"
+    );
+    let d = diags(&doc);
+    assert!(d.iter().any(|x| x.code == "MW103" && x.line == 6), "{d:#?}");
+    assert!(
+        d.iter().any(|x| x.code == "MW102" && x.line == 13),
+        "{d:#?}"
+    );
+}
+
+#[test]
+fn mw106_duplicates() {
+    let p = policy("  tier: service\n  action: ALLOW\n  target: {workloads: [web]}\n");
+    only(&format!("{p}---\n{p}"), "MW106");
+}
+
+#[test]
+fn mw107_malformed_identities() {
+    let d = only(
+        &policy(
+            "  tier: service\n  action: ALLOW\n  target: {workloads: [web]}\n  rules:\n    - from:\n        - identities: [\"spiffe://td.example/ns/shop-*\"]\n",
+        ),
+        "MW107",
+    );
+    assert!(d.message.contains("whole path segment"), "{}", d.message);
+    assert_eq!(
+        d.field.as_deref(),
+        Some("spec.rules[0].from[0].identities[0]")
+    );
+    only(
+        &policy(
+            "  tier: service\n  action: ALLOW\n  target: {workloads: [web]}\n  rules:\n    - from:\n        - identities: [\"spiffe://TD/x\"]\n",
+        ),
+        "MW107",
+    );
+}
+
+#[test]
+fn mw108_malformed_matchers() {
+    let d = only(
+        &policy(
+            "  tier: service\n  action: ALLOW\n  target: {workloads: [web]}\n  rules:\n    - to: [{methods: [get]}]\n",
+        ),
+        "MW108",
+    );
+    assert!(d.message.contains("`GET`"));
+    only(
+        &policy(
+            "  tier: service\n  action: ALLOW\n  target: {workloads: [web]}\n  rules:\n    - to: [{paths: [\"/a/../b\"]}]\n",
+        ),
+        "MW108",
+    );
+}
+
+#[test]
+fn mw201_mw202_mw203_references() {
+    let d = only(
+        &policy("  tier: service\n  action: ALLOW\n  target: {workloads: [wbe]}\n"),
+        "MW201",
+    );
+    assert_eq!(d.help.as_deref(), Some("did you mean `shop/web`?"));
+    assert_eq!(d.field.as_deref(), Some("spec.target.workloads[0]"));
+    only(
+        &policy("  tier: service\n  action: ALLOW\n  target: {services: [nope]}\n"),
+        "MW202",
+    );
+    let d = only(
+        &policy(
+            "  tier: service\n  action: ALLOW\n  target: {workloads: [web]}\n  rules:\n    - from: [{namespaces: [shpo]}]\n",
+        ),
+        "MW203",
+    );
+    assert_eq!(d.severity, Severity::Warning);
+    assert_eq!(d.help.as_deref(), Some("did you mean `shop`?"));
+}
+
+#[test]
+fn mw204_mesh_missing() {
+    let loaded = load_sources(vec![(
+        Arc::from("a.yaml"),
+        Arc::from(policy("  tier: baseline\n  action: ALLOW\n")),
+    )]);
+    assert!(loaded.diagnostics.iter().any(|d| d.code == "MW204"));
+    assert!(loaded.into_valid().is_err());
+}
+
+#[test]
+fn mw205_mw206_mw207_unknown_identities_and_attributes() {
+    only(
+        &policy(
+            "  tier: service\n  action: ALLOW\n  target: {workloads: [web]}\n  rules:\n    - from: [{identities: [\"spiffe://td.example/ns/shop/sa/dbb\"]}]\n",
+        ),
+        "MW205",
+    );
+    only(
+        &policy(
+            "  tier: service\n  action: ALLOW\n  target: {workloads: [web]}\n  rules:\n    - from: [{identities: [\"spiffe://elsewhere/ns/a/sa/b\"]}]\n",
+        ),
+        "MW206",
+    );
+    only(
+        &policy(
+            "  tier: service\n  action: ALLOW\n  target: {workloads: [web]}\n  rules:\n    - from: [{attributes: {postrue: compliant}}]\n",
+        ),
+        "MW207",
+    );
+}
+
+#[test]
+fn mw301_never_matches() {
+    let d = only(
+        &policy(
+            "  tier: service\n  action: ALLOW\n  target: {workloads: [web]}\n  rules:\n    - to: [{methods: [GET], notMethods: [GET]}]\n",
+        ),
+        "MW301",
+    );
+    assert_eq!(d.field.as_deref(), Some("spec.rules[0].to[0]"));
+    only(
+        &policy(
+            "  tier: service\n  action: ALLOW\n  target: {workloads: [web]}\n  rules:\n    - from: [{namespaces: [shop], notNamespaces: [shop]}]\n",
+        ),
+        "MW301",
+    );
+    // Plaintext-only allow in a STRICT mesh.
+    only(
+        &policy(
+            "  tier: service\n  action: ALLOW\n  target: {workloads: [web]}\n  rules:\n    - from: [{unauthenticated: true}]\n",
+        ),
+        "MW301",
+    );
+}
+
+#[test]
+fn mw302_shadowed_by_deny() {
+    let doc = format!(
+        "{}---\n{}",
+        policy(
+            "  tier: service\n  action: ALLOW\n  target: {workloads: [web]}\n  rules:\n    - from: [{identities: [\"spiffe://td.example/ns/shop/sa/db\"]}]\n      to: [{paths: [\"/admin/x\"]}]\n"
+        ),
+        "apiVersion: meshward.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: sec}\nspec:\n  tier: baseline\n  action: DENY\n  rules:\n    - to: [{ports: [8080], paths: [\"/admin/*\"]}]\n"
+    );
+    let d = only(&doc, "MW302");
+    assert!(d.message.contains("sec/no-admin"), "{}", d.message);
+}
+
+#[test]
+fn mw303_ineffective_allow() {
+    let doc = format!(
+        "{}---\n{}",
+        policy(
+            "  tier: service\n  action: ALLOW\n  target: {workloads: [web]}\n  rules:\n    - from: [{identities: [\"spiffe://td.example/ns/shop/sa/db\"]}]\n"
+        ),
+        "apiVersion: meshward.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: only-web, namespace: sec}\nspec:\n  tier: baseline\n  action: ALLOW\n  rules:\n    - from: [{attributes: {tier: front}}]\n"
+    );
+    let d = only(&doc, "MW303");
+    assert!(
+        d.message.contains("baseline tier never allows"),
+        "{}",
+        d.message
+    );
+}
+
+#[test]
+fn mw304_http_conditions_on_tcp() {
+    let d = only(
+        &policy(
+            "  tier: service\n  action: DENY\n  target: {workloads: [db]}\n  rules:\n    - to: [{ports: [5432], methods: [GET]}]\n",
+        ),
+        "MW304",
+    );
+    assert!(d.message.contains("port 5432"), "{}", d.message);
+    // A DENY with HTTP conditions and no ports, on a workload with a TCP port: fail closed.
+    let d = only(
+        &policy(
+            "  tier: domain\n  action: DENY\n  target: {namespaces: [shop]}\n  rules:\n    - to: [{paths: [\"/admin/*\"]}]\n",
+        ),
+        "MW304",
+    );
+    assert!(d.message.contains("shop/db"), "{}", d.message);
+    clean(&policy(
+        "  tier: domain\n  action: DENY\n  target: {namespaces: [shop]}\n  rules:\n    - to: [{ports: [8080], paths: [\"/admin/*\"]}]\n",
+    ));
+}
+
+fn override_doc(extra: &str) -> String {
+    format!(
+        "apiVersion: meshward.io/v1alpha1\nkind: Override\nmetadata: {{name: o, namespace: shop}}\nspec:\n  action: deny\n  subject: {{namespaces: [shop]}}\n  reason: incident\n{extra}"
+    )
+}
+
+#[test]
+fn mw305_mw306_mw308_overrides() {
+    only(&override_doc(""), "MW305");
+    let d = only(
+        &override_doc("  startsAt: 2026-11-28T09:00:00Z\n  expiresAt: 2026-11-28T19:00:00Z\n"),
+        "MW306",
+    );
+    assert!(d.message.contains("10h"), "{}", d.message);
+    // Without startsAt the duration counts from now (10:00): 3h > 2h.
+    only(
+        &override_doc("  expiresAt: 2026-11-28T13:00:00Z\n"),
+        "MW306",
+    );
+    only(
+        &override_doc("  startsAt: 2026-11-28T07:00:00Z\n  expiresAt: 2026-11-28T08:00:00Z\n"),
+        "MW308",
+    );
+    clean(&override_doc("  expiresAt: 2026-11-28T11:00:00Z\n"));
+}
+
+#[test]
+fn mw307_dry_run_left_on() {
+    only(
+        &policy(
+            "  tier: service\n  action: ALLOW\n  mode: dry-run\n  target: {workloads: [web]}\n  rules:\n    - from: [{namespaces: [shop]}]\n",
+        ),
+        "MW307",
+    );
+}
+
+#[test]
+fn mw309_mw310_permissive_and_default_allow() {
+    let mesh = "apiVersion: meshward.io/v1alpha1\nkind: Mesh\nmetadata: {name: m}\nspec: {trustDomain: td.example, mtlsMode: PERMISSIVE, defaultAction: ALLOW}\n";
+    let base = BASE.replacen("apiVersion: meshward.io/v1alpha1\nkind: Mesh\nmetadata: {name: m}\nspec: {trustDomain: td.example, maxOverrideDuration: 2h}\n", mesh, 1);
+    let doc = policy(
+        "  tier: service\n  action: ALLOW\n  target: {workloads: [web]}\n  rules:\n    - from: [{notNamespaces: [other]}]\n",
+    );
+    let loaded = load_sources(vec![
+        (Arc::from("base.yaml"), Arc::from(base)),
+        (Arc::from("case.yaml"), Arc::from(doc)),
+    ]);
+    let d = lint(loaded.set.as_ref().unwrap(), now());
+    assert!(d.iter().any(|x| x.code == "MW309"), "{d:#?}");
+    assert!(d.iter().any(|x| x.code == "MW310"), "{d:#?}");
+}
+
+#[test]
+fn mw311_mw312_targets() {
+    only(
+        &policy("  tier: domain\n  action: ALLOW\n  target: {attributes: {tier: nothing}}\n"),
+        "MW311",
+    );
+    only(
+        &policy("  tier: service\n  action: ALLOW\n  target: {namespaces: [shop]}\n"),
+        "MW312",
+    );
+    only(&policy("  tier: domain\n  action: ALLOW\n"), "MW312");
+}
+
+#[test]
+fn mw313_conflicting_attributes() {
+    let doc = "apiVersion: meshward.io/v1alpha1\nkind: Workload\nmetadata: {name: web2, namespace: shop}\nspec: {serviceAccount: web, attributes: {tier: back}}\n";
+    only(doc, "MW313");
+}
+
+#[test]
+fn every_code_is_documented() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/policy.md"))
+        .unwrap();
+    for c in meshward_policy::lint::CODES {
+        assert!(
+            doc.contains(&format!("### {}", c.code)),
+            "docs/policy.md has no section for {}",
+            c.code
+        );
+    }
+    let _ = Duration::ZERO;
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The project's test command: installs what the tests need, then runs formatting, lints
+# and every test. CI runs exactly this (see .ci/run). Safe to run repeatedly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*"; }
+
+# System packages. The SARIF test validates lint output with python3 + jsonschema.
+if ! python3 -c 'import jsonschema' >/dev/null 2>&1; then
+  log "installing python3 jsonschema"
+  pip install --quiet jsonschema 2>/dev/null \
+    || { [ "$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq python3-jsonschema; }
+fi
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "cargo test"
+cargo test --workspace --locked
