@@ -240,7 +240,68 @@ struct SourceIndex {
     trust_domain: HashMap<Box<str>, Vec<u32>>,
     attr: HashMap<Box<str>, HashMap<Box<str>, Vec<u32>>>,
     unauth: Vec<u32>,
+    /// Rules with no indexable source but path conditions on every operation, filed under
+    /// the literal segments their patterns start with.
+    by_path: PathTrie,
+    /// Every rule in `by_path`, for requests without a path (plain TCP).
+    path_all: Vec<u32>,
     always: Vec<u32>,
+}
+
+/// Rule ordinals keyed by literal path segments.
+#[derive(Debug, Clone, Default)]
+struct PathTrie {
+    children: HashMap<Box<str>, PathTrie>,
+    here: Vec<u32>,
+}
+
+impl PathTrie {
+    fn insert(&mut self, segs: &[&str], ord: u32) {
+        let mut node = self;
+        for s in segs {
+            node = node.children.entry((*s).into()).or_default();
+        }
+        if node.here.last() != Some(&ord) {
+            node.here.push(ord);
+        }
+    }
+
+    /// Calls `f` with the rules of every node on the path's way down.
+    fn visit<'s>(&'s self, path: &str, f: &mut impl FnMut(&'s [u32]) -> bool) -> bool {
+        let mut node = self;
+        if !node.here.is_empty() && !f(&node.here) {
+            return false;
+        }
+        for seg in path.get(1..).unwrap_or("").split('/') {
+            match node.children.get(seg) {
+                Some(c) => {
+                    node = c;
+                    if !node.here.is_empty() && !f(&node.here) {
+                        return false;
+                    }
+                }
+                None => break,
+            }
+        }
+        true
+    }
+}
+
+/// The literal segments a path pattern starts with, as the trie walks a request path.
+fn path_key(p: &PathPattern) -> Vec<&str> {
+    match p {
+        PathPattern::Any => vec![],
+        PathPattern::Exact(x) | PathPattern::Prefix(x) => {
+            x.get(1..).unwrap_or("").split('/').collect()
+        }
+        PathPattern::Glob { segs, .. } => segs
+            .iter()
+            .map_while(|s| match s {
+                crate::matcher::Seg::Lit(l) => Some(l.as_str()),
+                crate::matcher::Seg::Any => None,
+            })
+            .collect(),
+    }
 }
 
 /// One evaluation step's rules for one destination.
@@ -264,7 +325,15 @@ impl Group {
                     || !m.attributes.is_empty()
                     || !m.trust_domains.is_empty()
             });
-        if !indexable {
+        let path_indexable = !rule.ops.is_empty() && rule.ops.iter().all(|o| !o.paths.is_empty());
+        if !indexable && path_indexable {
+            for o in &rule.ops {
+                for p in &o.paths {
+                    ix.by_path.insert(&path_key(p), ord);
+                }
+            }
+            ix.path_all.push(ord);
+        } else if !indexable {
             ix.always.push(ord);
         } else {
             for m in &rule.from {
@@ -332,6 +401,15 @@ impl Group {
         let ix = &self.index;
         if !ix.always.is_empty() && !f(&ix.always) {
             return;
+        }
+        if !ix.path_all.is_empty() {
+            let more = match &cx.req.http {
+                Some(h) => ix.by_path.visit(&h.path, &mut f),
+                None => f(&ix.path_all),
+            };
+            if !more {
+                return;
+            }
         }
         let Some(id) = cx.id else {
             if !ix.unauth.is_empty() {

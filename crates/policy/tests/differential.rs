@@ -120,7 +120,15 @@ fn gen_source(g: &mut Gen) -> SourceMatch {
 }
 
 fn gen_op(g: &mut Gen) -> Operation {
-    let paths = ["/admin/*", "/api/*/x", "/a", "*", "/api/*/x/*"];
+    let paths = [
+        "/admin/*",
+        "/api/*/x",
+        "/a",
+        "*",
+        "/api/*/x/*",
+        "/api/v1/x",
+        "/admin/x/*",
+    ];
     let pp = |g: &mut Gen, pct| -> Vec<PathPattern> {
         g.subset(&paths, pct)
             .iter()
@@ -339,6 +347,8 @@ fn gen_request(g: &mut Gen) -> Request {
             .pick(&[
                 "/admin",
                 "/admin/x",
+                "/admin/x/y",
+                "/api/v2/x",
                 "/api/v1/x",
                 "/api/v1/x/y",
                 "/a",
