@@ -8,7 +8,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    let lines = text.lines().count().max(1) as u32;
+    let lines = meshward_policy::yaml::lines(text).len().max(1) as u32;
     let loaded = meshward_policy::load_sources(vec![(Arc::from("fuzz.yaml"), Arc::from(text))]);
     for d in &loaded.diagnostics {
         assert!(d.line <= lines + 1, "diagnostic line {} beyond input ({} lines): {d:?}", d.line, lines);

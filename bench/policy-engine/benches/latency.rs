@@ -5,8 +5,9 @@
 //! Each sample times a batch of calls long enough (≥ 2 µs) for the clock to resolve it
 //! and records the per-call time; p50 and p99 are over the samples. Run it with
 //! `bash bench/policy-engine/run.sh` (or `cargo bench --bench latency`). Set
-//! `MESHWARD_BENCH_SIZES=10,1000` to choose sizes and `MESHWARD_BENCH_PEERS_MAX` (default
-//! 10000) for the largest size cedar and regorus are run at.
+//! `MESHWARD_BENCH_SIZES=10,1000` to choose sizes, `MESHWARD_BENCH_PEERS_MAX` (default
+//! 10000) for the largest size cedar and regorus are run at, and `MESHWARD_BENCH_FAMILY=paths`
+//! for rules that admit any caller on their own path prefix (indexed by path, not source).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -67,10 +68,15 @@ fn main() {
         .unwrap_or_else(|| vec![10, 1_000, 10_000, 100_000]);
     let peers_max: usize = std::env::var("MESHWARD_BENCH_PEERS_MAX").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000);
     let budget = Duration::from_millis(1500);
+    let family = match std::env::var("MESHWARD_BENCH_FAMILY").as_deref() {
+        Ok("paths") => g::Family::Paths,
+        _ => g::Family::Sources,
+    };
+    eprintln!("rule family: {family:?}");
     let mut rows = vec![];
     for &n in &sizes {
         eprintln!("[{n} rules] building the policy sets ...");
-        let set = g::meshward_set(n);
+        let set = g::meshward_set(n, family);
         // Compile time: best of 5 (and the first one, cold).
         let mut compiles = vec![];
         let mut engine = None;
@@ -95,7 +101,7 @@ fn main() {
 
         let (cedar, rego) = if n <= peers_max {
             eprintln!("[{n} rules] cedar-policy ...");
-            let ps: cedar_policy::PolicySet = g::cedar_src(n).parse().unwrap_or_else(|e| panic!("cedar: {e}"));
+            let ps: cedar_policy::PolicySet = g::cedar_src(n, family).parse().unwrap_or_else(|e| panic!("cedar: {e}"));
             let auth = cedar_policy::Authorizer::new();
             let entities = cedar_policy::Entities::empty();
             let creq = g::cedar_request(n - 1, &format!("/api/v{}/items", n - 1));
@@ -105,7 +111,7 @@ fn main() {
             let cedar = measure(|| { black_box(auth.is_authorized(black_box(&creq), &ps, &entities)); }, budget);
 
             eprintln!("[{n} rules] regorus ...");
-            let mut engine = g::rego_engine(n);
+            let mut engine = g::rego_engine(n, family);
             let input = g::rego_input(n - 1, &format!("/api/v{}/items", n - 1));
             engine.set_input(g::rego_input(n - 1, "/nowhere"));
             assert_eq!(engine.eval_rule("data.meshward.allow".into()).unwrap_or_else(|e| panic!("{e}")), regorus::Value::from(false));

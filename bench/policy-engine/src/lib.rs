@@ -23,9 +23,24 @@ pub enum Kind {
     Namespace,
     Attribute,
     Pattern,
+    /// Any caller outside a quarantine namespace: nothing to index by source, so the
+    /// compiled engine files the rule under its path.
+    AnyCaller,
 }
 
-pub fn kind(i: usize) -> Kind {
+/// Which mix of rules a set is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// 70% exact identities, 10% each namespaces, attributes, identity patterns.
+    Sources,
+    /// Every rule admits any caller (but a quarantined namespace) on its own path prefix.
+    Paths,
+}
+
+pub fn kind(i: usize, f: Family) -> Kind {
+    if f == Family::Paths {
+        return Kind::AnyCaller;
+    }
     match i % 10 {
         7 => Kind::Namespace,
         8 => Kind::Attribute,
@@ -53,7 +68,7 @@ pub fn team(i: usize) -> String {
 /// The Meshward policy set: one service-tier ALLOW policy of one rule per `i`, a
 /// baseline that admits the mesh's trust domain, and the workloads (sources and the one
 /// destination) with their attributes.
-pub fn meshward_set(n: usize) -> PolicySet {
+pub fn meshward_set(n: usize, f: Family) -> PolicySet {
     let td = TrustDomain::parse(TD).unwrap_or_else(|e| panic!("{e}"));
     let mut workloads: Vec<Workload> = (0..n)
         .map(|i| Workload {
@@ -76,7 +91,7 @@ pub fn meshward_set(n: usize) -> PolicySet {
     let target = Target { named: Some([WorkloadRef { namespace: "bench".into(), name: "api".into() }].into()), ..Default::default() };
     let mut policies: Vec<Policy> = (0..n)
         .map(|i| {
-            let from = match kind(i) {
+            let from = match kind(i, f) {
                 Kind::Identity => SourceMatch { identities: vec![IdentityPattern::parse(&identity(i)).unwrap_or_else(|e| panic!("{e}"))], ..Default::default() },
                 Kind::Namespace => SourceMatch { namespaces: vec![ns(i)], ..Default::default() },
                 Kind::Attribute => SourceMatch { attributes: vec![("team".into(), vec![team(i)])], ..Default::default() },
@@ -84,6 +99,7 @@ pub fn meshward_set(n: usize) -> PolicySet {
                     identities: vec![IdentityPattern::parse(&format!("spiffe://{TD}/ns/{}/sa/*", ns(i))).unwrap_or_else(|e| panic!("{e}"))],
                     ..Default::default()
                 },
+                Kind::AnyCaller => SourceMatch { not_namespaces: vec!["quarantine".into()], ..Default::default() },
             };
             Policy {
                 id: format!("bench/p{i:07}").into(),
@@ -153,16 +169,17 @@ pub fn miss(n: usize) -> Request {
 }
 
 /// The same set in Cedar.
-pub fn cedar_src(n: usize) -> String {
+pub fn cedar_src(n: usize, f: Family) -> String {
     let mut s = String::with_capacity(n * 160);
     for i in 0..n {
         let m = method(i);
         let path = format!("context.path like \"/api/v{i}/*\"");
-        let p = match kind(i) {
+        let p = match kind(i, f) {
             Kind::Identity => format!("permit(principal == Svc::\"{}\", action == Action::\"{m}\", resource == Workload::\"bench/api\") when {{ {path} }};\n", identity(i)),
             Kind::Namespace => format!("permit(principal, action == Action::\"{m}\", resource == Workload::\"bench/api\") when {{ context.source_ns == \"{}\" && {path} }};\n", ns(i)),
             Kind::Attribute => format!("permit(principal, action == Action::\"{m}\", resource == Workload::\"bench/api\") when {{ context.source_team == \"{}\" && {path} }};\n", team(i)),
             Kind::Pattern => format!("permit(principal, action == Action::\"{m}\", resource == Workload::\"bench/api\") when {{ context.source like \"spiffe://{TD}/ns/{}/sa/*\" && {path} }};\n", ns(i)),
+            Kind::AnyCaller => format!("permit(principal, action == Action::\"{m}\", resource == Workload::\"bench/api\") when {{ context.source_ns != \"quarantine\" && {path} }};\n"),
         };
         s.push_str(&p);
     }
@@ -184,7 +201,7 @@ pub fn cedar_request(i: usize, path: &str) -> cedar_policy::Request {
 
 /// The same set in Rego (regorus), as modules of one package of at most 1,000 rules each
 /// (regorus caps a policy file at 1 MiB and 20,000 lines).
-pub fn rego_modules(n: usize) -> Vec<String> {
+pub fn rego_modules(n: usize, f: Family) -> Vec<String> {
     let mut out = vec![];
     let mut s = String::from("package meshward\n\nimport rego.v1\n\ndefault allow := false\n\n");
     for i in 0..n {
@@ -192,11 +209,12 @@ pub fn rego_modules(n: usize) -> Vec<String> {
             out.push(std::mem::replace(&mut s, String::from("package meshward\n\nimport rego.v1\n\n")));
         }
         let m = method(i);
-        let cond = match kind(i) {
+        let cond = match kind(i, f) {
             Kind::Identity => format!("input.source == \"{}\"", identity(i)),
             Kind::Namespace => format!("input.source_ns == \"{}\"", ns(i)),
             Kind::Attribute => format!("input.source_team == \"{}\"", team(i)),
             Kind::Pattern => format!("startswith(input.source, \"spiffe://{TD}/ns/{}/sa/\")", ns(i)),
+            Kind::AnyCaller => "input.source_ns != \"quarantine\"".to_string(),
         };
         s.push_str(&format!(
             "allow if {{\n\t{cond}\n\tinput.method == \"{m}\"\n\tinput.dest == \"bench/api\"\n\tstartswith(input.path, \"/api/v{i}/\")\n}}\n\n"
@@ -207,9 +225,9 @@ pub fn rego_modules(n: usize) -> Vec<String> {
 }
 
 /// A regorus engine loaded with the set.
-pub fn rego_engine(n: usize) -> regorus::Engine {
+pub fn rego_engine(n: usize, f: Family) -> regorus::Engine {
     let mut e = regorus::Engine::new();
-    for (k, m) in rego_modules(n).into_iter().enumerate() {
+    for (k, m) in rego_modules(n, f).into_iter().enumerate() {
         e.add_policy(format!("bench{k}.rego"), m).unwrap_or_else(|e| panic!("regorus: {e}"));
     }
     e

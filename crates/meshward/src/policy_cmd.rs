@@ -247,8 +247,8 @@ pub fn diff(
     } else {
         if d.changes.is_empty() {
             println!(
-                "no edge changes verdict ({} edges compared)",
-                d.edges_compared
+                "no edge changes verdict ({} edges compared, {} destinations unchanged)",
+                d.edges_compared, d.destinations_unchanged
             );
         }
         for c in &d.changes {
@@ -279,9 +279,10 @@ pub fn diff(
         }
         if !d.changes.is_empty() {
             println!(
-                "{} edge(s) change verdict ({} compared)",
+                "{} edge(s) change verdict ({} compared, {} destinations unchanged)",
                 d.changes.len(),
-                d.edges_compared
+                d.edges_compared,
+                d.destinations_unchanged
             );
         }
     }

@@ -346,6 +346,38 @@ fn diff_lists_exactly_the_changed_edges() {
     }
     // Both tenants' storefronts, for /orders and a path below it.
     assert_eq!(changes.len(), 4, "{v:#}");
+    // Only orders-api's policies changed: the 8 other workloads need no probing.
+    assert_eq!(v["destinations_unchanged"], 8, "{v:#}");
+
+    // A workload attribute is global (sources carry it everywhere): nothing is skipped,
+    // and reporting's new posture opens the ledger to it.
+    let posture = tempfile::tempdir().unwrap();
+    copy_examples(posture.path());
+    edit(
+        &posture.path().join("workloads.yaml"),
+        "posture: outdated",
+        "posture: compliant",
+    );
+    let o = run(&[
+        "policy",
+        "diff",
+        examples().to_str().unwrap(),
+        posture.path().to_str().unwrap(),
+        "--output",
+        "json",
+        "--at",
+        "2026-11-28T10:00:00Z",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["destinations_unchanged"], 0);
+    let changes = v["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 1, "{v:#}");
+    assert_eq!(
+        changes[0]["source"],
+        "spiffe://shop.example/ns/payments/sa/reporting"
+    );
+    assert_eq!(changes[0]["destination"], "payments/ledger");
+    assert_eq!(changes[0]["new"], "allow");
     let o = run(&[
         "policy",
         "diff",

@@ -106,8 +106,9 @@ impl Sources {
 
     pub fn line(&self, file: &str, line: u32) -> Option<&str> {
         let text = self.files.get(file)?;
-        text.lines()
-            .nth(usize::try_from(line).ok()?.checked_sub(1)?)
+        crate::yaml::lines(text)
+            .get(usize::try_from(line).ok()?.checked_sub(1)?)
+            .copied()
     }
 }
 
@@ -118,7 +119,11 @@ pub fn render_text(diags: &[Diagnostic], sources: &Sources) -> String {
         let _ = writeln!(out, "{}[{}]: {}", d.severity.as_str(), d.code, d.message);
         let lno = d.line.to_string();
         let pad = " ".repeat(lno.len());
-        let _ = writeln!(out, "{pad}--> {}:{}:{}", d.file, d.line, d.column);
+        if d.line == 0 {
+            let _ = writeln!(out, "{pad}--> {}", d.file);
+        } else {
+            let _ = writeln!(out, "{pad}--> {}:{}:{}", d.file, d.line, d.column);
+        }
         if let Some(src) = sources.line(&d.file, d.line) {
             let col = usize::try_from(d.column.saturating_sub(1)).unwrap_or(0);
             let rest = src.get(col..).unwrap_or("");

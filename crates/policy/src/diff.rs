@@ -38,7 +38,45 @@ pub struct EdgeChange {
 #[derive(Debug, Clone, Serialize)]
 pub struct SemanticDiff {
     pub edges_compared: usize,
+    /// Destinations not probed because nothing that decides their traffic changed.
+    pub destinations_unchanged: usize,
     pub changes: Vec<EdgeChange>,
+}
+
+/// Everything outside a destination's own policies that decisions depend on.
+fn global_fingerprint(set: &PolicySet) -> String {
+    let m = &set.mesh;
+    let attrs: Vec<String> = set
+        .workloads
+        .iter()
+        .map(|w| format!("{}={:?}", w.identity, w.attributes))
+        .collect();
+    let overrides: Vec<String> = set
+        .overrides
+        .iter()
+        .map(|o| {
+            format!(
+                "{}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+                o.id, o.action, o.subject, o.target, o.to, o.starts_at, o.expires_at
+            )
+        })
+        .collect();
+    format!(
+        "{}|{:?}|{:?}|{attrs:?}|{overrides:?}",
+        m.trust_domain, m.default_action, m.mtls_mode
+    )
+}
+
+/// The policies that apply to one destination, in evaluation order.
+fn dest_fingerprint(set: &PolicySet, w: &crate::model::Workload) -> String {
+    let mut s = format!("{:?}|{:?}|", w.attributes, w.ports);
+    for p in set.policies.iter().filter(|p| p.target.matches(w)) {
+        s.push_str(&format!(
+            "{}|{:?}|{:?}|{:?}|{}|{:?};",
+            p.id, p.tier, p.action, p.mode, p.overridable, p.rules
+        ));
+    }
+    s
 }
 
 /// Sources, (destination, port, is HTTP), methods and paths to probe.
@@ -105,9 +143,25 @@ fn universe(sets: [&PolicySet; 2]) -> Universe {
 pub fn diff(old: &PolicySet, new: &PolicySet, at: SystemTime) -> SemanticDiff {
     let (a, b) = (Engine::compile(old), Engine::compile(new));
     let (sources, dests, methods, paths) = universe([old, new]);
+    let same_globals = global_fingerprint(old) == global_fingerprint(new);
+    let unchanged = |d: &WorkloadRef| {
+        same_globals
+            && match (old.workload(d), new.workload(d)) {
+                (Some(a), Some(b)) => dest_fingerprint(old, a) == dest_fingerprint(new, b),
+                _ => false,
+            }
+    };
+    let skip: BTreeSet<&WorkloadRef> = dests
+        .iter()
+        .map(|(d, _, _)| d)
+        .filter(|d| unchanged(d))
+        .collect();
     let mut changes = vec![];
     let mut n = 0;
     for (dest, port, http) in &dests {
+        if skip.contains(dest) {
+            continue;
+        }
         let mut probes: Vec<Option<HttpAttrs>> = vec![];
         if *http {
             for m in &methods {
@@ -154,6 +208,7 @@ pub fn diff(old: &PolicySet, new: &PolicySet, at: SystemTime) -> SemanticDiff {
     changes.sort();
     SemanticDiff {
         edges_compared: n,
+        destinations_unchanged: skip.len(),
         changes,
     }
 }

@@ -472,6 +472,14 @@ pub fn load_path(root: &Path) -> Loaded {
             ));
         }
     }
+    if inputs.is_empty() {
+        // Nothing was read: say only that, not what the (empty) set lacks.
+        return Loaded {
+            set: None,
+            diagnostics: diags,
+            sources: Sources::default(),
+        };
+    }
     let mut loaded = load_sources(inputs);
     diags.append(&mut loaded.diagnostics);
     loaded.diagnostics = diags;

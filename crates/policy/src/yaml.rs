@@ -108,6 +108,35 @@ fn is_null_str(s: &str) -> bool {
     matches!(s, "" | "~" | "null" | "Null" | "NULL")
 }
 
+/// The lines of a text as YAML counts them: `\r\n`, a lone `\r` and `\n` all end a line,
+/// so line numbers in diagnostics and the snippets shown with them agree.
+pub fn lines(text: &str) -> Vec<&str> {
+    let mut out = vec![];
+    let b = text.as_bytes();
+    let (mut start, mut i) = (0, 0);
+    while i < b.len() {
+        match b[i] {
+            b'\n' => {
+                out.push(&text[start..i]);
+                start = i + 1;
+            }
+            b'\r' => {
+                out.push(&text[start..i]);
+                if b.get(i + 1) == Some(&b'\n') {
+                    i += 1;
+                }
+                start = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    if start < b.len() {
+        out.push(&text[start..]);
+    }
+    out
+}
+
 /// A YAML syntax error.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyntaxError {
@@ -693,6 +722,15 @@ mod tests {
             _ => panic!("not a seq"),
         }
         assert_eq!(docs[0].get("a").unwrap().span, Span { line: 1, col: 4 });
+    }
+
+    #[test]
+    fn lines_end_where_yaml_says() {
+        assert_eq!(lines("a\r\nb\rc\nd"), vec!["a", "b", "c", "d"]);
+        assert_eq!(lines("a\n"), vec!["a"]);
+        // The scanner agrees: `b` is on line 2 after a lone CR.
+        let docs = parse_documents("x: 1\ry: 2\n").unwrap();
+        assert_eq!(docs[0].get("y").unwrap().span.line, 2);
     }
 
     #[test]
