@@ -241,7 +241,18 @@ pub fn diff(
 ) -> Result<ExitCode> {
     let at = parse_time(at)?;
     let (a, b) = (load_valid(old)?, load_valid(new)?);
-    let d = sdiff::diff(&a, &b, at);
+    let pb = indicatif::ProgressBar::new(0);
+    pb.set_draw_target(indicatif::ProgressDrawTarget::stderr_with_hz(4));
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} comparing destination {pos}/{len} [{bar:30}] eta {eta}",
+    ) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    let d = sdiff::diff_with_progress(&a, &b, at, &mut |done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    });
+    pb.finish_and_clear();
     if output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&d)?);
     } else {
@@ -310,7 +321,7 @@ fn progress(len: Option<u64>) -> indicatif::ProgressBar {
     };
     pb.set_draw_target(indicatif::ProgressDrawTarget::stderr_with_hz(4));
     if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{spinner} replaying {bytes}/{total_bytes} [{bar:30}] {percent}% eta {eta} ({msg} records)",
+        "{spinner} replaying {bytes}/{total_bytes} [{bar:20}] {percent}% eta {eta} {msg}",
     ) {
         pb.set_style(style.progress_chars("=> "));
     }
@@ -338,7 +349,7 @@ pub fn impact(
             n += 1;
             if n % 4096 == 0 {
                 pb.set_position(bytes);
-                pb.set_message(n.to_string());
+                pb.set_message(format!("{n} records"));
             }
         },
     )

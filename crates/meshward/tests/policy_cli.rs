@@ -597,3 +597,38 @@ fn suggest_writes_least_privilege_policies_that_lint_and_admit_exactly_the_obser
         stdout(&o)
     );
 }
+
+#[test]
+fn impact_shows_progress_on_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = dir.path().join("one.jsonl");
+    write_log(&one);
+    let text = std::fs::read_to_string(&one).unwrap();
+    let text: String = text
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let big = dir.path().join("big.jsonl");
+    std::fs::write(&big, text.repeat(400)).unwrap(); // 240,000 records, ~80 MB
+    let typescript = dir.path().join("typescript");
+    // `script` gives the command a pseudo-terminal, as a person running it would have.
+    let cmd = format!(
+        "{} policy impact {} --log {}",
+        env!("CARGO_BIN_EXE_meshward"),
+        examples().display(),
+        big.display()
+    );
+    let o = Command::new("script")
+        .args(["-qec", &cmd])
+        .arg(&typescript)
+        .output()
+        .expect("script (util-linux)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let screen = std::fs::read_to_string(&typescript).unwrap();
+    assert!(
+        screen.contains("replaying "),
+        "no progress bar on the terminal:\n{screen}"
+    );
+    assert!(screen.contains("replayed 240000 records"), "{screen}");
+}

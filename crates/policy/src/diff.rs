@@ -141,6 +141,16 @@ fn universe(sets: [&PolicySet; 2]) -> Universe {
 
 /// Compares two policy sets edge by edge at time `at`.
 pub fn diff(old: &PolicySet, new: &PolicySet, at: SystemTime) -> SemanticDiff {
+    diff_with_progress(old, new, at, &mut |_, _| {})
+}
+
+/// [`diff`], calling `progress(destinations done, destinations to probe)` as it goes.
+pub fn diff_with_progress(
+    old: &PolicySet,
+    new: &PolicySet,
+    at: SystemTime,
+    progress: &mut dyn FnMut(u64, u64),
+) -> SemanticDiff {
     let (a, b) = (Engine::compile(old), Engine::compile(new));
     let (sources, dests, methods, paths) = universe([old, new]);
     let same_globals = global_fingerprint(old) == global_fingerprint(new);
@@ -158,10 +168,14 @@ pub fn diff(old: &PolicySet, new: &PolicySet, at: SystemTime) -> SemanticDiff {
         .collect();
     let mut changes = vec![];
     let mut n = 0;
+    let total = dests.iter().filter(|(d, _, _)| !skip.contains(d)).count() as u64;
+    let mut done = 0u64;
     for (dest, port, http) in &dests {
         if skip.contains(dest) {
             continue;
         }
+        progress(done, total);
+        done += 1;
         let mut probes: Vec<Option<HttpAttrs>> = vec![];
         if *http {
             for m in &methods {
