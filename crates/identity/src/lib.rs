@@ -1,11 +1,24 @@
 //! Workload identity for Meshward.
 //!
 //! Every workload in the mesh is named by a SPIFFE ID,
-//! `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`. This crate owns the
-//! strictly parsed [`SpiffeId`] and [`TrustDomain`] types that the policy engine, the proxy
-//! and the control plane pass around instead of strings (ARCHITECTURE §2). Parsing follows
-//! the SPIFFE ID specification; anything it does not allow is an error, never "fixed up".
+//! `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`, and proves it with a
+//! short-lived X.509-SVID (ARCHITECTURE §2). This crate owns the strictly parsed
+//! [`SpiffeId`] and [`TrustDomain`] types, the [`ca`] that signs SVIDs for proven
+//! identities, [`svid`] validation by the X.509-SVID specification, the rustls
+//! [`verifier`]s that apply it in every handshake, and the SPIFFE [`bundle`] format.
+//!
+//! One crypto provider for the workspace: ring. Binaries call [`install_crypto_provider`]
+//! once at start-up (with two providers compiled in, rustls would panic choosing one).
 
+pub mod bundle;
+pub mod ca;
 mod spiffe;
+pub mod svid;
+pub mod verifier;
 
 pub use spiffe::{IdError, SpiffeId, TrustDomain, WorkloadName};
+
+/// Installs ring as the process-wide rustls crypto provider; harmless if already done.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -1,0 +1,236 @@
+//! rustls certificate verifiers that accept exactly X.509-SVIDs (see [`crate::svid`]) and
+//! tell the caller who the peer is.
+//!
+//! Trust bundles sit behind an `ArcSwap`-like `RwLock` snapshot: a handshake clones an
+//! `Arc` of the current bundles and never holds a lock while it verifies.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{WebPkiSupportedAlgorithms, verify_tls12_signature, verify_tls13_signature};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+};
+
+use crate::SpiffeId;
+use crate::svid::{self, SvidError, TrustBundles, Usage};
+
+/// The trust bundles a verifier uses, replaceable while connections run.
+#[derive(Debug, Clone, Default)]
+pub struct SharedBundles(Arc<RwLock<Arc<TrustBundles>>>);
+
+impl SharedBundles {
+    pub fn new(b: TrustBundles) -> Self {
+        SharedBundles(Arc::new(RwLock::new(Arc::new(b))))
+    }
+
+    /// The current bundles.
+    pub fn load(&self) -> Arc<TrustBundles> {
+        match self.0.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the bundles for every later handshake.
+    pub fn store(&self, b: TrustBundles) {
+        let next = Arc::new(b);
+        match self.0.write() {
+            Ok(mut g) => *g = next,
+            Err(p) => *p.into_inner() = next,
+        }
+    }
+}
+
+/// Which peer identities a verifier accepts, beyond a valid SVID.
+#[derive(Debug, Clone)]
+pub enum Accept {
+    /// Any valid SVID of a trusted trust domain (authorization decides the rest).
+    AnyTrusted,
+    /// Only these identities (e.g. the identities a service is declared to run as).
+    Only(Vec<SpiffeId>),
+}
+
+fn to_rustls(e: SvidError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(match e {
+        SvidError::Expired => CertificateError::Expired,
+        SvidError::NotYetValid => CertificateError::NotValidYet,
+        SvidError::UnknownIssuer { .. } | SvidError::UnknownTrustDomain(_) => {
+            CertificateError::UnknownIssuer
+        }
+        SvidError::WrongIdentity { .. } => CertificateError::Other(OtherError(Arc::new(e))),
+        other => CertificateError::Other(OtherError(Arc::new(other))),
+    })
+}
+
+fn system_time(t: UnixTime) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(t.as_secs())
+}
+
+fn check(
+    bundles: &SharedBundles,
+    accept: &Accept,
+    ee: &CertificateDer<'_>,
+    rest: &[CertificateDer<'_>],
+    usage: Usage,
+    now: UnixTime,
+) -> Result<SpiffeId, SvidError> {
+    let mut chain = Vec::with_capacity(1 + rest.len());
+    chain.push(ee.clone());
+    chain.extend(rest.iter().cloned());
+    let id = svid::validate(&chain, &bundles.load(), usage, system_time(now))?;
+    match accept {
+        Accept::AnyTrusted => Ok(id),
+        Accept::Only(ids) if ids.contains(&id) => Ok(id),
+        Accept::Only(ids) => Err(SvidError::WrongIdentity {
+            got: id,
+            expected: ids
+                .iter()
+                .map(|i| format!("`{i}`"))
+                .collect::<Vec<_>>()
+                .join(" or "),
+        }),
+    }
+}
+
+fn algorithms() -> WebPkiSupportedAlgorithms {
+    rustls::crypto::ring::default_provider().signature_verification_algorithms
+}
+
+/// Verifies servers' SVIDs (used by the connecting side).
+#[derive(Debug)]
+pub struct SvidServerVerifier {
+    bundles: SharedBundles,
+    accept: Accept,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl SvidServerVerifier {
+    pub fn new(bundles: SharedBundles, accept: Accept) -> Arc<Self> {
+        Arc::new(SvidServerVerifier {
+            bundles,
+            accept,
+            algs: algorithms(),
+        })
+    }
+}
+
+impl ServerCertVerifier for SvidServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        check(
+            &self.bundles,
+            &self.accept,
+            end_entity,
+            intermediates,
+            Usage::Server,
+            now,
+        )
+        .map_err(to_rustls)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Verifies clients' SVIDs (used by the accepting side); a client certificate is required.
+#[derive(Debug)]
+pub struct SvidClientVerifier {
+    bundles: SharedBundles,
+    accept: Accept,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl SvidClientVerifier {
+    pub fn new(bundles: SharedBundles, accept: Accept) -> Arc<Self> {
+        Arc::new(SvidClientVerifier {
+            bundles,
+            accept,
+            algs: algorithms(),
+        })
+    }
+}
+
+impl ClientCertVerifier for SvidClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        check(
+            &self.bundles,
+            &self.accept,
+            end_entity,
+            intermediates,
+            Usage::Client,
+            now,
+        )
+        .map_err(to_rustls)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// The verified peer's SPIFFE ID after a handshake.
+pub fn peer_identity(conn: &rustls::CommonState) -> Option<SpiffeId> {
+    svid::spiffe_id_of(conn.peer_certificates()?.first()?).ok()
+}

@@ -1,0 +1,435 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+//! The CA and X.509-SVID validation: issued certificates are valid SVIDs (checked by our
+//! validator and by `openssl verify`), every refusal of the CA and every rejection of the
+//! validator has a case, and rotation keeps old leaves valid.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, SystemTime};
+
+use meshward_identity::bundle::Bundle;
+use meshward_identity::ca::{Ca, CaError, CaLifetimes, cert_pem, new_workload_key};
+use meshward_identity::svid::{SvidError, TrustBundles, Usage, validate};
+use meshward_identity::{SpiffeId, TrustDomain};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::CertificateDer;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn td() -> TrustDomain {
+    TrustDomain::parse("shop.example").unwrap()
+}
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::parse(&format!("spiffe://shop.example/{s}")).unwrap()
+}
+
+fn ca() -> Ca {
+    Ca::generate(td(), CaLifetimes::default(), SystemTime::now()).unwrap()
+}
+
+fn bundles(ca: &Ca) -> TrustBundles {
+    let mut b = TrustBundles::new();
+    b.set(td(), ca.bundle());
+    b
+}
+
+fn issue(ca: &Ca, who: &SpiffeId) -> Vec<CertificateDer<'static>> {
+    let (_key, csr) = new_workload_key(who).unwrap();
+    ca.issue(who, &csr, HOUR, SystemTime::now()).unwrap().chain
+}
+
+/// `openssl verify` of a chain against a bundle; returns its output.
+fn openssl_verify(
+    dir: &Path,
+    bundle: &[CertificateDer<'_>],
+    chain: &[CertificateDer<'_>],
+) -> (bool, String) {
+    let b: String = bundle.iter().map(cert_pem).collect();
+    std::fs::write(dir.join("bundle.pem"), b).unwrap();
+    std::fs::write(dir.join("leaf.pem"), cert_pem(&chain[0])).unwrap();
+    let inter: String = chain[1..].iter().map(cert_pem).collect();
+    std::fs::write(dir.join("inter.pem"), inter).unwrap();
+    let o = Command::new("openssl")
+        .args(["verify", "-purpose", "sslclient", "-CAfile"])
+        .arg(dir.join("bundle.pem"))
+        .arg("-untrusted")
+        .arg(dir.join("inter.pem"))
+        .arg(dir.join("leaf.pem"))
+        .output()
+        .expect("openssl");
+    (
+        o.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+fn openssl_text(dir: &Path, cert: &CertificateDer<'_>) -> String {
+    std::fs::write(dir.join("c.pem"), cert_pem(cert)).unwrap();
+    let o = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(dir.join("c.pem"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn issued_svids_are_valid_for_us_and_for_openssl() {
+    let ca = ca();
+    let who = id("ns/web/sa/frontend");
+    let chain = issue(&ca, &who);
+    assert_eq!(
+        validate(&chain, &bundles(&ca), Usage::Client, SystemTime::now()).unwrap(),
+        who
+    );
+    assert_eq!(
+        validate(&chain, &bundles(&ca), Usage::Server, SystemTime::now()).unwrap(),
+        who
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, out) = openssl_verify(dir.path(), &ca.bundle(), &chain);
+    assert!(ok, "openssl verify failed: {out}");
+    let text = openssl_text(dir.path(), &chain[0]);
+    assert!(
+        text.contains("URI:spiffe://shop.example/ns/web/sa/frontend"),
+        "{text}"
+    );
+    assert!(text.contains("CA:FALSE"), "{text}");
+    assert!(
+        text.contains("X509v3 Key Usage: critical\n                Digital Signature\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("TLS Web Server Authentication, TLS Web Client Authentication"),
+        "{text}"
+    );
+    assert!(text.contains("ASN1 OID: prime256v1"), "{text}");
+}
+
+#[test]
+fn the_ca_builds_the_certificate_itself_from_the_proven_identity() {
+    let ca = ca();
+    let who = id("ns/web/sa/frontend");
+    // A CSR asking for a CA flag, extra SANs, a subject and certificate-signing usage.
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = CertificateParams::new(vec!["evil.example".to_string()]).unwrap();
+    p.subject_alt_names
+        .push(SanType::URI(who.as_str().try_into().unwrap()));
+    p.distinguished_name.push(DnType::CommonName, "admin");
+    // basicConstraints cA:TRUE as a raw extension (rcgen will not put a CA flag in a CSR).
+    p.custom_extensions
+        .push(rcgen::CustomExtension::from_oid_content(
+            &[2, 5, 29, 19],
+            vec![0x30, 0x03, 0x01, 0x01, 0xff],
+        ));
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let csr = p.serialize_request(&key).unwrap();
+    let issued = ca
+        .issue(&who, csr.der(), HOUR, SystemTime::now())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let text = openssl_text(dir.path(), &issued.chain[0]);
+    assert!(
+        !text.contains("evil.example"),
+        "extra SANs must be dropped: {text}"
+    );
+    assert!(
+        !text.contains("admin"),
+        "the CSR's subject must be dropped: {text}"
+    );
+    assert!(text.contains("CA:FALSE"), "{text}");
+    assert!(!text.contains("Certificate Sign"), "{text}");
+    validate(
+        &issued.chain,
+        &bundles(&ca),
+        Usage::Client,
+        SystemTime::now(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn refusals() {
+    let ca = ca();
+    let who = id("ns/web/sa/frontend");
+    // A CSR for another identity than the proven one.
+    let (_k, other) = new_workload_key(&id("ns/payments/sa/payments-api")).unwrap();
+    assert!(matches!(
+        ca.issue(&who, &other, HOUR, SystemTime::now()),
+        Err(CaError::IdentityMismatch { .. })
+    ));
+    // Lifetimes outside 5 minutes..24 hours.
+    let (_k, csr) = new_workload_key(&who).unwrap();
+    assert!(matches!(
+        ca.issue(&who, &csr, 48 * HOUR, SystemTime::now()),
+        Err(CaError::BadLifetime { .. })
+    ));
+    assert!(matches!(
+        ca.issue(&who, &csr, Duration::from_secs(60), SystemTime::now()),
+        Err(CaError::BadLifetime { .. })
+    ));
+    // Another trust domain.
+    let foreign = SpiffeId::parse("spiffe://other.example/ns/a/sa/b").unwrap();
+    let (_k, fcsr) = new_workload_key(&foreign).unwrap();
+    assert!(matches!(
+        ca.issue(&foreign, &fcsr, HOUR, SystemTime::now()),
+        Err(CaError::WrongTrustDomain(..))
+    ));
+    // A CSR whose signature does not verify (proof of possession).
+    let mut bad = csr.clone();
+    let n = bad.len();
+    bad[n - 5] ^= 0xff;
+    assert!(matches!(
+        ca.issue(&who, &bad, HOUR, SystemTime::now()),
+        Err(CaError::BadCsr(_))
+    ));
+    // Never beyond the intermediate's own expiry.
+    let short = Ca::generate(
+        td(),
+        CaLifetimes {
+            root: 1000 * HOUR,
+            intermediate: 2 * HOUR,
+        },
+        SystemTime::now(),
+    )
+    .unwrap();
+    let issued = short
+        .issue(&who, &csr, 24 * HOUR, SystemTime::now())
+        .unwrap();
+    assert!(issued.not_after <= short.intermediate_not_after());
+}
+
+/// A CA outside Meshward's, to forge certificates the CA would never issue.
+fn rogue_chain(
+    td_name: &str,
+    f: impl FnOnce(&mut CertificateParams),
+) -> (Vec<CertificateDer<'static>>, CertificateDer<'static>) {
+    let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut rp = CertificateParams::new(Vec::<String>::new()).unwrap();
+    rp.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    rp.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let root = rp.self_signed(&root_key).unwrap();
+    let issuer = Issuer::new(rp, root_key);
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut lp = CertificateParams::new(Vec::<String>::new()).unwrap();
+    lp.subject_alt_names = vec![SanType::URI(
+        format!("spiffe://{td_name}/ns/x/sa/y").try_into().unwrap(),
+    )];
+    lp.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    lp.is_ca = IsCa::ExplicitNoCa;
+    f(&mut lp);
+    let leaf = lp.signed_by(&key, &issuer).unwrap();
+    (vec![leaf.der().clone()], root.der().clone())
+}
+
+#[test]
+fn validation_rejects_what_the_spec_forbids() {
+    let ca = ca();
+    let b = bundles(&ca);
+    let now = SystemTime::now();
+    let good = issue(&ca, &id("ns/web/sa/frontend"));
+
+    // Another CA for the same trust domain.
+    let (forged, _) = rogue_chain("shop.example", |_| {});
+    assert!(matches!(
+        validate(&forged, &b, Usage::Client, now),
+        Err(SvidError::UnknownIssuer { .. })
+    ));
+    // A trust domain we have no bundle for.
+    let (foreign, _) = rogue_chain("other.example", |_| {});
+    assert_eq!(
+        validate(&foreign, &b, Usage::Client, now),
+        Err(SvidError::UnknownTrustDomain("other.example".into()))
+    );
+    // Expired, and not yet valid (beyond the clock skew).
+    assert_eq!(
+        validate(&good, &b, Usage::Client, now + 2 * HOUR),
+        Err(SvidError::Expired)
+    );
+    assert_eq!(
+        validate(&good, &b, Usage::Client, now - HOUR),
+        Err(SvidError::NotYetValid)
+    );
+    // Within the tolerated skew.
+    validate(
+        &good,
+        &b,
+        Usage::Client,
+        now + HOUR + Duration::from_secs(20),
+    )
+    .unwrap();
+    // A signing certificate presented as a leaf.
+    let inter_as_leaf = vec![ca.intermediate().clone()];
+    assert_eq!(
+        validate(&inter_as_leaf, &b, Usage::Client, now),
+        Err(SvidError::LeafIsCa)
+    );
+    // Two URI SANs; none; no digitalSignature.
+    let mut own = TrustBundles::new();
+    let (two, root) = rogue_chain("shop.example", |p| {
+        p.subject_alt_names.push(SanType::URI(
+            "spiffe://shop.example/ns/z/sa/z".try_into().unwrap(),
+        ))
+    });
+    own.set(td(), vec![root]);
+    assert_eq!(
+        validate(&two, &own, Usage::Client, now),
+        Err(SvidError::UriSanCount(2))
+    );
+    let (none, _) = rogue_chain("shop.example", |p| {
+        p.subject_alt_names = vec![SanType::DnsName("a.example".try_into().unwrap())]
+    });
+    assert_eq!(
+        validate(&none, &own, Usage::Client, now),
+        Err(SvidError::UriSanCount(0))
+    );
+    let (noku, _) = rogue_chain("shop.example", |p| {
+        p.key_usages = vec![KeyUsagePurpose::KeyEncipherment]
+    });
+    assert_eq!(
+        validate(&noku, &own, Usage::Client, now),
+        Err(SvidError::BadKeyUsage)
+    );
+    let (badid, _) = rogue_chain("shop.example", |p| {
+        p.subject_alt_names = vec![SanType::URI(
+            "spiffe://shop.example/ns/../x".try_into().unwrap(),
+        )]
+    });
+    assert!(matches!(
+        validate(&badid, &own, Usage::Client, now),
+        Err(SvidError::BadSpiffeId(_))
+    ));
+    assert_eq!(
+        validate(&[], &own, Usage::Client, now),
+        Err(SvidError::NoCertificate)
+    );
+}
+
+#[test]
+fn intermediate_rotation_keeps_old_leaves_valid() {
+    let mut ca = ca();
+    let dir = tempfile::tempdir().unwrap();
+    let old = issue(&ca, &id("ns/web/sa/frontend"));
+    let bundle_before = ca.bundle();
+    ca.rotate_intermediate(SystemTime::now()).unwrap();
+    let new = issue(&ca, &id("ns/web/sa/frontend"));
+    assert_ne!(old[1], new[1], "a new intermediate signs");
+    assert_eq!(
+        ca.bundle(),
+        bundle_before,
+        "the bundle (roots) is unchanged"
+    );
+    for chain in [&old, &new] {
+        validate(chain, &bundles(&ca), Usage::Client, SystemTime::now()).unwrap();
+        let (ok, out) = openssl_verify(dir.path(), &ca.bundle(), chain);
+        assert!(ok, "{out}");
+    }
+}
+
+#[test]
+fn root_rotation_overlaps_old_and_new_roots() {
+    let mut ca = ca();
+    let dir = tempfile::tempdir().unwrap();
+    let old = issue(&ca, &id("ns/web/sa/frontend"));
+    ca.begin_root_rotation(SystemTime::now()).unwrap();
+    assert_eq!(ca.bundle().len(), 2, "the new root joins the bundle first");
+    // Until the rotation finishes, the old intermediate still signs.
+    let during = issue(&ca, &id("ns/web/sa/frontend"));
+    assert_eq!(during[1], old[1]);
+    ca.finish_root_rotation().unwrap();
+    let new = issue(&ca, &id("ns/web/sa/frontend"));
+    assert_ne!(new[1], old[1]);
+    assert_eq!(
+        ca.bundle().len(),
+        2,
+        "the old root stays while its leaves may live"
+    );
+    for chain in [&old, &new] {
+        validate(chain, &bundles(&ca), Usage::Client, SystemTime::now()).unwrap();
+        let (ok, out) = openssl_verify(dir.path(), &ca.bundle(), chain);
+        assert!(ok, "{out}");
+    }
+    // A bundle with only the new root refuses the old leaves.
+    let mut only_new = TrustBundles::new();
+    only_new.set(td(), vec![ca.bundle()[0].clone()]);
+    assert!(validate(&new, &only_new, Usage::Client, SystemTime::now()).is_ok());
+    assert!(validate(&old, &only_new, Usage::Client, SystemTime::now()).is_err());
+}
+
+#[test]
+fn save_and_load_and_bring_your_own_root() {
+    let ca = ca();
+    let dir = tempfile::tempdir().unwrap();
+    ca.save(dir.path()).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        for k in ["root.key", "intermediate.key"] {
+            let mode = std::fs::metadata(dir.path().join(k))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777;
+            assert_eq!(mode, 0o600, "{k}");
+        }
+    }
+    let loaded = Ca::load(dir.path(), td(), CaLifetimes::default(), SystemTime::now()).unwrap();
+    assert_eq!(loaded.bundle(), ca.bundle());
+    let chain = issue(&loaded, &id("ns/a/sa/b"));
+    validate(&chain, &bundles(&ca), Usage::Client, SystemTime::now()).unwrap();
+    // The root key may stay offline when an intermediate is supplied.
+    std::fs::remove_file(dir.path().join("root.key")).unwrap();
+    let offline = Ca::load(dir.path(), td(), CaLifetimes::default(), SystemTime::now()).unwrap();
+    validate(
+        &issue(&offline, &id("ns/a/sa/b")),
+        &bundles(&ca),
+        Usage::Client,
+        SystemTime::now(),
+    )
+    .unwrap();
+    // Without the intermediate's key, it is refused with the file named.
+    std::fs::remove_file(dir.path().join("intermediate.key")).unwrap();
+    let e = Ca::load(dir.path(), td(), CaLifetimes::default(), SystemTime::now()).unwrap_err();
+    assert!(e.to_string().contains("intermediate.key"), "{e}");
+}
+
+#[test]
+fn spiffe_bundle_round_trip() {
+    let mut ca = ca();
+    ca.begin_root_rotation(SystemTime::now()).unwrap();
+    let b = Bundle {
+        trust_domain: td(),
+        roots: ca.bundle(),
+        sequence: 7,
+        refresh_hint: Some(Duration::from_secs(300)),
+    };
+    let json = b.to_jwks().unwrap();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["spiffe_sequence"], 7);
+    assert_eq!(v["spiffe_refresh_hint"], 300);
+    assert_eq!(v["keys"][0]["use"], "x509-svid");
+    assert_eq!(v["keys"][0]["kty"], "EC");
+    assert_eq!(v["keys"][0]["crv"], "P-256");
+    let back = Bundle::from_jwks(td(), &json).unwrap();
+    assert_eq!(back, b);
+    // Tampered coordinates are refused; jwt-svid keys are skipped.
+    let tampered = json.replacen(v["keys"][0]["x"].as_str().unwrap(), "AAAA", 1);
+    assert!(Bundle::from_jwks(td(), &tampered).is_err());
+    assert!(Bundle::from_jwks(td(), r#"{"keys":[{"use":"jwt-svid","kty":"EC"}]}"#).is_err());
+}
