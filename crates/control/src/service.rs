@@ -1,0 +1,759 @@
+//! The control plane's operations, independent of transport: apply, approve, rollback,
+//! history, audit, join tokens, certificate signing, overrides and their expiry. Every
+//! operation that changes something, and every refusal, is audited.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use meshward_identity::ca::{Ca, CaLifetimes, Issued};
+use meshward_identity::{SpiffeId, TrustDomain};
+use meshward_policy::diag::{self, Diagnostic};
+use meshward_policy::engine::Engine;
+use meshward_policy::{lint, scenario};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::auth::{Operator, Operators, random_secret, sha256_hex};
+use crate::repo::{self, Change, Key};
+use crate::store::{
+    AuditFilter, Files, NewEntry, Proposal, Revision, Store, StoreError, TokenRecord, ms,
+};
+
+/// Why an operation was refused. Each maps to an HTTP status in the API.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error("the policy set is invalid:\n{0}")]
+    Invalid(String),
+    #[error("policy tests fail:\n{0}")]
+    TestsFail(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// The outcome of an apply.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Applied {
+    /// Committed as this revision.
+    Committed { revision: u64, summary: String },
+    /// Waiting for a second platform-security operator: `meshward approve ID`.
+    PendingApproval { proposal: u64, summary: String },
+    /// Nothing to change.
+    Unchanged { revision: u64 },
+}
+
+/// Configuration of a control plane.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub trust_domain: TrustDomain,
+    /// Default workload certificate lifetime (the `Mesh` may set another).
+    pub default_lifetime: Duration,
+    /// Longest join-token lifetime.
+    pub max_token_ttl: Duration,
+}
+
+/// The control plane.
+pub struct ControlPlane {
+    pub store: Arc<dyn Store>,
+    ca: Mutex<Ca>,
+    operators: Operators,
+    cfg: Config,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("cfg", &self.cfg)
+            .finish()
+    }
+}
+
+fn render(diags: &[Diagnostic], loaded: &meshward_policy::model::Loaded) -> String {
+    diag::render_text(diags, &loaded.sources)
+}
+
+impl ControlPlane {
+    pub fn new(store: Arc<dyn Store>, ca: Ca, operators: Operators, cfg: Config) -> Self {
+        ControlPlane {
+            store,
+            ca: Mutex::new(ca),
+            operators,
+            cfg,
+        }
+    }
+
+    /// Opens (creating on first start) the CA in `DATA/ca`.
+    pub fn open_ca(dir: &Path, td: &TrustDomain, now: SystemTime) -> Result<Ca, String> {
+        let ca_dir = dir.join("ca");
+        if ca_dir.join("root.pem").exists() {
+            Ca::load(&ca_dir, td.clone(), CaLifetimes::default(), now).map_err(|e| e.to_string())
+        } else {
+            let ca =
+                Ca::generate(td.clone(), CaLifetimes::default(), now).map_err(|e| e.to_string())?;
+            ca.save(&ca_dir).map_err(|e| e.to_string())?;
+            Ok(ca)
+        }
+    }
+
+    pub fn operators(&self) -> &Operators {
+        &self.operators
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.cfg.trust_domain
+    }
+
+    fn ca(&self) -> Result<std::sync::MutexGuard<'_, Ca>, Refused> {
+        self.ca
+            .lock()
+            .map_err(|_| Refused::Internal("the CA is unavailable".into()))
+    }
+
+    /// The trust bundle (roots).
+    pub fn bundle(&self) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, Refused> {
+        Ok(self.ca()?.bundle())
+    }
+
+    fn head_files(&self) -> Result<(u64, Files), Refused> {
+        Ok(self
+            .store
+            .head()?
+            .map(|r| (r.rev, r.files))
+            .unwrap_or((0, vec![])))
+    }
+
+    /// Validates a candidate set: load and lint errors, then PolicyTests. Returns the
+    /// rendered reason on refusal.
+    fn validate(&self, files: &Files, now: SystemTime) -> Result<(), Refused> {
+        let loaded = repo::load(files);
+        let mut diags: Vec<Diagnostic> = loaded
+            .diagnostics
+            .iter()
+            .filter(|d| d.is_error())
+            .cloned()
+            .collect();
+        if let Some(set) = &loaded.set {
+            diags.extend(
+                lint::lint(set, now)
+                    .into_iter()
+                    .filter(Diagnostic::is_error),
+            );
+        }
+        if !diags.is_empty() {
+            return Err(Refused::Invalid(render(&diags, &loaded)));
+        }
+        let Some(set) = &loaded.set else {
+            return Err(Refused::Invalid("the policy set could not be built".into()));
+        };
+        if set.mesh.trust_domain != self.cfg.trust_domain {
+            return Err(Refused::Invalid(format!(
+                "the Mesh's trust domain `{}` is not this control plane's `{}`",
+                set.mesh.trust_domain, self.cfg.trust_domain
+            )));
+        }
+        let results = scenario::run(set, &Engine::compile(set), now);
+        let failed: Vec<String> = results
+            .iter()
+            .filter(|r| !r.passed)
+            .map(|r| format!("{} :: {}: {}", r.test, r.name, r.failures.join("; ")))
+            .collect();
+        if !failed.is_empty() {
+            let passed = results.len() - failed.len();
+            return Err(Refused::TestsFail(format!(
+                "{}\n{passed} passed, {} failed",
+                failed.join("\n"),
+                failed.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks that `op` may make every change; returns whether approval is needed.
+    fn authorize(&self, op: &Operator, old: &Files, new: &Files) -> Result<bool, Refused> {
+        let mut needs_approval = false;
+        for (change, key, before, after) in repo::changes(old, new) {
+            let tier = after
+                .as_ref()
+                .or(before.as_ref())
+                .and_then(|r| r.tier.clone());
+            let was_baseline = before.as_ref().and_then(|r| r.tier.as_deref()) == Some("baseline");
+            let baseline = tier.as_deref() == Some("baseline") || was_baseline;
+            let mesh_wide = matches!(key.kind.as_str(), "Mesh" | "TrustDomainFederation")
+                || (key.kind == "AuthorizationPolicy" && baseline);
+            if mesh_wide {
+                if !op.is_platform_security() {
+                    return Err(Refused::Forbidden(format!(
+                        "`{}` may not change {key}: mesh-wide resources (Mesh, federations, baseline policies) belong to the platform-security role",
+                        op.name
+                    )));
+                }
+                needs_approval = true;
+            } else if !op.owns(&key.namespace) {
+                let verb = match change {
+                    Change::Added => "add",
+                    Change::Removed => "remove",
+                    Change::Modified => "change",
+                };
+                return Err(Refused::Forbidden(format!(
+                    "`{}` may not {verb} {key}: it does not own namespace `{}`",
+                    op.name, key.namespace
+                )));
+            }
+        }
+        Ok(needs_approval)
+    }
+
+    fn audit_refusal(
+        &self,
+        actor: &str,
+        action: &str,
+        subject: &str,
+        why: &Refused,
+        now: SystemTime,
+    ) {
+        let _ = self.store.append_audit(
+            NewEntry::new(actor, action, subject, json!({"reason": why.to_string()})),
+            now,
+        );
+    }
+
+    /// Validates, authorizes and commits a new policy set (or files it for approval).
+    /// A refused apply leaves the store as it was, except for the audit entry saying why.
+    pub fn apply(
+        &self,
+        op: &Operator,
+        files: Files,
+        reason: &str,
+        now: SystemTime,
+    ) -> Result<Applied, Refused> {
+        let result = self.apply_inner(op, files, reason, now);
+        if let Err(e) = &result {
+            self.audit_refusal(&op.actor(), "apply.rejected", "policy-set", e, now);
+        }
+        result
+    }
+
+    fn apply_inner(
+        &self,
+        op: &Operator,
+        files: Files,
+        reason: &str,
+        now: SystemTime,
+    ) -> Result<Applied, Refused> {
+        let (base, old) = self.head_files()?;
+        let summary = repo::summary(&old, &files);
+        if repo::changes(&old, &files).is_empty() && base > 0 {
+            return Ok(Applied::Unchanged { revision: base });
+        }
+        // Permissions first: an operator learns nothing about a change it may not make.
+        let needs_approval = self.authorize(op, &old, &files)?;
+        self.validate(&files, now)?;
+        if needs_approval {
+            let p = Proposal {
+                id: 0,
+                created_ms: ms(now),
+                author: op.name.clone(),
+                reason: reason.into(),
+                summary: summary.clone(),
+                base,
+                files,
+            };
+            let id = self.store.propose(
+                &p,
+                NewEntry::new(
+                    &op.actor(),
+                    "apply.proposed",
+                    "policy-set",
+                    json!({"summary": summary, "reason": reason}),
+                ),
+                now,
+            )?;
+            return Ok(Applied::PendingApproval {
+                proposal: id,
+                summary,
+            });
+        }
+        let rev = self.store.commit(
+            &op.actor(),
+            reason,
+            &summary,
+            &files,
+            NewEntry::new(
+                &op.actor(),
+                "apply",
+                "policy-set",
+                json!({"summary": summary, "reason": reason}),
+            ),
+            now,
+        )?;
+        Ok(Applied::Committed {
+            revision: rev.rev,
+            summary,
+        })
+    }
+
+    /// Approves and commits a pending change (a second platform-security operator).
+    pub fn approve(&self, op: &Operator, id: u64, now: SystemTime) -> Result<Applied, Refused> {
+        let p = self
+            .store
+            .proposal(id)?
+            .ok_or_else(|| Refused::NotFound(format!("no pending change {id}")))?;
+        let refuse = |e: Refused| {
+            self.audit_refusal(
+                &op.actor(),
+                "approve.rejected",
+                &format!("proposal/{id}"),
+                &e,
+                now,
+            );
+            Err(e)
+        };
+        if !op.is_platform_security() {
+            return refuse(Refused::Forbidden(format!(
+                "`{}` may not approve: approvals need the platform-security role",
+                op.name
+            )));
+        }
+        if op.name == p.author {
+            return refuse(Refused::Forbidden(format!(
+                "`{}` proposed change {id} and cannot also approve it",
+                op.name
+            )));
+        }
+        let (base, old) = self.head_files()?;
+        if base != p.base {
+            self.store.drop_proposal(id)?;
+            return refuse(Refused::BadRequest(format!(
+                "change {id} was made against revision {} but the head is now {base}; apply it again",
+                p.base
+            )));
+        }
+        if let Err(e) = self.validate(&p.files, now) {
+            return refuse(e);
+        }
+        let summary = repo::summary(&old, &p.files);
+        let rev = self.store.commit(
+            &format!("operator:{}", p.author),
+            &p.reason,
+            &summary,
+            &p.files,
+            NewEntry::new(&op.actor(), "apply.approved", "policy-set", json!({"summary": summary, "proposal": id, "author": p.author, "approver": op.name})),
+            now,
+        )?;
+        self.store.drop_proposal(id)?;
+        Ok(Applied::Committed {
+            revision: rev.rev,
+            summary,
+        })
+    }
+
+    /// A new revision equal to an earlier one. Platform-security only.
+    pub fn rollback(
+        &self,
+        op: &Operator,
+        to: u64,
+        reason: &str,
+        now: SystemTime,
+    ) -> Result<Applied, Refused> {
+        if !op.is_platform_security() {
+            let e = Refused::Forbidden(format!(
+                "`{}` may not roll back: rollbacks need the platform-security role",
+                op.name
+            ));
+            self.audit_refusal(
+                &op.actor(),
+                "rollback.rejected",
+                &format!("revision/{to}"),
+                &e,
+                now,
+            );
+            return Err(e);
+        }
+        let target = self
+            .store
+            .revision(to)
+            .map_err(|_| Refused::NotFound(format!("revision {to} does not exist")))?;
+        let (_, old) = self.head_files()?;
+        let summary = repo::summary(&old, &target.files);
+        let rev = self.store.commit(
+            &op.actor(),
+            reason,
+            &format!("rollback to {to}: {summary}"),
+            &target.files,
+            NewEntry::new(
+                &op.actor(),
+                "rollback",
+                &format!("revision/{to}"),
+                json!({"summary": summary, "reason": reason}),
+            ),
+            now,
+        )?;
+        Ok(Applied::Committed {
+            revision: rev.rev,
+            summary,
+        })
+    }
+
+    pub fn history(&self) -> Result<Vec<Revision>, Refused> {
+        Ok(self.store.history()?)
+    }
+
+    pub fn revision(&self, rev: u64) -> Result<Revision, Refused> {
+        self.store
+            .revision(rev)
+            .map_err(|_| Refused::NotFound(format!("revision {rev} does not exist")))
+    }
+
+    // -- identities -------------------------------------------------------------------------
+
+    /// Issues a single-use join token bound to one workload identity; only its hash is kept.
+    pub fn issue_token(
+        &self,
+        op: &Operator,
+        identity: &str,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<(String, SystemTime), Refused> {
+        let id = SpiffeId::parse(identity)
+            .map_err(|e| Refused::BadRequest(format!("`{identity}` is not a SPIFFE ID: {e}")))?;
+        let parts = id.workload_parts().ok_or_else(|| {
+            Refused::BadRequest(format!(
+                "`{id}` is not a workload identity `spiffe://TD/ns/NS/sa/SA`"
+            ))
+        })?;
+        if id.trust_domain_name() != self.cfg.trust_domain.as_str() {
+            return Err(Refused::BadRequest(format!(
+                "`{id}` is not in trust domain `{}`",
+                self.cfg.trust_domain
+            )));
+        }
+        if !op.owns(parts.namespace) {
+            let e = Refused::Forbidden(format!(
+                "`{}` may not issue tokens for namespace `{}`",
+                op.name, parts.namespace
+            ));
+            self.audit_refusal(&op.actor(), "token.refused", id.as_str(), &e, now);
+            return Err(e);
+        }
+        if ttl.is_zero() || ttl > self.cfg.max_token_ttl {
+            return Err(Refused::BadRequest(format!(
+                "a token lifetime must be between 1s and {}",
+                humantime::format_duration(self.cfg.max_token_ttl)
+            )));
+        }
+        let token = random_secret("mwj_");
+        if token.is_empty() {
+            return Err(Refused::Internal(
+                "the system random generator failed".into(),
+            ));
+        }
+        let expires = now + ttl;
+        let rec = TokenRecord {
+            identity: id.to_string(),
+            expires_ms: ms(expires),
+            used_ms: None,
+            created_by: op.name.clone(),
+        };
+        self.store.add_token(
+            &sha256_hex(&token),
+            &rec,
+            NewEntry::new(
+                &op.actor(),
+                "token.issue",
+                id.as_str(),
+                json!({"expires_ms": ms(expires)}),
+            ),
+            now,
+        )?;
+        Ok((token, expires))
+    }
+
+    fn lifetime(&self, requested: Option<Duration>) -> Result<Duration, Refused> {
+        let head_lifetime = self
+            .store
+            .head()?
+            .and_then(|r| {
+                repo::load(&r.files)
+                    .set
+                    .map(|s| s.mesh.certificate_lifetime)
+            })
+            .unwrap_or(self.cfg.default_lifetime);
+        match requested {
+            None => Ok(head_lifetime),
+            Some(l) if l <= head_lifetime => Ok(l),
+            Some(l) => Err(Refused::BadRequest(format!(
+                "a lifetime of {} is longer than the mesh allows ({})",
+                humantime::format_duration(l),
+                humantime::format_duration(head_lifetime)
+            ))),
+        }
+    }
+
+    /// Signs a CSR for the identity a join token is bound to; the token is spent.
+    pub fn sign_with_token(
+        &self,
+        token: &str,
+        csr_der: &[u8],
+        lifetime: Option<Duration>,
+        now: SystemTime,
+    ) -> Result<Issued, Refused> {
+        let refuse = |why: String, subject: &str| {
+            let e = Refused::Forbidden(why);
+            self.audit_refusal("anonymous", "token.refused", subject, &e, now);
+            Err(e)
+        };
+        let Some(rec) = self.store.use_token(&sha256_hex(token), now)? else {
+            return refuse("unknown join token".into(), "token");
+        };
+        if let Some(used) = rec.used_ms {
+            return refuse(
+                format!(
+                    "the join token for `{}` was already used (at {used} ms); tokens are single-use",
+                    rec.identity
+                ),
+                &rec.identity,
+            );
+        }
+        if rec.expires_ms <= ms(now) {
+            return refuse(
+                format!("the join token for `{}` has expired", rec.identity),
+                &rec.identity,
+            );
+        }
+        let id = SpiffeId::parse(&rec.identity).map_err(|e| Refused::Internal(e.to_string()))?;
+        let _ = self.store.append_audit(
+            NewEntry::new(id.as_str(), "token.use", id.as_str(), json!({})),
+            now,
+        );
+        self.sign(&id, csr_der, lifetime, now)
+    }
+
+    /// Signs a CSR for an identity proven by its current, valid SVID (renewal): the
+    /// identity never changes.
+    pub fn renew(
+        &self,
+        proven: &SpiffeId,
+        csr_der: &[u8],
+        lifetime: Option<Duration>,
+        now: SystemTime,
+    ) -> Result<Issued, Refused> {
+        if proven.workload_parts().is_none() {
+            return Err(Refused::Forbidden(format!(
+                "`{proven}` is not a workload identity"
+            )));
+        }
+        self.sign(proven, csr_der, lifetime, now)
+    }
+
+    fn sign(
+        &self,
+        id: &SpiffeId,
+        csr_der: &[u8],
+        lifetime: Option<Duration>,
+        now: SystemTime,
+    ) -> Result<Issued, Refused> {
+        let lifetime = match self.lifetime(lifetime) {
+            Ok(l) => l,
+            Err(e) => {
+                self.audit_refusal(id.as_str(), "svid.refused", id.as_str(), &e, now);
+                return Err(e);
+            }
+        };
+        let issued = self.ca()?.issue(id, csr_der, lifetime, now);
+        match issued {
+            Ok(i) => {
+                self.store.append_audit(
+                    NewEntry::new(
+                        id.as_str(),
+                        "svid.issue",
+                        id.as_str(),
+                        json!({"not_after_ms": ms(i.not_after)}),
+                    ),
+                    now,
+                )?;
+                Ok(i)
+            }
+            Err(e) => {
+                let r = Refused::Forbidden(format!("the CA refused: {e}"));
+                self.audit_refusal(id.as_str(), "svid.refused", id.as_str(), &r, now);
+                Err(r)
+            }
+        }
+    }
+
+    /// Rotates the signing intermediate.
+    pub fn rotate_ca(&self, op: &Operator, now: SystemTime) -> Result<(), Refused> {
+        if !op.is_platform_security() {
+            return Err(Refused::Forbidden(format!(
+                "`{}` may not rotate the CA: it needs the platform-security role",
+                op.name
+            )));
+        }
+        let mut ca = self.ca()?;
+        ca.rotate_intermediate(now)
+            .map_err(|e| Refused::Internal(e.to_string()))?;
+        ca.save(&self.cfg.data_dir.join("ca"))
+            .map_err(|e| Refused::Internal(e.to_string()))?;
+        self.store.append_audit(
+            NewEntry::new(&op.actor(), "ca.rotate", "intermediate", json!({})),
+            now,
+        )?;
+        Ok(())
+    }
+
+    // -- overrides --------------------------------------------------------------------------
+
+    /// Adds an `Override` resource (YAML document) as a new revision. Expiry is required and
+    /// capped by the mesh; lint checks it like any other change.
+    pub fn create_override(
+        &self,
+        op: &Operator,
+        namespace: &str,
+        name: &str,
+        doc: &str,
+        now: SystemTime,
+    ) -> Result<Applied, Refused> {
+        let (_, mut files) = self.head_files()?;
+        let key = Key {
+            kind: "Override".into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        if repo::resources(&files).contains_key(&key) {
+            return Err(Refused::BadRequest(format!("{key} already exists")));
+        }
+        files.push((format!("overrides/{namespace}-{name}.yaml"), doc.to_owned()));
+        let r = self.apply(op, files, &format!("override {namespace}/{name}"), now)?;
+        self.store.append_audit(
+            NewEntry::new(
+                &op.actor(),
+                "override.create",
+                &format!("{namespace}/{name}"),
+                json!({}),
+            ),
+            now,
+        )?;
+        Ok(r)
+    }
+
+    /// Removes an override before it expires.
+    pub fn revoke_override(
+        &self,
+        op: &Operator,
+        namespace: &str,
+        name: &str,
+        now: SystemTime,
+    ) -> Result<Applied, Refused> {
+        let (_, files) = self.head_files()?;
+        let key = Key {
+            kind: "Override".into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        if !repo::resources(&files).contains_key(&key) {
+            return Err(Refused::NotFound(format!("no {key}")));
+        }
+        let r = self.apply(
+            op,
+            repo::remove(&files, &key),
+            &format!("revoke override {namespace}/{name}"),
+            now,
+        )?;
+        self.store.append_audit(
+            NewEntry::new(
+                &op.actor(),
+                "override.revoke",
+                &format!("{namespace}/{name}"),
+                json!({}),
+            ),
+            now,
+        )?;
+        Ok(r)
+    }
+
+    /// The overrides of the head revision with their expiry.
+    pub fn overrides(&self) -> Result<Vec<serde_json::Value>, Refused> {
+        let (_, files) = self.head_files()?;
+        let loaded = repo::load(&files);
+        let Some(set) = loaded.set else {
+            return Ok(vec![]);
+        };
+        Ok(set
+            .overrides
+            .iter()
+            .map(|o| {
+                json!({
+                    "override": o.id.to_string(),
+                    "action": format!("{:?}", o.action).to_lowercase(),
+                    "reason": o.reason,
+                    "ticket": o.ticket,
+                    "requester": o.requester,
+                    "approver": o.approver,
+                    "expires_at": o.expires_at.map(|t| humantime::format_rfc3339(t).to_string()),
+                })
+            })
+            .collect())
+    }
+
+    /// Removes every expired override in one new revision, audited by the controller.
+    /// Returns the overrides removed.
+    pub fn expire_overrides(&self, now: SystemTime) -> Result<Vec<String>, Refused> {
+        let (_, files) = self.head_files()?;
+        let loaded = repo::load(&files);
+        let Some(set) = loaded.set else {
+            return Ok(vec![]);
+        };
+        let expired: Vec<&meshward_policy::model::Override> = set
+            .overrides
+            .iter()
+            .filter(|o| o.expires_at.is_some_and(|e| e <= now))
+            .collect();
+        if expired.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut next = files.clone();
+        let mut names = vec![];
+        for o in &expired {
+            let (ns, name) = o.id.split_once('/').unwrap_or(("default", &o.id));
+            next = repo::remove(
+                &next,
+                &Key {
+                    kind: "Override".into(),
+                    namespace: ns.into(),
+                    name: name.into(),
+                },
+            );
+            names.push(o.id.to_string());
+        }
+        let summary = repo::summary(&files, &next);
+        self.store.commit(
+            "controller",
+            "overrides expired",
+            &summary,
+            &next,
+            NewEntry::new(
+                "controller",
+                "override.expire",
+                &names.join(","),
+                json!({"summary": summary}),
+            ),
+            now,
+        )?;
+        Ok(names)
+    }
+
+    /// The audit log, filtered.
+    pub fn audit(&self, f: &AuditFilter) -> Result<Vec<crate::audit::Entry>, Refused> {
+        Ok(self.store.audit(f)?)
+    }
+}
