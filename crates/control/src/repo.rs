@@ -136,7 +136,10 @@ pub fn summary(old: &Files, new: &Files) -> String {
     if c.is_empty() {
         return "no change".into();
     }
-    c.iter()
+    let shown = 6;
+    let mut parts: Vec<String> = c
+        .iter()
+        .take(shown)
         .map(|(ch, k, _, _)| {
             let sign = match ch {
                 Change::Added => '+',
@@ -145,8 +148,11 @@ pub fn summary(old: &Files, new: &Files) -> String {
             };
             format!("{sign}{k}")
         })
-        .collect::<Vec<_>>()
-        .join(", ")
+        .collect();
+    if c.len() > shown {
+        parts.push(format!("and {} more", c.len() - shown));
+    }
+    parts.join(", ")
 }
 
 /// Removes every document that is the resource `key`. Documents are split at `---` lines.

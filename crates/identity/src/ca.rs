@@ -537,3 +537,32 @@ fn csr_public_key(csr_der: &[u8], proven: &SpiffeId) -> Result<SubjectPublicKeyI
     SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
         .map_err(|e| CaError::BadCsr(format!("unsupported public key: {e}")))
 }
+
+/// The trust domain a Meshward CA certificate is for (its `spiffe://TD` URI SAN).
+pub fn trust_domain_of(ca_cert: &[u8]) -> Option<TrustDomain> {
+    let (_, c) = X509Certificate::from_der(ca_cert).ok()?;
+    let san = c.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(u) => TrustDomain::parse(u).ok(),
+        _ => None,
+    })
+}
+
+/// Certificates from PEM text (every `CERTIFICATE` block).
+pub fn certs_from_pem(text: &str) -> Vec<CertificateDer<'static>> {
+    use base64::Engine as _;
+    let mut out = vec![];
+    let mut rest = text;
+    while let Some(start) = rest.find("-----BEGIN CERTIFICATE-----") {
+        let body = &rest[start + "-----BEGIN CERTIFICATE-----".len()..];
+        let Some(end) = body.find("-----END CERTIFICATE-----") else {
+            break;
+        };
+        let b64: String = body[..end].chars().filter(|c| !c.is_whitespace()).collect();
+        if let Ok(der) = base64::engine::general_purpose::STANDARD.decode(b64) {
+            out.push(CertificateDer::from(der));
+        }
+        rest = &body[end..];
+    }
+    out
+}

@@ -162,12 +162,15 @@ impl ServerCertVerifier for SvidServerVerifier {
     }
 }
 
-/// Verifies clients' SVIDs (used by the accepting side); a client certificate is required.
+/// Verifies clients' SVIDs (used by the accepting side). A client certificate is required,
+/// except with [`SvidClientVerifier::optional`], where a client may also come without one
+/// (and authenticate otherwise, e.g. with a bearer or join token).
 #[derive(Debug)]
 pub struct SvidClientVerifier {
     bundles: SharedBundles,
     accept: Accept,
     algs: WebPkiSupportedAlgorithms,
+    mandatory: bool,
 }
 
 impl SvidClientVerifier {
@@ -176,6 +179,18 @@ impl SvidClientVerifier {
             bundles,
             accept,
             algs: algorithms(),
+            mandatory: true,
+        })
+    }
+
+    /// A verifier that accepts clients without a certificate; a certificate that is
+    /// presented must still be a valid SVID.
+    pub fn optional(bundles: SharedBundles, accept: Accept) -> Arc<Self> {
+        Arc::new(SvidClientVerifier {
+            bundles,
+            accept,
+            algs: algorithms(),
+            mandatory: false,
         })
     }
 }
@@ -204,7 +219,7 @@ impl ClientCertVerifier for SvidClientVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        self.mandatory
     }
 
     fn verify_tls12_signature(

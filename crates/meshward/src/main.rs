@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod control_cmd;
 mod policy_cmd;
 
 #[derive(Debug, Parser)]
@@ -18,6 +19,8 @@ mod policy_cmd;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    conn: control_cmd::Conn,
 }
 
 #[derive(Debug, Subcommand)]
@@ -25,6 +28,176 @@ enum Command {
     /// Lint, test, explain, diff and replay policy (policy as code).
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Run the control plane: store, CA, operator API, controllers.
+    #[command(
+        after_help = "Example:\n  meshward control --data /var/lib/meshward --trust-domain shop.example --listen 127.0.0.1:7443\n\nOn first start it creates the CA, an `admin` operator and DATA/admin.token, and prints\nthe MESHWARD_* variables the other commands read."
+    )]
+    Control {
+        /// Data directory (store, CA, operators).
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        trust_domain: String,
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        listen: String,
+        /// How often controllers (override expiry) run.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        controller_interval: std::time::Duration,
+    },
+    /// Apply a policy repository as a new revision (validated, tested, permission-checked).
+    #[command(
+        after_help = "Example:\n  meshward apply -f examples/policies --reason \"allow storefronts to POST orders\"\n\nBaseline, Mesh and federation changes wait for a second platform-security operator:\n`meshward approve ID`."
+    )]
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        dir: PathBuf,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Approve a pending change (a second platform-security operator).
+    #[command(after_help = "Example:\n  meshward approve 3")]
+    Approve {
+        id: u64,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// List the revisions of the policy set.
+    #[command(after_help = "Example:\n  meshward history --output json")]
+    History {
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Restore an earlier revision as a new one.
+    #[command(
+        after_help = "Example:\n  meshward rollback --to 4 --reason \"revert INC-12 change\""
+    )]
+    Rollback {
+        #[arg(long)]
+        to: u64,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Read and verify the hash-chained audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Workload identities: join tokens.
+    #[command(subcommand)]
+    Workload(WorkloadCommand),
+    /// Break-glass overrides: always time-bound, always audited.
+    #[command(subcommand)]
+    Override(OverrideCommand),
+    /// The certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// List audit entries.
+    #[command(after_help = "Example:\n  meshward audit log --action apply --limit 20")]
+    Log {
+        #[arg(long)]
+        actor: Option<String>,
+        /// Actions starting with this (`apply`, `token`, `svid`, `override`).
+        #[arg(long)]
+        action: Option<String>,
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Check the hash chain; names the first edited, deleted or reordered entry.
+    #[command(
+        after_help = "Examples:\n  meshward audit verify\n  meshward audit verify --data /var/lib/meshward   # offline, on the store itself\n\nExit status 1 when the chain is broken."
+    )]
+    Verify {
+        /// Verify the store in this data directory directly (no server needed).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum WorkloadCommand {
+    /// Issue a single-use join token bound to one workload identity.
+    #[command(
+        after_help = "Example:\n  meshward workload token --identity spiffe://shop.example/ns/web/sa/frontend --ttl 10m"
+    )]
+    Token {
+        #[arg(long)]
+        identity: String,
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OverrideCommand {
+    /// Create an override (expiry required, capped by the Mesh).
+    #[command(
+        after_help = "Example:\n  meshward override create inc-4711 -n payments --allow \\\n    --from spiffe://shop.example/ns/web/sa/frontend --to payments-api \\\n    --reason \"diagnose checkout\" --ticket INC-4711 --expires-in 30m"
+    )]
+    Create {
+        name: String,
+        #[arg(short = 'n', long)]
+        namespace: String,
+        #[arg(long, group = "action")]
+        allow: bool,
+        #[arg(long, group = "action")]
+        deny: bool,
+        #[arg(long, group = "action")]
+        quarantine: bool,
+        /// Subject identity (repeatable).
+        #[arg(long)]
+        from: Vec<String>,
+        /// Target workload `name` or `ns/name` (repeatable).
+        #[arg(long)]
+        to: Vec<String>,
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        ticket: Option<String>,
+        #[arg(long)]
+        requester: Option<String>,
+        #[arg(long)]
+        approver: Option<String>,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: std::time::Duration,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// List overrides in force.
+    #[command(after_help = "Example:\n  meshward override list --output json")]
+    List {
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Revoke an override before it expires.
+    #[command(after_help = "Example:\n  meshward override revoke payments/inc-4711")]
+    Revoke {
+        /// `namespace/name`.
+        name: String,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Replace the signing intermediate (old leaves stay valid until they expire).
+    #[command(after_help = "Example:\n  meshward ca rotate")]
+    Rotate {
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
 }
 
 /// Output format for commands that print results.
@@ -202,6 +375,93 @@ fn main() -> ExitCode {
                 out,
             } => policy_cmd::suggest(&log, collapse_above, out.as_deref()),
         },
+        Command::Control {
+            data,
+            trust_domain,
+            listen,
+            controller_interval,
+        } => control_cmd::control(&data, &trust_domain, &listen, controller_interval),
+        Command::Apply {
+            dir,
+            reason,
+            output,
+        } => control_cmd::apply(&cli.conn, &dir, &reason, output),
+        Command::Approve { id, output } => control_cmd::approve(&cli.conn, id, output),
+        Command::History { output } => control_cmd::history(&cli.conn, output),
+        Command::Rollback { to, reason, output } => {
+            control_cmd::rollback(&cli.conn, to, &reason, output)
+        }
+        Command::Audit(AuditCommand::Log {
+            actor,
+            action,
+            limit,
+            output,
+        }) => control_cmd::audit_log(
+            &cli.conn,
+            actor.as_deref(),
+            action.as_deref(),
+            limit,
+            output,
+        ),
+        Command::Audit(AuditCommand::Verify { data, output }) => {
+            control_cmd::audit_verify(&cli.conn, data.as_deref(), output)
+        }
+        Command::Workload(WorkloadCommand::Token {
+            identity,
+            ttl,
+            output,
+        }) => control_cmd::token(&cli.conn, &identity, ttl, output),
+        Command::Override(OverrideCommand::Create {
+            name,
+            namespace,
+            allow,
+            deny,
+            quarantine,
+            from,
+            to,
+            reason,
+            ticket,
+            requester,
+            approver,
+            expires_in,
+            output,
+        }) => {
+            let action = match (allow, deny, quarantine) {
+                (true, _, _) => Some("allow"),
+                (_, true, _) => Some("deny"),
+                (_, _, true) => Some("quarantine"),
+                _ => None,
+            };
+            match action {
+                None => Err(anyhow::anyhow!(
+                    "say what the override does: --allow, --deny or --quarantine"
+                )),
+                Some(action) => control_cmd::override_create(
+                    &cli.conn,
+                    &control_cmd::OverrideInput {
+                        name,
+                        namespace,
+                        action,
+                        from,
+                        to,
+                        reason,
+                        ticket,
+                        requester,
+                        approver,
+                        expires_in,
+                    },
+                    output,
+                ),
+            }
+        }
+        Command::Override(OverrideCommand::List { output }) => {
+            control_cmd::override_list(&cli.conn, output)
+        }
+        Command::Override(OverrideCommand::Revoke { name, output }) => match name.split_once('/') {
+            Some((ns, n)) => control_cmd::override_revoke(&cli.conn, ns, n, output),
+            None => Err(anyhow::anyhow!("name the override as `namespace/name`")),
+        },
+        Command::Ca(CaCommand::Rotate { output }) => control_cmd::ca_rotate(&cli.conn, output),
     };
     match result {
         Ok(code) => code,

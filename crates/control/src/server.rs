@@ -1,0 +1,137 @@
+//! `meshward control`: opens the data directory (store, CA, operators), serves the API over
+//! TLS, and runs the controllers (override expiry).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use meshward_identity::TrustDomain;
+use meshward_identity::ca::{cert_pem, new_workload_key, write_atomic};
+use meshward_identity::svid::TrustBundles;
+use meshward_identity::verifier::{Accept, SharedBundles, SvidClientVerifier};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use crate::auth::{Operator, Operators, PLATFORM_SECURITY, random_secret, sha256_hex};
+use crate::client::control_identity;
+use crate::service::{Config, ControlPlane};
+use crate::store::SqliteStore;
+
+/// Settings of `meshward control`.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub data_dir: PathBuf,
+    pub trust_domain: TrustDomain,
+    pub listen: SocketAddr,
+    /// How often the controllers run.
+    pub controller_interval: Duration,
+}
+
+/// What a started control plane tells its operator.
+#[derive(Debug)]
+pub struct Started {
+    pub addr: SocketAddr,
+    pub bundle_file: PathBuf,
+    /// Present on first start only: the admin token file just written.
+    pub admin_token_file: Option<PathBuf>,
+}
+
+fn operators(dir: &Path) -> Result<(Operators, Option<PathBuf>), String> {
+    let path = dir.join("operators.json");
+    if path.exists() {
+        return Ok((Operators::load(&path)?, None));
+    }
+    let token = random_secret("mwo_");
+    if token.is_empty() {
+        return Err("the system random generator failed".into());
+    }
+    let ops = Operators {
+        operators: vec![Operator {
+            name: "admin".into(),
+            roles: vec![PLATFORM_SECURITY.into()],
+            namespaces: vec![],
+            token_sha256: vec![sha256_hex(&token)],
+        }],
+    };
+    let json = serde_json::to_string_pretty(&ops).map_err(|e| e.to_string())?;
+    write_atomic(&path, json.as_bytes(), true).map_err(|e| e.to_string())?;
+    let token_file = dir.join("admin.token");
+    write_atomic(&token_file, token.as_bytes(), true).map_err(|e| e.to_string())?;
+    Ok((ops, Some(token_file)))
+}
+
+/// Opens everything and serves until `shutdown`; calls `ready` once listening.
+pub async fn run(
+    opts: Options,
+    ready: impl FnOnce(&Started),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    meshward_identity::install_crypto_provider();
+    std::fs::create_dir_all(&opts.data_dir)
+        .map_err(|e| format!("cannot create `{}`: {e}", opts.data_dir.display()))?;
+    let now = SystemTime::now();
+    let store =
+        Arc::new(SqliteStore::open(&opts.data_dir.join("meshward.db")).map_err(|e| e.to_string())?);
+    let ca = ControlPlane::open_ca(&opts.data_dir, &opts.trust_domain, now)?;
+    let (ops, admin_token_file) = operators(&opts.data_dir)?;
+    // The API's own certificate: an SVID for spiffe://TD/meshward/control.
+    let me = control_identity(&opts.trust_domain).ok_or("invalid trust domain")?;
+    let (key, csr) = new_workload_key(&me).map_err(|e| e.to_string())?;
+    let issued = ca
+        .issue(&me, &csr, Duration::from_secs(24 * 3600), now)
+        .map_err(|e| e.to_string())?;
+    let bundle = ca.bundle();
+    let bundle_file = opts.data_dir.join("bundle.pem");
+    let pem: String = bundle.iter().map(cert_pem).collect();
+    write_atomic(&bundle_file, pem.as_bytes(), false).map_err(|e| e.to_string())?;
+    let mut tb = TrustBundles::new();
+    tb.set(opts.trust_domain.clone(), bundle);
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(|e| e.to_string())?
+    .with_client_cert_verifier(SvidClientVerifier::optional(
+        SharedBundles::new(tb),
+        Accept::AnyTrusted,
+    ))
+    .with_single_cert(
+        issued.chain,
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+    )
+    .map_err(|e| e.to_string())?;
+    let cfg = Config {
+        data_dir: opts.data_dir.clone(),
+        trust_domain: opts.trust_domain.clone(),
+        default_lifetime: Duration::from_secs(3600),
+        max_token_ttl: Duration::from_secs(24 * 3600),
+    };
+    let cp = Arc::new(ControlPlane::new(store, ca, ops, cfg));
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    ready(&Started {
+        addr,
+        bundle_file,
+        admin_token_file,
+    });
+    // Controllers: expire overrides.
+    let ctl = cp.clone();
+    let interval = opts.controller_interval;
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            let c = ctl.clone();
+            let r =
+                tokio::task::spawn_blocking(move || c.expire_overrides(SystemTime::now())).await;
+            if let Ok(Ok(names)) = r {
+                if !names.is_empty() {
+                    eprintln!("controller: expired overrides {}", names.join(", "));
+                }
+            }
+        }
+    });
+    crate::api::serve(cp, listener, Arc::new(tls), shutdown).await;
+    Ok(())
+}

@@ -1,0 +1,441 @@
+//! `meshward control` and the operator commands that talk to it.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use meshward_control::client::{Client, ClientError};
+use meshward_identity::ca::{certs_from_pem, trust_domain_of};
+use serde_json::{Value, json};
+
+use crate::Output;
+
+/// How to reach the control plane (flags, else environment).
+#[derive(Debug, clap::Args, Clone)]
+pub struct Conn {
+    /// Control plane address `host:port` [env: MESHWARD_SERVER]
+    #[arg(long, global = true)]
+    pub server: Option<String>,
+    /// File with an operator bearer token [env: MESHWARD_TOKEN_FILE]
+    #[arg(long, global = true)]
+    pub token_file: Option<PathBuf>,
+    /// The mesh's root certificates (PEM), to check the server [env: MESHWARD_CA_FILE]
+    #[arg(long, global = true)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Conn {
+    fn client(&self) -> Result<Client> {
+        let server = self.server.clone().or_else(|| std::env::var("MESHWARD_SERVER").ok()).context(
+            "no control plane address: pass --server HOST:PORT or set MESHWARD_SERVER (`meshward control` prints it)",
+        )?;
+        let ca_file = self.ca_file.clone().or_else(|| std::env::var_os("MESHWARD_CA_FILE").map(PathBuf::from)).context(
+            "no CA file: pass --ca-file DATA/bundle.pem or set MESHWARD_CA_FILE (`meshward control` writes it)",
+        )?;
+        let pem = std::fs::read_to_string(&ca_file)
+            .with_context(|| format!("cannot read the CA file `{}`", ca_file.display()))?;
+        let bundle = certs_from_pem(&pem);
+        let td = bundle
+            .first()
+            .and_then(|c| trust_domain_of(c))
+            .with_context(|| {
+                format!("`{}` holds no Meshward root certificate", ca_file.display())
+            })?;
+        let token_file = self
+            .token_file
+            .clone()
+            .or_else(|| std::env::var_os("MESHWARD_TOKEN_FILE").map(PathBuf::from));
+        let token = match token_file {
+            Some(f) => Some(
+                std::fs::read_to_string(&f)
+                    .with_context(|| format!("cannot read the token file `{}`", f.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        Ok(Client::new(&server, &td, bundle, token, None)?)
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Runs one API call and prints a refusal as the server phrased it.
+fn call(
+    conn: &Conn,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<std::result::Result<Value, String>> {
+    let client = conn.client()?;
+    let rt = runtime()?;
+    match rt.block_on(client.call(method, path, body.as_ref())) {
+        Ok(v) => Ok(Ok(v)),
+        Err(ClientError::Status {
+            status, message, ..
+        }) => Ok(Err(format!("refused ({status}): {message}"))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn finish(
+    r: std::result::Result<Value, String>,
+    output: Output,
+    text: impl FnOnce(&Value) -> String,
+) -> ExitCode {
+    match r {
+        Ok(v) => {
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                print!("{}", text(&v));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `meshward control`.
+pub fn control(
+    data: &Path,
+    trust_domain: &str,
+    listen: &str,
+    controller_interval: Duration,
+) -> Result<ExitCode> {
+    let td = meshward_identity::TrustDomain::parse(trust_domain)
+        .map_err(|e| anyhow::anyhow!("--trust-domain `{trust_domain}`: {e}"))?;
+    let listen = listen
+        .parse()
+        .with_context(|| format!("--listen `{listen}` is not HOST:PORT"))?;
+    let opts = meshward_control::server::Options {
+        data_dir: data.to_owned(),
+        trust_domain: td,
+        listen,
+        controller_interval,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let data_dir = data.to_owned();
+    rt.block_on(meshward_control::server::run(
+        opts,
+        |s| {
+            println!("meshward control listening on {}", s.addr);
+            println!("  export MESHWARD_SERVER={}", s.addr);
+            println!("  export MESHWARD_CA_FILE={}", s.bundle_file.display());
+            match &s.admin_token_file {
+                Some(f) => println!(
+                    "  export MESHWARD_TOKEN_FILE={}   # first start: the admin operator's token",
+                    f.display()
+                ),
+                None => println!("  operators: {}", data_dir.join("operators.json").display()),
+            }
+        },
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+            eprintln!("shutting down");
+        },
+    ))
+    .map_err(anyhow::Error::msg)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `meshward apply -f DIR`.
+pub fn apply(conn: &Conn, dir: &Path, reason: &str, output: Output) -> Result<ExitCode> {
+    let files = meshward_policy::model::yaml_files(dir)
+        .with_context(|| format!("cannot read `{}`", dir.display()))?;
+    if files.is_empty() {
+        bail!("no YAML files in `{}`", dir.display());
+    }
+    let mut body = vec![];
+    for f in files {
+        let text = std::fs::read_to_string(&f)
+            .with_context(|| format!("cannot read `{}`", f.display()))?;
+        let rel = f.strip_prefix(dir).unwrap_or(&f).display().to_string();
+        body.push((rel, text));
+    }
+    let r = call(
+        conn,
+        "POST",
+        "/v1/apply",
+        Some(json!({"files": body, "reason": reason})),
+    )?;
+    Ok(finish(r, output, |v| match v["status"].as_str() {
+        Some("committed") => format!(
+            "applied: revision {} ({})\n",
+            v["revision"],
+            v["summary"].as_str().unwrap_or("")
+        ),
+        Some("pending_approval") => format!(
+            "pending approval: change {} ({})\na second platform-security operator runs `meshward approve {}`\n",
+            v["proposal"],
+            v["summary"].as_str().unwrap_or(""),
+            v["proposal"]
+        ),
+        Some("unchanged") => format!(
+            "unchanged: revision {} already holds this policy set\n",
+            v["revision"]
+        ),
+        _ => format!("{v}\n"),
+    }))
+}
+
+pub fn approve(conn: &Conn, id: u64, output: Output) -> Result<ExitCode> {
+    let r = call(conn, "POST", "/v1/approve", Some(json!({"proposal": id})))?;
+    Ok(finish(r, output, |v| {
+        format!(
+            "approved: revision {} ({})\n",
+            v["revision"],
+            v["summary"].as_str().unwrap_or("")
+        )
+    }))
+}
+
+fn when(ms: &Value) -> String {
+    let ms = ms.as_u64().unwrap_or(0);
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+pub fn history(conn: &Conn, output: Output) -> Result<ExitCode> {
+    let r = call(conn, "GET", "/v1/history", None)?;
+    Ok(finish(r, output, |v| {
+        let mut s = format!(
+            "{:>4}  {:<20}  {:<18}  {:<24}  {}\n",
+            "REV", "TIME", "AUTHOR", "REASON", "CHANGE"
+        );
+        for r in v.as_array().into_iter().flatten() {
+            s.push_str(&format!(
+                "{:>4}  {:<20}  {:<18}  {:<24}  {}\n",
+                r["rev"].as_u64().unwrap_or(0),
+                when(&r["created_ms"]),
+                r["author"].as_str().unwrap_or(""),
+                r["reason"].as_str().unwrap_or(""),
+                r["summary"].as_str().unwrap_or("")
+            ));
+        }
+        s
+    }))
+}
+
+pub fn rollback(conn: &Conn, to: u64, reason: &str, output: Output) -> Result<ExitCode> {
+    let r = call(
+        conn,
+        "POST",
+        "/v1/rollback",
+        Some(json!({"to": to, "reason": reason})),
+    )?;
+    Ok(finish(r, output, |v| {
+        format!(
+            "rolled back: revision {} restores revision {to}\n",
+            v["revision"]
+        )
+    }))
+}
+
+pub fn audit_log(
+    conn: &Conn,
+    actor: Option<&str>,
+    action: Option<&str>,
+    limit: Option<usize>,
+    output: Output,
+) -> Result<ExitCode> {
+    let mut q = vec![];
+    if let Some(a) = actor {
+        q.push(format!("actor={a}"));
+    }
+    if let Some(a) = action {
+        q.push(format!("action={a}"));
+    }
+    if let Some(l) = limit {
+        q.push(format!("limit={l}"));
+    }
+    let path = if q.is_empty() {
+        "/v1/audit".to_owned()
+    } else {
+        format!("/v1/audit?{}", q.join("&"))
+    };
+    let r = call(conn, "GET", &path, None)?;
+    Ok(finish(r, output, |v| {
+        let mut s = String::new();
+        for e in v.as_array().into_iter().flatten() {
+            s.push_str(&format!(
+                "{:>5}  {}  {:<40}  {:<16}  {}  {}\n",
+                e["seq"].as_u64().unwrap_or(0),
+                when(&e["ts_ms"]),
+                e["actor"].as_str().unwrap_or(""),
+                e["action"].as_str().unwrap_or(""),
+                e["subject"].as_str().unwrap_or(""),
+                e["detail"].as_str().unwrap_or("")
+            ));
+        }
+        s
+    }))
+}
+
+/// `meshward audit verify`: against the server, or offline on a data directory.
+pub fn audit_verify(conn: &Conn, data: Option<&Path>, output: Output) -> Result<ExitCode> {
+    let (ok, v) = match data {
+        Some(dir) => {
+            use meshward_control::store::Store as _;
+            let store = meshward_control::store::SqliteStore::open(&dir.join("meshward.db"))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let entries = store
+                .audit(&Default::default())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            match meshward_control::audit::verify(&entries) {
+                Ok(head) => (
+                    true,
+                    json!({"intact": true, "entries": entries.len(), "head": head}),
+                ),
+                Err(b) => (
+                    false,
+                    json!({"intact": false, "entries": entries.len(), "broken": b, "error": b.to_string()}),
+                ),
+            }
+        }
+        None => {
+            let client = conn.client()?;
+            match runtime()?.block_on(client.call("GET", "/v1/audit/verify", None)) {
+                Ok(v) => (true, v),
+                Err(ClientError::Status {
+                    status: 409, body, ..
+                }) => (false, body),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if ok {
+        println!(
+            "audit log intact: {} entries, head {}",
+            v["entries"],
+            v["head"].as_str().unwrap_or("")
+        );
+    } else {
+        println!("AUDIT LOG BROKEN: {}", v["error"].as_str().unwrap_or(""));
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+pub fn token(conn: &Conn, identity: &str, ttl: Duration, output: Output) -> Result<ExitCode> {
+    let r = call(
+        conn,
+        "POST",
+        "/v1/tokens",
+        Some(json!({"identity": identity, "ttl_secs": ttl.as_secs()})),
+    )?;
+    Ok(finish(r, output, |v| {
+        format!("{}\n", v["token"].as_str().unwrap_or(""))
+    }))
+}
+
+/// Fields of `meshward override create`.
+#[derive(Debug)]
+pub struct OverrideInput {
+    pub name: String,
+    pub namespace: String,
+    pub action: &'static str,
+    pub from: Vec<String>,
+    pub to: Vec<String>,
+    pub reason: String,
+    pub ticket: Option<String>,
+    pub requester: Option<String>,
+    pub approver: Option<String>,
+    pub expires_in: Duration,
+}
+
+pub fn override_create(conn: &Conn, o: &OverrideInput, output: Output) -> Result<ExitCode> {
+    let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let expires = humantime::format_rfc3339_seconds(std::time::SystemTime::now() + o.expires_in);
+    let mut doc = format!(
+        "apiVersion: meshward.io/v1alpha1\nkind: Override\nmetadata: {{name: {}, namespace: {}}}\nspec:\n  action: {}\n  reason: {}\n  expiresAt: {expires}\n",
+        o.name,
+        o.namespace,
+        o.action,
+        q(&o.reason)
+    );
+    if !o.from.is_empty() {
+        doc.push_str(&format!(
+            "  subject: {{identities: [{}]}}\n",
+            o.from.iter().map(|s| q(s)).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    if !o.to.is_empty() {
+        doc.push_str(&format!(
+            "  target: {{workloads: [{}]}}\n",
+            o.to.iter().map(|s| q(s)).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    for (k, v) in [
+        ("ticket", &o.ticket),
+        ("requester", &o.requester),
+        ("approver", &o.approver),
+    ] {
+        if let Some(v) = v {
+            doc.push_str(&format!("  {k}: {}\n", q(v)));
+        }
+    }
+    let r = call(
+        conn,
+        "POST",
+        "/v1/overrides",
+        Some(json!({"namespace": o.namespace, "name": o.name, "document": doc})),
+    )?;
+    Ok(finish(r, output, |v| match v["status"].as_str() {
+        Some("committed") => format!(
+            "override {}/{} in force until {expires}: revision {}\n",
+            o.namespace, o.name, v["revision"]
+        ),
+        _ => format!("{v}\n"),
+    }))
+}
+
+pub fn override_list(conn: &Conn, output: Output) -> Result<ExitCode> {
+    let r = call(conn, "GET", "/v1/overrides", None)?;
+    Ok(finish(r, output, |v| {
+        let mut s = String::new();
+        for o in v.as_array().into_iter().flatten() {
+            s.push_str(&format!(
+                "{:<36} {:<10} until {}  {}  ({})\n",
+                o["override"].as_str().unwrap_or(""),
+                o["action"].as_str().unwrap_or(""),
+                o["expires_at"].as_str().unwrap_or("never"),
+                o["reason"].as_str().unwrap_or(""),
+                o["ticket"].as_str().unwrap_or("no ticket")
+            ));
+        }
+        if s.is_empty() {
+            s.push_str("no overrides\n");
+        }
+        s
+    }))
+}
+
+pub fn override_revoke(conn: &Conn, ns: &str, name: &str, output: Output) -> Result<ExitCode> {
+    let r = call(conn, "DELETE", &format!("/v1/overrides/{ns}/{name}"), None)?;
+    Ok(finish(r, output, |v| {
+        format!("revoked {ns}/{name}: revision {}\n", v["revision"])
+    }))
+}
+
+pub fn ca_rotate(conn: &Conn, output: Output) -> Result<ExitCode> {
+    let r = call(conn, "POST", "/v1/ca/rotate", None)?;
+    Ok(finish(r, output, |_| {
+        "rotated the intermediate CA; leaves of the old one stay valid until they expire\n".into()
+    }))
+}

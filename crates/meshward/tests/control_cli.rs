@@ -1,0 +1,563 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+//! `meshward control` as a real process, driven by the real CLI over TLS: apply with
+//! approval and permissions, history and rollback, join tokens and SVIDs checked by
+//! `openssl verify`, overrides that expire by themselves, the audit chain under tampering,
+//! and `kill -9` in the middle of applies.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use meshward_control::auth::{Operator, Operators, PLATFORM_SECURITY, sha256_hex};
+use meshward_identity::ca::new_workload_key;
+use meshward_identity::{SpiffeId, TrustDomain};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_meshward")
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/policies")
+}
+
+struct Control {
+    child: Child,
+    dir: PathBuf,
+    addr: String,
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_operators(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let op = |name: &str, roles: &[&str], ns: &[&str]| Operator {
+        name: name.into(),
+        roles: roles.iter().map(|s| s.to_string()).collect(),
+        namespaces: ns.iter().map(|s| s.to_string()).collect(),
+        token_sha256: vec![sha256_hex(&format!("token-of-{name}"))],
+    };
+    let ops = Operators {
+        operators: vec![
+            op("alice", &[PLATFORM_SECURITY], &[]),
+            op("bob", &[PLATFORM_SECURITY], &[]),
+            op("carol", &[], &["payments"]),
+        ],
+    };
+    std::fs::write(
+        dir.join("operators.json"),
+        serde_json::to_string(&ops).unwrap(),
+    )
+    .unwrap();
+    for n in ["alice", "bob", "carol"] {
+        std::fs::write(dir.join(format!("{n}.token")), format!("token-of-{n}")).unwrap();
+    }
+}
+
+impl Control {
+    fn start(dir: &Path) -> Control {
+        let mut child = Command::new(bin())
+            .args([
+                "control",
+                "--trust-domain",
+                "shop.example",
+                "--listen",
+                "127.0.0.1:0",
+                "--controller-interval",
+                "1s",
+                "--data",
+            ])
+            .arg(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        let mut reader = BufReader::new(child.stdout.take().unwrap());
+        reader.read_line(&mut line).unwrap();
+        // Keep reading, so the server never writes into a closed pipe.
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        let addr = line
+            .trim()
+            .strip_prefix("meshward control listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        Control {
+            child,
+            dir: dir.to_owned(),
+            addr,
+        }
+    }
+
+    fn cli(&self, who: &str, args: &[&str]) -> Output {
+        let mut c = Command::new(bin());
+        c.args(args)
+            .arg("--server")
+            .arg(&self.addr)
+            .arg("--ca-file")
+            .arg(self.dir.join("bundle.pem"));
+        if !who.is_empty() {
+            c.arg("--token-file")
+                .arg(self.dir.join(format!("{who}.token")));
+        }
+        c.output().unwrap()
+    }
+
+    fn kill9(&mut self) {
+        Command::new("kill")
+            .arg("-9")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        let _ = self.child.wait();
+    }
+}
+
+fn out(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn seeded(dir: &Path) -> Control {
+    write_operators(dir);
+    let c = Control::start(dir);
+    let o = c.cli(
+        "alice",
+        &[
+            "apply",
+            "-f",
+            examples().to_str().unwrap(),
+            "--reason",
+            "initial",
+        ],
+    );
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(
+        out(&o).contains("pending approval: change 1"),
+        "{}",
+        out(&o)
+    );
+    let o = c.cli("bob", &["approve", "1"]);
+    assert!(out(&o).contains("approved: revision 1"), "{}", out(&o));
+    c
+}
+
+fn copy_examples(to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(examples()).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn variant(base: &Path, name: &str, extra_ns: &str) -> PathBuf {
+    let d = base.join(name);
+    copy_examples(&d);
+    let f = d.join("domain-payments.yaml");
+    let s = std::fs::read_to_string(&f).unwrap();
+    std::fs::write(
+        &f,
+        s.replace(
+            "namespaces: [orders, payments, platform]",
+            &format!("namespaces: [orders, payments, platform, {extra_ns}]"),
+        ),
+    )
+    .unwrap();
+    d
+}
+
+#[test]
+fn apply_approve_history_rollback_with_permissions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    write_operators(&dir);
+    let c = Control::start(&dir);
+    let o = c.cli(
+        "alice",
+        &[
+            "apply",
+            "-f",
+            examples().to_str().unwrap(),
+            "--reason",
+            "initial",
+        ],
+    );
+    assert!(
+        out(&o).contains("pending approval: change 1"),
+        "{}",
+        out(&o)
+    );
+    let o = c.cli("alice", &["approve", "1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        out(&o).contains("refused (403): `alice` proposed change 1 and cannot also approve it"),
+        "{}",
+        out(&o)
+    );
+    let o = c.cli("bob", &["approve", "1"]);
+    assert!(out(&o).contains("approved: revision 1"), "{}", out(&o));
+    // carol may change her namespace...
+    let web = variant(tmp.path(), "v-web", "web");
+    let o = c.cli(
+        "carol",
+        &[
+            "apply",
+            "-f",
+            web.to_str().unwrap(),
+            "--reason",
+            "let web in",
+        ],
+    );
+    assert!(
+        out(&o).contains("applied: revision 2 (~AuthorizationPolicy payments/payments-callers)"),
+        "{}\n{}",
+        out(&o),
+        out(&c.cli("alice", &["history"]))
+    );
+    // ... but not a baseline policy; the store stays as it was.
+    let base = tmp.path().join("v-base");
+    copy_examples(&base);
+    let f = base.join("baseline.yaml");
+    std::fs::write(
+        &f,
+        std::fs::read_to_string(&f).unwrap().replace(
+            "notNamespaces: [platform]",
+            "notNamespaces: [platform, payments]",
+        ),
+    )
+    .unwrap();
+    let o = c.cli("carol", &["apply", "-f", base.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        out(&o).contains("refused (403)") && out(&o).contains("platform-security"),
+        "{}",
+        out(&o)
+    );
+    // An invalid set is refused with the lint diagnostics.
+    let bad = tmp.path().join("v-bad");
+    copy_examples(&bad);
+    let f = bad.join("domain-payments.yaml");
+    std::fs::write(
+        &f,
+        std::fs::read_to_string(&f).unwrap().replace(
+            "namespaces: [orders, payments, platform]",
+            "namespacs: [orders, payments, platform]",
+        ),
+    )
+    .unwrap();
+    let o = c.cli("carol", &["apply", "-f", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        out(&o).contains("refused (422)")
+            && out(&o).contains("error[MW102]: unknown field `namespacs`"),
+        "{}",
+        out(&o)
+    );
+    // History and rollback.
+    let o = c.cli("alice", &["history", "--output", "json"]);
+    let h: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(h.as_array().unwrap().len(), 2);
+    assert_eq!(h[0]["author"], "operator:carol");
+    assert_eq!(h[1]["author"], "operator:alice");
+    let o = c.cli("alice", &["rollback", "--to", "1", "--reason", "revert"]);
+    assert!(
+        out(&o).contains("rolled back: revision 3 restores revision 1"),
+        "{}",
+        out(&o)
+    );
+    let o = c.cli("alice", &["history"]);
+    assert!(out(&o).contains("rollback to 1"), "{}", out(&o));
+    let o = c.cli("alice", &["audit", "verify"]);
+    assert!(
+        o.status.success() && out(&o).contains("audit log intact"),
+        "{}",
+        out(&o)
+    );
+    let o = c.cli(
+        "alice",
+        &[
+            "audit",
+            "log",
+            "--action",
+            "apply.rejected",
+            "--output",
+            "json",
+        ],
+    );
+    let rejected: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(rejected.as_array().unwrap().len() >= 2, "{rejected}");
+    // No credentials: refused.
+    let o = c.cli("", &["history"]);
+    assert!(out(&o).contains("refused (401)"), "{}", out(&o));
+}
+
+#[test]
+fn join_token_gets_an_svid_that_openssl_verifies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let c = seeded(&dir);
+    let who = "spiffe://shop.example/ns/web/sa/frontend";
+    let o = c.cli(
+        "alice",
+        &["workload", "token", "--identity", who, "--ttl", "5m"],
+    );
+    assert!(o.status.success(), "{}", out(&o));
+    let token = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    let id = SpiffeId::parse(who).unwrap();
+    let (_key, csr) = new_workload_key(&id).unwrap();
+    let bundle = meshward_identity::ca::certs_from_pem(
+        &std::fs::read_to_string(dir.join("bundle.pem")).unwrap(),
+    );
+    let client = meshward_control::client::Client::new(
+        &c.addr,
+        &TrustDomain::parse("shop.example").unwrap(),
+        bundle,
+        None,
+        None,
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let body = serde_json::json!({"token": token, "csr": base64::engine::general_purpose::STANDARD.encode(&csr)});
+    let v = rt
+        .block_on(client.call("POST", "/v1/svid", Some(&body)))
+        .unwrap();
+    assert_eq!(v["spiffe_id"], who);
+    let chain = v["chain"].as_array().unwrap();
+    std::fs::write(tmp.path().join("leaf.pem"), chain[0].as_str().unwrap()).unwrap();
+    std::fs::write(tmp.path().join("inter.pem"), chain[1].as_str().unwrap()).unwrap();
+    let o = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(dir.join("bundle.pem"))
+        .arg("-untrusted")
+        .arg(tmp.path().join("inter.pem"))
+        .arg(tmp.path().join("leaf.pem"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", out(&o));
+    // The token is spent.
+    let e = rt
+        .block_on(client.call("POST", "/v1/svid", Some(&body)))
+        .unwrap_err();
+    assert!(e.to_string().contains("already used"), "{e}");
+    let o = c.cli(
+        "alice",
+        &["audit", "log", "--action", "token", "--output", "json"],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let actions: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["token.issue", "token.use", "token.refused"]);
+}
+
+#[test]
+fn overrides_expire_by_themselves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = seeded(&tmp.path().join("data"));
+    let o = c.cli(
+        "carol",
+        &[
+            "override",
+            "create",
+            "hotfix",
+            "-n",
+            "payments",
+            "--deny",
+            "--from",
+            "spiffe://shop.example/ns/payments/sa/reporting",
+            "--reason",
+            "leaking reports",
+            "--ticket",
+            "INC-9",
+            "--expires-in",
+            "3s",
+        ],
+    );
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(
+        out(&o).contains("override payments/hotfix in force until"),
+        "{}",
+        out(&o)
+    );
+    assert!(out(&c.cli("carol", &["override", "list"])).contains("payments/hotfix"));
+    let start = Instant::now();
+    loop {
+        if !out(&c.cli("carol", &["override", "list"])).contains("payments/hotfix") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the override did not expire"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let o = c.cli(
+        "alice",
+        &[
+            "audit",
+            "log",
+            "--action",
+            "override.expire",
+            "--output",
+            "json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0]["actor"], "controller");
+    assert_eq!(v[0]["subject"], "payments/hotfix");
+    // Overrides without an expiry cannot be made: the CLI requires --expires-in.
+    let o = c.cli(
+        "carol",
+        &[
+            "override", "create", "x", "-n", "payments", "--deny", "--reason", "r",
+        ],
+    );
+    assert!(!o.status.success());
+}
+
+#[test]
+fn audit_tampering_is_detected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut c = seeded(&dir);
+    for _ in 0..3 {
+        c.cli(
+            "alice",
+            &[
+                "workload",
+                "token",
+                "--identity",
+                "spiffe://shop.example/ns/web/sa/frontend",
+            ],
+        );
+    }
+    c.kill9();
+    let verify = || {
+        Command::new(bin())
+            .args(["audit", "verify", "--data"])
+            .arg(&dir)
+            .output()
+            .unwrap()
+    };
+    let o = verify();
+    assert!(o.status.success(), "{}", out(&o));
+    let db = rusqlite::Connection::open(dir.join("meshward.db")).unwrap();
+    db.execute(
+        "UPDATE audit SET actor = 'operator:mallory' WHERE seq = 4",
+        [],
+    )
+    .unwrap();
+    let o = verify();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(out(&o).contains("entry 4 was edited"), "{}", out(&o));
+}
+
+#[test]
+fn kill_9_during_applies_leaves_a_whole_revision_and_an_intact_chain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut c = seeded(&dir);
+    let a = variant(tmp.path(), "a", "web");
+    let b = variant(tmp.path(), "b", "acme");
+    let sets = [
+        std::fs::read_to_string(a.join("domain-payments.yaml")).unwrap(),
+        std::fs::read_to_string(b.join("domain-payments.yaml")).unwrap(),
+        std::fs::read_to_string(examples().join("domain-payments.yaml")).unwrap(),
+    ];
+    for round in 0..3 {
+        // Applies in a tight loop from another thread; kill -9 the server in the middle.
+        let (addr, ca) = (c.addr.clone(), dir.join("bundle.pem"));
+        let (a, b, tokf) = (a.clone(), b.clone(), dir.join("carol.token"));
+        let applier = std::thread::spawn(move || {
+            for i in 0..40 {
+                let d = if i % 2 == 0 { &a } else { &b };
+                let o = Command::new(bin())
+                    .args(["apply", "-f"])
+                    .arg(d)
+                    .arg("--server")
+                    .arg(&addr)
+                    .arg("--ca-file")
+                    .arg(&ca)
+                    .arg("--token-file")
+                    .arg(&tokf)
+                    .output()
+                    .unwrap();
+                if !o.status.success() {
+                    return i;
+                }
+            }
+            40
+        });
+        std::thread::sleep(Duration::from_millis(400 + 150 * round));
+        c.kill9();
+        let applied = applier.join().unwrap();
+        assert!(
+            applied < 40,
+            "the server was killed too late to test anything"
+        );
+        // The store holds whole revisions only, and the chain is intact.
+        let o = Command::new(bin())
+            .args(["audit", "verify", "--data"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "round {round}: {}", out(&o));
+        c = Control::start(&dir);
+        let o = c.cli("alice", &["history", "--output", "json"]);
+        let h: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let head = h[0]["rev"].as_u64().unwrap();
+        let o = c.cli(
+            "alice",
+            &["audit", "log", "--action", "apply", "--output", "json"],
+        );
+        assert!(o.status.success());
+        let db = rusqlite::Connection::open(dir.join("meshward.db")).unwrap();
+        let files: String = db
+            .query_row("SELECT files FROM revisions WHERE rev = ?1", [head], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        let files: Vec<(String, String)> = serde_json::from_str(&files).unwrap();
+        let dp = files
+            .iter()
+            .find(|(n, _)| n == "domain-payments.yaml")
+            .unwrap();
+        assert!(
+            sets.contains(&dp.1),
+            "round {round}: head revision {head} is not one of the applied sets"
+        );
+        // Every committed revision has exactly one audit entry naming it.
+        let revs: i64 = db
+            .query_row("SELECT COUNT(*) FROM revisions", [], |r| r.get(0))
+            .unwrap();
+        let entries: i64 = db
+            .query_row(
+                "SELECT COUNT(*) FROM audit WHERE action IN ('apply', 'apply.approved')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(revs, entries, "round {round}");
+    }
+}
