@@ -126,7 +126,11 @@ fn baseline_changes_need_a_second_platform_security_operator() {
     else {
         panic!()
     };
-    assert!(summary.contains("+Mesh default/shop"), "{summary}");
+    assert!(
+        summary.starts_with("+AuthorizationPolicy acme/storefront")
+            && summary.ends_with("and 26 more"),
+        "{summary}"
+    );
     assert_eq!(head(&cp), 0, "nothing is committed before approval");
     assert!(
         matches!(cp.approve(&alice(), proposal, now()), Err(Refused::Forbidden(m)) if m.contains("cannot also approve"))
