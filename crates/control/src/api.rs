@@ -339,8 +339,9 @@ async fn ca_rotate(State(cp): State<Cp>, Extension(p): Extension<Peer>, h: Heade
     )
 }
 
-async fn status(State(cp): State<Cp>) -> Response {
-    reply(cp.store.head().map_err(Refused::from).map(|h| json!({"revision": h.map(|r| r.rev).unwrap_or(0), "trust_domain": cp.trust_domain().to_string()})))
+async fn status(State(cp): State<Cp>, Extension(p): Extension<Peer>, h: HeaderMap) -> Response {
+    let _ = op!(cp, h, p);
+    reply(cp.status())
 }
 
 /// Every route.

@@ -199,3 +199,22 @@ pub fn load(files: &Files) -> meshward_policy::model::Loaded {
             .collect(),
     )
 }
+
+/// The documents of `files` whose resource `keep` accepts (documents without a key are
+/// dropped). Files left empty are omitted.
+pub fn select(files: &Files, keep: impl Fn(&Key) -> bool) -> Files {
+    let mut out = vec![];
+    for (name, text) in files {
+        let kept: Vec<&str> = split_docs(text)
+            .into_iter()
+            .filter(|chunk| {
+                let one: Files = vec![(name.clone(), (*chunk).to_owned())];
+                resources(&one).keys().next().is_some_and(&keep)
+            })
+            .collect();
+        if !kept.is_empty() {
+            out.push((name.clone(), kept.join("---\n")));
+        }
+    }
+    out
+}

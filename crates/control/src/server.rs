@@ -23,6 +23,8 @@ pub struct Options {
     pub data_dir: PathBuf,
     pub trust_domain: TrustDomain,
     pub listen: SocketAddr,
+    /// Where proxies connect (gRPC over mTLS).
+    pub proxy_listen: SocketAddr,
     /// How often the controllers run.
     pub controller_interval: Duration,
 }
@@ -31,6 +33,7 @@ pub struct Options {
 #[derive(Debug)]
 pub struct Started {
     pub addr: SocketAddr,
+    pub proxy_addr: SocketAddr,
     pub bundle_file: PathBuf,
     /// Present on first start only: the admin token file just written.
     pub admin_token_file: Option<PathBuf>,
@@ -60,6 +63,35 @@ fn operators(dir: &Path) -> Result<(Operators, Option<PathBuf>), String> {
     Ok((ops, Some(token_file)))
 }
 
+/// The control plane's TLS server configuration: its own SVID for
+/// `spiffe://TD/meshward/control`, and client certificates optional but, when presented,
+/// valid SVIDs of the mesh.
+pub fn control_tls(
+    ca: &meshward_identity::ca::Ca,
+    td: &TrustDomain,
+    now: SystemTime,
+) -> Result<rustls::ServerConfig, String> {
+    let me = control_identity(td).ok_or("invalid trust domain")?;
+    let (key, csr) = new_workload_key(&me).map_err(|e| e.to_string())?;
+    let issued = ca
+        .issue(&me, &csr, Duration::from_secs(24 * 3600), now)
+        .map_err(|e| e.to_string())?;
+    let mut tb = TrustBundles::new();
+    tb.set(td.clone(), ca.bundle());
+    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(SvidClientVerifier::optional(
+            SharedBundles::new(tb),
+            Accept::AnyTrusted,
+        ))
+        .with_single_cert(
+            issued.chain,
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .map_err(|e| e.to_string())
+}
+
 /// Opens everything and serves until `shutdown`; calls `ready` once listening.
 pub async fn run(
     opts: Options,
@@ -74,32 +106,11 @@ pub async fn run(
         Arc::new(SqliteStore::open(&opts.data_dir.join("meshward.db")).map_err(|e| e.to_string())?);
     let ca = ControlPlane::open_ca(&opts.data_dir, &opts.trust_domain, now)?;
     let (ops, admin_token_file) = operators(&opts.data_dir)?;
-    // The API's own certificate: an SVID for spiffe://TD/meshward/control.
-    let me = control_identity(&opts.trust_domain).ok_or("invalid trust domain")?;
-    let (key, csr) = new_workload_key(&me).map_err(|e| e.to_string())?;
-    let issued = ca
-        .issue(&me, &csr, Duration::from_secs(24 * 3600), now)
-        .map_err(|e| e.to_string())?;
-    let bundle = ca.bundle();
     let bundle_file = opts.data_dir.join("bundle.pem");
-    let pem: String = bundle.iter().map(cert_pem).collect();
+    let pem: String = ca.bundle().iter().map(cert_pem).collect();
     write_atomic(&bundle_file, pem.as_bytes(), false).map_err(|e| e.to_string())?;
-    let mut tb = TrustBundles::new();
-    tb.set(opts.trust_domain.clone(), bundle);
-    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .map_err(|e| e.to_string())?
-    .with_client_cert_verifier(SvidClientVerifier::optional(
-        SharedBundles::new(tb),
-        Accept::AnyTrusted,
-    ))
-    .with_single_cert(
-        issued.chain,
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-    )
-    .map_err(|e| e.to_string())?;
+    let tls = control_tls(&ca, &opts.trust_domain, now)?;
+    let proxy_tls = tls.clone();
     let cfg = Config {
         data_dir: opts.data_dir.clone(),
         trust_domain: opts.trust_domain.clone(),
@@ -111,10 +122,23 @@ pub async fn run(
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let proxy_listener = tokio::net::TcpListener::bind(opts.proxy_listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", opts.proxy_listen))?;
+    let proxy_addr = proxy_listener.local_addr().map_err(|e| e.to_string())?;
     ready(&Started {
         addr,
+        proxy_addr,
         bundle_file,
         admin_token_file,
+    });
+    let grpc_cp = cp.clone();
+    tokio::spawn(async move {
+        if let Err(e) =
+            crate::grpc::serve(grpc_cp, proxy_listener, proxy_tls, std::future::pending()).await
+        {
+            eprintln!("proxy API stopped: {e}");
+        }
     });
     // Controllers: expire overrides.
     let ctl = cp.clone();

@@ -65,9 +65,29 @@ pub struct Config {
 /// The control plane.
 pub struct ControlPlane {
     pub store: Arc<dyn Store>,
-    ca: Mutex<Ca>,
+    ca: std::sync::RwLock<Ca>,
     operators: Operators,
     cfg: Config,
+    /// The head revision; every commit publishes here, config streams listen.
+    head: tokio::sync::watch::Sender<u64>,
+    /// Connected proxies by stream id.
+    proxies: Mutex<std::collections::BTreeMap<u64, ProxyState>>,
+    next_proxy: std::sync::atomic::AtomicU64,
+}
+
+/// What the control plane knows of one connected proxy.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProxyState {
+    pub identity: String,
+    pub workloads: Vec<String>,
+    pub connected_ms: i64,
+    /// The revision the proxy acknowledged last (0: none yet).
+    pub acked_revision: u64,
+    /// The revision last sent.
+    pub sent_revision: u64,
+    /// Why the proxy rejected its last snapshot, if it did.
+    pub rejected: Option<String>,
+    pub last_seen_ms: i64,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -84,11 +104,15 @@ fn render(diags: &[Diagnostic], loaded: &meshward_policy::model::Loaded) -> Stri
 
 impl ControlPlane {
     pub fn new(store: Arc<dyn Store>, ca: Ca, operators: Operators, cfg: Config) -> Self {
+        let head = store.head().ok().flatten().map_or(0, |r| r.rev);
         ControlPlane {
             store,
-            ca: Mutex::new(ca),
+            ca: std::sync::RwLock::new(ca),
             operators,
             cfg,
+            head: tokio::sync::watch::channel(head).0,
+            proxies: Mutex::new(std::collections::BTreeMap::new()),
+            next_proxy: std::sync::atomic::AtomicU64::new(1),
         }
     }
 
@@ -113,10 +137,38 @@ impl ControlPlane {
         &self.cfg.trust_domain
     }
 
-    fn ca(&self) -> Result<std::sync::MutexGuard<'_, Ca>, Refused> {
+    fn ca(&self) -> Result<std::sync::RwLockReadGuard<'_, Ca>, Refused> {
         self.ca
-            .lock()
+            .read()
             .map_err(|_| Refused::Internal("the CA is unavailable".into()))
+    }
+
+    fn ca_mut(&self) -> Result<std::sync::RwLockWriteGuard<'_, Ca>, Refused> {
+        self.ca
+            .write()
+            .map_err(|_| Refused::Internal("the CA is unavailable".into()))
+    }
+
+    /// Commits and tells every config stream.
+    fn commit(
+        &self,
+        author: &str,
+        reason: &str,
+        summary: &str,
+        files: &Files,
+        entry: NewEntry,
+        now: SystemTime,
+    ) -> Result<Revision, Refused> {
+        let r = self
+            .store
+            .commit(author, reason, summary, files, entry, now)?;
+        self.head.send_replace(r.rev);
+        Ok(r)
+    }
+
+    /// Follows the head revision.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.head.subscribe()
     }
 
     /// The trust bundle (roots).
@@ -283,7 +335,7 @@ impl ControlPlane {
                 summary,
             });
         }
-        let rev = self.store.commit(
+        let rev = self.commit(
             &op.actor(),
             reason,
             &summary,
@@ -342,7 +394,7 @@ impl ControlPlane {
             return refuse(e);
         }
         let summary = repo::summary(&old, &p.files);
-        let rev = self.store.commit(
+        let rev = self.commit(
             &format!("operator:{}", p.author),
             &p.reason,
             &summary,
@@ -385,7 +437,7 @@ impl ControlPlane {
             .map_err(|_| Refused::NotFound(format!("revision {to} does not exist")))?;
         let (_, old) = self.head_files()?;
         let summary = repo::summary(&old, &target.files);
-        let rev = self.store.commit(
+        let rev = self.commit(
             &op.actor(),
             reason,
             &format!("rollback to {to}: {summary}"),
@@ -599,7 +651,7 @@ impl ControlPlane {
                 op.name
             )));
         }
-        let mut ca = self.ca()?;
+        let mut ca = self.ca_mut()?;
         ca.rotate_intermediate(now)
             .map_err(|e| Refused::Internal(e.to_string()))?;
         ca.save(&self.cfg.data_dir.join("ca"))
@@ -736,7 +788,7 @@ impl ControlPlane {
             names.push(o.id.to_string());
         }
         let summary = repo::summary(&files, &next);
-        self.store.commit(
+        self.commit(
             "controller",
             "overrides expired",
             &summary,
@@ -755,5 +807,124 @@ impl ControlPlane {
     /// The audit log, filtered.
     pub fn audit(&self, f: &AuditFilter) -> Result<Vec<crate::audit::Entry>, Refused> {
         Ok(self.store.audit(f)?)
+    }
+}
+
+impl ControlPlane {
+    /// The snapshot a proxy running as `identity` needs at the head revision:
+    /// `(revision, its workloads, files)`.
+    pub fn snapshot_for(&self, identity: &SpiffeId) -> Result<(u64, Vec<String>, Files), Refused> {
+        let (rev, files) = self.head_files()?;
+        let loaded = repo::load(&files);
+        let Some(set) = loaded.set else {
+            return Ok((rev, vec![], vec![]));
+        };
+        let mine: Vec<&meshward_policy::model::Workload> = set
+            .workloads
+            .iter()
+            .filter(|w| w.identity == *identity)
+            .collect();
+        let names = mine.iter().map(|w| w.id.to_string()).collect();
+        let targets_mine = |id: &str| {
+            set.policies
+                .iter()
+                .find(|p| &*p.id == id)
+                .is_some_and(|p| mine.iter().any(|w| p.target.matches(w)))
+        };
+        let selected = repo::select(&files, |k| match k.kind.as_str() {
+            "Mesh"
+            | "Workload"
+            | "Service"
+            | "TrustDomainFederation"
+            | "Override"
+            | "RateLimitPolicy"
+            | "TrafficPolicy"
+            | "FaultInjection" => true,
+            "AuthorizationPolicy" => targets_mine(&format!("{}/{}", k.namespace, k.name)),
+            _ => false,
+        });
+        Ok((rev, names, selected))
+    }
+
+    /// Registers a config stream; returns its id.
+    pub fn proxy_connected(
+        &self,
+        identity: &SpiffeId,
+        workloads: Vec<String>,
+        now: SystemTime,
+    ) -> u64 {
+        let id = self
+            .next_proxy
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut p) = self.proxies.lock() {
+            p.insert(
+                id,
+                ProxyState {
+                    identity: identity.to_string(),
+                    workloads,
+                    connected_ms: ms(now),
+                    acked_revision: 0,
+                    sent_revision: 0,
+                    rejected: None,
+                    last_seen_ms: ms(now),
+                },
+            );
+        }
+        id
+    }
+
+    /// Records what was sent to, or answered by, a proxy.
+    pub fn proxy_update(&self, id: u64, f: impl FnOnce(&mut ProxyState)) {
+        if let Ok(mut p) = self.proxies.lock() {
+            if let Some(s) = p.get_mut(&id) {
+                f(s);
+            }
+        }
+    }
+
+    pub fn proxy_disconnected(&self, id: u64) {
+        if let Ok(mut p) = self.proxies.lock() {
+            p.remove(&id);
+        }
+    }
+
+    /// The head revision and every connected proxy, marked stale when it has not
+    /// acknowledged the head.
+    pub fn status(&self) -> Result<serde_json::Value, Refused> {
+        let head = self.store.head()?.map_or(0, |r| r.rev);
+        let proxies: Vec<serde_json::Value> = self
+            .proxies
+            .lock()
+            .map_err(|_| Refused::Internal("proxy registry unavailable".into()))?
+            .values()
+            .map(|p| {
+                let mut v = json!(p);
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("stale".into(), json!(p.acked_revision < head));
+                }
+                v
+            })
+            .collect();
+        Ok(
+            json!({"revision": head, "trust_domain": self.cfg.trust_domain.to_string(), "proxies": proxies}),
+        )
+    }
+
+    /// Signs for the proxy API: with a join token, or renewing the peer's identity.
+    pub fn sign_for(
+        &self,
+        token: Option<&str>,
+        peer: Option<&SpiffeId>,
+        csr: &[u8],
+        lifetime: Option<Duration>,
+        now: SystemTime,
+    ) -> Result<Issued, Refused> {
+        match (token, peer) {
+            (Some(t), _) => self.sign_with_token(t, csr, lifetime, now),
+            (None, Some(id)) => self.renew(id, csr, lifetime, now),
+            (None, None) => Err(Refused::Forbidden(
+                "present a join token, or your current SVID as client certificate to renew".into(),
+            )),
+        }
     }
 }

@@ -109,6 +109,7 @@ pub fn control(
     data: &Path,
     trust_domain: &str,
     listen: &str,
+    proxy_listen: &str,
     controller_interval: Duration,
 ) -> Result<ExitCode> {
     let td = meshward_identity::TrustDomain::parse(trust_domain)
@@ -116,10 +117,14 @@ pub fn control(
     let listen = listen
         .parse()
         .with_context(|| format!("--listen `{listen}` is not HOST:PORT"))?;
+    let proxy_listen = proxy_listen
+        .parse()
+        .with_context(|| format!("--proxy-listen `{proxy_listen}` is not HOST:PORT"))?;
     let opts = meshward_control::server::Options {
         data_dir: data.to_owned(),
         trust_domain: td,
         listen,
+        proxy_listen,
         controller_interval,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -131,6 +136,7 @@ pub fn control(
         opts,
         |s| {
             println!("meshward control listening on {}", s.addr);
+            println!("  proxy API (gRPC, mTLS) on {}", s.proxy_addr);
             println!("  export MESHWARD_SERVER={}", s.addr);
             println!("  export MESHWARD_CA_FILE={}", s.bundle_file.display());
             match &s.admin_token_file {
@@ -437,5 +443,47 @@ pub fn ca_rotate(conn: &Conn, output: Output) -> Result<ExitCode> {
     let r = call(conn, "POST", "/v1/ca/rotate", None)?;
     Ok(finish(r, output, |_| {
         "rotated the intermediate CA; leaves of the old one stay valid until they expire\n".into()
+    }))
+}
+
+/// `meshward status`: the head revision and every connected proxy.
+pub fn status(conn: &Conn, output: Output) -> Result<ExitCode> {
+    let r = call(conn, "GET", "/v1/status", None)?;
+    Ok(finish(r, output, |v| {
+        let head = v["revision"].as_u64().unwrap_or(0);
+        let mut s = format!(
+            "revision {head}, trust domain {}\n",
+            v["trust_domain"].as_str().unwrap_or("")
+        );
+        let proxies = v["proxies"].as_array().cloned().unwrap_or_default();
+        if proxies.is_empty() {
+            s.push_str("no proxies connected\n");
+        }
+        for p in proxies {
+            let acked = p["acked_revision"].as_u64().unwrap_or(0);
+            let mark = if p["stale"].as_bool().unwrap_or(true) {
+                "STALE"
+            } else {
+                "ok"
+            };
+            s.push_str(&format!(
+                "{:<5} {:<56} acked {acked:>4}{}  {}\n",
+                mark,
+                p["identity"].as_str().unwrap_or(""),
+                p["rejected"]
+                    .as_str()
+                    .map(|r| format!("  rejected: {r}"))
+                    .unwrap_or_default(),
+                p["workloads"]
+                    .as_array()
+                    .map(|w| w
+                        .iter()
+                        .filter_map(|x| x.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","))
+                    .unwrap_or_default()
+            ));
+        }
+        s
     }))
 }

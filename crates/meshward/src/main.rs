@@ -40,6 +40,9 @@ enum Command {
         trust_domain: String,
         #[arg(long, default_value = "127.0.0.1:7443")]
         listen: String,
+        /// Where proxies connect (gRPC over mTLS).
+        #[arg(long, default_value = "127.0.0.1:7444")]
+        proxy_listen: String,
         /// How often controllers (override expiry) run.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         controller_interval: std::time::Duration,
@@ -78,6 +81,12 @@ enum Command {
         to: u64,
         #[arg(long, default_value = "")]
         reason: String,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// The head revision and the revision every connected proxy runs (stale ones marked).
+    #[command(after_help = "Example:\n  meshward status --output json")]
+    Status {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
@@ -379,8 +388,16 @@ fn main() -> ExitCode {
             data,
             trust_domain,
             listen,
+            proxy_listen,
             controller_interval,
-        } => control_cmd::control(&data, &trust_domain, &listen, controller_interval),
+        } => control_cmd::control(
+            &data,
+            &trust_domain,
+            &listen,
+            &proxy_listen,
+            controller_interval,
+        ),
+        Command::Status { output } => control_cmd::status(&cli.conn, output),
         Command::Apply {
             dir,
             reason,

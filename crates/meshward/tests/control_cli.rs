@@ -75,6 +75,8 @@ impl Control {
                 "shop.example",
                 "--listen",
                 "127.0.0.1:0",
+                "--proxy-listen",
+                "127.0.0.1:0",
                 "--controller-interval",
                 "1s",
                 "--data",

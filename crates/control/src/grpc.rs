@@ -1,0 +1,259 @@
+//! The proxy API: gRPC over mutual TLS. `Identity.Sign` signs CSRs (join token, or renewal
+//! with the current SVID as client certificate); `Config.Stream` pushes each proxy the
+//! snapshot its workload needs at once and on every change, and records its acks.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use meshward_api::v1::config_server::{Config, ConfigServer};
+use meshward_api::v1::identity_server::{Identity, IdentityServer};
+use meshward_api::v1::{ConfigAck, ConfigSnapshot, File, SignRequest, SignResponse};
+use meshward_identity::SpiffeId;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::service::{ControlPlane, Refused};
+
+/// A TLS connection with the verified peer identity, for tonic.
+#[derive(Debug)]
+pub struct TlsConn {
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: Option<SpiffeId>,
+}
+
+/// The peer identity tonic puts in each request's extensions.
+#[derive(Debug, Clone)]
+pub struct PeerId(pub Option<SpiffeId>);
+
+impl Connected for TlsConn {
+    type ConnectInfo = PeerId;
+    fn connect_info(&self) -> PeerId {
+        PeerId(self.peer.clone())
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+fn peer<T>(r: &Request<T>) -> Option<SpiffeId> {
+    r.extensions().get::<PeerId>().and_then(|p| p.0.clone())
+}
+
+fn status(e: Refused) -> Status {
+    match e {
+        Refused::Forbidden(m) => Status::permission_denied(m),
+        Refused::BadRequest(m) => Status::invalid_argument(m),
+        Refused::NotFound(m) => Status::not_found(m),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+/// The gRPC services.
+#[derive(Debug, Clone)]
+pub struct ProxyApi {
+    cp: Arc<ControlPlane>,
+}
+
+#[tonic::async_trait]
+impl Identity for ProxyApi {
+    async fn sign(&self, req: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
+        let p = peer(&req);
+        let r = req.into_inner();
+        let cp = self.cp.clone();
+        let token = (!r.join_token.is_empty()).then_some(r.join_token);
+        let lifetime = (r.lifetime_secs > 0).then(|| Duration::from_secs(r.lifetime_secs));
+        let issued = tokio::task::spawn_blocking(move || {
+            cp.sign_for(
+                token.as_deref(),
+                p.as_ref(),
+                &r.csr,
+                lifetime,
+                SystemTime::now(),
+            )
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(status)?;
+        let bundle = self.cp.bundle().map_err(status)?;
+        Ok(Response::new(SignResponse {
+            spiffe_id: issued.spiffe_id.to_string(),
+            chain: issued.chain.iter().map(|c| c.to_vec()).collect(),
+            bundle: bundle.iter().map(|c| c.to_vec()).collect(),
+            not_after_unix: i64::try_from(
+                issued
+                    .not_after
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs(),
+            )
+            .unwrap_or(i64::MAX),
+        }))
+    }
+}
+
+type SnapshotStream = ReceiverStream<Result<ConfigSnapshot, Status>>;
+
+#[tonic::async_trait]
+impl Config for ProxyApi {
+    type StreamStream = SnapshotStream;
+
+    async fn stream(
+        &self,
+        req: Request<Streaming<ConfigAck>>,
+    ) -> Result<Response<SnapshotStream>, Status> {
+        let id = peer(&req).ok_or_else(|| {
+            Status::unauthenticated("subscribe with your SVID as client certificate")
+        })?;
+        if id.workload_parts().is_none() {
+            return Err(Status::permission_denied(format!(
+                "`{id}` is not a workload identity"
+            )));
+        }
+        let cp = self.cp.clone();
+        let (_, workloads, _) = cp.snapshot_for(&id).map_err(status)?;
+        let conn = cp.proxy_connected(&id, workloads, SystemTime::now());
+        let mut acks = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut head = cp.subscribe();
+        // Sender: a snapshot now and on every new head revision.
+        let send_cp = cp.clone();
+        let send_id = id.clone();
+        tokio::spawn(async move {
+            loop {
+                let c = send_cp.clone();
+                let who = send_id.clone();
+                let snap = tokio::task::spawn_blocking(move || c.snapshot_for(&who)).await;
+                let msg = match snap {
+                    Ok(Ok((revision, workloads, files))) => {
+                        send_cp.proxy_update(conn, |s| s.sent_revision = revision);
+                        let bundle = send_cp
+                            .bundle()
+                            .map(|b| b.iter().map(|c| c.to_vec()).collect())
+                            .unwrap_or_default();
+                        Ok(ConfigSnapshot {
+                            revision,
+                            workloads,
+                            files: files
+                                .into_iter()
+                                .map(|(name, text)| File { name, text })
+                                .collect(),
+                            bundle,
+                        })
+                    }
+                    Ok(Err(e)) => Err(status(e)),
+                    Err(e) => Err(Status::internal(e.to_string())),
+                };
+                if tx.send(msg).await.is_err() || head.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+        // Receiver: acknowledgements; the stream's end is the proxy's disconnection.
+        tokio::spawn(async move {
+            while let Some(Ok(ack)) = acks.next().await {
+                let now = crate::store::ms(SystemTime::now());
+                cp.proxy_update(conn, |s| {
+                    s.last_seen_ms = now;
+                    if ack.accepted {
+                        s.acked_revision = ack.revision;
+                        s.rejected = None;
+                    } else {
+                        s.rejected = Some(format!("revision {}: {}", ack.revision, ack.error));
+                    }
+                });
+            }
+            cp.proxy_disconnected(conn);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Serves the proxy API on `listener` until `shutdown`.
+pub async fn serve(
+    cp: Arc<ControlPlane>,
+    listener: tokio::net::TcpListener,
+    mut tls: rustls::ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<TlsConn, std::io::Error>>(64);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                if let Ok(Ok(stream)) =
+                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                {
+                    let peer = meshward_identity::verifier::peer_identity(stream.get_ref().1);
+                    let _ = tx.send(Ok(TlsConn { stream, peer })).await;
+                }
+            });
+        }
+    });
+    let api = ProxyApi { cp };
+    tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(api.clone()))
+        .add_service(ConfigServer::new(api))
+        .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// A gRPC channel to the proxy API over mutual TLS (for proxies and tests).
+pub async fn connect(
+    addr: &str,
+    mut tls: rustls::ClientConfig,
+) -> Result<tonic::transport::Channel, String> {
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let addr = addr.to_owned();
+    tonic::transport::Endpoint::from_static("http://control.meshward.invalid")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let (connector, addr) = (connector.clone(), addr.clone());
+            async move {
+                let tcp = TcpStream::connect(&addr).await?;
+                let _ = tcp.set_nodelay(true);
+                let name = rustls::pki_types::ServerName::try_from("control.meshward.invalid")
+                    .map_err(std::io::Error::other)?;
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await
+        .map_err(|e| e.to_string())
+}
