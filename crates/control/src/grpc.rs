@@ -139,7 +139,7 @@ impl Config for ProxyApi {
             )));
         }
         let cp = self.cp.clone();
-        let (_, workloads, _) = cp.snapshot_for(&id).map_err(status)?;
+        let workloads = cp.snapshot_for(&id).map_err(status)?.workloads.clone();
         let conn = cp.proxy_connected(&id, workloads, SystemTime::now());
         let mut acks = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -153,7 +153,8 @@ impl Config for ProxyApi {
                 let who = send_id.clone();
                 let snap = tokio::task::spawn_blocking(move || c.snapshot_for(&who)).await;
                 let msg = match snap {
-                    Ok(Ok((revision, workloads, files))) => {
+                    Ok(Ok(snap)) => {
+                        let revision = snap.revision;
                         send_cp.proxy_update(conn, |s| s.sent_revision = revision);
                         let bundle = send_cp
                             .bundle()
@@ -161,10 +162,14 @@ impl Config for ProxyApi {
                             .unwrap_or_default();
                         Ok(ConfigSnapshot {
                             revision,
-                            workloads,
-                            files: files
-                                .into_iter()
-                                .map(|(name, text)| File { name, text })
+                            workloads: snap.workloads.clone(),
+                            files: snap
+                                .files
+                                .iter()
+                                .map(|(name, text)| File {
+                                    name: name.clone(),
+                                    text: text.clone(),
+                                })
                                 .collect(),
                             bundle,
                         })

@@ -73,6 +73,16 @@ pub struct ControlPlane {
     /// Connected proxies by stream id.
     proxies: Mutex<std::collections::BTreeMap<u64, ProxyState>>,
     next_proxy: std::sync::atomic::AtomicU64,
+    /// Snapshots of the head revision by identity.
+    snapshots: Mutex<(u64, std::collections::HashMap<SpiffeId, Arc<Snapshot>>)>,
+}
+
+/// What one proxy identity receives at one revision.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub revision: u64,
+    pub workloads: Vec<String>,
+    pub files: Files,
 }
 
 /// What the control plane knows of one connected proxy.
@@ -113,6 +123,7 @@ impl ControlPlane {
             head: tokio::sync::watch::channel(head).0,
             proxies: Mutex::new(std::collections::BTreeMap::new()),
             next_proxy: std::sync::atomic::AtomicU64::new(1),
+            snapshots: Mutex::new((u64::MAX, std::collections::HashMap::new())),
         }
     }
 
@@ -813,11 +824,24 @@ impl ControlPlane {
 impl ControlPlane {
     /// The snapshot a proxy running as `identity` needs at the head revision:
     /// `(revision, its workloads, files)`.
-    pub fn snapshot_for(&self, identity: &SpiffeId) -> Result<(u64, Vec<String>, Files), Refused> {
+    pub fn snapshot_for(&self, identity: &SpiffeId) -> Result<Arc<Snapshot>, Refused> {
+        let rev = *self.head.borrow();
+        if let Ok(c) = self.snapshots.lock() {
+            if c.0 == rev {
+                if let Some(s) = c.1.get(identity) {
+                    return Ok(s.clone());
+                }
+            }
+        }
+        // Built once per (revision, identity) and shared by every proxy of that identity.
         let (rev, files) = self.head_files()?;
         let loaded = repo::load(&files);
         let Some(set) = loaded.set else {
-            return Ok((rev, vec![], vec![]));
+            return Ok(Arc::new(Snapshot {
+                revision: rev,
+                workloads: vec![],
+                files: vec![],
+            }));
         };
         let mine: Vec<&meshward_policy::model::Workload> = set
             .workloads
@@ -843,7 +867,18 @@ impl ControlPlane {
             "AuthorizationPolicy" => targets_mine(&format!("{}/{}", k.namespace, k.name)),
             _ => false,
         });
-        Ok((rev, names, selected))
+        let snap = Arc::new(Snapshot {
+            revision: rev,
+            workloads: names,
+            files: selected,
+        });
+        if let Ok(mut c) = self.snapshots.lock() {
+            if c.0 != rev {
+                *c = (rev, std::collections::HashMap::new());
+            }
+            c.1.insert(identity.clone(), snap.clone());
+        }
+        Ok(snap)
     }
 
     /// Registers a config stream; returns its id.
