@@ -58,8 +58,8 @@ fn operator(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
     {
-        return cp
-            .operators()
+        let ops = cp.operators();
+        return ops
             .by_token(token.trim())
             .cloned()
             .ok_or_else(|| Box::new(error(StatusCode::UNAUTHORIZED, "unknown bearer token")));
@@ -69,7 +69,8 @@ fn operator(
         let name = id
             .as_str()
             .strip_prefix(&format!("spiffe://{td}/operator/"));
-        if let Some(op) = name.and_then(|n| cp.operators().by_name(n)) {
+        let ops = cp.operators();
+        if let Some(op) = name.and_then(|n| ops.by_name(n)) {
             return Ok(op.clone());
         }
         return Err(Box::new(error(

@@ -117,7 +117,10 @@ pub async fn run(
         default_lifetime: Duration::from_secs(3600),
         max_token_ttl: Duration::from_secs(24 * 3600),
     };
-    let cp = Arc::new(ControlPlane::new(store, ca, ops, cfg));
+    let cp = Arc::new(
+        ControlPlane::new(store, ca, ops, cfg)
+            .with_operators_file(opts.data_dir.join("operators.json")),
+    );
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
@@ -158,4 +161,50 @@ pub async fn run(
     });
     crate::api::serve(cp, listener, Arc::new(tls), shutdown).await;
     Ok(())
+}
+
+/// Adds an operator to `DATA/operators.json` (a running control plane picks it up) and
+/// writes its bearer token to `DATA/NAME.token` (mode 0600). Returns the token file.
+pub fn add_operator(
+    dir: &Path,
+    name: &str,
+    roles: Vec<String>,
+    namespaces: Vec<String>,
+) -> Result<PathBuf, String> {
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(format!(
+            "`{name}` is not a valid operator name: use lower-case letters, digits and `-`"
+        ));
+    }
+    let path = dir.join("operators.json");
+    let mut ops = if path.exists() {
+        Operators::load(&path)?
+    } else {
+        Operators::default()
+    };
+    if ops.by_name(name).is_some() {
+        return Err(format!(
+            "operator `{name}` already exists in `{}`",
+            path.display()
+        ));
+    }
+    let token = random_secret("mwo_");
+    if token.is_empty() {
+        return Err("the system random generator failed".into());
+    }
+    ops.operators.push(Operator {
+        name: name.into(),
+        roles,
+        namespaces,
+        token_sha256: vec![sha256_hex(&token)],
+    });
+    let json = serde_json::to_string_pretty(&ops).map_err(|e| e.to_string())?;
+    write_atomic(&path, json.as_bytes(), true).map_err(|e| e.to_string())?;
+    let token_file = dir.join(format!("{name}.token"));
+    write_atomic(&token_file, token.as_bytes(), true).map_err(|e| e.to_string())?;
+    Ok(token_file)
 }

@@ -66,7 +66,7 @@ pub struct Config {
 pub struct ControlPlane {
     pub store: Arc<dyn Store>,
     ca: std::sync::RwLock<Ca>,
-    operators: Operators,
+    operators: std::sync::RwLock<(Operators, Option<(PathBuf, Option<SystemTime>)>)>,
     cfg: Config,
     /// The head revision; every commit publishes here, config streams listen.
     head: tokio::sync::watch::Sender<u64>,
@@ -118,7 +118,7 @@ impl ControlPlane {
         ControlPlane {
             store,
             ca: std::sync::RwLock::new(ca),
-            operators,
+            operators: std::sync::RwLock::new((operators, None)),
             cfg,
             head: tokio::sync::watch::channel(head).0,
             proxies: Mutex::new(std::collections::BTreeMap::new()),
@@ -140,8 +140,31 @@ impl ControlPlane {
         }
     }
 
-    pub fn operators(&self) -> &Operators {
-        &self.operators
+    /// Reloads operators from this file whenever it changes (`meshward operator add`).
+    pub fn with_operators_file(self, path: PathBuf) -> Self {
+        let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        if let Ok(mut g) = self.operators.write() {
+            g.1 = Some((path, mtime));
+        }
+        self
+    }
+
+    /// The operators, re-read if their file changed.
+    pub fn operators(&self) -> Operators {
+        let stale = self.operators.read().ok().and_then(|g| {
+            let (path, seen) = g.1.clone()?;
+            let now = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+            (now != seen).then_some((path, now))
+        });
+        if let Some((path, mtime)) = stale {
+            if let (Ok(ops), Ok(mut g)) = (Operators::load(&path), self.operators.write()) {
+                *g = (ops, Some((path, mtime)));
+            }
+        }
+        self.operators
+            .read()
+            .map(|g| g.0.clone())
+            .unwrap_or_default()
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {

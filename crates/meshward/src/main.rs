@@ -102,6 +102,28 @@ enum Command {
     /// The certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Operators of the control plane.
+    #[command(subcommand)]
+    Operator(OperatorCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum OperatorCommand {
+    /// Add an operator (on the control plane's host); prints the file holding its token.
+    #[command(
+        after_help = "Examples:\n  meshward operator add bob --data /var/lib/meshward --role platform-security\n  meshward operator add carol --data /var/lib/meshward --namespace payments\n\nA running control plane picks the change up at once."
+    )]
+    Add {
+        name: String,
+        #[arg(long)]
+        data: PathBuf,
+        /// A role, e.g. `platform-security` (repeatable).
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        /// A namespace the operator owns (repeatable).
+        #[arg(long = "namespace")]
+        namespaces: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -398,6 +420,21 @@ fn main() -> ExitCode {
             controller_interval,
         ),
         Command::Status { output } => control_cmd::status(&cli.conn, output),
+        Command::Operator(OperatorCommand::Add {
+            name,
+            data,
+            roles,
+            namespaces,
+        }) => meshward_control::server::add_operator(&data, &name, roles, namespaces)
+            .map_err(anyhow::Error::msg)
+            .map(|f| {
+                println!(
+                    "added operator `{name}`; its bearer token is in {}",
+                    f.display()
+                );
+                println!("  export MESHWARD_TOKEN_FILE={}", f.display());
+                ExitCode::SUCCESS
+            }),
         Command::Apply {
             dir,
             reason,

@@ -563,3 +563,49 @@ fn kill_9_during_applies_leaves_a_whole_revision_and_an_intact_chain() {
         assert_eq!(revs, entries, "round {round}");
     }
 }
+
+#[test]
+fn a_new_user_bootstraps_with_the_admin_token_and_adds_a_second_operator() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let c = Control::start(&dir);
+    assert!(
+        dir.join("admin.token").exists(),
+        "first start writes the admin token"
+    );
+    let o = Command::new(bin())
+        .args([
+            "operator",
+            "add",
+            "bob",
+            "--role",
+            "platform-security",
+            "--data",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(out(&o).contains("bob.token"), "{}", out(&o));
+    let o = Command::new(bin())
+        .args(["operator", "add", "bob", "--data"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out(&o).contains("already exists"), "{}", out(&o));
+    let o = c.cli("admin", &["apply", "-f", examples().to_str().unwrap()]);
+    assert!(
+        out(&o).contains("pending approval: change 1"),
+        "{}",
+        out(&o)
+    );
+    // The running server picked bob up without a restart.
+    let o = c.cli("bob", &["approve", "1"]);
+    assert!(out(&o).contains("approved: revision 1"), "{}", out(&o));
+    let o = c.cli("admin", &["status"]);
+    assert!(
+        out(&o).contains("revision 1, trust domain shop.example"),
+        "{}",
+        out(&o)
+    );
+}
