@@ -66,7 +66,7 @@ pub struct Config {
 pub struct ControlPlane {
     pub store: Arc<dyn Store>,
     ca: std::sync::RwLock<Ca>,
-    operators: std::sync::RwLock<(Operators, Option<(PathBuf, Option<SystemTime>)>)>,
+    operators: std::sync::RwLock<(Operators, Option<OperatorsFile>)>,
     cfg: Config,
     /// The head revision; every commit publishes here, config streams listen.
     head: tokio::sync::watch::Sender<u64>,
@@ -84,6 +84,9 @@ pub struct Snapshot {
     pub workloads: Vec<String>,
     pub files: Files,
 }
+
+/// The operators file and the modification time last read.
+type OperatorsFile = (PathBuf, Option<SystemTime>);
 
 /// What the control plane knows of one connected proxy.
 #[derive(Debug, Clone, Serialize)]
