@@ -332,11 +332,25 @@ async fn override_revoke(
     reply(cp.revoke_override(&op, &ns, &name, SystemTime::now()))
 }
 
-async fn ca_rotate(State(cp): State<Cp>, Extension(p): Extension<Peer>, h: HeaderMap) -> Response {
+#[derive(Debug, Deserialize, Default)]
+struct RotateReq {
+    #[serde(default)]
+    rotation: Option<crate::service::Rotation>,
+}
+
+async fn ca_rotate(
+    State(cp): State<Cp>,
+    Extension(p): Extension<Peer>,
+    h: HeaderMap,
+    body: Option<Json<RotateReq>>,
+) -> Response {
     let op = op!(cp, h, p);
+    let what = body
+        .and_then(|Json(b)| b.rotation)
+        .unwrap_or(crate::service::Rotation::Intermediate);
     reply(
-        cp.rotate_ca(&op, SystemTime::now())
-            .map(|()| json!({"rotated": "intermediate"})),
+        cp.rotate(&op, what, SystemTime::now())
+            .map(|()| json!({"rotated": what})),
     )
 }
 

@@ -71,25 +71,90 @@ pub fn control_tls(
     td: &TrustDomain,
     now: SystemTime,
 ) -> Result<rustls::ServerConfig, String> {
-    let me = control_identity(td).ok_or("invalid trust domain")?;
-    let (key, csr) = new_workload_key(&me).map_err(|e| e.to_string())?;
-    let issued = ca
-        .issue(&me, &csr, Duration::from_secs(24 * 3600), now)
+    control_tls_parts(ca, td, now).map(|(c, _, _)| c)
+}
+
+/// The control plane's own certificate, renewed in place while connections run.
+#[derive(Debug)]
+pub struct ControlCert {
+    current: std::sync::RwLock<(Arc<rustls::sign::CertifiedKey>, SystemTime)>,
+}
+
+/// The control plane's own SVID lifetime; renewed at half of it.
+pub const CONTROL_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+impl ControlCert {
+    fn issue(
+        ca: &meshward_identity::ca::Ca,
+        td: &TrustDomain,
+        now: SystemTime,
+    ) -> Result<(Arc<rustls::sign::CertifiedKey>, SystemTime), String> {
+        let me = control_identity(td).ok_or("invalid trust domain")?;
+        let (key, csr) = new_workload_key(&me).map_err(|e| e.to_string())?;
+        let issued = ca
+            .issue(&me, &csr, CONTROL_CERT_LIFETIME, now)
+            .map_err(|e| e.to_string())?;
+        let signing = rustls::crypto::ring::sign::any_supported_type(&PrivateKeyDer::Pkcs8(
+            PrivatePkcs8KeyDer::from(key.serialize_der()),
+        ))
         .map_err(|e| e.to_string())?;
+        Ok((
+            Arc::new(rustls::sign::CertifiedKey::new(issued.chain, signing)),
+            issued.not_after,
+        ))
+    }
+
+    /// Re-issues the certificate when half its life has passed; returns whether it did.
+    pub fn renew_if_due(
+        &self,
+        ca: &meshward_identity::ca::Ca,
+        td: &TrustDomain,
+        now: SystemTime,
+    ) -> Result<bool, String> {
+        let not_after = self.current.read().map(|g| g.1).unwrap_or(now);
+        if now + CONTROL_CERT_LIFETIME / 2 < not_after {
+            return Ok(false);
+        }
+        let next = Self::issue(ca, td, now)?;
+        if let Ok(mut g) = self.current.write() {
+            *g = next;
+        }
+        Ok(true)
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ControlCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.current.read().ok().map(|g| g.0.clone())
+    }
+}
+
+/// [`control_tls`], with the bundles its verifier uses and its renewable certificate.
+pub fn control_tls_parts(
+    ca: &meshward_identity::ca::Ca,
+    td: &TrustDomain,
+    now: SystemTime,
+) -> Result<(rustls::ServerConfig, SharedBundles, Arc<ControlCert>), String> {
+    let cert = Arc::new(ControlCert {
+        current: std::sync::RwLock::new(ControlCert::issue(ca, td, now)?),
+    });
     let mut tb = TrustBundles::new();
     tb.set(td.clone(), ca.bundle());
-    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
-        .with_client_cert_verifier(SvidClientVerifier::optional(
-            SharedBundles::new(tb),
-            Accept::AnyTrusted,
-        ))
-        .with_single_cert(
-            issued.chain,
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-        .map_err(|e| e.to_string())
+    let bundles = SharedBundles::new(tb);
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(|e| e.to_string())?
+    .with_client_cert_verifier(SvidClientVerifier::optional(
+        bundles.clone(),
+        Accept::AnyTrusted,
+    ))
+    .with_cert_resolver(cert.clone());
+    Ok((cfg, bundles, cert))
 }
 
 /// Opens everything and serves until `shutdown`; calls `ready` once listening.
@@ -109,7 +174,7 @@ pub async fn run(
     let bundle_file = opts.data_dir.join("bundle.pem");
     let pem: String = ca.bundle().iter().map(cert_pem).collect();
     write_atomic(&bundle_file, pem.as_bytes(), false).map_err(|e| e.to_string())?;
-    let tls = control_tls(&ca, &opts.trust_domain, now)?;
+    let (tls, tls_bundles, own_cert) = control_tls_parts(&ca, &opts.trust_domain, now)?;
     let proxy_tls = tls.clone();
     let cfg = Config {
         data_dir: opts.data_dir.clone(),
@@ -119,7 +184,8 @@ pub async fn run(
     };
     let cp = Arc::new(
         ControlPlane::new(store, ca, ops, cfg)
-            .with_operators_file(opts.data_dir.join("operators.json")),
+            .with_operators_file(opts.data_dir.join("operators.json"))
+            .with_tls_bundles(tls_bundles),
     );
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -143,15 +209,29 @@ pub async fn run(
             eprintln!("proxy API stopped: {e}");
         }
     });
-    // Controllers: expire overrides.
+    // Controllers: expire overrides, renew the control plane's own certificate.
     let ctl = cp.clone();
+    let td = opts.trust_domain.clone();
     let interval = opts.controller_interval;
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(interval).await;
-            let c = ctl.clone();
-            let r =
-                tokio::task::spawn_blocking(move || c.expire_overrides(SystemTime::now())).await;
+            let (c, cert, td) = (ctl.clone(), own_cert.clone(), td.clone());
+            let r = tokio::task::spawn_blocking(move || {
+                let now = SystemTime::now();
+                // The control plane's own certificate, at half its life.
+                match c.with_ca(|ca| cert.renew_if_due(ca, &td, now)) {
+                    Ok(Ok(true)) => {
+                        eprintln!("controller: renewed the control plane's certificate")
+                    }
+                    Ok(Err(e)) => {
+                        eprintln!("controller: cannot renew the control plane's certificate: {e}")
+                    }
+                    _ => {}
+                }
+                c.expire_overrides(now)
+            })
+            .await;
             if let Ok(Ok(names)) = r {
                 if !names.is_empty() {
                     eprintln!("controller: expired overrides {}", names.join(", "));

@@ -73,6 +73,7 @@ pub struct ControlPlane {
     /// Connected proxies by stream id.
     proxies: Mutex<std::collections::BTreeMap<u64, ProxyState>>,
     next_proxy: std::sync::atomic::AtomicU64,
+    tls_bundles: Option<meshward_identity::verifier::SharedBundles>,
     /// Snapshots of the head revision by identity.
     snapshots: Mutex<(u64, std::collections::HashMap<SpiffeId, Arc<Snapshot>>)>,
 }
@@ -83,6 +84,15 @@ pub struct Snapshot {
     pub revision: u64,
     pub workloads: Vec<String>,
     pub files: Files,
+}
+
+/// What `meshward ca rotate` rotates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rotation {
+    Intermediate,
+    RootBegin,
+    RootFinish,
 }
 
 /// The operators file and the modification time last read.
@@ -127,6 +137,7 @@ impl ControlPlane {
             proxies: Mutex::new(std::collections::BTreeMap::new()),
             next_proxy: std::sync::atomic::AtomicU64::new(1),
             snapshots: Mutex::new((u64::MAX, std::collections::HashMap::new())),
+            tls_bundles: None,
         }
     }
 
@@ -184,6 +195,12 @@ impl ControlPlane {
         self.ca
             .write()
             .map_err(|_| Refused::Internal("the CA is unavailable".into()))
+    }
+
+    /// Runs `f` with the CA (read access: signing).
+    pub fn with_ca<T>(&self, f: impl FnOnce(&Ca) -> T) -> Result<T, Refused> {
+        let ca = self.ca()?;
+        Ok(f(&ca))
     }
 
     /// Commits and tells every config stream.
@@ -682,22 +699,50 @@ impl ControlPlane {
 
     /// Rotates the signing intermediate.
     pub fn rotate_ca(&self, op: &Operator, now: SystemTime) -> Result<(), Refused> {
+        self.rotate(op, Rotation::Intermediate, now)
+    }
+
+    /// Rotates the CA. `Intermediate`: a new intermediate under the same root (no bundle
+    /// change). `RootBegin`: a new root joins the bundle, which is pushed to every proxy,
+    /// while the old intermediate keeps signing. `RootFinish`: signing switches to the new
+    /// root's intermediate; the old root stays in the bundle while its leaves may live.
+    pub fn rotate(&self, op: &Operator, what: Rotation, now: SystemTime) -> Result<(), Refused> {
         if !op.is_platform_security() {
             return Err(Refused::Forbidden(format!(
                 "`{}` may not rotate the CA: it needs the platform-security role",
                 op.name
             )));
         }
-        let mut ca = self.ca_mut()?;
-        ca.rotate_intermediate(now)
-            .map_err(|e| Refused::Internal(e.to_string()))?;
-        ca.save(&self.cfg.data_dir.join("ca"))
-            .map_err(|e| Refused::Internal(e.to_string()))?;
-        self.store.append_audit(
-            NewEntry::new(&op.actor(), "ca.rotate", "intermediate", json!({})),
-            now,
-        )?;
+        let (action, subject) = {
+            let mut ca = self.ca_mut()?;
+            let r = match what {
+                Rotation::Intermediate => ca.rotate_intermediate(now).map(|()| ("ca.rotate", "intermediate")),
+                Rotation::RootBegin if ca.rotating_root() => return Err(Refused::BadRequest("a root rotation is already in progress; finish it with `meshward ca rotate --root --finish`".into())),
+                Rotation::RootBegin => ca.begin_root_rotation(now).map(|()| ("ca.rotate-root.begin", "root")),
+                Rotation::RootFinish => ca.finish_root_rotation().map(|()| ("ca.rotate-root.finish", "root")),
+            };
+            let r = r.map_err(|e| Refused::BadRequest(e.to_string()))?;
+            ca.save(&self.cfg.data_dir.join("ca"))
+                .map_err(|e| Refused::Internal(e.to_string()))?;
+            if let Some(b) = &self.tls_bundles {
+                let mut tb = meshward_identity::svid::TrustBundles::new();
+                tb.set(self.cfg.trust_domain.clone(), ca.bundle());
+                b.store(tb);
+            }
+            r
+        };
+        self.store
+            .append_audit(NewEntry::new(&op.actor(), action, subject, json!({})), now)?;
+        // Push the bundle to every proxy (same revision, new bundle).
+        let head = *self.head.borrow();
+        self.head.send_replace(head);
         Ok(())
+    }
+
+    /// The bundles the control plane's own TLS verifier uses, kept in step with rotations.
+    pub fn with_tls_bundles(mut self, b: meshward_identity::verifier::SharedBundles) -> Self {
+        self.tls_bundles = Some(b);
+        self
     }
 
     // -- overrides --------------------------------------------------------------------------

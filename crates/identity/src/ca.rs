@@ -343,40 +343,30 @@ impl Ca {
     // -- persistence -----------------------------------------------------------------------
 
     /// Writes the CA to a directory: `root.pem`, `root.key` (if online), `intermediate.pem`,
-    /// `intermediate.key`; keys with mode 0600. Each file is written to a temporary name
-    /// and renamed, so a crash leaves the old or the new file, never half of one.
+    /// `intermediate.key` (keys with mode 0600); during a root rotation the new pair in
+    /// `pending/`; rotated-out roots that may still anchor leaves in `retired.pem`. Each
+    /// file is written to a temporary name and renamed, so a crash leaves the old or the new
+    /// file, never half of one.
     pub fn save(&self, dir: &Path) -> Result<(), CaError> {
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| CaError::Io { path, source }
-        };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
         let root = self.roots.first().ok_or(CaError::RootKeyOffline)?;
-        write_atomic(
-            &dir.join("root.pem"),
-            pem("CERTIFICATE", &root.der).as_bytes(),
-            false,
-        )?;
-        if let Some(i) = &root.issuer {
-            write_atomic(
-                &dir.join("root.key"),
-                i.key().serialize_pem().as_bytes(),
-                true,
-            )?;
+        save_pair(dir, root, &self.intermediate)?;
+        let pending = dir.join("pending");
+        match &self.pending {
+            Some((r, i)) => save_pair(&pending, r, i)?,
+            None if pending.exists() => {
+                std::fs::remove_dir_all(&pending).map_err(|source| CaError::Io {
+                    path: pending.clone(),
+                    source,
+                })?
+            }
+            None => {}
         }
-        write_atomic(
-            &dir.join("intermediate.pem"),
-            pem("CERTIFICATE", &self.intermediate.der).as_bytes(),
-            false,
-        )?;
-        if let Some(i) = &self.intermediate.issuer {
-            write_atomic(
-                &dir.join("intermediate.key"),
-                i.key().serialize_pem().as_bytes(),
-                true,
-            )?;
-        }
-        Ok(())
+        let retired: String = self
+            .retired
+            .iter()
+            .map(|c| pem("CERTIFICATE", &c.der))
+            .collect();
+        write_atomic(&dir.join("retired.pem"), retired.as_bytes(), false)
     }
 
     /// Loads a CA from a directory written by [`Ca::save`], or one a user prepared: their
@@ -388,28 +378,100 @@ impl Ca {
         lifetimes: CaLifetimes,
         now: SystemTime,
     ) -> Result<Self, CaError> {
-        let root = load_ca_cert(&dir.join("root.pem"), &dir.join("root.key"))?;
-        let inter_pem = dir.join("intermediate.pem");
-        let intermediate = if inter_pem.exists() {
-            load_ca_cert(&inter_pem, &dir.join("intermediate.key"))?
+        let (root, intermediate) = load_pair(dir, &td, lifetimes, now)?;
+        let pending_dir = dir.join("pending");
+        let pending = if pending_dir.join("root.pem").exists() {
+            Some(load_pair(&pending_dir, &td, lifetimes, now)?)
         } else {
-            Self::new_intermediate(&td, &root, lifetimes, now)?
+            None
         };
-        if intermediate.issuer.is_none() {
-            return Err(CaError::BadFile {
-                path: dir.join("intermediate.key"),
-                why: "the intermediate's key is required".into(),
-            });
+        let retired_file = dir.join("retired.pem");
+        let mut retired = vec![];
+        if retired_file.exists() {
+            let text = std::fs::read_to_string(&retired_file).map_err(|source| CaError::Io {
+                path: retired_file.clone(),
+                source,
+            })?;
+            for der in certs_from_pem(&text) {
+                let not_after = not_after_of(&der).map_err(|why| CaError::BadFile {
+                    path: retired_file.clone(),
+                    why,
+                })?;
+                retired.push(CaCert {
+                    der,
+                    issuer: None,
+                    not_after,
+                });
+            }
         }
         Ok(Ca {
             td,
             lifetimes,
             roots: vec![root],
             intermediate,
-            pending: None,
-            retired: vec![],
+            pending,
+            retired,
         })
     }
+
+    /// Whether a root rotation is in progress.
+    pub fn rotating_root(&self) -> bool {
+        self.pending.is_some()
+    }
+}
+
+fn save_pair(dir: &Path, root: &CaCert, inter: &CaCert) -> Result<(), CaError> {
+    std::fs::create_dir_all(dir).map_err(|source| CaError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    write_atomic(
+        &dir.join("root.pem"),
+        pem("CERTIFICATE", &root.der).as_bytes(),
+        false,
+    )?;
+    if let Some(i) = &root.issuer {
+        write_atomic(
+            &dir.join("root.key"),
+            i.key().serialize_pem().as_bytes(),
+            true,
+        )?;
+    }
+    write_atomic(
+        &dir.join("intermediate.pem"),
+        pem("CERTIFICATE", &inter.der).as_bytes(),
+        false,
+    )?;
+    if let Some(i) = &inter.issuer {
+        write_atomic(
+            &dir.join("intermediate.key"),
+            i.key().serialize_pem().as_bytes(),
+            true,
+        )?;
+    }
+    Ok(())
+}
+
+fn load_pair(
+    dir: &Path,
+    td: &TrustDomain,
+    lifetimes: CaLifetimes,
+    now: SystemTime,
+) -> Result<(CaCert, CaCert), CaError> {
+    let root = load_ca_cert(&dir.join("root.pem"), &dir.join("root.key"))?;
+    let inter_pem = dir.join("intermediate.pem");
+    let intermediate = if inter_pem.exists() {
+        load_ca_cert(&inter_pem, &dir.join("intermediate.key"))?
+    } else {
+        Ca::new_intermediate(td, &root, lifetimes, now)?
+    };
+    if intermediate.issuer.is_none() {
+        return Err(CaError::BadFile {
+            path: dir.join("intermediate.key"),
+            why: "the intermediate's key is required".into(),
+        });
+    }
+    Ok((root, intermediate))
 }
 
 fn pem(tag: &str, der: &[u8]) -> String {

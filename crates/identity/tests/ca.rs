@@ -433,3 +433,29 @@ fn spiffe_bundle_round_trip() {
     assert!(Bundle::from_jwks(td(), &tampered).is_err());
     assert!(Bundle::from_jwks(td(), r#"{"keys":[{"use":"jwt-svid","kty":"EC"}]}"#).is_err());
 }
+
+#[test]
+fn a_root_rotation_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = ca();
+    let old = issue(&ca, &id("ns/web/sa/frontend"));
+    ca.begin_root_rotation(SystemTime::now()).unwrap();
+    ca.save(dir.path()).unwrap();
+    let mut loaded = Ca::load(dir.path(), td(), CaLifetimes::default(), SystemTime::now()).unwrap();
+    assert!(loaded.rotating_root());
+    assert_eq!(loaded.bundle(), ca.bundle());
+    loaded.finish_root_rotation().unwrap();
+    loaded.save(dir.path()).unwrap();
+    assert!(!dir.path().join("pending").exists());
+    let after = Ca::load(dir.path(), td(), CaLifetimes::default(), SystemTime::now()).unwrap();
+    assert!(!after.rotating_root());
+    assert_eq!(
+        after.bundle().len(),
+        2,
+        "the retired root stays in the bundle"
+    );
+    let new = issue(&after, &id("ns/web/sa/frontend"));
+    for chain in [&old, &new] {
+        validate(chain, &bundles(&after), Usage::Client, SystemTime::now()).unwrap();
+    }
+}

@@ -439,11 +439,29 @@ pub fn override_revoke(conn: &Conn, ns: &str, name: &str, output: Output) -> Res
     }))
 }
 
-pub fn ca_rotate(conn: &Conn, output: Output) -> Result<ExitCode> {
-    let r = call(conn, "POST", "/v1/ca/rotate", None)?;
-    Ok(finish(r, output, |_| {
-        "rotated the intermediate CA; leaves of the old one stay valid until they expire\n".into()
-    }))
+pub fn ca_rotate(conn: &Conn, root: bool, finish: bool, output: Output) -> Result<ExitCode> {
+    let rotation = match (root, finish) {
+        (false, _) => "intermediate",
+        (true, false) => "root_begin",
+        (true, true) => "root_finish",
+    };
+    let r = call(
+        conn,
+        "POST",
+        "/v1/ca/rotate",
+        Some(json!({"rotation": rotation})),
+    )?;
+    Ok(finish_with(r, output, rotation))
+}
+
+fn finish_with(r: std::result::Result<Value, String>, output: Output, rotation: &str) -> ExitCode {
+    finish(r, output, |_| {
+        match rotation {
+        "root_begin" => "the new root is in the bundle and pushed to proxies; the old intermediate still signs.\nWhen `meshward status` shows no STALE proxy: `meshward ca rotate --root --finish`\n".into(),
+        "root_finish" => "signing with the new root's intermediate; the old root stays in the bundle while its leaves may live\n".into(),
+        _ => "rotated the intermediate CA; leaves of the old one stay valid until they expire\n".into(),
+    }
+    })
 }
 
 /// `meshward status`: the head revision and every connected proxy.

@@ -223,9 +223,17 @@ enum OverrideCommand {
 
 #[derive(Debug, Subcommand)]
 enum CaCommand {
-    /// Replace the signing intermediate (old leaves stay valid until they expire).
-    #[command(after_help = "Example:\n  meshward ca rotate")]
+    /// Rotate the CA: the intermediate, or the root in two steps with an overlap.
+    #[command(
+        after_help = "Examples:\n  meshward ca rotate                   # new intermediate; old leaves stay valid until they expire\n  meshward ca rotate --root            # step 1: the new root joins the bundle, pushed to every proxy\n  meshward status                      # wait until no proxy is STALE\n  meshward ca rotate --root --finish   # step 2: sign with the new root's intermediate"
+    )]
     Rotate {
+        /// Rotate the root (step 1; with --finish, step 2).
+        #[arg(long)]
+        root: bool,
+        /// Finish a root rotation.
+        #[arg(long, requires = "root")]
+        finish: bool,
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
@@ -515,7 +523,11 @@ fn main() -> ExitCode {
             Some((ns, n)) => control_cmd::override_revoke(&cli.conn, ns, n, output),
             None => Err(anyhow::anyhow!("name the override as `namespace/name`")),
         },
-        Command::Ca(CaCommand::Rotate { output }) => control_cmd::ca_rotate(&cli.conn, output),
+        Command::Ca(CaCommand::Rotate {
+            root,
+            finish,
+            output,
+        }) => control_cmd::ca_rotate(&cli.conn, root, finish, output),
     };
     match result {
         Ok(code) => code,

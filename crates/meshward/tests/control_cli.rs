@@ -609,3 +609,94 @@ fn a_new_user_bootstraps_with_the_admin_token_and_adds_a_second_operator() {
         out(&o)
     );
 }
+
+#[test]
+fn root_rotation_in_two_steps_survives_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut c = seeded(&dir);
+    let o = c.cli("alice", &["ca", "rotate", "--root"]);
+    assert!(
+        o.status.success() && out(&o).contains("the new root is in the bundle"),
+        "{}",
+        out(&o)
+    );
+    let o = c.cli("alice", &["ca", "rotate", "--root"]);
+    assert!(out(&o).contains("already in progress"), "{}", out(&o));
+    let o = c.cli("carol", &["ca", "rotate", "--root", "--finish"]);
+    assert!(out(&o).contains("refused (403)"), "{}", out(&o));
+    // A restart in the middle keeps the rotation.
+    c.kill9();
+    c = Control::start(&dir);
+    let bundle = std::fs::read_to_string(dir.join("bundle.pem")).unwrap();
+    assert_eq!(
+        bundle.matches("BEGIN CERTIFICATE").count(),
+        2,
+        "both roots are trusted during the overlap"
+    );
+    let o = c.cli("alice", &["ca", "rotate", "--root", "--finish"]);
+    assert!(o.status.success(), "{}", out(&o));
+    let o = c.cli("alice", &["ca", "rotate", "--root", "--finish"]);
+    assert!(
+        out(&o).contains("no root rotation is in progress"),
+        "{}",
+        out(&o)
+    );
+    // New certificates chain to the new root; both roots stay in the bundle.
+    let o = c.cli(
+        "alice",
+        &[
+            "workload",
+            "token",
+            "--identity",
+            "spiffe://shop.example/ns/web/sa/frontend",
+        ],
+    );
+    let token = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    let id = SpiffeId::parse("spiffe://shop.example/ns/web/sa/frontend").unwrap();
+    let (_key, csr) = new_workload_key(&id).unwrap();
+    let roots = meshward_identity::ca::certs_from_pem(&bundle);
+    let client = meshward_control::client::Client::new(
+        &c.addr,
+        &TrustDomain::parse("shop.example").unwrap(),
+        roots,
+        None,
+        None,
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let v = rt.block_on(client.call("POST", "/v1/svid", Some(&serde_json::json!({"token": token, "csr": base64::engine::general_purpose::STANDARD.encode(&csr)})))).unwrap();
+    let new_root = std::fs::read_to_string(dir.join("ca/root.pem")).unwrap();
+    std::fs::write(tmp.path().join("new-root.pem"), &new_root).unwrap();
+    std::fs::write(tmp.path().join("leaf.pem"), v["chain"][0].as_str().unwrap()).unwrap();
+    std::fs::write(
+        tmp.path().join("inter.pem"),
+        v["chain"][1].as_str().unwrap(),
+    )
+    .unwrap();
+    let o = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(tmp.path().join("new-root.pem"))
+        .arg("-untrusted")
+        .arg(tmp.path().join("inter.pem"))
+        .arg(tmp.path().join("leaf.pem"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", out(&o));
+    assert_eq!(v["bundle"].as_array().unwrap().len(), 2);
+    let o = c.cli(
+        "alice",
+        &["audit", "log", "--action", "ca.", "--output", "json"],
+    );
+    let a: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let actions: Vec<&str> = a
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["ca.rotate-root.begin", "ca.rotate-root.finish"]);
+}
