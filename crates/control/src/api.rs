@@ -93,6 +93,15 @@ macro_rules! op {
     };
 }
 
+/// Runs store and CA work off the async workers (a durable commit waits for the disk).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Refused> + Send + 'static,
+) -> Result<T, Refused> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(Refused::Internal(e.to_string())))
+}
+
 fn reply<T: serde::Serialize>(r: Result<T, Refused>) -> Response {
     match r {
         Ok(v) => Json(json!(v)).into_response(),
@@ -114,7 +123,7 @@ async fn apply(
     Json(r): Json<ApplyReq>,
 ) -> Response {
     let op = op!(cp, h, p);
-    reply(cp.apply(&op, r.files, &r.reason, SystemTime::now()))
+    reply(blocking(move || cp.apply(&op, r.files, &r.reason, SystemTime::now())).await)
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,19 +138,24 @@ async fn approve(
     Json(r): Json<ApproveReq>,
 ) -> Response {
     let op = op!(cp, h, p);
-    reply(cp.approve(&op, r.proposal, SystemTime::now()))
+    reply(blocking(move || cp.approve(&op, r.proposal, SystemTime::now())).await)
 }
 
 async fn proposals(State(cp): State<Cp>, Extension(p): Extension<Peer>, h: HeaderMap) -> Response {
     let _ = op!(cp, h, p);
-    reply(cp.store.proposals().map_err(Refused::from).map(|ps| {
-        ps.into_iter()
-            .map(|mut p| {
-                p.files.clear();
-                p
+    reply(
+        blocking(move || {
+            cp.store.proposals().map_err(Refused::from).map(|ps| {
+                ps.into_iter()
+                    .map(|mut p| {
+                        p.files.clear();
+                        p
+                    })
+                    .collect::<Vec<_>>()
             })
-            .collect::<Vec<_>>()
-    }))
+        })
+        .await,
+    )
 }
 
 #[derive(Debug, Deserialize)]
@@ -158,12 +172,12 @@ async fn rollback(
     Json(r): Json<RollbackReq>,
 ) -> Response {
     let op = op!(cp, h, p);
-    reply(cp.rollback(&op, r.to, &r.reason, SystemTime::now()))
+    reply(blocking(move || cp.rollback(&op, r.to, &r.reason, SystemTime::now())).await)
 }
 
 async fn history(State(cp): State<Cp>, Extension(p): Extension<Peer>, h: HeaderMap) -> Response {
     let _ = op!(cp, h, p);
-    reply(cp.history())
+    reply(blocking(move || cp.history()).await)
 }
 
 async fn revision(
@@ -173,7 +187,7 @@ async fn revision(
     Path(rev): Path<u64>,
 ) -> Response {
     let _ = op!(cp, h, p);
-    reply(cp.revision(rev))
+    reply(blocking(move || cp.revision(rev)).await)
 }
 
 #[derive(Debug, Deserialize)]
@@ -190,12 +204,17 @@ async fn audit_log(
     Query(q): Query<AuditQuery>,
 ) -> Response {
     let _ = op!(cp, h, p);
-    reply(cp.audit(&AuditFilter {
-        actor: q.actor,
-        action_prefix: q.action,
-        since_ms: None,
-        limit: q.limit,
-    }))
+    reply(
+        blocking(move || {
+            cp.audit(&AuditFilter {
+                actor: q.actor,
+                action_prefix: q.action,
+                since_ms: None,
+                limit: q.limit,
+            })
+        })
+        .await,
+    )
 }
 
 async fn audit_verify(
@@ -231,9 +250,9 @@ async fn token(
     Json(r): Json<TokenReq>,
 ) -> Response {
     let op = op!(cp, h, p);
-    reply(cp.issue_token(&op, &r.identity, Duration::from_secs(r.ttl_secs), SystemTime::now()).map(|(token, exp)| {
+    reply(blocking(move || cp.issue_token(&op, &r.identity, Duration::from_secs(r.ttl_secs), SystemTime::now()).map(|(token, exp)| {
         json!({"token": token, "identity": r.identity, "expires_at": humantime::format_rfc3339(exp).to_string()})
-    }))
+    })).await)
 }
 
 #[derive(Debug, Deserialize)]
@@ -265,16 +284,16 @@ async fn svid(
     };
     let lifetime = r.lifetime_secs.map(Duration::from_secs);
     let now = SystemTime::now();
-    let issued = match (&r.token, &p.0) {
-        (Some(t), _) => cp.sign_with_token(t, &csr, lifetime, now),
-        (None, Some(id)) => cp.renew(id, &csr, lifetime, now),
-        (None, None) => {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "present a join token, or your current SVID as client certificate to renew",
-            );
-        }
-    };
+    let (token, peer) = (r.token.clone(), p.0.clone());
+    let c = cp.clone();
+    let issued = blocking(move || match (&token, &peer) {
+        (Some(t), _) => c.sign_with_token(t, &csr, lifetime, now),
+        (None, Some(id)) => c.renew(id, &csr, lifetime, now),
+        (None, None) => Err(Refused::Forbidden(
+            "present a join token, or your current SVID as client certificate to renew".into(),
+        )),
+    })
+    .await;
     reply(issued.and_then(|i| issued_json(&cp, &i)))
 }
 
@@ -310,7 +329,12 @@ async fn override_create(
     Json(r): Json<OverrideReq>,
 ) -> Response {
     let op = op!(cp, h, p);
-    reply(cp.create_override(&op, &r.namespace, &r.name, &r.document, SystemTime::now()))
+    reply(
+        blocking(move || {
+            cp.create_override(&op, &r.namespace, &r.name, &r.document, SystemTime::now())
+        })
+        .await,
+    )
 }
 
 async fn override_list(
@@ -319,7 +343,7 @@ async fn override_list(
     h: HeaderMap,
 ) -> Response {
     let _ = op!(cp, h, p);
-    reply(cp.overrides())
+    reply(blocking(move || cp.overrides()).await)
 }
 
 async fn override_revoke(
@@ -329,7 +353,7 @@ async fn override_revoke(
     Path((ns, name)): Path<(String, String)>,
 ) -> Response {
     let op = op!(cp, h, p);
-    reply(cp.revoke_override(&op, &ns, &name, SystemTime::now()))
+    reply(blocking(move || cp.revoke_override(&op, &ns, &name, SystemTime::now())).await)
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -349,14 +373,17 @@ async fn ca_rotate(
         .and_then(|Json(b)| b.rotation)
         .unwrap_or(crate::service::Rotation::Intermediate);
     reply(
-        cp.rotate(&op, what, SystemTime::now())
-            .map(|()| json!({"rotated": what})),
+        blocking(move || {
+            cp.rotate(&op, what, SystemTime::now())
+                .map(|()| json!({"rotated": what}))
+        })
+        .await,
     )
 }
 
 async fn status(State(cp): State<Cp>, Extension(p): Extension<Peer>, h: HeaderMap) -> Response {
     let _ = op!(cp, h, p);
-    reply(cp.status())
+    reply(blocking(move || cp.status()).await)
 }
 
 /// Every route.

@@ -136,6 +136,25 @@ pub(crate) fn ms(t: SystemTime) -> i64 {
 #[derive(Debug)]
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    group: Group,
+}
+
+/// Group commit for audit appends: concurrent callers queue their entries; one of them
+/// (the leader) writes the whole queue in one durable transaction while the others wait,
+/// so many appends share one fsync and each caller still returns only once its entry is
+/// on disk.
+#[derive(Debug, Default)]
+struct Group {
+    state: Mutex<GroupState>,
+    cv: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GroupState {
+    next_ticket: u64,
+    queue: Vec<(u64, NewEntry, SystemTime)>,
+    leader: bool,
+    done: std::collections::HashMap<u64, Result<Entry, String>>,
 }
 
 impl SqliteStore {
@@ -156,6 +175,7 @@ impl SqliteStore {
                  reason TEXT NOT NULL, summary TEXT NOT NULL, base INTEGER NOT NULL, files TEXT NOT NULL);",
         )?;
         Ok(SqliteStore {
+            group: Group::default(),
             conn: Mutex::new(conn),
         })
     }
@@ -273,12 +293,48 @@ impl Store for SqliteStore {
     }
 
     fn append_audit(&self, entry: NewEntry, now: SystemTime) -> Result<Entry, StoreError> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            let e = append(&tx, entry, now)?;
-            tx.commit()?;
-            Ok(e)
-        })
+        let g = &self.group;
+        let mut st = g.state.lock().map_err(|_| StoreError::Poisoned)?;
+        let ticket = st.next_ticket;
+        st.next_ticket += 1;
+        st.queue.push((ticket, entry, now));
+        loop {
+            if let Some(r) = st.done.remove(&ticket) {
+                return r.map_err(StoreError::Corrupt);
+            }
+            if st.leader {
+                st = g.cv.wait(st).map_err(|_| StoreError::Poisoned)?;
+                continue;
+            }
+            // Lead: write everything queued so far in one transaction.
+            st.leader = true;
+            let batch = std::mem::take(&mut st.queue);
+            drop(st);
+            let written = self.with(|c| {
+                let tx = c.transaction()?;
+                let mut out = Vec::with_capacity(batch.len());
+                for (t, e, at) in batch.iter().cloned() {
+                    out.push((t, append(&tx, e, at)?));
+                }
+                tx.commit()?;
+                Ok(out)
+            });
+            st = g.state.lock().map_err(|_| StoreError::Poisoned)?;
+            match written {
+                Ok(entries) => {
+                    for (t, e) in entries {
+                        st.done.insert(t, Ok(e));
+                    }
+                }
+                Err(e) => {
+                    for (t, _, _) in &batch {
+                        st.done.insert(*t, Err(e.to_string()));
+                    }
+                }
+            }
+            st.leader = false;
+            g.cv.notify_all();
+        }
     }
 
     fn audit(&self, f: &AuditFilter) -> Result<Vec<Entry>, StoreError> {
