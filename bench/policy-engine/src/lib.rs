@@ -85,7 +85,7 @@ pub fn meshward_set(n: usize, f: Family) -> PolicySet {
         identity: SpiffeId::workload(&td, "bench", "api").unwrap_or_else(|e| panic!("{e}")),
         labels: BTreeMap::new(),
         attributes: BTreeMap::new(),
-        ports: vec![WorkloadPort { port: 8080, protocol: Protocol::Http, name: None }],
+        ports: vec![WorkloadPort { port: 8080, protocol: Protocol::Http, name: None, inbound: None }],
         origin: None,
     });
     let target = Target { named: Some([WorkloadRef { namespace: "bench".into(), name: "api".into() }].into()), ..Default::default() };

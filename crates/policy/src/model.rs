@@ -1120,6 +1120,20 @@ impl Builder {
         };
         let mut seen = BTreeSet::new();
         for (i, port) in s.ports.iter().enumerate() {
+            if let Some(a) = &port.inbound {
+                if a.parse::<std::net::SocketAddr>().is_err() {
+                    self.diags.push(
+                        d.origin
+                            .diag(
+                                "MW103",
+                                Severity::Error,
+                                &p!["spec", "ports", i, "inbound"],
+                                format!("`{a}` is not an `ip:port` address"),
+                            )
+                            .resource(d.label()),
+                    );
+                }
+            }
             if port.port == 0 || !seen.insert(port.port) {
                 self.diags.push(
                     d.origin

@@ -239,6 +239,10 @@ pub struct WorkloadPort {
     pub protocol: Protocol,
     #[serde(default)]
     pub name: Option<String>,
+    /// Explicit mode: `ip:port` where the workload's sidecar accepts mTLS for this port
+    /// (transparent mode intercepts the port itself and needs none).
+    #[serde(default)]
+    pub inbound: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -298,6 +298,7 @@ fn gen_set(g: &mut Gen) -> PolicySet {
                 port: 80,
                 protocol: Protocol::Http,
                 name: None,
+                inbound: None,
             }],
             origin: None,
         })

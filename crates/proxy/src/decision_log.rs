@@ -1,0 +1,100 @@
+//! The decision log writer: every deny and a sample of allows, as JSON lines in the
+//! format of `docs/decision-log.md`, written by a background thread so the request path
+//! never waits on the disk. When the queue is full, records are dropped and counted.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+
+use meshward_policy::decision::{Decision, Request, Verdict};
+use meshward_policy::decision_log::DecisionRecord;
+
+/// Where decisions go.
+#[derive(Debug, Clone)]
+pub struct DecisionLog {
+    tx: Option<SyncSender<String>>,
+    /// Log one allow in this many.
+    sample_allows: u64,
+    seen_allows: Arc<AtomicU64>,
+    pub dropped: Arc<AtomicU64>,
+    pub allowed: Arc<AtomicU64>,
+    pub denied: Arc<AtomicU64>,
+}
+
+impl DecisionLog {
+    /// Writes to `path`, rotating to `path.1` past `max_bytes`.
+    pub fn to_file(path: PathBuf, max_bytes: u64, sample_allows: u64) -> std::io::Result<Self> {
+        let (tx, rx) = sync_channel::<String>(8192);
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        let mut size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        std::thread::Builder::new()
+            .name("decision-log".into())
+            .spawn(move || {
+                while let Ok(line) = rx.recv() {
+                    if size + line.len() as u64 > max_bytes {
+                        let _ = std::fs::rename(&path, path.with_extension("jsonl.1"));
+                        match std::fs::OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(&path)
+                        {
+                            Ok(f) => {
+                                file = f;
+                                size = 0;
+                            }
+                            Err(_) => continue,
+                        }
+                    }
+                    if file.write_all(line.as_bytes()).is_ok() {
+                        size += line.len() as u64;
+                    }
+                }
+            })?;
+        Ok(Self::with(Some(tx), sample_allows))
+    }
+
+    /// Counts decisions but writes none.
+    pub fn disabled() -> Self {
+        Self::with(None, 1)
+    }
+
+    fn with(tx: Option<SyncSender<String>>, sample_allows: u64) -> Self {
+        DecisionLog {
+            tx,
+            sample_allows: sample_allows.max(1),
+            seen_allows: Arc::default(),
+            dropped: Arc::default(),
+            allowed: Arc::default(),
+            denied: Arc::default(),
+        }
+    }
+
+    /// Records a decision (all denies, one allow in `sample_allows`).
+    pub fn record(&self, req: &Request, d: &Decision) {
+        let weight = match d.verdict {
+            Verdict::Deny => {
+                self.denied.fetch_add(1, Ordering::Relaxed);
+                1
+            }
+            Verdict::Allow => {
+                self.allowed.fetch_add(1, Ordering::Relaxed);
+                if self.seen_allows.fetch_add(1, Ordering::Relaxed) % self.sample_allows != 0 {
+                    return;
+                }
+                self.sample_allows
+            }
+        };
+        let Some(tx) = &self.tx else { return };
+        let mut line =
+            DecisionRecord::new(req, d, u32::try_from(weight).unwrap_or(u32::MAX)).to_line();
+        line.push('\n');
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(line) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! Inbound: accepts only mutual TLS with a valid SVID, decides per connection (TCP) or per
+//! request (HTTP/1.1) with the compiled engine, and forwards what is allowed to the app on
+//! loopback — the normalized path, with the verified peer identity in a header the app can
+//! trust (any incoming copy is stripped).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request as HttpRequest, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshward_identity::SpiffeId;
+use meshward_identity::verifier::{Accept, SvidClientVerifier, peer_identity};
+use meshward_policy::decision::{
+    Decision, HttpAttrs, PolicyRevision, Reason, Request, Source, Verdict,
+};
+use meshward_policy::path::normalize;
+use meshward_policy::resource::Protocol;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::state::{ServerCert, Shared};
+
+/// The header that carries the verified peer SPIFFE ID to the app.
+pub const IDENTITY_HEADER: &str = "x-meshward-peer-identity";
+
+/// One inbound listener: where it listens, and the app port behind it.
+#[derive(Debug, Clone, Copy)]
+pub struct InboundPort {
+    pub app_port: u16,
+    pub protocol: Protocol,
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+fn full(status: StatusCode, json: serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(json.to_string()))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// The TLS server configuration: SVIDs required from every client.
+pub fn server_tls(
+    shared: &Arc<Shared>,
+    protocol: Protocol,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(|e| e.to_string())?
+    .with_client_cert_verifier(SvidClientVerifier::new(
+        shared.bundles.clone(),
+        Accept::AnyTrusted,
+    ))
+    .with_cert_resolver(Arc::new(ServerCert(shared.clone())));
+    if protocol.is_http() {
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    }
+    Ok(Arc::new(cfg))
+}
+
+fn decide(shared: &Shared, req: &Request) -> Decision {
+    match shared.policy.load().as_ref() {
+        Some(p) => p.engine.decide(req),
+        // No configuration at all: fail closed.
+        None => Decision::bare(Verdict::Deny, Reason::NoPolicy, PolicyRevision(0)),
+    }
+}
+
+/// Serves one inbound port until the listener fails.
+pub async fn serve(
+    shared: Arc<Shared>,
+    port: InboundPort,
+    listener: TcpListener,
+) -> Result<(), String> {
+    let tls = tokio_rustls::TlsAcceptor::from(server_tls(&shared, port.protocol)?);
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new()).build(http);
+    loop {
+        let (tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
+        let (tls, shared, client) = (tls.clone(), shared.clone(), client.clone());
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let Ok(Ok(stream)) =
+                tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await
+            else {
+                return;
+            };
+            let Some(peer) = peer_identity(stream.get_ref().1) else {
+                return;
+            };
+            if port.protocol.is_http() {
+                serve_http(shared, port, peer, stream, client).await;
+            } else {
+                serve_tcp(shared, port, peer, stream).await;
+            }
+        });
+    }
+}
+
+async fn serve_tcp(
+    shared: Arc<Shared>,
+    port: InboundPort,
+    peer: SpiffeId,
+    mut stream: tokio_rustls::server::TlsStream<TcpStream>,
+) {
+    let req = Request {
+        source: Source::Authenticated(peer),
+        destination: shared.workload.clone(),
+        port: port.app_port,
+        http: None,
+        at: SystemTime::now(),
+    };
+    let d = decide(&shared, &req);
+    shared.log.record(&req, &d);
+    if d.verdict != Verdict::Allow {
+        return; // dropped: the connection closes
+    }
+    let Ok(mut app) = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port.app_port))).await
+    else {
+        return;
+    };
+    let _ = app.set_nodelay(true);
+    let _ = tokio::io::copy_bidirectional(&mut stream, &mut app).await;
+}
+
+async fn serve_http(
+    shared: Arc<Shared>,
+    port: InboundPort,
+    peer: SpiffeId,
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    client: Client<HttpConnector, Incoming>,
+) {
+    let svc = hyper::service::service_fn(move |req: HttpRequest<Incoming>| {
+        let (shared, peer, client) = (shared.clone(), peer.clone(), client.clone());
+        async move { Ok::<_, Infallible>(handle(&shared, port, &peer, &client, req).await) }
+    });
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.max_buf_size(64 * 1024).max_headers(100).half_close(false);
+    let _ = b.serve_connection(TokioIo::new(stream), svc).await;
+}
+
+async fn handle(
+    shared: &Shared,
+    port: InboundPort,
+    peer: &SpiffeId,
+    client: &Client<HttpConnector, Incoming>,
+    mut req: HttpRequest<Incoming>,
+) -> Response<Body> {
+    let h = req.headers();
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
+    let norm = match normalize(&target) {
+        Ok(n) => n,
+        Err(e) => {
+            return full(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": e.code(), "reason": e.to_string()}),
+            );
+        }
+    };
+    let host = h
+        .get(hyper::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let headers: Vec<(String, String)> = h
+        .iter()
+        .filter(|(k, _)| k.as_str() != IDENTITY_HEADER)
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let preq = Request {
+        source: Source::Authenticated(peer.clone()),
+        destination: shared.workload.clone(),
+        port: port.app_port,
+        http: Some(HttpAttrs {
+            method: req.method().as_str().to_owned(),
+            path: norm.path.clone(),
+            host,
+            headers,
+        }),
+        at: SystemTime::now(),
+    };
+    let d = decide(shared, &preq);
+    shared.log.record(&preq, &d);
+    if d.verdict != Verdict::Allow {
+        return full(
+            StatusCode::FORBIDDEN,
+            serde_json::json!({"verdict": "deny", "reason": d.reason, "policy": d.policy, "rule": d.rule, "revision": d.revision}),
+        );
+    }
+    // Forward: the normalized target, the verified identity.
+    let uri = format!("http://127.0.0.1:{}{}", port.app_port, norm.target());
+    let Ok(uri) = uri.parse::<hyper::Uri>() else {
+        return full(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": "bad target"}),
+        );
+    };
+    *req.uri_mut() = uri;
+    let hdrs = req.headers_mut();
+    hdrs.remove(IDENTITY_HEADER);
+    if let Ok(v) = hyper::header::HeaderValue::from_str(peer.as_str()) {
+        hdrs.insert(IDENTITY_HEADER, v);
+    }
+    match client.request(req).await {
+        Ok(resp) => resp.map(|b| b.boxed()),
+        Err(e) => full(
+            StatusCode::BAD_GATEWAY,
+            serde_json::json!({"error": "the app did not answer", "detail": e.to_string()}),
+        ),
+    }
+}

@@ -1,0 +1,14 @@
+//! Meshward's sidecar proxy (data plane).
+//!
+//! One per workload. Inbound, it accepts only mutual TLS from valid SVIDs and authorizes
+//! every connection (TCP) and request (HTTP) locally with the compiled policy engine —
+//! the control plane is never on the request path, and with no policy at all it denies.
+//! Outbound, it originates mutual TLS to the service's endpoints and accepts only the
+//! identities the service is declared to run as. State the data path reads is swapped in
+//! atomically ([`state`]). Explicit mode here; transparent capture shares everything after
+//! accept.
+
+pub mod decision_log;
+pub mod inbound;
+pub mod outbound;
+pub mod state;

@@ -1,0 +1,111 @@
+//! Outbound: a loopback listener per upstream service. The app connects in plaintext; the
+//! proxy picks an endpoint of the service (round robin), originates mutual TLS with the
+//! workload's SVID, accepts only a server whose SPIFFE ID is one the service is declared
+//! to run as, and copies bytes both ways (HTTP is parsed and authorized by the inbound
+//! side, where the policy lives).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use meshward_identity::SpiffeId;
+use meshward_identity::verifier::{Accept, SvidServerVerifier};
+use meshward_policy::decision::WorkloadRef;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::state::{ClientCert, Shared};
+
+/// One upstream: a service and its port.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub service: WorkloadRef,
+    pub port: u16,
+}
+
+/// The endpoints of an upstream in the current configuration: `(inbound address, identity)`.
+pub fn endpoints(shared: &Shared, up: &Upstream) -> Vec<(SocketAddr, SpiffeId)> {
+    let Some(p) = shared.policy.load_full() else {
+        return vec![];
+    };
+    let set = &p.set;
+    let Some(svc) = set.services.iter().find(|s| s.id == up.service) else {
+        return vec![];
+    };
+    let target_port = svc
+        .ports
+        .iter()
+        .find(|sp| sp.port == up.port)
+        .map_or(up.port, |sp| sp.target_port.unwrap_or(sp.port));
+    svc.workloads
+        .iter()
+        .filter_map(|&i| set.workloads.get(i))
+        .filter_map(|w| {
+            let addr = w
+                .ports
+                .iter()
+                .find(|p| p.port == target_port)?
+                .inbound
+                .as_deref()?
+                .parse()
+                .ok()?;
+            Some((addr, w.identity.clone()))
+        })
+        .collect()
+}
+
+/// Serves one upstream until the listener fails.
+pub async fn serve(shared: Arc<Shared>, up: Upstream, listener: TcpListener) -> Result<(), String> {
+    let next = Arc::new(AtomicUsize::new(0));
+    loop {
+        let (mut app, _) = listener.accept().await.map_err(|e| e.to_string())?;
+        let (shared, up, next) = (shared.clone(), up.clone(), next.clone());
+        tokio::spawn(async move {
+            let _ = app.set_nodelay(true);
+            let eps = endpoints(&shared, &up);
+            if eps.is_empty() {
+                eprintln!(
+                    "meshward-proxy: no endpoint for {}:{}; closing",
+                    up.service, up.port
+                );
+                return;
+            }
+            let (addr, _) = eps[next.fetch_add(1, Ordering::Relaxed) % eps.len()].clone();
+            let allowed: Vec<SpiffeId> = eps.iter().map(|(_, id)| id.clone()).collect();
+            let Ok(cfg) = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_protocol_versions(&[&rustls::version::TLS13]) else {
+                return;
+            };
+            let cfg = cfg
+                .dangerous()
+                .with_custom_certificate_verifier(SvidServerVerifier::new(
+                    shared.bundles.clone(),
+                    Accept::Only(allowed),
+                ))
+                .with_client_cert_resolver(Arc::new(ClientCert(shared.clone())));
+            let Ok(Ok(tcp)) =
+                tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await
+            else {
+                return;
+            };
+            let _ = tcp.set_nodelay(true);
+            let Ok(name) = rustls::pki_types::ServerName::try_from("mesh.meshward.invalid") else {
+                return;
+            };
+            match tokio_rustls::TlsConnector::from(Arc::new(cfg))
+                .connect(name, tcp)
+                .await
+            {
+                Ok(mut tls) => {
+                    let _ = tokio::io::copy_bidirectional(&mut app, &mut tls).await;
+                }
+                Err(e) => eprintln!(
+                    "meshward-proxy: refusing endpoint {addr} of {}: {e}",
+                    up.service
+                ),
+            }
+        });
+    }
+}

@@ -1,0 +1,110 @@
+//! What the data path reads: the compiled policy and the workload's certificate, each an
+//! immutable snapshot behind an `ArcSwap` — built off to the side, swapped in, never locked
+//! on the request path.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwapOption;
+use meshward_identity::verifier::SharedBundles;
+use meshward_policy::decision::WorkloadRef;
+use meshward_policy::engine::Engine;
+use meshward_policy::model::PolicySet;
+use rustls::sign::CertifiedKey;
+
+/// A compiled policy revision.
+#[derive(Debug)]
+pub struct Policy {
+    pub revision: u64,
+    pub set: PolicySet,
+    pub engine: Engine,
+}
+
+/// The workload's current SVID.
+#[derive(Debug)]
+pub struct Svid {
+    pub key: Arc<CertifiedKey>,
+    pub not_after: SystemTime,
+}
+
+/// Everything the listeners share.
+#[derive(Debug)]
+pub struct Shared {
+    pub workload: WorkloadRef,
+    pub policy: ArcSwapOption<Policy>,
+    pub svid: ArcSwapOption<Svid>,
+    pub bundles: SharedBundles,
+    pub log: crate::decision_log::DecisionLog,
+}
+
+impl Shared {
+    pub fn new(
+        workload: WorkloadRef,
+        bundles: SharedBundles,
+        log: crate::decision_log::DecisionLog,
+    ) -> Arc<Self> {
+        Arc::new(Shared {
+            workload,
+            policy: ArcSwapOption::empty(),
+            svid: ArcSwapOption::empty(),
+            bundles,
+            log,
+        })
+    }
+
+    /// Compiles and swaps in a policy set.
+    pub fn set_policy(&self, revision: u64, set: PolicySet) {
+        let engine = Engine::compile(
+            &set.clone()
+                .with_revision(meshward_policy::PolicyRevision(revision)),
+        );
+        self.policy.store(Some(Arc::new(Policy {
+            revision,
+            set,
+            engine,
+        })));
+    }
+
+    /// The SVID to present, unless it has expired (then none: new connections fail closed).
+    pub fn current_svid(&self) -> Option<Arc<CertifiedKey>> {
+        let s = self.svid.load_full()?;
+        if SystemTime::now() >= s.not_after {
+            return None;
+        }
+        Some(s.key.clone())
+    }
+}
+
+/// Presents the current SVID as server certificate.
+#[derive(Debug)]
+pub struct ServerCert(pub Arc<Shared>);
+
+impl rustls::server::ResolvesServerCert for ServerCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let c = self.0.current_svid();
+        if c.is_none() {
+            eprintln!(
+                "meshward-proxy: no valid certificate (expired or not yet issued): refusing the connection (fail closed)"
+            );
+        }
+        c
+    }
+}
+
+/// Presents the current SVID as client certificate.
+#[derive(Debug)]
+pub struct ClientCert(pub Arc<Shared>);
+
+impl rustls::client::ResolvesClientCert for ClientCert {
+    fn resolve(
+        &self,
+        _hints: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.0.current_svid()
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
