@@ -13,6 +13,19 @@ if ! python3 -c 'import jsonschema' >/dev/null 2>&1; then
     || { [ "$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq python3-jsonschema; }
 fi
 
+# Real clients the end-to-end tests drive.
+missing=""
+for tool in curl openssl python3; do command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"; done
+if [ -n "$missing" ]; then
+  log "installing${missing}"
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq curl openssl python3
+  else
+    echo "missing:${missing} (install them, or run as root)" >&2
+    exit 1
+  fi
+fi
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -194,3 +194,10 @@ pub fn validate(
         }),
     }
 }
+
+/// When a certificate expires.
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<SystemTime> {
+    let (_, c) = X509Certificate::from_der(cert).ok()?;
+    let secs = u64::try_from(c.validity().not_after.timestamp()).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+}

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod control_cmd;
 mod policy_cmd;
+mod proxy_cmd;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -105,6 +106,43 @@ enum Command {
     /// Operators of the control plane.
     #[command(subcommand)]
     Operator(OperatorCommand),
+    /// Run the sidecar proxy of one workload (explicit mode).
+    #[command(
+        after_help = "Example:\n  meshward proxy --workload web/frontend --control 127.0.0.1:7444 --ca-file DATA/bundle.pem \\\n    --join-token-file frontend.token --state-dir /var/lib/meshward-proxy/frontend \\\n    --upstream 127.0.0.1:15001=orders/orders:80 --admin 127.0.0.1:15000\n\nInbound listeners are the `inbound` addresses of the workload's ports in the policy set;\nthe app itself listens on 127.0.0.1:PORT. Upstreams are loopback listeners the app calls\nin plaintext; the proxy carries them over mTLS."
+    )]
+    Proxy(ProxyArgs),
+}
+
+/// `meshward proxy` reads the mesh's root certificates from the global `--ca-file`
+/// (the control plane's DATA/bundle.pem).
+#[derive(Debug, clap::Args)]
+struct ProxyArgs {
+    /// The workload this sidecar serves, `namespace/name`.
+    #[arg(long)]
+    workload: String,
+    /// The control plane's proxy API, `host:port`.
+    #[arg(long)]
+    control: String,
+    /// The identity to run as (default `spiffe://TD/ns/NAMESPACE/sa/NAME`).
+    #[arg(long)]
+    identity: Option<String>,
+    /// A file with a single-use join token (needed until the state directory holds an SVID).
+    #[arg(long)]
+    join_token_file: Option<PathBuf>,
+    /// Where the SVID, bundle and last-known-good configuration are kept (mode 0600).
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// `LISTEN=NAMESPACE/SERVICE:PORT`, e.g. `127.0.0.1:15001=orders/orders:80` (repeatable).
+    #[arg(long = "upstream")]
+    upstreams: Vec<String>,
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: String,
+    /// Write the decision log (JSON lines, docs/decision-log.md) here.
+    #[arg(long)]
+    decision_log: Option<PathBuf>,
+    /// Log one allow in this many (every deny is logged).
+    #[arg(long, default_value_t = 10)]
+    sample_allows: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -428,6 +466,7 @@ fn main() -> ExitCode {
             controller_interval,
         ),
         Command::Status { output } => control_cmd::status(&cli.conn, output),
+        Command::Proxy(a) => proxy_cmd::run(a, &cli.conn),
         Command::Operator(OperatorCommand::Add {
             name,
             data,

@@ -8,7 +8,10 @@
 //! atomically ([`state`]). Explicit mode here; transparent capture shares everything after
 //! accept.
 
+pub mod admin;
+pub mod agent;
 pub mod decision_log;
 pub mod inbound;
 pub mod outbound;
+pub mod run;
 pub mod state;

@@ -1,0 +1,359 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+//! Real processes: a control plane, two `meshward proxy` sidecars, an unmodified app
+//! (`python3 -m http.server`) and curl. Allowed and denied calls through two proxies over
+//! mTLS; the control plane killed (traffic keeps flowing under the same policy, denials
+//! still deny); a proxy restarted while the control plane is down starts from its
+//! last-known-good state.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use meshward_control::auth::{Operator, Operators, PLATFORM_SECURITY, sha256_hex};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_meshward")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Spawns and waits for a line containing `marker` on stdout (then keeps draining it).
+fn spawn_until(cmd: &mut Command, marker: &str) -> (Proc, Vec<String>) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let mut lines = vec![];
+    let start = Instant::now();
+    loop {
+        let mut l = String::new();
+        if reader.read_line(&mut l).unwrap() == 0 {
+            panic!("process exited before `{marker}`: {lines:?}");
+        }
+        lines.push(l.trim().to_owned());
+        if l.contains(marker) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no `{marker}` in 30s: {lines:?}"
+        );
+    }
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    (Proc(child), lines)
+}
+
+fn curl(port: u16, path: &str) -> (String, String) {
+    let o = Command::new("curl")
+        .args([
+            "-s",
+            "-m",
+            "10",
+            "-w",
+            "\n%{http_code}",
+            &format!("http://127.0.0.1:{port}{path}"),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
+    (code.to_owned(), body.to_owned())
+}
+
+fn out(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+struct Env {
+    data: PathBuf,
+    api: String,
+    proxy_api: String,
+}
+
+impl Env {
+    fn cli(&self, who: &str, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(args)
+            .args(["--server", &self.api, "--ca-file"])
+            .arg(self.data.join("bundle.pem"))
+            .arg("--token-file")
+            .arg(self.data.join(format!("{who}.token")))
+            .output()
+            .unwrap()
+    }
+
+    fn proxy(
+        &self,
+        workload: &str,
+        state: &Path,
+        token: Option<&Path>,
+        extra: &[&str],
+    ) -> (Proc, Vec<String>) {
+        let mut c = Command::new(bin());
+        c.args([
+            "proxy",
+            "--workload",
+            workload,
+            "--control",
+            &self.proxy_api,
+            "--ca-file",
+        ])
+        .arg(self.data.join("bundle.pem"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--admin", &format!("127.0.0.1:{}", free_port())])
+        .args(extra);
+        if let Some(t) = token {
+            c.arg("--join-token-file").arg(t);
+        }
+        spawn_until(&mut c, "ready")
+    }
+}
+
+fn start_control(data: &Path, api: u16, proxy_api: u16) -> Proc {
+    let mut c = Command::new(bin());
+    c.args([
+        "control",
+        "--trust-domain",
+        "shop.example",
+        "--listen",
+        &format!("127.0.0.1:{api}"),
+        "--proxy-listen",
+        &format!("127.0.0.1:{proxy_api}"),
+        "--data",
+    ])
+    .arg(data);
+    spawn_until(&mut c, "listening").0
+}
+
+#[test]
+fn two_sidecars_enforce_locally_and_survive_the_control_plane() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let ops = Operators {
+        operators: ["alice", "bob"]
+            .iter()
+            .map(|n| Operator {
+                name: n.to_string(),
+                roles: vec![PLATFORM_SECURITY.into()],
+                namespaces: vec![],
+                token_sha256: vec![sha256_hex(&format!("t-{n}"))],
+            })
+            .collect(),
+    };
+    std::fs::write(
+        data.join("operators.json"),
+        serde_json::to_string(&ops).unwrap(),
+    )
+    .unwrap();
+    for n in ["alice", "bob"] {
+        std::fs::write(data.join(format!("{n}.token")), format!("t-{n}")).unwrap();
+    }
+    let (api, proxy_api) = (free_port(), free_port());
+    let mut control = start_control(&data, api, proxy_api);
+    let env = Env {
+        data: data.clone(),
+        api: format!("127.0.0.1:{api}"),
+        proxy_api: format!("127.0.0.1:{proxy_api}"),
+    };
+
+    // The app: an unmodified python3 http.server with a file at /orders/1.
+    let (app_port, inbound, outbound) = (free_port(), free_port(), free_port());
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(www.join("orders")).unwrap();
+    std::fs::write(www.join("orders/1"), "order one").unwrap();
+    std::fs::write(www.join("secret"), "top secret").unwrap();
+    let _app = Proc(
+        Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &app_port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .current_dir(&www)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    let repo = tmp.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("mesh.yaml"),
+        format!(
+            r#"apiVersion: meshward.io/v1alpha1
+kind: Mesh
+metadata: {{name: shop}}
+spec: {{trustDomain: shop.example}}
+---
+apiVersion: meshward.io/v1alpha1
+kind: Workload
+metadata: {{name: frontend, namespace: web}}
+spec: {{ports: [{{port: 9000, protocol: HTTP}}]}}
+---
+apiVersion: meshward.io/v1alpha1
+kind: Workload
+metadata: {{name: orders-api, namespace: orders, labels: {{app: orders-api}}}}
+spec: {{ports: [{{port: {app_port}, protocol: HTTP, inbound: "127.0.0.1:{inbound}"}}]}}
+---
+apiVersion: meshward.io/v1alpha1
+kind: Service
+metadata: {{name: orders, namespace: orders}}
+spec: {{selector: {{app: orders-api}}, ports: [{{port: 80, targetPort: {app_port}}}]}}
+---
+apiVersion: meshward.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: orders-api, namespace: orders}}
+spec:
+  tier: service
+  action: ALLOW
+  target: {{workloads: [orders-api]}}
+  rules:
+    - name: frontend-reads-orders
+      from: [{{identities: ["spiffe://shop.example/ns/web/sa/frontend"]}}]
+      to: [{{methods: [GET], paths: ["/orders/*"]}}]
+"#
+        ),
+    )
+    .unwrap();
+    let o = env.cli("alice", &["apply", "-f", repo.to_str().unwrap()]);
+    assert!(
+        out(&o).contains("pending approval: change 1"),
+        "{}",
+        out(&o)
+    );
+    let o = env.cli("bob", &["approve", "1"]);
+    assert!(out(&o).contains("approved: revision 1"), "{}", out(&o));
+
+    let mut tokens = vec![];
+    for id in [
+        "spiffe://shop.example/ns/orders/sa/orders-api",
+        "spiffe://shop.example/ns/web/sa/frontend",
+    ] {
+        let o = env.cli("alice", &["workload", "token", "--identity", id]);
+        assert!(o.status.success(), "{}", out(&o));
+        let f = tmp.path().join(format!("{}.jointoken", tokens.len()));
+        std::fs::write(&f, String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+        tokens.push(f);
+    }
+    let orders_state = tmp.path().join("state-orders");
+    let (orders, lines) = env.proxy(
+        "orders/orders-api",
+        &orders_state,
+        Some(&tokens[0]),
+        &[
+            "--decision-log",
+            tmp.path().join("orders-decisions.jsonl").to_str().unwrap(),
+        ],
+    );
+    assert!(
+        lines.iter().any(|l| l.contains(&format!(
+            "inbound 127.0.0.1:{inbound} -> 127.0.0.1:{app_port}"
+        ))),
+        "{lines:?}"
+    );
+    let (_frontend, _) = env.proxy(
+        "web/frontend",
+        &tmp.path().join("state-frontend"),
+        Some(&tokens[1]),
+        &[
+            "--upstream",
+            &format!("127.0.0.1:{outbound}=orders/orders:80"),
+        ],
+    );
+
+    // Allowed, and denied with the reason.
+    let (code, body) = curl(outbound, "/orders/1");
+    assert_eq!((code.as_str(), body.as_str()), ("200", "order one"));
+    let (code, body) = curl(outbound, "/secret");
+    assert_eq!(code, "403", "{body}");
+    assert!(body.contains("no_allow_at_tier"), "{body}");
+    // The sidecar's own port refuses plaintext.
+    let (code, _) = curl(inbound, "/orders/1");
+    assert_ne!(code, "200");
+
+    // The proxies show up in `meshward status`, acknowledged.
+    let o = env.cli("alice", &["status", "--output", "json"]);
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s["proxies"].as_array().unwrap().len(), 2, "{s}");
+
+    // Control plane killed: enforcement continues, both ways.
+    Command::new("kill")
+        .arg("-9")
+        .arg(control.0.id().to_string())
+        .status()
+        .unwrap();
+    let _ = control.0.wait();
+    assert_eq!(curl(outbound, "/orders/1").0, "200");
+    assert_eq!(curl(outbound, "/secret").0, "403");
+
+    // A proxy restarted while the control plane is down starts from last-known-good.
+    drop(orders);
+    let (_orders2, lines) = env.proxy("orders/orders-api", &orders_state, None, &[]);
+    assert!(lines.iter().any(|l| l.contains("inbound")), "{lines:?}");
+    let start = Instant::now();
+    loop {
+        let (code, body) = curl(outbound, "/orders/1");
+        if code == "200" {
+            assert_eq!(body, "order one");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{code} {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(curl(outbound, "/secret").0, "403");
+    let log = std::fs::read_to_string(tmp.path().join("orders-decisions.jsonl")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"verdict\":\"deny\"") && l.contains("/secret")),
+        "{log}"
+    );
+
+    // And when the control plane returns, it reconnects.
+    control = start_control(&data, api, proxy_api);
+    let start = Instant::now();
+    loop {
+        let o = env.cli("alice", &["status", "--output", "json"]);
+        let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        if s["proxies"]
+            .as_array()
+            .is_some_and(|p| p.len() == 2 && p.iter().all(|x| x["stale"] == false))
+        {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{s}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    drop(control);
+}

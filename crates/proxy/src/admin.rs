@@ -1,0 +1,95 @@
+//! The admin endpoint (loopback by default): `/live`, `/ready`, `/config`, `/metrics`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Response, StatusCode};
+use tokio::net::TcpListener;
+
+use crate::state::Shared;
+
+fn resp(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static(ctype),
+    );
+    r
+}
+
+fn route(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
+    let policy = shared.policy.load_full();
+    let svid = shared.svid.load_full();
+    match path {
+        "/live" => resp(StatusCode::OK, "text/plain", "live\n".into()),
+        "/ready" => {
+            let svid_ok = svid
+                .as_ref()
+                .is_some_and(|s| s.not_after > SystemTime::now());
+            match (policy.is_some(), svid_ok) {
+                (true, true) => resp(StatusCode::OK, "text/plain", "ready\n".into()),
+                (false, _) => resp(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready: no policy yet (denying everything)\n".into(),
+                ),
+                (_, false) => resp(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready: no valid certificate\n".into(),
+                ),
+            }
+        }
+        "/config" => {
+            let v = serde_json::json!({
+                "workload": shared.workload.to_string(),
+                "revision": policy.as_ref().map(|p| p.revision),
+                "rules": policy.as_ref().map(|p| p.engine.rule_count()),
+                "policies": policy.as_ref().map(|p| p.set.policies.len()),
+                "svid_not_after": svid.as_ref().map(|s| humantime::format_rfc3339_seconds(s.not_after).to_string()),
+            });
+            resp(StatusCode::OK, "application/json", v.to_string())
+        }
+        "/metrics" => {
+            let l = &shared.log;
+            let body = format!(
+                "# HELP meshward_decisions_total Authorization decisions by verdict.\n# TYPE meshward_decisions_total counter\nmeshward_decisions_total{{verdict=\"allow\"}} {}\nmeshward_decisions_total{{verdict=\"deny\"}} {}\n# HELP meshward_decision_log_dropped_total Decision records dropped because the log queue was full.\n# TYPE meshward_decision_log_dropped_total counter\nmeshward_decision_log_dropped_total {}\n# HELP meshward_config_revision The policy revision in force.\n# TYPE meshward_config_revision gauge\nmeshward_config_revision {}\n",
+                l.allowed.load(Ordering::Relaxed),
+                l.denied.load(Ordering::Relaxed),
+                l.dropped.load(Ordering::Relaxed),
+                policy.as_ref().map_or(0, |p| p.revision)
+            );
+            resp(StatusCode::OK, "text/plain; version=0.0.4", body)
+        }
+        _ => resp(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try /live, /ready, /config or /metrics\n".into(),
+        ),
+    }
+}
+
+/// Serves the admin endpoint.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let Ok((s, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let r = route(&shared, req.uri().path());
+                    async move { Ok::<_, Infallible>(r) }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                .await;
+        });
+    }
+}

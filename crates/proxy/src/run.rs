@@ -1,0 +1,100 @@
+//! `meshward proxy`: restore state, join or renew, follow the config stream, and serve the
+//! inbound ports of the workload, its upstreams and the admin endpoint.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use meshward_identity::svid::TrustBundles;
+use meshward_identity::verifier::SharedBundles;
+use meshward_policy::decision::WorkloadRef;
+
+use crate::agent::{self, AgentConfig};
+use crate::decision_log::DecisionLog;
+use crate::inbound::{self, InboundPort};
+use crate::outbound::{self, Upstream};
+use crate::state::Shared;
+
+/// Settings of one proxy.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub workload: WorkloadRef,
+    pub agent: AgentConfig,
+    /// `(listen, upstream)` pairs.
+    pub upstreams: Vec<(SocketAddr, Upstream)>,
+    pub admin: SocketAddr,
+    pub decision_log: Option<PathBuf>,
+    pub sample_allows: u64,
+}
+
+/// Runs the proxy until the process ends; `ready` is called with the bound addresses once
+/// the inbound listeners are up.
+pub async fn run(opts: Options, ready: impl FnOnce(&[(SocketAddr, u16)])) -> Result<(), String> {
+    meshward_identity::install_crypto_provider();
+    std::fs::create_dir_all(&opts.agent.state_dir)
+        .map_err(|e| format!("cannot create `{}`: {e}", opts.agent.state_dir.display()))?;
+    let log = match &opts.decision_log {
+        Some(p) => DecisionLog::to_file(p.clone(), 64 << 20, opts.sample_allows)
+            .map_err(|e| format!("cannot open the decision log `{}`: {e}", p.display()))?,
+        None => DecisionLog::disabled(),
+    };
+    let mut tb = TrustBundles::new();
+    tb.set(
+        opts.agent.trust_domain.clone(),
+        opts.agent.control_roots.clone(),
+    );
+    let shared = Shared::new(opts.workload.clone(), SharedBundles::new(tb), log);
+    agent::restore(&shared, &opts.agent.state_dir, &opts.agent.trust_domain);
+    let admin = tokio::net::TcpListener::bind(opts.admin)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", opts.admin))?;
+    tokio::spawn(crate::admin::serve(shared.clone(), admin));
+    tokio::spawn(agent::identity_loop(shared.clone(), opts.agent.clone()));
+    tokio::spawn(agent::config_loop(shared.clone(), opts.agent.clone()));
+    for (addr, up) in &opts.upstreams {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        tokio::spawn(outbound::serve(shared.clone(), up.clone(), l));
+    }
+    // The inbound ports come from the workload's declaration: wait for a policy.
+    let ports = loop {
+        if let Some(p) = shared.policy.load_full() {
+            match p.set.workload(&opts.workload) {
+                Some(w) => break w.ports.clone(),
+                None => {
+                    return Err(format!(
+                        "workload `{}` is not declared in revision {}",
+                        opts.workload, p.revision
+                    ));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut bound = vec![];
+    for p in ports {
+        let Some(addr) = p
+            .inbound
+            .as_deref()
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+        else {
+            continue;
+        };
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        bound.push((addr, p.port));
+        tokio::spawn(inbound::serve(
+            shared.clone(),
+            InboundPort {
+                app_port: p.port,
+                protocol: p.protocol,
+            },
+            l,
+        ));
+    }
+    ready(&bound);
+    std::future::pending::<()>().await;
+    Ok(())
+}
