@@ -58,9 +58,14 @@ fn operator(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
     {
-        let ops = cp.operators();
-        return ops
-            .by_token(token.trim())
+        let token = token.trim();
+        if let Some(op) = cp.operators().by_token(token) {
+            return Ok(op.clone());
+        }
+        // Unknown: maybe an operator added within the same clock tick as the last read.
+        return cp
+            .operators_reloaded(true)
+            .by_token(token)
             .cloned()
             .ok_or_else(|| Box::new(error(StatusCode::UNAUTHORIZED, "unknown bearer token")));
     }

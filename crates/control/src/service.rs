@@ -165,10 +165,16 @@ impl ControlPlane {
 
     /// The operators, re-read if their file changed.
     pub fn operators(&self) -> Operators {
+        self.operators_reloaded(false)
+    }
+
+    /// The operators; `force` re-reads the file even if its modification time looks
+    /// unchanged (two writes within one clock tick share a time).
+    pub fn operators_reloaded(&self, force: bool) -> Operators {
         let stale = self.operators.read().ok().and_then(|g| {
             let (path, seen) = g.1.clone()?;
             let now = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-            (now != seen).then_some((path, now))
+            (force || now != seen).then_some((path, now))
         });
         if let Some((path, mtime)) = stale {
             if let (Ok(ops), Ok(mut g)) = (Operators::load(&path), self.operators.write()) {

@@ -7,8 +7,10 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod control_cmd;
+mod demo_app;
 mod policy_cmd;
 mod proxy_cmd;
+mod up;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -106,6 +108,25 @@ enum Command {
     /// Operators of the control plane.
     #[command(subcommand)]
     Operator(OperatorCommand),
+    /// Bring up a whole local mesh: control plane, policies, a sidecar per workload, apps.
+    #[command(
+        after_help = "Example:\n  meshward up examples/quickstart\n\nDIR holds mesh.yaml (workloads, their apps, ports and calls) and policies/.\nState goes to DIR/.meshward/. Ctrl-C stops everything."
+    )]
+    Up { dir: PathBuf },
+    /// The demo app: an HTTP echo server that calls its upstreams in a loop.
+    #[command(
+        name = "demo-app",
+        after_help = "Example:\n  meshward demo-app --listen 127.0.0.1:18080 --name web/frontend --call GET=http://127.0.0.1:15001/orders@2s"
+    )]
+    DemoApp {
+        #[arg(long)]
+        listen: String,
+        #[arg(long, default_value = "demo")]
+        name: String,
+        /// `[METHOD=]URL[@EVERY]` to call in a loop (repeatable).
+        #[arg(long = "call")]
+        calls: Vec<String>,
+    },
     /// Run the sidecar proxy of one workload (explicit mode).
     #[command(
         after_help = "Example:\n  meshward proxy --workload web/frontend --control 127.0.0.1:7444 --ca-file DATA/bundle.pem \\\n    --join-token-file frontend.token --state-dir /var/lib/meshward-proxy/frontend \\\n    --upstream 127.0.0.1:15001=orders/orders:80 --admin 127.0.0.1:15000\n\nInbound listeners are the `inbound` addresses of the workload's ports in the policy set;\nthe app itself listens on 127.0.0.1:PORT. Upstreams are loopback listeners the app calls\nin plaintext; the proxy carries them over mTLS."
@@ -467,6 +488,12 @@ fn main() -> ExitCode {
         ),
         Command::Status { output } => control_cmd::status(&cli.conn, output),
         Command::Proxy(a) => proxy_cmd::run(a, &cli.conn),
+        Command::Up { dir } => up::run(&dir),
+        Command::DemoApp {
+            listen,
+            name,
+            calls,
+        } => demo_app::run(&listen, &name, &calls),
         Command::Operator(OperatorCommand::Add {
             name,
             data,

@@ -1,0 +1,380 @@
+//! `meshward up DIR`: a whole local mesh in one command — a control plane with its
+//! embedded store in `DIR/.meshward/`, the policies applied, a sidecar per workload joined
+//! with a one-time token, each app started, and a table of what runs where. Ctrl-C stops
+//! everything.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use meshward_control::client::Client;
+use meshward_identity::ca::certs_from_pem;
+use meshward_identity::{SpiffeId, TrustDomain};
+use meshward_policy::decision::WorkloadRef;
+use meshward_policy::resource::Protocol;
+use meshward_proxy::agent::AgentConfig;
+use meshward_proxy::outbound::Upstream;
+use serde::Deserialize;
+use serde_json::json;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct MeshFile {
+    trust_domain: String,
+    workloads: Vec<Entry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Entry {
+    name: String,
+    namespace: String,
+    /// The app's port (it listens on 127.0.0.1:PORT).
+    port: u16,
+    #[serde(default)]
+    protocol: Option<Protocol>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+    /// The app's command; default: the built-in demo app.
+    #[serde(default)]
+    command: Vec<String>,
+    #[serde(default)]
+    calls: Vec<CallEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct CallEntry {
+    /// `namespace/name` of a Service.
+    service: String,
+    port: u16,
+    #[serde(default)]
+    method: Option<String>,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    every: Option<String>,
+    /// The loopback port the app calls this upstream on (default: any free port).
+    #[serde(default)]
+    listen: Option<u16>,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn read_mesh(dir: &Path) -> Result<MeshFile> {
+    let file = dir.join("mesh.yaml");
+    let text = std::fs::read_to_string(&file).with_context(|| {
+        format!(
+            "cannot read `{}` (a mesh directory has mesh.yaml and policies/)",
+            file.display()
+        )
+    })?;
+    let docs = meshward_policy::yaml::parse_documents(&text).map_err(|e| {
+        anyhow!(
+            "{}:{}:{}: {}",
+            file.display(),
+            e.span.line,
+            e.span.col,
+            e.message
+        )
+    })?;
+    let doc = docs
+        .first()
+        .with_context(|| format!("`{}` is empty", file.display()))?;
+    meshward_policy::yaml::from_node(doc).map_err(|e| {
+        let at = e
+            .span
+            .map(|s| format!("{}:{}", s.line, s.col))
+            .unwrap_or_default();
+        anyhow!(
+            "{}:{at}: {} (field `{}`){}",
+            file.display(),
+            e.message,
+            meshward_policy::yaml::path_string(&e.path),
+            e.help.map(|h| format!("; {h}")).unwrap_or_default()
+        )
+    })
+}
+
+struct Plan {
+    entry: Entry,
+    id: WorkloadRef,
+    inbound: SocketAddr,
+    admin: SocketAddr,
+    upstreams: Vec<(SocketAddr, Upstream, CallEntry)>,
+}
+
+fn step(n: usize, total: usize, msg: &str) {
+    println!("[{n}/{total}] {msg}");
+}
+
+pub fn run(dir: &Path) -> Result<ExitCode> {
+    let mesh = read_mesh(dir)?;
+    let td = TrustDomain::parse(&mesh.trust_domain)
+        .map_err(|e| anyhow!("mesh.yaml trustDomain: {e}"))?;
+    let state = dir.join(".meshward");
+    let repo = state.join("repo");
+    let _ = std::fs::remove_dir_all(&repo);
+    std::fs::create_dir_all(&repo)?;
+    const TOTAL: usize = 5;
+
+    // 1. Plan ports and write the policy repository (policies/ + generated workloads).
+    let mut plans = vec![];
+    for e in mesh.workloads {
+        let id = WorkloadRef {
+            namespace: e.namespace.clone(),
+            name: e.name.clone(),
+        };
+        let mut ups = vec![];
+        for c in &e.calls {
+            let service = WorkloadRef::parse(&c.service)
+                .map_err(|m| anyhow!("mesh.yaml: workload {id}: {m}"))?;
+            let listen = SocketAddr::from(([127, 0, 0, 1], c.listen.map_or_else(free_port, Ok)?));
+            ups.push((
+                listen,
+                Upstream {
+                    service,
+                    port: c.port,
+                },
+                CallEntry {
+                    service: c.service.clone(),
+                    port: c.port,
+                    method: c.method.clone(),
+                    path: c.path.clone(),
+                    every: c.every.clone(),
+                    listen: c.listen,
+                },
+            ));
+        }
+        plans.push(Plan {
+            id,
+            inbound: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            admin: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            upstreams: ups,
+            entry: e,
+        });
+    }
+    let mut files: Vec<(String, String)> = vec![];
+    let pol = dir.join("policies");
+    for f in meshward_policy::model::yaml_files(&pol)
+        .with_context(|| format!("cannot read `{}`", pol.display()))?
+    {
+        let name = f.strip_prefix(&pol).unwrap_or(&f).display().to_string();
+        files.push((name, std::fs::read_to_string(&f)?));
+    }
+    let mut generated = String::from("# Generated by `meshward up` from mesh.yaml.\n");
+    for p in &plans {
+        let e = &p.entry;
+        let proto = serde_json::to_value(e.protocol.unwrap_or(Protocol::Http))?;
+        generated.push_str(&format!(
+            "---\napiVersion: meshward.io/v1alpha1\nkind: Workload\nmetadata: {{name: {}, namespace: {}, labels: {}}}\nspec:\n  attributes: {}\n  ports: [{{port: {}, protocol: {}, inbound: \"{}\"}}]\n",
+            e.name,
+            e.namespace,
+            serde_json::to_string(&e.labels)?,
+            serde_json::to_string(&e.attributes)?,
+            e.port,
+            proto.as_str().unwrap_or("HTTP"),
+            p.inbound
+        ));
+    }
+    files.push(("workloads.generated.yaml".into(), generated));
+    for (n, t) in &files {
+        let path = repo.join(n);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(path, t)?;
+    }
+    let loaded = meshward_policy::load_path(&repo);
+    let mut diags: Vec<_> = loaded
+        .diagnostics
+        .iter()
+        .filter(|d| d.is_error())
+        .cloned()
+        .collect();
+    if let Some(set) = &loaded.set {
+        diags.extend(
+            meshward_policy::lint::lint(set, std::time::SystemTime::now())
+                .into_iter()
+                .filter(|d| d.is_error()),
+        );
+    }
+    if !diags.is_empty() {
+        eprint!(
+            "{}",
+            meshward_policy::diag::render_text(&diags, &loaded.sources)
+        );
+        bail!(
+            "the mesh's policies have errors (the combined repository is in `{}`)",
+            repo.display()
+        );
+    }
+    step(
+        1,
+        TOTAL,
+        &format!(
+            "policies: {} files, lint clean ({})",
+            files.len(),
+            repo.display()
+        ),
+    );
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        // 2. The control plane, in this process.
+        let data = state.join("data");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let opts = meshward_control::server::Options {
+            data_dir: data.clone(),
+            trust_domain: td.clone(),
+            listen: "127.0.0.1:0".parse()?,
+            proxy_listen: "127.0.0.1:0".parse()?,
+            controller_interval: Duration::from_secs(5),
+        };
+        tokio::spawn(async move {
+            let r = meshward_control::server::run(opts, move |s| {
+                let _ = tx.send((s.addr, s.proxy_addr));
+            }, std::future::pending())
+            .await;
+            if let Err(e) = r {
+                eprintln!("control plane stopped: {e}");
+            }
+        });
+        let (api, proxy_api) = tokio::time::timeout(Duration::from_secs(20), rx).await.context("the control plane did not start")??;
+        if !data.join("up-approver.token").exists() {
+            meshward_control::server::add_operator(&data, "up-approver", vec!["platform-security".into()], vec![]).map_err(anyhow::Error::msg)?;
+        }
+        let roots = certs_from_pem(&std::fs::read_to_string(data.join("bundle.pem"))?);
+        let token = |who: &str| std::fs::read_to_string(data.join(format!("{who}.token"))).map(|t| t.trim().to_owned());
+        let admin = Client::new(&api.to_string(), &td, roots.clone(), Some(token("admin")?), None)?;
+        let approver = Client::new(&api.to_string(), &td, roots.clone(), Some(token("up-approver")?), None)?;
+        step(2, TOTAL, &format!("control plane on {api} (proxy API {proxy_api}), store in {}", data.display()));
+
+        // 3. Apply (and, for mesh-wide resources, approve as the second local operator).
+        let r = admin.call("POST", "/v1/apply", Some(&json!({"files": files, "reason": "meshward up"}))).await.map_err(|e| anyhow!("apply: {e}"))?;
+        let rev = match r["status"].as_str() {
+            Some("pending_approval") => {
+                let a = approver.call("POST", "/v1/approve", Some(&json!({"proposal": r["proposal"]}))).await.map_err(|e| anyhow!("approve: {e}"))?;
+                a["revision"].as_u64().unwrap_or(0)
+            }
+            _ => r["revision"].as_u64().unwrap_or(0),
+        };
+        step(3, TOTAL, &format!("policies applied: revision {rev}"));
+
+        // 4. Sidecars, joined with one-time tokens.
+        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<String>(plans.len());
+        for p in &plans {
+            let identity = SpiffeId::workload(&td, &p.id.namespace, &p.id.name).map_err(|e| anyhow!("{e}"))?;
+            let t = admin.call("POST", "/v1/tokens", Some(&json!({"identity": identity.to_string(), "ttl_secs": 600}))).await.map_err(|e| anyhow!("token: {e}"))?;
+            let pdir = state.join("proxies").join(format!("{}-{}", p.id.namespace, p.id.name));
+            let opts = meshward_proxy::run::Options {
+                workload: p.id.clone(),
+                agent: AgentConfig {
+                    control: proxy_api.to_string(),
+                    trust_domain: td.clone(),
+                    control_roots: roots.clone(),
+                    identity,
+                    join_token: t["token"].as_str().map(str::to_owned),
+                    state_dir: pdir.clone(),
+                },
+                upstreams: p.upstreams.iter().map(|(a, u, _)| (*a, u.clone())).collect(),
+                admin: p.admin,
+                decision_log: Some(pdir.join("decisions.jsonl")),
+                sample_allows: 1,
+            };
+            let (tx, name) = (ready_tx.clone(), p.id.to_string());
+            tokio::spawn(async move {
+                if let Err(e) = meshward_proxy::run::run(opts, |_| {
+                    let _ = tx.try_send(name.clone());
+                })
+                .await
+                {
+                    eprintln!("proxy {name} stopped: {e}");
+                }
+            });
+        }
+        let start = Instant::now();
+        for i in 0..plans.len() {
+            let name = tokio::time::timeout(Duration::from_secs(30).saturating_sub(start.elapsed()), ready_rx.recv()).await.context("a sidecar did not become ready within 30s")?.unwrap_or_default();
+            println!("      sidecar {}/{} ready: {name}", i + 1, plans.len());
+        }
+        step(4, TOTAL, "sidecars ready");
+
+        // 5. The apps.
+        let exe = std::env::current_exe()?;
+        let mut children = vec![];
+        for p in &plans {
+            let e = &p.entry;
+            let mut cmd = if e.command.is_empty() {
+                let mut c = tokio::process::Command::new(&exe);
+                c.args(["demo-app", "--listen", &format!("127.0.0.1:{}", e.port), "--name", &p.id.to_string()]);
+                for (listen, _, call) in &p.upstreams {
+                    if let Some(path) = &call.path {
+                        c.arg("--call").arg(format!("{}=http://{listen}{path}@{}", call.method.clone().unwrap_or_else(|| "GET".into()), call.every.clone().unwrap_or_else(|| "2s".into())));
+                    }
+                }
+                c
+            } else {
+                let mut c = tokio::process::Command::new(&e.command[0]);
+                c.args(&e.command[1..]);
+                c
+            };
+            cmd.env("PORT", e.port.to_string()).kill_on_drop(true);
+            for (listen, up, _) in &p.upstreams {
+                cmd.env(format!("MESHWARD_UPSTREAM_{}_{}", up.service.namespace, up.service.name).to_uppercase().replace('-', "_"), listen.to_string());
+            }
+            children.push(cmd.spawn().with_context(|| format!("cannot start the app of {}", p.id))?);
+        }
+        for p in &plans {
+            let start = Instant::now();
+            while tokio::net::TcpStream::connect(("127.0.0.1", p.entry.port)).await.is_err() {
+                if start.elapsed() > Duration::from_secs(15) {
+                    bail!("the app of {} does not listen on 127.0.0.1:{}", p.id, p.entry.port);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        step(5, TOTAL, "apps running");
+
+        println!();
+        println!("{:<22} {:<48} {:<17} {:<17} {:<17} UPSTREAMS", "WORKLOAD", "IDENTITY", "APP", "SIDECAR (mTLS)", "ADMIN");
+        for p in &plans {
+            let ups: Vec<String> = p.upstreams.iter().map(|(a, u, _)| format!("{}:{}={a}", u.service, u.port)).collect();
+            println!(
+                "{:<22} {:<48} {:<17} {:<17} {:<17} {}",
+                p.id.to_string(),
+                format!("spiffe://{td}/ns/{}/sa/{}", p.id.namespace, p.id.name),
+                format!("127.0.0.1:{}", p.entry.port),
+                p.inbound.to_string(),
+                p.admin.to_string(),
+                if ups.is_empty() { "-".into() } else { ups.join(" ") }
+            );
+        }
+        println!();
+        println!("control plane: {api}   (export MESHWARD_SERVER={api} MESHWARD_CA_FILE={} MESHWARD_TOKEN_FILE={})", data.join("bundle.pem").display(), data.join("admin.token").display());
+        println!("decision logs: {}/proxies/*/decisions.jsonl", state.display());
+        println!("mesh is up; Ctrl-C stops it");
+        // Ctrl-C or SIGTERM: stop the apps (and, with this process, everything else).
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        println!("stopping");
+        drop(children);
+        Ok::<(), anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,159 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+//! `meshward up examples/quickstart`: the whole local mesh from one command — allowed and
+//! denied traffic as the README shows it, then Ctrl-C stops everything.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+fn curl(addr: &str, method: &str, path: &str) -> (String, String) {
+    let o = Command::new("curl")
+        .args([
+            "-s",
+            "-m",
+            "10",
+            "-X",
+            method,
+            "-w",
+            "\n%{http_code}",
+            &format!("http://{addr}{path}"),
+        ])
+        .output()
+        .unwrap();
+    let t = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (b, c) = t.rsplit_once('\n').unwrap_or((&t, ""));
+    (c.to_owned(), b.to_owned())
+}
+
+#[test]
+fn quickstart_comes_up_shows_allowed_and_denied_traffic_and_stops_on_ctrl_c() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("quickstart");
+    copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/quickstart"),
+        &dir,
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshward"))
+        .arg("up")
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let mut lines = vec![];
+    let start = Instant::now();
+    loop {
+        let mut l = String::new();
+        assert!(
+            reader.read_line(&mut l).unwrap() > 0,
+            "`meshward up` exited: {lines:#?}"
+        );
+        lines.push(l.trim_end().to_owned());
+        if l.contains("mesh is up") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{lines:#?}");
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for l in reader.lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    for step in [
+        "[1/5] policies",
+        "[2/5] control plane",
+        "[3/5] policies applied: revision 1",
+        "[4/5] sidecars ready",
+        "[5/5] apps running",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(step)),
+            "no `{step}`: {lines:#?}"
+        );
+    }
+    let row = lines
+        .iter()
+        .find(|l| l.starts_with("web/frontend "))
+        .unwrap();
+    assert!(
+        row.contains("spiffe://shop.example/ns/web/sa/frontend"),
+        "{row}"
+    );
+    let up = |svc: &str| {
+        row.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{svc}:80=")))
+            .unwrap()
+            .to_owned()
+    };
+    let (orders, payments) = (up("orders/orders"), up("payments/payments"));
+
+    let (code, body) = curl(&orders, "GET", "/orders/7");
+    assert_eq!(code, "200", "{body}");
+    assert!(
+        body.contains(r#""caller":"spiffe://shop.example/ns/web/sa/frontend""#),
+        "{body}"
+    );
+    let (code, body) = curl(&payments, "POST", "/charge");
+    assert_eq!(code, "403", "{body}");
+    assert!(body.contains("no_allow_at_tier"), "{body}");
+
+    // The demo apps' own traffic shows the same, within a few seconds.
+    let start = Instant::now();
+    let (mut allowed, mut denied) = (false, false);
+    while !(allowed && denied) && start.elapsed() < Duration::from_secs(15) {
+        if let Ok(l) = rx.recv_timeout(Duration::from_secs(1)) {
+            allowed |= l.starts_with("[orders/orders] POST") && l.contains("-> 200");
+            denied |= l.starts_with("[web/frontend] POST") && l.contains("-> 403");
+        }
+    }
+    assert!(allowed && denied, "allowed {allowed}, denied {denied}");
+
+    // Ctrl-C stops everything.
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "`meshward up` did not stop on Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for port in [18080, 18081, 18082] {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "the app on {port} is still running"
+        );
+    }
+}
