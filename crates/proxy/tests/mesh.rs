@@ -140,10 +140,18 @@ struct Mesh {
     outbound: SocketAddr,
     inbound: SocketAddr,
     orders: Arc<Shared>,
+    frontend: Arc<Shared>,
+    ca: Ca,
     dir: tempfile::TempDir,
 }
 
 async fn mesh() -> Mesh {
+    mesh_as("spiffe://shop.example/ns/orders/sa/orders-api", None).await
+}
+
+/// A mesh whose orders sidecar presents `orders_id`, and whose frontend's certificate
+/// comes from `frontend_ca` (default: the mesh's CA).
+async fn mesh_as(orders_id: &str, frontend_ca: Option<&Ca>) -> Mesh {
     meshward_identity::install_crypto_provider();
     let ca = Ca::generate(td(), CaLifetimes::default(), SystemTime::now()).unwrap();
     let app = app().await;
@@ -157,13 +165,13 @@ async fn mesh() -> Mesh {
     orders.set_policy(1, set.clone());
     orders.svid.store(Some(Arc::new(svid(
         &ca,
-        "spiffe://shop.example/ns/orders/sa/orders-api",
+        orders_id,
         Duration::from_secs(3600),
     ))));
     let frontend = shared(&ca, "web/frontend", DecisionLog::disabled());
     frontend.set_policy(1, set);
     frontend.svid.store(Some(Arc::new(svid(
-        &ca,
+        frontend_ca.unwrap_or(&ca),
         "spiffe://shop.example/ns/web/sa/frontend",
         Duration::from_secs(3600),
     ))));
@@ -176,7 +184,7 @@ async fn mesh() -> Mesh {
         inb,
     ));
     tokio::spawn(outbound::serve(
-        frontend,
+        frontend.clone(),
         Upstream {
             service: WorkloadRef::parse("orders/orders").unwrap(),
             port: 80,
@@ -187,6 +195,8 @@ async fn mesh() -> Mesh {
         outbound,
         inbound,
         orders,
+        frontend,
+        ca,
         dir,
     }
 }
@@ -338,4 +348,80 @@ async fn no_policy_denies_and_an_expired_certificate_fails_closed() {
         .await
         .unwrap();
     assert!(!r.contains("HTTP/1.1"), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_is_not_the_service_is_refused() {
+    // The address declared for orders answers with a valid SVID of another identity.
+    let m = mesh_as("spiffe://shop.example/ns/evil/sa/impostor", None).await;
+    let out = m.outbound;
+    let r = tokio::task::spawn_blocking(move || get(out, "/orders/1", ""))
+        .await
+        .unwrap();
+    assert!(
+        !r.contains("HTTP/1.1"),
+        "an impersonating endpoint must never be talked to: {r}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_from_another_ca_is_refused() {
+    let other = Ca::generate(td(), CaLifetimes::default(), SystemTime::now()).unwrap();
+    let m = mesh_as(
+        "spiffe://shop.example/ns/orders/sa/orders-api",
+        Some(&other),
+    )
+    .await;
+    let out = m.outbound;
+    let r = tokio::task::spawn_blocking(move || get(out, "/orders/1", ""))
+        .await
+        .unwrap();
+    assert!(!r.contains("HTTP/1.1"), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_rotation_under_continuous_load_fails_no_request() {
+    let m = mesh().await;
+    let out = m.outbound;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Load: sequential requests, each on a fresh connection (so each is a new handshake).
+    let load = {
+        let stop = stop.clone();
+        tokio::task::spawn_blocking(move || {
+            let (mut ok, mut failed) = (0, vec![]);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = get(out, "/orders/1", "");
+                if r.starts_with("HTTP/1.1 200") {
+                    ok += 1;
+                } else {
+                    failed.push(r);
+                }
+            }
+            (ok, failed)
+        })
+    };
+    // Rotate both sides' certificates ten times while the load runs.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        m.orders.svid.store(Some(Arc::new(svid(
+            &m.ca,
+            "spiffe://shop.example/ns/orders/sa/orders-api",
+            Duration::from_secs(3600),
+        ))));
+        m.frontend.svid.store(Some(Arc::new(svid(
+            &m.ca,
+            "spiffe://shop.example/ns/web/sa/frontend",
+            Duration::from_secs(3600),
+        ))));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    assert!(ok > 20, "too little load to prove anything: {ok}");
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed during rotation: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        failed.first()
+    );
 }
