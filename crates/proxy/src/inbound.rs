@@ -68,7 +68,7 @@ pub fn server_tls(
     ))
     .with_cert_resolver(Arc::new(ServerCert(shared.clone())));
     if protocol.is_http() {
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     }
     Ok(Arc::new(cfg))
 }
@@ -90,7 +90,12 @@ pub async fn serve(
     let tls = tokio_rustls::TlsAcceptor::from(server_tls(&shared, port.protocol)?);
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
-    let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new()).build(http);
+    // HTTP/2 and gRPC apps get HTTP/2 (prior knowledge) from their sidecar; HTTP/1 apps
+    // get HTTP/1.1.
+    let h2 = matches!(port.protocol, Protocol::Http2 | Protocol::Grpc);
+    let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
+        .http2_only(h2)
+        .build(http);
     loop {
         let (tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
         let (tls, shared, client) = (tls.clone(), shared.clone(), client.clone());
@@ -150,8 +155,18 @@ async fn serve_http(
         let (shared, peer, client) = (shared.clone(), peer.clone(), client.clone());
         async move { Ok::<_, Infallible>(handle(&shared, port, &peer, &client, req).await) }
     });
-    let mut b = hyper::server::conn::http1::Builder::new();
-    b.max_buf_size(64 * 1024).max_headers(100).half_close(false);
+    // HTTP/1.1 or HTTP/2 (by the connection preface), with bounded headers, streams and
+    // resets.
+    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .max_buf_size(64 * 1024)
+        .max_headers(100)
+        .half_close(false);
+    b.http2()
+        .max_concurrent_streams(100)
+        .max_header_list_size(64 * 1024)
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(Some(100));
     let _ = b.serve_connection(TokioIo::new(stream), svc).await;
 }
 
@@ -177,10 +192,12 @@ async fn handle(
             );
         }
     };
+    // HTTP/1 `Host`, or HTTP/2 `:authority`.
     let host = h
         .get(hyper::header::HOST)
         .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
     let headers: Vec<(String, String)> = h
         .iter()
         .filter(|(k, _)| k.as_str() != IDENTITY_HEADER)
@@ -206,6 +223,30 @@ async fn handle(
     let d = decide(shared, &preq);
     shared.log.record(&preq, &d);
     if d.verdict != Verdict::Allow {
+        let grpc = req
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/grpc"));
+        if grpc {
+            // gRPC: a trailers-only response with PERMISSION_DENIED (7).
+            let mut r = full(StatusCode::OK, serde_json::Value::Null);
+            let h = r.headers_mut();
+            h.insert(
+                "content-type",
+                hyper::header::HeaderValue::from_static("application/grpc"),
+            );
+            h.insert("grpc-status", hyper::header::HeaderValue::from_static("7"));
+            if let Ok(v) =
+                hyper::header::HeaderValue::from_str(&format!("denied by policy: {}", d.reason))
+            {
+                h.insert("grpc-message", v);
+            }
+            *r.body_mut() = Full::new(Bytes::new())
+                .map_err(|never: Infallible| match never {})
+                .boxed();
+            return r;
+        }
         return full(
             StatusCode::FORBIDDEN,
             serde_json::json!({"verdict": "deny", "reason": d.reason, "policy": d.policy, "rule": d.rule, "revision": d.revision}),

@@ -1,0 +1,187 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+//! gRPC (HTTP/2) through two sidecars: a tonic client and a tonic server that never see
+//! TLS; allowed calls carry the caller's verified identity, denied ones get
+//! PERMISSION_DENIED.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use meshward_api::v1::identity_client::IdentityClient;
+use meshward_api::v1::identity_server::{Identity, IdentityServer};
+use meshward_api::v1::{SignRequest, SignResponse};
+use meshward_identity::ca::{Ca, CaLifetimes, new_workload_key};
+use meshward_identity::svid::TrustBundles;
+use meshward_identity::verifier::SharedBundles;
+use meshward_identity::{SpiffeId, TrustDomain};
+use meshward_policy::decision::WorkloadRef;
+use meshward_policy::model::PolicySet;
+use meshward_policy::resource::Protocol;
+use meshward_proxy::decision_log::DecisionLog;
+use meshward_proxy::inbound::{self, InboundPort};
+use meshward_proxy::outbound::{self, Upstream};
+use meshward_proxy::state::{Shared, Svid};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+
+/// The app: answers Sign with the identity its sidecar vouched for.
+#[derive(Debug)]
+struct Echo;
+
+#[tonic::async_trait]
+impl Identity for Echo {
+    async fn sign(
+        &self,
+        req: tonic::Request<SignRequest>,
+    ) -> Result<tonic::Response<SignResponse>, tonic::Status> {
+        let who = req
+            .metadata()
+            .get("x-meshward-peer-identity")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none")
+            .to_owned();
+        Ok(tonic::Response::new(SignResponse {
+            spiffe_id: who,
+            ..Default::default()
+        }))
+    }
+}
+
+fn td() -> TrustDomain {
+    TrustDomain::parse("shop.example").unwrap()
+}
+
+fn svid(ca: &Ca, id: &str) -> Svid {
+    let id = SpiffeId::parse(id).unwrap();
+    let (key, csr) = new_workload_key(&id).unwrap();
+    let issued = ca
+        .issue(&id, &csr, Duration::from_secs(3600), SystemTime::now())
+        .unwrap();
+    let signing = rustls::crypto::ring::sign::any_supported_type(&PrivateKeyDer::Pkcs8(
+        PrivatePkcs8KeyDer::from(key.serialize_der()),
+    ))
+    .unwrap();
+    Svid {
+        key: Arc::new(rustls::sign::CertifiedKey::new(issued.chain, signing)),
+        not_after: issued.not_after,
+    }
+}
+
+fn set(app_port: u16, inbound: SocketAddr, allowed_path: &str) -> PolicySet {
+    let yaml = format!(
+        r#"
+apiVersion: meshward.io/v1alpha1
+kind: Mesh
+metadata: {{name: m}}
+spec: {{trustDomain: shop.example}}
+---
+apiVersion: meshward.io/v1alpha1
+kind: Workload
+metadata: {{name: frontend, namespace: web}}
+spec: {{ports: [{{port: 9000, protocol: HTTP}}]}}
+---
+apiVersion: meshward.io/v1alpha1
+kind: Workload
+metadata: {{name: signer, namespace: pki, labels: {{app: signer}}}}
+spec: {{ports: [{{port: {app_port}, protocol: GRPC, inbound: "{inbound}"}}]}}
+---
+apiVersion: meshward.io/v1alpha1
+kind: Service
+metadata: {{name: signer, namespace: pki}}
+spec: {{selector: {{app: signer}}, ports: [{{port: 50051, targetPort: {app_port}, protocol: GRPC}}]}}
+---
+apiVersion: meshward.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: signer, namespace: pki}}
+spec:
+  tier: service
+  action: ALLOW
+  target: {{workloads: [signer]}}
+  rules:
+    - from: [{{identities: ["spiffe://shop.example/ns/web/sa/frontend"]}}]
+      to: [{{methods: [POST], paths: ["{allowed_path}"]}}]
+"#
+    );
+    meshward_policy::load_sources(vec![(Arc::from("p.yaml"), Arc::from(yaml))])
+        .into_valid()
+        .unwrap_or_else(|l| panic!("{:#?}", l.diagnostics))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_through_two_sidecars() {
+    meshward_identity::install_crypto_provider();
+    let ca = Ca::generate(td(), CaLifetimes::default(), SystemTime::now()).unwrap();
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_port = app.local_addr().unwrap().port();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(IdentityServer::new(Echo))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(app)),
+    );
+    let inb = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let out = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (inbound, outbound) = (inb.local_addr().unwrap(), out.local_addr().unwrap());
+    let bundles = || {
+        let mut b = TrustBundles::new();
+        b.set(td(), ca.bundle());
+        SharedBundles::new(b)
+    };
+    let signer = Shared::new(
+        WorkloadRef::parse("pki/signer").unwrap(),
+        bundles(),
+        DecisionLog::disabled(),
+    );
+    signer.set_policy(1, set(app_port, inbound, "/meshward.v1.Identity/Sign"));
+    signer.svid.store(Some(Arc::new(svid(
+        &ca,
+        "spiffe://shop.example/ns/pki/sa/signer",
+    ))));
+    let frontend = Shared::new(
+        WorkloadRef::parse("web/frontend").unwrap(),
+        bundles(),
+        DecisionLog::disabled(),
+    );
+    frontend.set_policy(1, set(app_port, inbound, "/meshward.v1.Identity/Sign"));
+    frontend.svid.store(Some(Arc::new(svid(
+        &ca,
+        "spiffe://shop.example/ns/web/sa/frontend",
+    ))));
+    tokio::spawn(inbound::serve(
+        signer.clone(),
+        InboundPort {
+            app_port,
+            protocol: Protocol::Grpc,
+        },
+        inb,
+    ));
+    tokio::spawn(outbound::serve(
+        frontend,
+        Upstream {
+            service: WorkloadRef::parse("pki/signer").unwrap(),
+            port: 50051,
+        },
+        out,
+    ));
+
+    let mut client = IdentityClient::connect(format!("http://{outbound}"))
+        .await
+        .unwrap();
+    let r = client
+        .sign(SignRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.spiffe_id, "spiffe://shop.example/ns/web/sa/frontend");
+
+    // A new revision that no longer allows the method: PERMISSION_DENIED, on the same
+    // HTTP/2 connection.
+    signer.set_policy(2, set(app_port, inbound, "/meshward.v1.Identity/Other"));
+    let e = client.sign(SignRequest::default()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("no_allow_at_tier"), "{}", e.message());
+}
