@@ -167,7 +167,9 @@ async fn serve_http(
         .max_header_list_size(64 * 1024)
         .max_pending_accept_reset_streams(20)
         .max_local_error_reset_streams(Some(100));
-    let _ = b.serve_connection(TokioIo::new(stream), svc).await;
+    let _ = b
+        .serve_connection(TokioIo::new(crate::hygiene::Hygiene::new(stream)), svc)
+        .await;
 }
 
 async fn handle(

@@ -252,6 +252,30 @@ async fn allowed_and_denied_through_two_proxies() {
         "methods are part of the rule: {r}"
     );
 
+    // Request-smuggling material never reaches policy or the app: the connection closes.
+    for bad in [
+        "GET /orders/1 HTTP/1.1\r\nHost: o\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n",
+        "GET /orders/1 HTTP/1.1\nHost: o\r\nConnection: close\r\n\r\n",
+        "GET /orders/1 HTTP/1.1\r\nHost: o\r\nX-A: 1\r\n folded\r\nConnection: close\r\n\r\n",
+        "GET /orders/1 HTTP/1.1\r\nHost: o\r\nBad Name: 1\r\nConnection: close\r\n\r\n",
+        "GET /orders/1 HTTP/1.1\r\nHost: o\r\nContent-Length: 1\r\nContent-Length: 2\r\nConnection: close\r\n\r\nab",
+    ] {
+        let r = tokio::task::spawn_blocking(move || raw(out, bad))
+            .await
+            .unwrap();
+        assert!(
+            !r.contains("200 OK") && !r.contains("target"),
+            "{bad:?} got {r}"
+        );
+    }
+    // A clean keep-alive sequence with a chunked body still works.
+    let r = tokio::task::spawn_blocking(move || {
+        raw(out, "GET /orders/1 HTTP/1.1\r\nHost: o\r\n\r\nGET /orders/2 HTTP/1.1\r\nHost: o\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /orders/3 HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n")
+    })
+    .await
+    .unwrap();
+    assert_eq!(r.matches("HTTP/1.1 200").count(), 3, "{r}");
+
     // Ambiguous paths get 400.
     let r = tokio::task::spawn_blocking(move || get(out, "/orders/a%2Fb", ""))
         .await
