@@ -700,3 +700,62 @@ fn root_rotation_in_two_steps_survives_a_restart() {
         .collect();
     assert_eq!(actions, ["ca.rotate-root.begin", "ca.rotate-root.finish"]);
 }
+
+#[test]
+fn operators_may_authenticate_with_a_client_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let c = seeded(&dir);
+    // An operator certificate `spiffe://TD/operator/NAME` from the mesh CA.
+    let ca = meshward_identity::ca::Ca::load(
+        &dir.join("ca"),
+        TrustDomain::parse("shop.example").unwrap(),
+        Default::default(),
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    let cert = |name: &str| {
+        let id = SpiffeId::parse(&format!("spiffe://shop.example/operator/{name}")).unwrap();
+        let (key, csr) = new_workload_key(&id).unwrap();
+        let issued = ca
+            .issue(
+                &id,
+                &csr,
+                Duration::from_secs(600),
+                std::time::SystemTime::now(),
+            )
+            .unwrap();
+        (
+            issued.chain,
+            rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
+                key.serialize_der(),
+            )),
+        )
+    };
+    let bundle = meshward_identity::ca::certs_from_pem(
+        &std::fs::read_to_string(dir.join("bundle.pem")).unwrap(),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let td = TrustDomain::parse("shop.example").unwrap();
+    let alice = meshward_control::client::Client::new(
+        &c.addr,
+        &td,
+        bundle.clone(),
+        None,
+        Some(cert("alice")),
+    )
+    .unwrap();
+    let h = rt.block_on(alice.call("GET", "/v1/history", None)).unwrap();
+    assert_eq!(h.as_array().unwrap().len(), 1);
+    // A valid certificate of someone who is not an operator is refused.
+    let mallory =
+        meshward_control::client::Client::new(&c.addr, &td, bundle, None, Some(cert("mallory")))
+            .unwrap();
+    let e = rt
+        .block_on(mallory.call("GET", "/v1/history", None))
+        .unwrap_err();
+    assert!(e.to_string().contains("is not an operator"), "{e}");
+}
