@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# One mTLS hop — client -> outbound proxy -> inbound proxy -> backend — for Meshward, HAProxy
+# and nginx pairs (one worker each), beside a direct connection, in one run: added latency
+# at a fixed rate, proxy CPU per 1,000 requests, peak RSS, and maximum rate.
+#   bash bench/proxy/run.sh            # 1,000 req/s for 10 s, then max rate for 10 s
+#   RATE=500 SECONDS_EACH=5 bash bench/proxy/run.sh
+# Needs root (installs haproxy and nginx with apt-get when missing). Traffic stays on
+# 127.0.0.1. Everything it starts stops when it exits.
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$(cd ../.. && pwd)
+RATE=${RATE:-1000}
+SECS=${SECONDS_EACH:-10}
+W=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$W"; }
+trap cleanup EXIT
+
+for t in haproxy nginx openssl curl; do
+  command -v "$t" >/dev/null || { echo "installing $t"; apt-get update -qq && apt-get install -y -qq haproxy nginx openssl curl >/dev/null; break; }
+done
+echo "building (release) ..."
+(cd "$ROOT" && cargo build --release -q -p meshward)
+cargo build --release -q
+MW="$ROOT/target/release/meshward"
+LG="$(pwd)/target/release/meshward-loadgen"
+
+# Certificates for the HAProxy and nginx pairs.
+cd "$W"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=bench-ca 2>/dev/null
+for n in server client; do
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout $n.key -out $n.csr -subj /CN=$n 2>/dev/null
+  openssl x509 -req -in $n.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out $n.pem -days 2 2>/dev/null
+  cat $n.pem $n.key > $n.both
+done
+
+# Backend: nginx, one worker, a fixed 2-byte body.
+mkdir -p ng-b ng-o ng-i
+cat > ng-b/nginx.conf <<C
+worker_processes 1; pid $W/ng-b/pid; error_log /dev/null; events { worker_connections 4096; }
+http { access_log off; server { listen 127.0.0.1:18900; location / { return 200 "ok"; } } }
+C
+nginx -c "$W/ng-b/nginx.conf" -g 'daemon off;' & PIDS+=($!)
+
+# HAProxy pair.
+cat > hp-o.cfg <<C
+global
+  nbthread 1
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+frontend out
+  bind 127.0.0.1:18911
+  default_backend in
+backend in
+  http-reuse always
+  server in 127.0.0.1:18912 ssl crt $W/client.both ca-file $W/ca.pem verify required sni str(server)
+C
+cat > hp-i.cfg <<C
+global
+  nbthread 1
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+frontend in
+  bind 127.0.0.1:18912 ssl crt $W/server.both ca-file $W/ca.pem verify required
+  default_backend app
+backend app
+  http-reuse always
+  server app 127.0.0.1:18900
+C
+haproxy -f hp-o.cfg & PIDS+=($!); HP_O=$!
+haproxy -f hp-i.cfg & PIDS+=($!); HP_I=$!
+
+# nginx pair.
+cat > ng-o/nginx.conf <<C
+worker_processes 1; pid $W/ng-o/pid; error_log /dev/null; events { worker_connections 4096; }
+http { access_log off;
+  upstream in { server 127.0.0.1:18922; keepalive 64; }
+  server { listen 127.0.0.1:18921; location / {
+    proxy_pass https://in; proxy_http_version 1.1; proxy_set_header Connection "";
+    proxy_ssl_certificate $W/client.pem; proxy_ssl_certificate_key $W/client.key;
+    proxy_ssl_trusted_certificate $W/ca.pem; proxy_ssl_verify on; proxy_ssl_name server; proxy_ssl_session_reuse on; } } }
+C
+cat > ng-i/nginx.conf <<C
+worker_processes 1; pid $W/ng-i/pid; error_log /dev/null; events { worker_connections 4096; }
+http { access_log off;
+  upstream app { server 127.0.0.1:18900; keepalive 64; }
+  server { listen 127.0.0.1:18922 ssl; ssl_certificate $W/server.pem; ssl_certificate_key $W/server.key;
+    ssl_client_certificate $W/ca.pem; ssl_verify_client on;
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+C
+nginx -c "$W/ng-o/nginx.conf" -g 'daemon off;' & PIDS+=($!); NG_O=$!
+nginx -c "$W/ng-i/nginx.conf" -g 'daemon off;' & PIDS+=($!); NG_I=$!
+
+# Meshward pair: a control plane, two sidecars.
+mkdir -p mw/repo
+"$MW" control --data mw/data --trust-domain bench.example --listen 127.0.0.1:18940 --proxy-listen 127.0.0.1:18941 > mw/control.log 2>&1 & PIDS+=($!)
+for i in $(seq 50); do [ -f mw/data/admin.token ] && break; sleep 0.1; done
+"$MW" operator add second --data mw/data --role platform-security >/dev/null
+cat > mw/repo/mesh.yaml <<C
+apiVersion: meshward.io/v1alpha1
+kind: Mesh
+metadata: {name: bench}
+spec: {trustDomain: bench.example}
+---
+apiVersion: meshward.io/v1alpha1
+kind: Workload
+metadata: {name: client, namespace: bench}
+spec: {ports: [{port: 9999, protocol: HTTP}]}
+---
+apiVersion: meshward.io/v1alpha1
+kind: Workload
+metadata: {name: backend, namespace: bench, labels: {app: backend}}
+spec: {ports: [{port: 18900, protocol: HTTP, inbound: "127.0.0.1:18932"}]}
+---
+apiVersion: meshward.io/v1alpha1
+kind: Service
+metadata: {name: backend, namespace: bench}
+spec: {selector: {app: backend}, ports: [{port: 80, targetPort: 18900}]}
+---
+apiVersion: meshward.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: backend, namespace: bench}
+spec:
+  tier: service
+  action: ALLOW
+  target: {workloads: [backend]}
+  rules:
+    - from: [{identities: ["spiffe://bench.example/ns/bench/sa/client"]}]
+      to: [{methods: [GET], paths: ["/*"]}]
+C
+C="--server 127.0.0.1:18940 --ca-file mw/data/bundle.pem"
+"$MW" apply -f mw/repo $C --token-file mw/data/admin.token >/dev/null
+"$MW" approve 1 $C --token-file mw/data/second.token >/dev/null
+"$MW" workload token --identity spiffe://bench.example/ns/bench/sa/backend $C --token-file mw/data/admin.token > mw/b.tok
+"$MW" workload token --identity spiffe://bench.example/ns/bench/sa/client $C --token-file mw/data/admin.token > mw/c.tok
+"$MW" proxy --workload bench/backend --control 127.0.0.1:18941 --ca-file mw/data/bundle.pem --join-token-file mw/b.tok --state-dir mw/b --admin 127.0.0.1:18950 > mw/b.log 2>&1 & PIDS+=($!); MW_I=$!
+"$MW" proxy --workload bench/client --control 127.0.0.1:18941 --ca-file mw/data/bundle.pem --join-token-file mw/c.tok --state-dir mw/c --admin 127.0.0.1:18951 --upstream 127.0.0.1:18931=bench/backend:80 > mw/c.log 2>&1 & PIDS+=($!); MW_O=$!
+
+# Wait until every path answers 200.
+for port in 18900 18911 18921 18931; do
+  for i in $(seq 100); do [ "$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$port/x)" = 200 ] && break; sleep 0.1; done
+  [ "$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$port/x)" = 200 ] || { echo "port $port does not answer"; exit 1; }
+done
+
+# A proxy's processes: the PID and its children (nginx's worker runs under its master).
+procs() { for p in "$@"; do echo "$p"; pgrep -P "$p" || true; done; }
+cpu_ms() { local t=0; for p in $(procs "$@"); do t=$((t + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $((t * 1000 / $(getconf CLK_TCK))); }
+rss_mb() { local m=0; for p in $(procs "$@"); do v=$(awk '/VmHWM/{print $2}' /proc/$p/status); [ "$v" -gt "$m" ] && m=$v; done; echo $((m / 1024)); }
+
+echo
+echo "| pair | p50 / p99 ms @${RATE} rps | added p50 / p99 ms | proxy CPU ms per 1k req | max rps | peak RSS MiB (per proxy) |"
+echo "|---|---:|---:|---:|---:|---:|"
+read -r _ D50 D99 _ < <("$LG" 127.0.0.1:18900 /x "$RATE" "$SECS" 16)
+read -r DMAX _ _ _ < <("$LG" 127.0.0.1:18900 /x 0 "$SECS" 16)
+echo "| direct | $D50 / $D99 | — | — | $DMAX | — |"
+row() {
+  local name=$1 port=$2; shift 2
+  local c0; c0=$(cpu_ms "$@")
+  read -r rps p50 p99 err < <("$LG" 127.0.0.1:$port /x "$RATE" "$SECS" 16)
+  local c1; c1=$(cpu_ms "$@")
+  local per1k; per1k=$(awk -v c=$((c1 - c0)) -v n="$rps" -v s="$SECS" 'BEGIN { printf "%.1f", c / (n * s / 1000) }')
+  read -r max _ _ _ < <("$LG" 127.0.0.1:$port /x 0 "$SECS" 16)
+  local a50 a99; a50=$(awk -v a="$p50" -v b="$D50" 'BEGIN{printf "%.3f", a-b}'); a99=$(awk -v a="$p99" -v b="$D99" 'BEGIN{printf "%.3f", a-b}')
+  echo "| $name | $p50 / $p99 | $a50 / $a99 | $per1k | $max | $(rss_mb "$@") |"
+}
+row "meshward pair (L4 mTLS tunnel out, HTTP/1.1 + policy in)" 18931 $MW_O $MW_I
+row "HAProxy pair (mTLS)" 18911 $HP_O $HP_I
+row "nginx pair (mTLS)" 18921 $NG_O $NG_I
