@@ -73,8 +73,9 @@ pub fn run(a: ProxyArgs, conn: &crate::control_cmd::Conn) -> Result<ExitCode> {
         decision_log: a.decision_log.clone(),
         sample_allows: a.sample_allows,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    // One worker: a current-thread runtime (PERFORMANCE.md: faster than a one-worker
+    // multi-thread runtime).
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(meshward_proxy::run::run(opts, |bound| {

@@ -200,16 +200,24 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .or_else(|| req.uri().authority().map(|a| a.to_string()));
-    let headers: Vec<(String, String)> = h
-        .iter()
-        .filter(|(k, _)| k.as_str() != IDENTITY_HEADER)
-        .map(|(k, v)| {
-            (
-                k.as_str().to_owned(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
-        .collect();
+    // Only the headers policy conditions read (none, for most policies).
+    let policy = shared.policy.load_full();
+    let wanted: &[String] = policy.as_ref().map_or(&[], |p| p.headers.as_slice());
+    let headers: Vec<(String, String)> = if wanted.is_empty() {
+        vec![]
+    } else {
+        h.iter()
+            .filter(|(k, _)| {
+                k.as_str() != IDENTITY_HEADER && wanted.iter().any(|w| w == k.as_str())
+            })
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect()
+    };
     let preq = Request {
         source: Source::Authenticated(peer.clone()),
         destination: shared.workload.clone(),
@@ -222,7 +230,10 @@ async fn handle(
         }),
         at: SystemTime::now(),
     };
-    let d = decide(shared, &preq);
+    let d = match &policy {
+        Some(p) => p.engine.decide(&preq),
+        None => Decision::bare(Verdict::Deny, Reason::NoPolicy, PolicyRevision(0)),
+    };
     shared.log.record(&preq, &d);
     if d.verdict != Verdict::Allow {
         let grpc = req

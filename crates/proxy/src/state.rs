@@ -18,6 +18,9 @@ pub struct Policy {
     pub revision: u64,
     pub set: PolicySet,
     pub engine: Engine,
+    /// Lower-case names of the headers some rule's condition reads: only these are copied
+    /// out of a request for the decision (and the decision log).
+    pub headers: Vec<String>,
 }
 
 /// The workload's current SVID.
@@ -58,10 +61,20 @@ impl Shared {
             &set.clone()
                 .with_revision(meshward_policy::PolicyRevision(revision)),
         );
+        let mut headers: Vec<String> = set
+            .policies
+            .iter()
+            .flat_map(|p| p.rules.iter())
+            .flat_map(|r| r.when.iter())
+            .map(|c| c.header.clone())
+            .collect();
+        headers.sort();
+        headers.dedup();
         self.policy.store(Some(Arc::new(Policy {
             revision,
             set,
             engine,
+            headers,
         })));
     }
 
