@@ -248,19 +248,7 @@ impl ControlPlane {
     /// rendered reason on refusal.
     fn validate(&self, files: &Files, now: SystemTime) -> Result<(), Refused> {
         let loaded = repo::load(files);
-        let mut diags: Vec<Diagnostic> = loaded
-            .diagnostics
-            .iter()
-            .filter(|d| d.is_error())
-            .cloned()
-            .collect();
-        if let Some(set) = &loaded.set {
-            diags.extend(
-                lint::lint(set, now)
-                    .into_iter()
-                    .filter(Diagnostic::is_error),
-            );
-        }
+        let diags = lint::errors(&loaded, now);
         if !diags.is_empty() {
             return Err(Refused::Invalid(render(&diags, &loaded)));
         }

@@ -195,19 +195,7 @@ pub fn run(dir: &Path) -> Result<ExitCode> {
         std::fs::write(path, t)?;
     }
     let loaded = meshward_policy::load_path(&repo);
-    let mut diags: Vec<_> = loaded
-        .diagnostics
-        .iter()
-        .filter(|d| d.is_error())
-        .cloned()
-        .collect();
-    if let Some(set) = &loaded.set {
-        diags.extend(
-            meshward_policy::lint::lint(set, std::time::SystemTime::now())
-                .into_iter()
-                .filter(|d| d.is_error()),
-        );
-    }
+    let diags = meshward_policy::lint::errors(&loaded, std::time::SystemTime::now());
     if !diags.is_empty() {
         eprint!(
             "{}",

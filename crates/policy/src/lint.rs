@@ -204,6 +204,20 @@ use crate::reference;
 use crate::resource::{Action, Mode, MtlsMode, Tier};
 use crate::yaml::PathSeg;
 
+/// Every error of a loaded set: the loader's and the linter's (what blocks an apply).
+pub fn errors(loaded: &crate::model::Loaded, now: SystemTime) -> Vec<Diagnostic> {
+    let mut d: Vec<Diagnostic> = loaded
+        .diagnostics
+        .iter()
+        .filter(|x| x.is_error())
+        .cloned()
+        .collect();
+    if let Some(set) = &loaded.set {
+        d.extend(lint(set, now).into_iter().filter(Diagnostic::is_error));
+    }
+    d
+}
+
 /// Runs every semantic check. `now` decides which overrides are expired or too long.
 pub fn lint(set: &PolicySet, now: SystemTime) -> Vec<Diagnostic> {
     let mut out = vec![];
