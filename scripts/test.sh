@@ -15,11 +15,11 @@ fi
 
 # Real clients the end-to-end tests drive.
 missing=""
-for tool in curl openssl python3; do command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"; done
+for tool in curl openssl python3 kill script; do command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"; done
 if [ -n "$missing" ]; then
   log "installing${missing}"
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && apt-get install -y -qq curl openssl python3
+    apt-get update -qq && apt-get install -y -qq curl openssl python3 procps bsdutils
   else
     echo "missing:${missing} (install them, or run as root)" >&2
     exit 1
