@@ -13,13 +13,16 @@ if ! python3 -c 'import jsonschema' >/dev/null 2>&1; then
     || { [ "$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq python3-jsonschema; }
 fi
 
-# Real clients the end-to-end tests drive.
+# Real clients the end-to-end tests drive, and for the transparent-mode suite
+# (tests/transparent.rs: network namespaces, root) iproute2 and iptables.
 missing=""
-for tool in curl openssl python3 kill script; do command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"; done
+for tool in curl openssl python3 kill script ip iptables iptables-restore; do
+  command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
+done
 if [ -n "$missing" ]; then
   log "installing${missing}"
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && apt-get install -y -qq curl openssl python3 procps bsdutils
+    apt-get update -qq && apt-get install -y -qq curl openssl python3 procps bsdutils iproute2 iptables
   else
     echo "missing:${missing} (install them, or run as root)" >&2
     exit 1

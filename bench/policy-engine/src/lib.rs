@@ -86,6 +86,8 @@ pub fn meshward_set(n: usize, f: Family) -> PolicySet {
         labels: BTreeMap::new(),
         attributes: BTreeMap::new(),
         ports: vec![WorkloadPort { port: 8080, protocol: Protocol::Http, name: None, inbound: None }],
+        address: None,
+        interception: Default::default(),
         origin: None,
     });
     let target = Target { named: Some([WorkloadRef { namespace: "bench".into(), name: "api".into() }].into()), ..Default::default() };

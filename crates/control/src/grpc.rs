@@ -25,16 +25,18 @@ use crate::service::{ControlPlane, Refused};
 pub struct TlsConn {
     stream: tokio_rustls::server::TlsStream<TcpStream>,
     peer: Option<SpiffeId>,
+    expired: bool,
 }
 
-/// The peer identity tonic puts in each request's extensions.
+/// The peer identity tonic puts in each request's extensions, and whether its certificate
+/// had expired (accepted for renewal only).
 #[derive(Debug, Clone)]
-pub struct PeerId(pub Option<SpiffeId>);
+pub struct PeerId(pub Option<SpiffeId>, pub bool);
 
 impl Connected for TlsConn {
     type ConnectInfo = PeerId;
     fn connect_info(&self) -> PeerId {
-        PeerId(self.peer.clone())
+        PeerId(self.peer.clone(), self.expired)
     }
 }
 
@@ -68,6 +70,10 @@ fn peer<T>(r: &Request<T>) -> Option<SpiffeId> {
     r.extensions().get::<PeerId>().and_then(|p| p.0.clone())
 }
 
+fn peer_expired<T>(r: &Request<T>) -> bool {
+    r.extensions().get::<PeerId>().is_some_and(|p| p.1)
+}
+
 fn status(e: Refused) -> Status {
     match e {
         Refused::Forbidden(m) => Status::permission_denied(m),
@@ -87,6 +93,13 @@ pub struct ProxyApi {
 impl Identity for ProxyApi {
     async fn sign(&self, req: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
         let p = peer(&req);
+        if peer_expired(&req) {
+            if let Some(id) = &p {
+                eprintln!(
+                    "meshward-control: renewing the expired SVID of {id} (within the renewal grace)"
+                );
+            }
+        }
         let r = req.into_inner();
         let cp = self.cp.clone();
         let token = (!r.join_token.is_empty()).then_some(r.join_token);
@@ -133,6 +146,11 @@ impl Config for ProxyApi {
         let id = peer(&req).ok_or_else(|| {
             Status::unauthenticated("subscribe with your SVID as client certificate")
         })?;
+        if peer_expired(&req) {
+            return Err(Status::unauthenticated(
+                "your SVID has expired: renew it (Identity.Sign) before subscribing",
+            ));
+        }
         if id.workload_parts().is_none() {
             return Err(Status::permission_denied(format!(
                 "`{id}` is not a workload identity"
@@ -224,8 +242,17 @@ pub async fn serve(
                 if let Ok(Ok(stream)) =
                     tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
                 {
-                    let peer = meshward_identity::verifier::peer_identity(stream.get_ref().1);
-                    let _ = tx.send(Ok(TlsConn { stream, peer })).await;
+                    let conn = stream.get_ref().1;
+                    let peer = meshward_identity::verifier::peer_identity(conn);
+                    let expired =
+                        meshward_identity::verifier::expired_for(conn, SystemTime::now()).is_some();
+                    let _ = tx
+                        .send(Ok(TlsConn {
+                            stream,
+                            peer,
+                            expired,
+                        }))
+                        .await;
                 }
             });
         }
@@ -242,7 +269,51 @@ pub async fn serve(
 /// A gRPC channel to the proxy API over mutual TLS (for proxies and tests).
 pub async fn connect(
     addr: &str,
+    tls: rustls::ClientConfig,
+) -> Result<tonic::transport::Channel, String> {
+    connect_marked(addr, tls, None).await
+}
+
+/// Opens a TCP connection, with the socket mark `mark` set before connecting: transparent
+/// mode's iptables rules let marked packets (the sidecar's own) through uncaptured.
+pub async fn tcp_connect(
+    addr: impl tokio::net::ToSocketAddrs + std::fmt::Display,
+    mark: Option<u32>,
+) -> std::io::Result<TcpStream> {
+    let mut last = std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!("`{addr}` resolves to no address"),
+    );
+    for a in tokio::net::lookup_host(addr).await? {
+        let sock = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        if let Some(m) = mark {
+            socket2::SockRef::from(&sock).set_mark(m).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot set the socket mark {m} (needs CAP_NET_ADMIN): {e}"),
+                )
+            })?;
+        }
+        match sock.connect(a).await {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// [`connect`], with the sidecar's socket mark on the connection (transparent mode).
+pub async fn connect_marked(
+    addr: &str,
     mut tls: rustls::ClientConfig,
+    mark: Option<u32>,
 ) -> Result<tonic::transport::Channel, String> {
     tls.alpn_protocols = vec![b"h2".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
@@ -251,8 +322,7 @@ pub async fn connect(
         .connect_with_connector(tower::service_fn(move |_| {
             let (connector, addr) = (connector.clone(), addr.clone());
             async move {
-                let tcp = TcpStream::connect(&addr).await?;
-                let _ = tcp.set_nodelay(true);
+                let tcp = tcp_connect(addr.as_str(), mark).await?;
                 let name = rustls::pki_types::ServerName::try_from("control.meshward.invalid")
                     .map_err(std::io::Error::other)?;
                 let tls = connector.connect(name, tcp).await?;

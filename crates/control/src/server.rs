@@ -74,6 +74,30 @@ pub fn control_tls(
     control_tls_parts(ca, td, now).map(|(c, _, _)| c)
 }
 
+/// How long after expiry a proxy may still renew its SVID with it (the proxy API only: a
+/// proxy whose certificate ran out while the control plane was down recovers on its own).
+/// Such a peer can do nothing else; the data path never accepts an expired certificate.
+pub const EXPIRED_RENEWAL_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+/// The proxy API's TLS configuration: like [`control_tls`], but an SVID that expired less
+/// than [`EXPIRED_RENEWAL_GRACE`] ago completes the handshake (for renewal only).
+pub fn proxy_api_tls(
+    bundles: &SharedBundles,
+    cert: &Arc<ControlCert>,
+) -> Result<rustls::ServerConfig, String> {
+    Ok(rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(|e| e.to_string())?
+    .with_client_cert_verifier(SvidClientVerifier::optional_with_grace(
+        bundles.clone(),
+        Accept::AnyTrusted,
+        EXPIRED_RENEWAL_GRACE,
+    ))
+    .with_cert_resolver(cert.clone()))
+}
+
 /// The control plane's own certificate, renewed in place while connections run.
 #[derive(Debug)]
 pub struct ControlCert {
@@ -175,7 +199,7 @@ pub async fn run(
     let pem: String = ca.bundle().iter().map(cert_pem).collect();
     write_atomic(&bundle_file, pem.as_bytes(), false).map_err(|e| e.to_string())?;
     let (tls, tls_bundles, own_cert) = control_tls_parts(&ca, &opts.trust_domain, now)?;
-    let proxy_tls = tls.clone();
+    let proxy_tls = proxy_api_tls(&tls_bundles, &own_cert)?;
     let cfg = Config {
         data_dir: opts.data_dir.clone(),
         trust_domain: opts.trust_domain.clone(),

@@ -612,6 +612,18 @@ impl ControlPlane {
             self.audit_refusal("anonymous", "token.refused", subject, &e, now);
             Err(e)
         };
+        // What would make the CA refuse is checked before the token is spent.
+        let l = self.lifetime(lifetime)?;
+        if !(meshward_identity::ca::MIN_LIFETIME..=meshward_identity::ca::MAX_LIFETIME).contains(&l)
+        {
+            return refuse(
+                format!(
+                    "the mesh's certificateLifetime {} is outside what the CA issues; the token was not spent",
+                    humantime::format_duration(l)
+                ),
+                "token",
+            );
+        }
         let Some(rec) = self.store.use_token(&sha256_hex(token), now)? else {
             return refuse("unknown join token".into(), "token");
         };

@@ -24,8 +24,9 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::{SpiffeId, TrustDomain};
 
-/// Shortest workload certificate lifetime the CA issues.
-pub const MIN_LIFETIME: Duration = Duration::from_secs(5 * 60);
+/// Shortest workload certificate lifetime the CA issues (below 5 minutes is for drills:
+/// proxies renew at half the lifetime).
+pub const MIN_LIFETIME: Duration = Duration::from_secs(60);
 /// Longest workload certificate lifetime the CA issues.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Leaves start this much before "now", for peers whose clocks run slightly behind.
@@ -252,7 +253,7 @@ impl Ca {
     /// (join token, Kubernetes token or current SVID). The CA builds the certificate itself:
     /// of the CSR it uses only the public key (after checking the CSR's signature); a CSR
     /// that names a different SPIFFE ID is refused; other SANs, subject, CA flag, key usages
-    /// are ignored. `lifetime` must lie within 5 minutes and 24 hours and is cut at the
+    /// are ignored. `lifetime` must lie within 1 minute and 24 hours and is cut at the
     /// intermediate's own expiry.
     pub fn issue(
         &self,

@@ -171,6 +171,10 @@ pub struct SvidClientVerifier {
     accept: Accept,
     algs: WebPkiSupportedAlgorithms,
     mandatory: bool,
+    /// Accept a certificate that expired at most this long ago (checked as of its own
+    /// expiry): only for the control plane's renewal endpoint, which must tell such peers
+    /// apart (see [`expired_for`]) and let them do nothing but renew.
+    expired_grace: Option<Duration>,
 }
 
 impl SvidClientVerifier {
@@ -180,6 +184,7 @@ impl SvidClientVerifier {
             accept,
             algs: algorithms(),
             mandatory: true,
+            expired_grace: None,
         })
     }
 
@@ -191,8 +196,36 @@ impl SvidClientVerifier {
             accept,
             algs: algorithms(),
             mandatory: false,
+            expired_grace: None,
         })
     }
+
+    /// [`SvidClientVerifier::optional`], also accepting an SVID that expired less than
+    /// `grace` ago (verified as of its expiry): a proxy whose certificate ran out while the
+    /// control plane was down can still renew. Everything else must refuse such a peer.
+    pub fn optional_with_grace(
+        bundles: SharedBundles,
+        accept: Accept,
+        grace: Duration,
+    ) -> Arc<Self> {
+        Arc::new(SvidClientVerifier {
+            bundles,
+            accept,
+            algs: algorithms(),
+            mandatory: false,
+            expired_grace: Some(grace),
+        })
+    }
+}
+
+/// How long ago the peer's certificate expired (beyond the clock-skew allowance), if it
+/// has: only a verifier built with [`SvidClientVerifier::optional_with_grace`] lets such a
+/// peer complete the handshake.
+pub fn expired_for(conn: &rustls::CommonState, now: SystemTime) -> Option<Duration> {
+    let not_after = svid::not_after(conn.peer_certificates()?.first()?)?;
+    now.duration_since(not_after + svid::CLOCK_SKEW)
+        .ok()
+        .filter(|d| !d.is_zero())
 }
 
 impl ClientCertVerifier for SvidClientVerifier {
@@ -206,6 +239,18 @@ impl ClientCertVerifier for SvidClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        let mut now = now;
+        if let (Some(grace), Some(not_after)) = (self.expired_grace, svid::not_after(end_entity)) {
+            let t = system_time(now);
+            if t > not_after + svid::CLOCK_SKEW && t <= not_after + grace {
+                // Verified as of its last valid second.
+                let at = not_after
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .saturating_sub(Duration::from_secs(1));
+                now = UnixTime::since_unix_epoch(at);
+            }
+        }
         check(
             &self.bundles,
             &self.accept,

@@ -127,9 +127,9 @@ enum Command {
         #[arg(long = "call")]
         calls: Vec<String>,
     },
-    /// Run the sidecar proxy of one workload (explicit mode).
+    /// Run the sidecar proxy of one workload (explicit or transparent mode).
     #[command(
-        after_help = "Example:\n  meshward proxy --workload web/frontend --control 127.0.0.1:7444 --ca-file DATA/bundle.pem \\\n    --join-token-file frontend.token --state-dir /var/lib/meshward-proxy/frontend \\\n    --upstream 127.0.0.1:15001=orders/orders:80 --admin 127.0.0.1:15000\n\nInbound listeners are the `inbound` addresses of the workload's ports in the policy set;\nthe app itself listens on 127.0.0.1:PORT. Upstreams are loopback listeners the app calls\nin plaintext; the proxy carries them over mTLS."
+        after_help = "Examples:\n  meshward proxy --workload web/frontend --control 127.0.0.1:7444 --ca-file DATA/bundle.pem \\\n    --join-token-file frontend.token --state-dir /var/lib/meshward-proxy/frontend \\\n    --upstream 127.0.0.1:15001=orders/orders:80 --admin 127.0.0.1:15000\n  ip netns exec pod1 meshward proxy --transparent --workload web/frontend --control 10.0.0.2:7444 \\\n    --ca-file bundle.pem --join-token-file frontend.token --state-dir /var/lib/meshward-proxy/frontend\n\nExplicit mode: inbound listeners are the `inbound` addresses of the workload's ports in the\npolicy set; the app listens on 127.0.0.1:PORT. Upstreams are loopback listeners the app calls\nin plaintext; the proxy carries them over mTLS.\nTransparent mode (--transparent, after `meshward proxy init-netns`): all TCP of the network\nnamespace passes through the proxy; see docs/operations.md."
     )]
     Proxy(ProxyArgs),
 }
@@ -137,13 +137,16 @@ enum Command {
 /// `meshward proxy` reads the mesh's root certificates from the global `--ca-file`
 /// (the control plane's DATA/bundle.pem).
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 struct ProxyArgs {
+    #[command(subcommand)]
+    command: Option<ProxyCommand>,
     /// The workload this sidecar serves, `namespace/name`.
-    #[arg(long)]
-    workload: String,
+    #[arg(long, required = true)]
+    workload: Option<String>,
     /// The control plane's proxy API, `host:port`.
-    #[arg(long)]
-    control: String,
+    #[arg(long, required = true)]
+    control: Option<String>,
     /// The identity to run as (default `spiffe://TD/ns/NAMESPACE/sa/NAME`).
     #[arg(long)]
     identity: Option<String>,
@@ -151,8 +154,8 @@ struct ProxyArgs {
     #[arg(long)]
     join_token_file: Option<PathBuf>,
     /// Where the SVID, bundle and last-known-good configuration are kept (mode 0600).
-    #[arg(long)]
-    state_dir: PathBuf,
+    #[arg(long, required = true)]
+    state_dir: Option<PathBuf>,
     /// `LISTEN=NAMESPACE/SERVICE:PORT`, e.g. `127.0.0.1:15001=orders/orders:80` (repeatable).
     #[arg(long = "upstream")]
     upstreams: Vec<String>,
@@ -164,6 +167,67 @@ struct ProxyArgs {
     /// Log one allow in this many (every deny is logged).
     #[arg(long, default_value_t = 10)]
     sample_allows: u64,
+    /// Transparent mode: serve the capture ports that `meshward proxy init-netns` redirects
+    /// all TCP of the network namespace to (run as root; see docs/operations.md).
+    #[arg(long)]
+    transparent: bool,
+    /// Transparent mode: the inbound capture listener.
+    #[arg(long, default_value = "0.0.0.0:15006")]
+    inbound_capture: String,
+    /// Transparent mode: the outbound capture listener.
+    #[arg(long, default_value = "127.0.0.1:15001")]
+    outbound_capture: String,
+    /// Transparent mode: the socket mark on the proxy's own connections (must match
+    /// init-netns).
+    #[arg(long, default_value_t = meshward_proxy::transparent::DEFAULT_MARK)]
+    mark: u32,
+}
+
+#[derive(Debug, Subcommand)]
+enum ProxyCommand {
+    /// Install the iptables rules that send all TCP of a network namespace through its
+    /// sidecar (the role of Istio's init container). Run as root.
+    #[command(
+        name = "init-netns",
+        after_help = "Examples:\n  ip netns exec pod1 meshward proxy init-netns --exclude-inbound-ports 22\n  meshward proxy init-netns --netns pod1 --policies examples/quickstart/policies --workload web/frontend\n  meshward proxy init-netns --dry-run\n  meshward proxy init-netns --netns pod1 --remove\n\nInbound TCP goes to --inbound-port (15006), outbound TCP to --outbound-port (15001), except\nthe proxy's own connections (socket mark --mark, or --proxy-uid), loopback, and the excluded\nports: the flags plus the workload's `spec.interception` when --policies and --workload are given."
+    )]
+    InitNetns(InitNetnsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct InitNetnsArgs {
+    /// Run in this named network namespace (`ip netns exec NAME`); default: the current one.
+    #[arg(long)]
+    netns: Option<String>,
+    #[arg(long, default_value_t = meshward_proxy::transparent::INBOUND_CAPTURE_PORT)]
+    inbound_port: u16,
+    #[arg(long, default_value_t = meshward_proxy::transparent::OUTBOUND_CAPTURE_PORT)]
+    outbound_port: u16,
+    #[arg(long, default_value_t = meshward_proxy::transparent::DEFAULT_MARK)]
+    mark: u32,
+    /// Also let this user's traffic through uncaptured (a proxy running as its own UID).
+    #[arg(long)]
+    proxy_uid: Option<u32>,
+    /// Inbound ports that reach the app directly, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    exclude_inbound_ports: Vec<u16>,
+    /// Outbound destination ports the app may dial directly, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    exclude_outbound_ports: Vec<u16>,
+    /// A policy directory to read the workload's `spec.interception` from.
+    #[arg(long, requires = "workload")]
+    policies: Option<PathBuf>,
+    /// The workload (`namespace/name`) whose exclusions to read from --policies.
+    #[arg(long)]
+    workload: Option<String>,
+    /// Print the rules instead of installing them.
+    #[arg(long)]
+    dry_run: bool,
+    /// Remove Meshward's rules instead.
+    #[arg(long)]
+    remove: bool,
+    #[arg(long, value_enum, default_value = "text")]
+    output: Output,
 }
 
 #[derive(Debug, Subcommand)]

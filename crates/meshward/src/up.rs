@@ -276,11 +276,13 @@ pub fn run(dir: &Path) -> Result<ExitCode> {
                     identity,
                     join_token: t["token"].as_str().map(str::to_owned),
                     state_dir: pdir.clone(),
+                    mark: None,
                 },
                 upstreams: p.upstreams.iter().map(|(a, u, _)| (*a, u.clone())).collect(),
                 admin: p.admin,
                 decision_log: Some(pdir.join("decisions.jsonl")),
                 sample_allows: 1,
+                transparent: None,
             };
             let (tx, name) = (ready_tx.clone(), p.id.to_string());
             tokio::spawn(async move {

@@ -63,6 +63,16 @@ pub enum Reason {
     NoPolicy,
     /// Set by the proxy's rate limiter, never by the evaluators.
     RateLimited,
+    /// Set by the proxy: the connection was to a port the workload does not declare.
+    UndeclaredPort,
+    /// Set by the proxy: the peer did not complete mutual TLS with a valid SVID
+    /// (plaintext, no client certificate, unknown CA, expired, wrong identity).
+    HandshakeFailed,
+    /// Set by the outbound proxy: the destination is outside the mesh and the `Mesh`'s
+    /// `outboundTraffic` does not allow it.
+    OutsideMesh,
+    /// Set by the outbound proxy: a destination outside the mesh on the allow-list.
+    AllowedExternal,
 }
 
 impl Reason {
@@ -80,7 +90,24 @@ impl Reason {
             Reason::UnknownDestination => "unknown_destination",
             Reason::NoPolicy => "no_policy",
             Reason::RateLimited => "rate_limited",
+            Reason::UndeclaredPort => "undeclared_port",
+            Reason::HandshakeFailed => "handshake_failed",
+            Reason::OutsideMesh => "outside_mesh",
+            Reason::AllowedExternal => "allowed_external",
         }
+    }
+
+    /// Whether the policy engine made this decision (and a replay can re-evaluate it), as
+    /// opposed to the proxy's own checks (rate limits, ports, handshakes, egress).
+    pub fn is_policy(self) -> bool {
+        !matches!(
+            self,
+            Reason::RateLimited
+                | Reason::UndeclaredPort
+                | Reason::HandshakeFailed
+                | Reason::OutsideMesh
+                | Reason::AllowedExternal
+        )
     }
 }
 

@@ -64,6 +64,13 @@ pub struct DecisionRecord {
     /// sampled allows.
     #[serde(default = "one")]
     pub weight: u32,
+    /// Proxy checks only (`handshake_failed`, `outside_mesh`, ...): what happened, e.g.
+    /// "the peer sent no certificate".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Transparent mode: the original destination address the connection was made to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
 }
 
 fn inbound() -> String {
@@ -103,6 +110,8 @@ impl DecisionRecord {
                 .and_then(|s| s.policy.as_deref().map(String::from)),
             decision_ns: u64::try_from(d.elapsed.as_nanos()).unwrap_or(u64::MAX),
             weight,
+            detail: None,
+            address: None,
         }
     }
 

@@ -83,7 +83,7 @@ impl<'e> Replay<'e> {
             Ok(r) => r,
             Err(e) => return self.invalid(line, e),
         };
-        if rec.reason == Reason::RateLimited {
+        if !rec.reason.is_policy() || rec.direction != "inbound" {
             self.report.skipped += 1;
             return;
         }

@@ -81,6 +81,9 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
     pub attributes: BTreeMap<String, String>,
     pub ports: Vec<r::WorkloadPort>,
+    /// Transparent mode: the workload's address.
+    pub address: Option<std::net::IpAddr>,
+    pub interception: r::Interception,
     pub origin: Option<Origin>,
 }
 
@@ -102,6 +105,8 @@ pub struct Service {
     pub workloads: Vec<usize>,
     pub ports: Vec<r::ServicePort>,
     pub hosts: Vec<String>,
+    /// Transparent mode: virtual addresses.
+    pub addresses: Vec<std::net::IpAddr>,
     pub origin: Origin,
 }
 
@@ -1072,14 +1077,14 @@ impl Builder {
         let lifetime = s
             .certificate_lifetime
             .map_or(Duration::from_secs(3600), |x| x.0);
-        if !(Duration::from_secs(300)..=Duration::from_secs(86400)).contains(&lifetime) {
+        if !(Duration::from_secs(60)..=Duration::from_secs(86400)).contains(&lifetime) {
             self.diags.push(
                 d.origin
                     .diag(
                         "MW103",
                         Severity::Error,
                         &p!["spec", "certificateLifetime"],
-                        "`certificateLifetime` must be between 5m and 24h",
+                        "`certificateLifetime` must be between 1m and 24h",
                     )
                     .resource(d.label()),
             );
@@ -1147,6 +1152,22 @@ impl Builder {
                 );
             }
         }
+        let address = s.address.as_deref().and_then(|a| match a.parse() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                self.diags.push(
+                    d.origin
+                        .diag(
+                            "MW103",
+                            Severity::Error,
+                            &p!["spec", "address"],
+                            format!("`{a}` is not an IP address"),
+                        )
+                        .resource(d.label()),
+                );
+                None
+            }
+        });
         Some(Workload {
             id: WorkloadRef {
                 namespace: d.namespace.clone(),
@@ -1156,6 +1177,8 @@ impl Builder {
             labels: d.meta.labels.clone(),
             attributes: s.attributes,
             ports: s.ports,
+            address,
+            interception: s.interception.unwrap_or_default(),
             origin: Some(d.origin),
         })
     }
@@ -1219,6 +1242,22 @@ impl Builder {
                     .resource(d.label()),
             );
         }
+        let mut addresses = vec![];
+        for (i, a) in s.addresses.iter().enumerate() {
+            match a.parse() {
+                Ok(ip) => addresses.push(ip),
+                Err(_) => self.diags.push(
+                    d.origin
+                        .diag(
+                            "MW103",
+                            Severity::Error,
+                            &p!["spec", "addresses", i],
+                            format!("`{a}` is not an IP address"),
+                        )
+                        .resource(d.label()),
+                ),
+            }
+        }
         Service {
             id: WorkloadRef {
                 namespace: d.namespace.clone(),
@@ -1227,6 +1266,7 @@ impl Builder {
             workloads: members.into_iter().collect(),
             ports: s.ports,
             hosts: s.hosts,
+            addresses,
             origin: d.origin,
         }
     }

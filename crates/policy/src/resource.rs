@@ -257,6 +257,26 @@ pub struct WorkloadSpec {
     pub attributes: BTreeMap<String, String>,
     #[serde(default)]
     pub ports: Vec<WorkloadPort>,
+    /// Transparent mode: the workload's own IP address (its pod address). Sidecars map
+    /// captured connections to this address to the workload.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Transparent mode: ports that bypass interception.
+    #[serde(default)]
+    pub interception: Option<Interception>,
+}
+
+/// Transparent mode: what `meshward proxy init-netns` leaves uncaptured.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Interception {
+    /// Inbound TCP ports that reach the app directly (without the sidecar: no mTLS, no
+    /// policy), e.g. a health-check port.
+    #[serde(default)]
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Outbound TCP destination ports the app may dial directly.
+    #[serde(default)]
+    pub exclude_outbound_ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -285,6 +305,10 @@ pub struct ServiceSpec {
     /// Extra host names the service is called by (besides `NAME.NAMESPACE`).
     #[serde(default)]
     pub hosts: Vec<String>,
+    /// Transparent mode: virtual IP addresses of the service; a captured connection to one
+    /// of them is balanced across the service's workloads.
+    #[serde(default)]
+    pub addresses: Vec<String>,
 }
 
 // ---------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ pub struct Observed {
 
 impl Observed {
     pub fn add(&mut self, r: &DecisionRecord) {
-        if r.verdict != Verdict::Allow {
+        if r.verdict != Verdict::Allow || !r.reason.is_policy() || r.direction != "inbound" {
             return;
         }
         self.records += 1;

@@ -300,6 +300,8 @@ fn gen_set(g: &mut Gen) -> PolicySet {
                 name: None,
                 inbound: None,
             }],
+            address: None,
+            interception: Default::default(),
             origin: None,
         })
         .collect();

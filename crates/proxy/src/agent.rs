@@ -17,7 +17,7 @@ use meshward_identity::{SpiffeId, TrustDomain};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio_stream::StreamExt as _;
 
-use crate::state::{ClientCert, Shared, Svid};
+use crate::state::{Shared, Svid};
 
 /// How to reach the control plane and where to keep state.
 #[derive(Debug, Clone)]
@@ -32,6 +32,8 @@ pub struct AgentConfig {
     /// A join token, needed only when the state directory holds no valid SVID.
     pub join_token: Option<String>,
     pub state_dir: PathBuf,
+    /// Transparent mode: the socket mark on the proxy's own connections.
+    pub mark: Option<u32>,
 }
 
 fn log(msg: &str) {
@@ -129,9 +131,29 @@ fn tls(cfg: &AgentConfig, shared: Option<&Arc<Shared>>) -> Result<rustls::Client
         Accept::Only(vec![control]),
     ));
     Ok(match shared {
-        Some(s) => builder.with_client_cert_resolver(Arc::new(ClientCert(s.clone()))),
+        Some(s) => builder.with_client_cert_resolver(Arc::new(RenewalCert(s.clone()))),
         None => builder.with_no_client_auth(),
     })
+}
+
+/// Towards the control plane only: presents the stored SVID even after it expired, so a
+/// proxy whose certificate ran out while the control plane was down can renew (within the
+/// control plane's grace; the data path never presents an expired certificate).
+#[derive(Debug)]
+struct RenewalCert(Arc<Shared>);
+
+impl rustls::client::ResolvesClientCert for RenewalCert {
+    fn resolve(
+        &self,
+        _hints: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.0.svid.load_full().map(|s| s.key.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 /// Asks for a certificate (join token when `token` is set, else renewal over mTLS) and
@@ -143,7 +165,7 @@ async fn sign(
 ) -> Result<SystemTime, String> {
     let (key, csr) = new_workload_key(&cfg.identity).map_err(|e| e.to_string())?;
     let tls = tls(cfg, if token.is_some() { None } else { Some(shared) })?;
-    let ch = meshward_control::grpc::connect(&cfg.control, tls).await?;
+    let ch = meshward_control::grpc::connect_marked(&cfg.control, tls, cfg.mark).await?;
     let resp = IdentityClient::new(ch)
         .sign(SignRequest {
             join_token: token.unwrap_or_default().to_owned(),
@@ -208,18 +230,30 @@ fn renew_in(not_after: SystemTime) -> Duration {
 pub async fn identity_loop(shared: Arc<Shared>, cfg: AgentConfig) {
     let mut backoff = Duration::from_millis(500);
     loop {
-        let current = shared
-            .svid
-            .load_full()
-            .filter(|s| s.not_after > SystemTime::now());
+        let current = shared.svid.load_full();
         let result = match &current {
             None => match &cfg.join_token {
                 Some(t) => sign(&shared, &cfg, Some(t)).await,
-                None => Err("no valid SVID and no join token: pass --join-token-file".into()),
+                None => Err("no SVID and no join token: pass --join-token-file".into()),
             },
-            Some(s) => {
+            Some(s) if s.not_after > SystemTime::now() => {
                 tokio::time::sleep(renew_in(s.not_after)).await;
                 sign(&shared, &cfg, None).await
+            }
+            Some(_) => {
+                // Expired (the control plane was unreachable): renew with it while the
+                // control plane's grace allows, else join again if a token was given.
+                match sign(&shared, &cfg, None).await {
+                    Ok(t) => Ok(t),
+                    Err(e) => match &cfg.join_token {
+                        Some(t) => sign(&shared, &cfg, Some(t))
+                            .await
+                            .map_err(|e2| format!("renewing the expired SVID: {e}; joining: {e2}")),
+                        None => Err(format!(
+                            "the SVID has expired and cannot be renewed ({e}); new connections fail closed"
+                        )),
+                    },
+                }
             }
         };
         match result {
@@ -236,7 +270,7 @@ pub async fn identity_loop(shared: Arc<Shared>, cfg: AgentConfig) {
                     "cannot get a certificate ({e}); retrying in {backoff:?}"
                 ));
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
     }
@@ -261,7 +295,9 @@ pub async fn config_loop(shared: Arc<Shared>, cfg: AgentConfig) {
 }
 
 async fn stream_once(shared: &Arc<Shared>, cfg: &AgentConfig) -> Result<(), String> {
-    let ch = meshward_control::grpc::connect(&cfg.control, tls(cfg, Some(shared))?).await?;
+    let ch =
+        meshward_control::grpc::connect_marked(&cfg.control, tls(cfg, Some(shared))?, cfg.mark)
+            .await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<ConfigAck>(4);
     let mut snaps = ConfigClient::new(ch)
         .stream(tokio_stream::wrappers::ReceiverStream::new(rx))

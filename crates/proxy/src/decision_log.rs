@@ -11,6 +11,16 @@ use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use meshward_policy::decision::{Decision, Request, Verdict};
 use meshward_policy::decision_log::DecisionRecord;
 
+/// What the proxy adds to a record beyond the request and decision.
+#[derive(Debug, Clone, Default)]
+pub struct Extra {
+    /// The source's proxy decided (transparent-mode egress checks).
+    pub outbound: bool,
+    pub detail: Option<String>,
+    /// The original destination of a captured connection.
+    pub address: Option<std::net::SocketAddr>,
+}
+
 /// Where decisions go.
 #[derive(Debug, Clone)]
 pub struct DecisionLog {
@@ -76,6 +86,11 @@ impl DecisionLog {
 
     /// Records a decision (all denies, one allow in `sample_allows`).
     pub fn record(&self, req: &Request, d: &Decision) {
+        self.record_with(req, d, &Extra::default());
+    }
+
+    /// Records a decision with the proxy's own context (direction, detail, address).
+    pub fn record_with(&self, req: &Request, d: &Decision, extra: &Extra) {
         let weight = match d.verdict {
             Verdict::Deny => {
                 self.denied.fetch_add(1, Ordering::Relaxed);
@@ -90,8 +105,13 @@ impl DecisionLog {
             }
         };
         let Some(tx) = &self.tx else { return };
-        let mut line =
-            DecisionRecord::new(req, d, u32::try_from(weight).unwrap_or(u32::MAX)).to_line();
+        let mut rec = DecisionRecord::new(req, d, u32::try_from(weight).unwrap_or(u32::MAX));
+        if extra.outbound {
+            rec.direction = "outbound".into();
+        }
+        rec.detail.clone_from(&extra.detail);
+        rec.address = extra.address.map(|a| a.to_string());
+        let mut line = rec.to_line();
         line.push('\n');
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(line) {
             self.dropped.fetch_add(1, Ordering::Relaxed);

@@ -13,7 +13,6 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request as HttpRequest, Response, StatusCode};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshward_identity::SpiffeId;
 use meshward_identity::verifier::{Accept, SvidClientVerifier, peer_identity};
@@ -29,11 +28,73 @@ use crate::state::{ServerCert, Shared};
 /// The header that carries the verified peer SPIFFE ID to the app.
 pub const IDENTITY_HEADER: &str = "x-meshward-peer-identity";
 
-/// One inbound listener: where it listens, and the app port behind it.
+/// One inbound port: the app port (as declared) and where the app is reached.
 #[derive(Debug, Clone, Copy)]
 pub struct InboundPort {
     pub app_port: u16,
     pub protocol: Protocol,
+    /// Explicit mode: `127.0.0.1:PORT`. Transparent mode: the original destination (the
+    /// workload's own address), so an app bound to loopback only is never exposed.
+    pub app: SocketAddr,
+    /// Transparent mode: the socket mark that lets the proxy's own connections through.
+    pub mark: Option<u32>,
+}
+
+impl InboundPort {
+    /// Explicit mode: the app on `127.0.0.1:PORT`.
+    pub fn explicit(app_port: u16, protocol: Protocol) -> Self {
+        InboundPort {
+            app_port,
+            protocol,
+            app: SocketAddr::from(([127, 0, 0, 1], app_port)),
+            mark: None,
+        }
+    }
+}
+
+/// Connects the inbound side to the app (HTTP connection pool), with the socket mark.
+#[derive(Debug, Clone, Copy)]
+pub struct AppConnector {
+    pub mark: Option<u32>,
+}
+
+impl tower::Service<hyper::Uri> for AppConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: hyper::Uri) -> Self::Future {
+        let mark = self.mark;
+        Box::pin(async move {
+            let host = uri.host().unwrap_or("127.0.0.1");
+            let ip: std::net::IpAddr =
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse()
+                    .map_err(|_| std::io::Error::other(format!("`{host}` is not an IP address")))?;
+            let addr = SocketAddr::new(ip, uri.port_u16().unwrap_or(80));
+            meshward_control::grpc::tcp_connect(addr, mark)
+                .await
+                .map(TokioIo::new)
+        })
+    }
+}
+
+/// The pooled HTTP client towards the app.
+pub type AppClient = Client<AppConnector, Incoming>;
+
+/// A client for the app behind `protocol` (HTTP/2 prior knowledge for HTTP/2 and gRPC).
+pub fn app_client(protocol: Protocol, mark: Option<u32>) -> AppClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(matches!(protocol, Protocol::Http2 | Protocol::Grpc))
+        .build(AppConnector { mark })
 }
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -88,34 +149,100 @@ pub async fn serve(
     listener: TcpListener,
 ) -> Result<(), String> {
     let tls = tokio_rustls::TlsAcceptor::from(server_tls(&shared, port.protocol)?);
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
     // HTTP/2 and gRPC apps get HTTP/2 (prior knowledge) from their sidecar; HTTP/1 apps
     // get HTTP/1.1.
-    let h2 = matches!(port.protocol, Protocol::Http2 | Protocol::Grpc);
-    let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
-        .http2_only(h2)
-        .build(http);
+    let client = app_client(port.protocol, port.mark);
     loop {
         let (tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
-        let (tls, shared, client) = (tls.clone(), shared.clone(), client.clone());
-        tokio::spawn(async move {
-            let _ = tcp.set_nodelay(true);
-            let Ok(Ok(stream)) =
-                tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await
-            else {
-                return;
-            };
-            let Some(peer) = peer_identity(stream.get_ref().1) else {
-                return;
-            };
-            if port.protocol.is_http() {
-                serve_http(shared, port, peer, stream, client).await;
-            } else {
-                serve_tcp(shared, port, peer, stream).await;
-            }
-        });
+        tokio::spawn(connection(
+            shared.clone(),
+            port,
+            tcp,
+            tls.clone(),
+            client.clone(),
+        ));
     }
+}
+
+/// One inbound connection: the mTLS handshake (a failure is logged as a decision), then
+/// TCP or HTTP authorization and forwarding.
+pub async fn connection(
+    shared: Arc<Shared>,
+    port: InboundPort,
+    tcp: TcpStream,
+    tls: tokio_rustls::TlsAcceptor,
+    client: AppClient,
+) {
+    let _ = tcp.set_nodelay(true);
+    let stream = match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return handshake_failed(&shared, port, &e.to_string()),
+        Err(_) => return handshake_failed(&shared, port, "no handshake within 10s"),
+    };
+    let Some(peer) = peer_identity(stream.get_ref().1) else {
+        return handshake_failed(&shared, port, "the peer presented no SPIFFE ID");
+    };
+    if port.protocol.is_http() {
+        serve_http(shared, port, peer, stream, client).await;
+    } else {
+        serve_tcp(shared, port, peer, stream).await;
+    }
+}
+
+/// Logs a refused handshake as a deny (`handshake_failed`, source unknown).
+fn handshake_failed(shared: &Shared, port: InboundPort, why: &str) {
+    let rev = shared
+        .policy
+        .load()
+        .as_ref()
+        .map_or(PolicyRevision(0), |p| PolicyRevision(p.revision));
+    let req = Request {
+        source: Source::Unauthenticated,
+        destination: shared.workload.clone(),
+        port: port.app_port,
+        http: None,
+        at: SystemTime::now(),
+    };
+    let d = Decision::bare(Verdict::Deny, Reason::HandshakeFailed, rev);
+    shared.log.record_with(
+        &req,
+        &d,
+        &crate::decision_log::Extra {
+            detail: Some(handshake_detail(why)),
+            address: (port.mark.is_some()).then_some(port.app),
+            ..Default::default()
+        },
+    );
+}
+
+/// A short, stable description of why a handshake failed.
+fn handshake_detail(err: &str) -> String {
+    let e = err.to_ascii_lowercase();
+    let kind = if e.contains("corrupt message")
+        || e.contains("invalid message")
+        || e.contains("received corrupt")
+        || e.contains("invalidcontenttype")
+    {
+        "not TLS (plaintext?)"
+    } else if e.contains("no certificate")
+        || e.contains("nocertificate")
+        || e.contains("certificaterequired")
+    {
+        "no client certificate"
+    } else if e.contains("unknownissuer")
+        || e.contains("unknown issuer")
+        || e.contains("unknown ca")
+        || e.contains("badsignature")
+    {
+        "certificate from an unknown CA"
+    } else if e.contains("expired") {
+        "expired certificate"
+    } else if e.contains("invalid peer certificate") {
+        "certificate refused"
+    } else {
+        "handshake failed"
+    };
+    format!("{kind}: {err}")
 }
 
 async fn serve_tcp(
@@ -136,11 +263,9 @@ async fn serve_tcp(
     if d.verdict != Verdict::Allow {
         return; // dropped: the connection closes
     }
-    let Ok(mut app) = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port.app_port))).await
-    else {
+    let Ok(mut app) = meshward_control::grpc::tcp_connect(port.app, port.mark).await else {
         return;
     };
-    let _ = app.set_nodelay(true);
     let _ = tokio::io::copy_bidirectional(&mut stream, &mut app).await;
 }
 
@@ -149,7 +274,7 @@ async fn serve_http(
     port: InboundPort,
     peer: SpiffeId,
     stream: tokio_rustls::server::TlsStream<TcpStream>,
-    client: Client<HttpConnector, Incoming>,
+    client: AppClient,
 ) {
     let svc = hyper::service::service_fn(move |req: HttpRequest<Incoming>| {
         let (shared, peer, client) = (shared.clone(), peer.clone(), client.clone());
@@ -176,7 +301,7 @@ async fn handle(
     shared: &Shared,
     port: InboundPort,
     peer: &SpiffeId,
-    client: &Client<HttpConnector, Incoming>,
+    client: &AppClient,
     mut req: HttpRequest<Incoming>,
 ) -> Response<Body> {
     let h = req.headers();
@@ -266,7 +391,7 @@ async fn handle(
         );
     }
     // Forward: the normalized target, the verified identity.
-    let uri = format!("http://127.0.0.1:{}{}", port.app_port, norm.target());
+    let uri = format!("http://{}{}", port.app, norm.target());
     let Ok(uri) = uri.parse::<hyper::Uri>() else {
         return full(
             StatusCode::BAD_REQUEST,

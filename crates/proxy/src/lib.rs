@@ -16,3 +16,4 @@ pub mod inbound;
 pub mod outbound;
 pub mod run;
 pub mod state;
+pub mod transparent;

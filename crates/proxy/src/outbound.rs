@@ -54,6 +54,40 @@ pub fn endpoints(shared: &Shared, up: &Upstream) -> Vec<(SocketAddr, SpiffeId)> 
         .collect()
 }
 
+/// Opens mutual TLS to `addr` with the workload's SVID, accepting only a server whose
+/// SPIFFE ID is in `allowed` (a misrouted or impersonating endpoint is refused).
+pub async fn dial(
+    shared: &Arc<Shared>,
+    addr: SocketAddr,
+    allowed: Vec<SpiffeId>,
+    mark: Option<u32>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(|e| e.to_string())?
+    .dangerous()
+    .with_custom_certificate_verifier(SvidServerVerifier::new(
+        shared.bundles.clone(),
+        Accept::Only(allowed),
+    ))
+    .with_client_cert_resolver(Arc::new(ClientCert(shared.clone())));
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(5),
+        meshward_control::grpc::tcp_connect(addr, mark),
+    )
+    .await
+    .map_err(|_| format!("no connection to {addr} within 5s"))?
+    .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let name = rustls::pki_types::ServerName::try_from("mesh.meshward.invalid")
+        .map_err(|e| e.to_string())?;
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("mTLS with {addr} failed: {e}"))
+}
+
 /// Serves one upstream until the listener fails.
 pub async fn serve(shared: Arc<Shared>, up: Upstream, listener: TcpListener) -> Result<(), String> {
     let next = Arc::new(AtomicUsize::new(0));
@@ -72,39 +106,11 @@ pub async fn serve(shared: Arc<Shared>, up: Upstream, listener: TcpListener) -> 
             }
             let (addr, _) = eps[next.fetch_add(1, Ordering::Relaxed) % eps.len()].clone();
             let allowed: Vec<SpiffeId> = eps.iter().map(|(_, id)| id.clone()).collect();
-            let Ok(cfg) = rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_protocol_versions(&[&rustls::version::TLS13]) else {
-                return;
-            };
-            let cfg = cfg
-                .dangerous()
-                .with_custom_certificate_verifier(SvidServerVerifier::new(
-                    shared.bundles.clone(),
-                    Accept::Only(allowed),
-                ))
-                .with_client_cert_resolver(Arc::new(ClientCert(shared.clone())));
-            let Ok(Ok(tcp)) =
-                tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await
-            else {
-                return;
-            };
-            let _ = tcp.set_nodelay(true);
-            let Ok(name) = rustls::pki_types::ServerName::try_from("mesh.meshward.invalid") else {
-                return;
-            };
-            match tokio_rustls::TlsConnector::from(Arc::new(cfg))
-                .connect(name, tcp)
-                .await
-            {
+            match dial(&shared, addr, allowed, None).await {
                 Ok(mut tls) => {
                     let _ = tokio::io::copy_bidirectional(&mut app, &mut tls).await;
                 }
-                Err(e) => eprintln!(
-                    "meshward-proxy: refusing endpoint {addr} of {}: {e}",
-                    up.service
-                ),
+                Err(e) => eprintln!("meshward-proxy: refusing endpoint of {}: {e}", up.service),
             }
         });
     }

@@ -25,6 +25,8 @@ pub struct Options {
     pub admin: SocketAddr,
     pub decision_log: Option<PathBuf>,
     pub sample_allows: u64,
+    /// Transparent mode: capture listeners instead of the ports' `inbound` addresses.
+    pub transparent: Option<crate::transparent::Options>,
 }
 
 /// Runs the proxy until the process ends; `ready` is called with the bound addresses once
@@ -51,6 +53,21 @@ pub async fn run(opts: Options, ready: impl FnOnce(&[(SocketAddr, u16)])) -> Res
     tokio::spawn(crate::admin::serve(shared.clone(), admin));
     tokio::spawn(agent::identity_loop(shared.clone(), opts.agent.clone()));
     tokio::spawn(agent::config_loop(shared.clone(), opts.agent.clone()));
+    if let Some(t) = &opts.transparent {
+        let bind = |a: SocketAddr| async move {
+            tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(|e| format!("cannot listen on {a}: {e}"))
+        };
+        let (i, o) = (bind(t.inbound).await?, bind(t.outbound).await?);
+        tokio::spawn(crate::transparent::serve_inbound(shared.clone(), t.mark, i));
+        tokio::spawn(crate::transparent::serve_outbound(
+            shared.clone(),
+            opts.agent.identity.clone(),
+            t.mark,
+            o,
+        ));
+    }
     for (addr, up) in &opts.upstreams {
         let l = tokio::net::TcpListener::bind(addr)
             .await
@@ -73,7 +90,11 @@ pub async fn run(opts: Options, ready: impl FnOnce(&[(SocketAddr, u16)])) -> Res
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let mut bound = vec![];
-    for p in ports {
+    if let Some(t) = &opts.transparent {
+        // Every declared port is captured on the inbound capture port.
+        bound.extend(ports.iter().map(|p| (t.inbound, p.port)));
+    }
+    for p in ports.into_iter().filter(|_| opts.transparent.is_none()) {
         let Some(addr) = p
             .inbound
             .as_deref()
@@ -87,10 +108,7 @@ pub async fn run(opts: Options, ready: impl FnOnce(&[(SocketAddr, u16)])) -> Res
         bound.push((addr, p.port));
         tokio::spawn(inbound::serve(
             shared.clone(),
-            InboundPort {
-                app_port: p.port,
-                protocol: p.protocol,
-            },
+            InboundPort::explicit(p.port, p.protocol),
             l,
         ));
     }

@@ -153,10 +153,7 @@ async fn grpc_through_two_sidecars() {
     ))));
     tokio::spawn(inbound::serve(
         signer.clone(),
-        InboundPort {
-            app_port,
-            protocol: Protocol::Grpc,
-        },
+        InboundPort::explicit(app_port, Protocol::Grpc),
         inb,
     ));
     tokio::spawn(outbound::serve(

@@ -177,10 +177,7 @@ async fn mesh_as(orders_id: &str, frontend_ca: Option<&Ca>) -> Mesh {
     ))));
     tokio::spawn(inbound::serve(
         orders.clone(),
-        InboundPort {
-            app_port: app.port(),
-            protocol: Protocol::Http,
-        },
+        InboundPort::explicit(app.port(), Protocol::Http),
         inb,
     ));
     tokio::spawn(outbound::serve(

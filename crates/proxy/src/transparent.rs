@@ -1,0 +1,551 @@
+//! Transparent mode: the workload's network namespace sends all its TCP through the
+//! sidecar (rules installed by `meshward proxy init-netns`, see [`rules`]). Inbound
+//! connections arrive on the inbound capture port, outbound ones on the outbound capture
+//! port; the proxy reads the original destination (`SO_ORIGINAL_DST`), maps it to a
+//! workload or service of the mesh, and applies the same logic as explicit mode. The
+//! proxy's own connections carry a socket mark the rules let through.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::SystemTime;
+
+use meshward_identity::SpiffeId;
+use meshward_policy::decision::{
+    Decision, PolicyRevision, Reason, Request, Source, Verdict, WorkloadRef,
+};
+use meshward_policy::model::PolicySet;
+use meshward_policy::resource::{OutboundMode, Protocol};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::decision_log::Extra;
+use crate::inbound::{self, AppClient, InboundPort};
+use crate::state::Shared;
+
+/// The mark on the proxy's own sockets (the value Istio uses for its proxy UID).
+pub const DEFAULT_MARK: u32 = 1337;
+/// Where inbound connections are redirected.
+pub const INBOUND_CAPTURE_PORT: u16 = 15006;
+/// Where outbound connections are redirected.
+pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
+
+/// Transparent-mode settings of a proxy.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The inbound capture listener (all addresses: redirected packets keep the address
+    /// they were sent to).
+    pub inbound: SocketAddr,
+    /// The outbound capture listener (loopback: `REDIRECT` in `OUTPUT` sends there).
+    pub outbound: SocketAddr,
+    pub mark: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            inbound: SocketAddr::from(([0, 0, 0, 0], INBOUND_CAPTURE_PORT)),
+            outbound: SocketAddr::from(([127, 0, 0, 1], OUTBOUND_CAPTURE_PORT)),
+            mark: DEFAULT_MARK,
+        }
+    }
+}
+
+/// The destination a captured connection was sent to, before the redirect.
+pub fn original_dst(tcp: &TcpStream) -> std::io::Result<SocketAddr> {
+    let s = socket2::SockRef::from(tcp);
+    let a = if tcp.local_addr()?.is_ipv4() {
+        s.original_dst_v4()?
+    } else {
+        s.original_dst_v6()?
+    };
+    a.as_socket()
+        .ok_or_else(|| std::io::Error::other("the original destination is not an IP address"))
+}
+
+/// Where a captured outbound connection goes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// A workload or service of the mesh: dial one of `endpoints` with mTLS, accepting
+    /// only the identities listed there.
+    Mesh {
+        destination: WorkloadRef,
+        endpoints: Vec<(SocketAddr, SpiffeId)>,
+    },
+    /// A mesh address, on a port the workload or service does not declare.
+    UndeclaredPort { destination: WorkloadRef },
+    /// Outside the mesh.
+    External,
+}
+
+/// Maps an original destination to the mesh: a service's virtual address (balanced over
+/// its workloads), or a workload's own address.
+pub fn resolve(set: &PolicySet, dst: SocketAddr) -> Target {
+    let ip = dst.ip();
+    if let Some(svc) = set.services.iter().find(|s| s.addresses.contains(&ip)) {
+        let Some(sp) = svc.ports.iter().find(|p| p.port == dst.port()) else {
+            return Target::UndeclaredPort {
+                destination: svc.id.clone(),
+            };
+        };
+        let target_port = sp.target_port.unwrap_or(sp.port);
+        let endpoints = svc
+            .workloads
+            .iter()
+            .filter_map(|&i| set.workloads.get(i))
+            .filter(|w| w.ports.iter().any(|p| p.port == target_port))
+            .filter_map(|w| Some((SocketAddr::new(w.address?, target_port), w.identity.clone())))
+            .collect();
+        return Target::Mesh {
+            destination: svc.id.clone(),
+            endpoints,
+        };
+    }
+    if let Some(w) = set.workloads.iter().find(|w| w.address == Some(ip)) {
+        if !w.ports.iter().any(|p| p.port == dst.port()) {
+            return Target::UndeclaredPort {
+                destination: w.id.clone(),
+            };
+        }
+        return Target::Mesh {
+            destination: w.id.clone(),
+            endpoints: vec![(dst, w.identity.clone())],
+        };
+    }
+    Target::External
+}
+
+/// One entry of `outboundTraffic.allowed`: `IP:PORT`, `CIDR:PORT` or `HOST:PORT`, with
+/// `*` for any port; IPv6 addresses in brackets.
+#[derive(Debug, Clone, PartialEq)]
+enum AllowEntry {
+    Net {
+        net: IpAddr,
+        prefix: u8,
+        port: Option<u16>,
+    },
+    Host {
+        host: String,
+        port: Option<u16>,
+    },
+}
+
+fn parse_entry(e: &str) -> Option<AllowEntry> {
+    let (host, port) = e.rsplit_once(':')?;
+    let port = match port {
+        "*" => None,
+        p => Some(p.parse().ok()?),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let (addr, prefix) = match host.split_once('/') {
+        Some((a, p)) => (a, Some(p.parse::<u8>().ok()?)),
+        None => (host, None),
+    };
+    match addr.parse::<IpAddr>() {
+        Ok(net) => {
+            let max = if net.is_ipv4() { 32 } else { 128 };
+            let prefix = prefix.unwrap_or(max);
+            (prefix <= max).then_some(AllowEntry::Net { net, prefix, port })
+        }
+        Err(_) if prefix.is_none() && !addr.is_empty() => Some(AllowEntry::Host {
+            host: addr.to_ascii_lowercase(),
+            port,
+        }),
+        Err(_) => None,
+    }
+}
+
+fn in_net(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let m = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            u32::from(a) & m == u32::from(n) & m
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let m = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            u128::from(a) & m == u128::from(n) & m
+        }
+        _ => false,
+    }
+}
+
+/// Whether the mesh lets a workload call `dst` outside the mesh (host names are resolved
+/// when no address entry matches).
+pub async fn external_allowed(set: &PolicySet, dst: SocketAddr) -> bool {
+    let ob = &set.mesh.outbound;
+    if ob.mode == OutboundMode::Deny {
+        return false;
+    }
+    let entries: Vec<AllowEntry> = ob.allowed.iter().filter_map(|e| parse_entry(e)).collect();
+    let port_ok = |p: &Option<u16>| p.is_none_or(|p| p == dst.port());
+    for e in &entries {
+        if let AllowEntry::Net { net, prefix, port } = e {
+            if port_ok(port) && in_net(dst.ip(), *net, *prefix) {
+                return true;
+            }
+        }
+    }
+    for e in &entries {
+        if let AllowEntry::Host { host, port } = e {
+            if !port_ok(port) {
+                continue;
+            }
+            let lookup = tokio::net::lookup_host((host.as_str(), dst.port()));
+            if let Ok(Ok(addrs)) =
+                tokio::time::timeout(std::time::Duration::from_secs(2), lookup).await
+            {
+                if addrs.into_iter().any(|a| a.ip() == dst.ip()) {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
+fn revision(shared: &Shared) -> PolicyRevision {
+    shared
+        .policy
+        .load()
+        .as_ref()
+        .map_or(PolicyRevision(0), |p| PolicyRevision(p.revision))
+}
+
+/// Logs a decision the proxy made itself (not the policy engine).
+#[allow(clippy::too_many_arguments)]
+fn log_own(
+    shared: &Shared,
+    source: Source,
+    destination: WorkloadRef,
+    dst: SocketAddr,
+    verdict: Verdict,
+    reason: Reason,
+    outbound: bool,
+    detail: String,
+) {
+    let req = Request {
+        source,
+        destination,
+        port: dst.port(),
+        http: None,
+        at: SystemTime::now(),
+    };
+    let d = Decision::bare(verdict, reason, revision(shared));
+    shared.log.record_with(
+        &req,
+        &d,
+        &Extra {
+            outbound,
+            detail: Some(detail),
+            address: Some(dst),
+        },
+    );
+}
+
+fn external_ref(dst: SocketAddr) -> WorkloadRef {
+    WorkloadRef {
+        namespace: "external".into(),
+        name: dst.ip().to_string(),
+    }
+}
+
+/// Serves the outbound capture port: every TCP connection the app opens.
+pub async fn serve_outbound(
+    shared: Arc<Shared>,
+    identity: SpiffeId,
+    mark: u32,
+    listener: TcpListener,
+) -> Result<(), String> {
+    let next = Arc::new(AtomicUsize::new(0));
+    loop {
+        let (app, _) = listener.accept().await.map_err(|e| e.to_string())?;
+        tokio::spawn(outbound_connection(
+            shared.clone(),
+            identity.clone(),
+            mark,
+            app,
+            next.clone(),
+        ));
+    }
+}
+
+async fn outbound_connection(
+    shared: Arc<Shared>,
+    identity: SpiffeId,
+    mark: u32,
+    mut app: TcpStream,
+    next: Arc<AtomicUsize>,
+) {
+    let _ = app.set_nodelay(true);
+    let Ok(dst) = original_dst(&app) else {
+        // Not a redirected connection (someone dialed the capture port itself).
+        return;
+    };
+    let src = Source::Authenticated(identity);
+    let Some(policy) = shared.policy.load_full() else {
+        let why = "no configuration yet: outbound traffic is refused (fail closed)".into();
+        return log_own(
+            &shared,
+            src,
+            external_ref(dst),
+            dst,
+            Verdict::Deny,
+            Reason::NoPolicy,
+            true,
+            why,
+        );
+    };
+    match resolve(&policy.set, dst) {
+        Target::Mesh {
+            destination,
+            endpoints,
+        } => {
+            if endpoints.is_empty() {
+                let why = format!("{destination} has no endpoint with an address");
+                return log_own(
+                    &shared,
+                    src,
+                    destination,
+                    dst,
+                    Verdict::Deny,
+                    Reason::UnknownDestination,
+                    true,
+                    why,
+                );
+            }
+            let (addr, _) =
+                endpoints[next.fetch_add(1, Ordering::Relaxed) % endpoints.len()].clone();
+            let allowed = endpoints.iter().map(|(_, id)| id.clone()).collect();
+            match crate::outbound::dial(&shared, addr, allowed, Some(mark)).await {
+                Ok(mut tls) => {
+                    let _ = tokio::io::copy_bidirectional(&mut app, &mut tls).await;
+                }
+                Err(e) => eprintln!("meshward-proxy: {destination} ({dst}): {e}"),
+            }
+        }
+        Target::UndeclaredPort { destination } => {
+            let why = format!(
+                "{destination} declares no port {}: the connection is refused",
+                dst.port()
+            );
+            log_own(
+                &shared,
+                src,
+                destination,
+                dst,
+                Verdict::Deny,
+                Reason::UndeclaredPort,
+                true,
+                why,
+            );
+        }
+        Target::External => {
+            if !external_allowed(&policy.set, dst).await {
+                let why = match policy.set.mesh.outbound.mode {
+                    OutboundMode::Deny => format!(
+                        "{dst} is outside the mesh and the Mesh's outboundTraffic mode is DENY"
+                    ),
+                    OutboundMode::AllowListed => {
+                        format!("{dst} is outside the mesh and not in outboundTraffic.allowed")
+                    }
+                };
+                return log_own(
+                    &shared,
+                    src,
+                    external_ref(dst),
+                    dst,
+                    Verdict::Deny,
+                    Reason::OutsideMesh,
+                    true,
+                    why,
+                );
+            }
+            log_own(
+                &shared,
+                src,
+                external_ref(dst),
+                dst,
+                Verdict::Allow,
+                Reason::AllowedExternal,
+                true,
+                "on outboundTraffic.allowed".into(),
+            );
+            if let Ok(mut up) = meshward_control::grpc::tcp_connect(dst, Some(mark)).await {
+                let _ = tokio::io::copy_bidirectional(&mut app, &mut up).await;
+            }
+        }
+    }
+}
+
+/// Serves the inbound capture port: every TCP connection to the workload.
+pub async fn serve_inbound(
+    shared: Arc<Shared>,
+    mark: u32,
+    listener: TcpListener,
+) -> Result<(), String> {
+    let tls_http = tokio_rustls::TlsAcceptor::from(inbound::server_tls(&shared, Protocol::Http)?);
+    let tls_tcp = tokio_rustls::TlsAcceptor::from(inbound::server_tls(&shared, Protocol::Tcp)?);
+    let h1: AppClient = inbound::app_client(Protocol::Http, Some(mark));
+    let h2: AppClient = inbound::app_client(Protocol::Http2, Some(mark));
+    loop {
+        let (tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
+        let Ok(dst) = original_dst(&tcp) else {
+            continue;
+        };
+        let declared = shared.policy.load().as_ref().map(|p| {
+            p.set
+                .workload(&shared.workload)
+                .and_then(|w| w.ports.iter().find(|p| p.port == dst.port()))
+                .map(|p| p.protocol)
+        });
+        let protocol = match declared {
+            Some(Some(p)) => p,
+            Some(None) => {
+                let why = format!(
+                    "{} declares no port {}: the connection is refused",
+                    shared.workload,
+                    dst.port()
+                );
+                log_own(
+                    &shared,
+                    Source::Unauthenticated,
+                    shared.workload.clone(),
+                    dst,
+                    Verdict::Deny,
+                    Reason::UndeclaredPort,
+                    false,
+                    why,
+                );
+                continue;
+            }
+            None => {
+                let why = "no configuration yet: inbound traffic is refused (fail closed)".into();
+                log_own(
+                    &shared,
+                    Source::Unauthenticated,
+                    shared.workload.clone(),
+                    dst,
+                    Verdict::Deny,
+                    Reason::NoPolicy,
+                    false,
+                    why,
+                );
+                continue;
+            }
+        };
+        let port = InboundPort {
+            app_port: dst.port(),
+            protocol,
+            app: dst,
+            mark: Some(mark),
+        };
+        let (tls, client) = match protocol {
+            Protocol::Tcp => (tls_tcp.clone(), h1.clone()),
+            Protocol::Http => (tls_http.clone(), h1.clone()),
+            Protocol::Http2 | Protocol::Grpc => (tls_http.clone(), h2.clone()),
+        };
+        tokio::spawn(inbound::connection(shared.clone(), port, tcp, tls, client));
+    }
+}
+
+/// What `meshward proxy init-netns` installs.
+#[derive(Debug, Clone)]
+pub struct RuleOptions {
+    pub inbound_port: u16,
+    pub outbound_port: u16,
+    pub mark: u32,
+    /// Also let this UID's traffic through (a proxy that runs as its own user).
+    pub proxy_uid: Option<u32>,
+    pub exclude_inbound_ports: Vec<u16>,
+    pub exclude_outbound_ports: Vec<u16>,
+}
+
+impl Default for RuleOptions {
+    fn default() -> Self {
+        RuleOptions {
+            inbound_port: INBOUND_CAPTURE_PORT,
+            outbound_port: OUTBOUND_CAPTURE_PORT,
+            mark: DEFAULT_MARK,
+            proxy_uid: None,
+            exclude_inbound_ports: vec![],
+            exclude_outbound_ports: vec![],
+        }
+    }
+}
+
+/// The chains Meshward owns in the `nat` table.
+pub const CHAINS: [&str; 2] = ["MESHWARD_INBOUND", "MESHWARD_OUTPUT"];
+
+/// The `iptables-restore --noflush` input that captures all TCP of a network namespace:
+/// inbound to the inbound capture port, outbound to the outbound capture port, except the
+/// proxy's own (marked) traffic, loopback, and excluded ports. Applying it replaces any
+/// earlier Meshward rules (the chains are flushed and the jumps re-added once).
+pub fn rules(o: &RuleOptions) -> String {
+    let mut r = String::from("*nat\n:MESHWARD_INBOUND - [0:0]\n:MESHWARD_OUTPUT - [0:0]\n");
+    r.push_str("-A PREROUTING -p tcp -j MESHWARD_INBOUND\n-A OUTPUT -p tcp -j MESHWARD_OUTPUT\n");
+    for p in &o.exclude_inbound_ports {
+        r.push_str(&format!(
+            "-A MESHWARD_INBOUND -p tcp --dport {p} -j RETURN\n"
+        ));
+    }
+    r.push_str(&format!(
+        "-A MESHWARD_INBOUND -p tcp -j REDIRECT --to-ports {}\n",
+        o.inbound_port
+    ));
+    r.push_str(&format!(
+        "-A MESHWARD_OUTPUT -m mark --mark {} -j RETURN\n",
+        o.mark
+    ));
+    if let Some(uid) = o.proxy_uid {
+        r.push_str(&format!(
+            "-A MESHWARD_OUTPUT -m owner --uid-owner {uid} -j RETURN\n"
+        ));
+    }
+    r.push_str("-A MESHWARD_OUTPUT -o lo -j RETURN\n");
+    for p in &o.exclude_outbound_ports {
+        r.push_str(&format!(
+            "-A MESHWARD_OUTPUT -p tcp --dport {p} -j RETURN\n"
+        ));
+    }
+    r.push_str(&format!(
+        "-A MESHWARD_OUTPUT -p tcp -j REDIRECT --to-ports {}\n",
+        o.outbound_port
+    ));
+    r.push_str("COMMIT\n");
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_entries() {
+        assert_eq!(
+            parse_entry("10.0.0.0/8:443"),
+            Some(AllowEntry::Net {
+                net: "10.0.0.0".parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
+                prefix: 8,
+                port: Some(443)
+            })
+        );
+        assert!(matches!(
+            parse_entry("[::1]:*"),
+            Some(AllowEntry::Net {
+                prefix: 128,
+                port: None,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_entry("api.example.com:443"),
+            Some(AllowEntry::Host { .. })
+        ));
+        assert_eq!(parse_entry("10.0.0.0/33:443"), None);
+        assert_eq!(parse_entry("10.0.0.1"), None);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        assert!(in_net(ip("10.1.2.3"), ip("10.0.0.0"), 8));
+        assert!(!in_net(ip("11.1.2.3"), ip("10.0.0.0"), 8));
+        assert!(in_net(ip("1.2.3.4"), ip("0.0.0.0"), 0));
+        assert!(!in_net(ip("::1"), ip("0.0.0.0"), 0));
+    }
+}
