@@ -409,6 +409,24 @@ fn transparent_mode_enforces_and_cannot_be_bypassed() {
     let frontend = Sidecar::new(&cp, a.clone(), "web/frontend", FRONTEND, t, &[]);
     orders.wait_revision(rev1);
     let b8080 = format!("http://{}.11:8080", s);
+    // The exclusions are part of the configuration, and `meshward status` shows them.
+    let o = cp.cli("alice", &["status"]);
+    assert!(
+        out(&o).contains("orders/orders") && out(&o).contains("excluded inbound 2222"),
+        "{}",
+        out(&o)
+    );
+    let o = cp.cli("alice", &["status", "--output", "json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let w = v["interception"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["workload"] == "orders/orders")
+        .unwrap()
+        .clone();
+    assert_eq!(w["exclude_inbound_ports"], serde_json::json!([2222]), "{v}");
+    assert_eq!(w["address"], format!("{s}.11"), "{v}");
 
     // 1. Allowed by identity, method and path, through the service address and directly.
     let (_, code, body) = a.curl(&[&format!("http://{s}.100/orders/1")]);
@@ -661,4 +679,85 @@ fn expired_certificates_fail_closed_and_recover() {
         (a.curl(&[&url]).1 == "200").then_some(())
     });
     assert!(orders.svid_not_after().unwrap() > SystemTime::now());
+}
+
+/// `meshward up --isolated examples/quickstart`, run inside a host of the test's own (so
+/// its bridge and namespaces are the test's too): the demo apps' calls to the services'
+/// addresses are captured by their sidecars, allowed and denied by policy; a client outside
+/// the mesh cannot reach a workload; Ctrl-C removes everything.
+#[test]
+fn up_isolated_runs_the_quickstart_in_namespaces() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut net = Net::new("10.231.3");
+    let _ = &mut net;
+    let node = net.host("node", 2);
+    let dir = tmp.path().join("quickstart");
+    std::fs::create_dir_all(dir.join("policies")).unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/quickstart");
+    std::fs::copy(src.join("mesh.yaml"), dir.join("mesh.yaml")).unwrap();
+    for f in ["mesh.yaml", "policies.yaml"] {
+        std::fs::copy(src.join("policies").join(f), dir.join("policies").join(f)).unwrap();
+    }
+    // `mwt-PID…` like the harness's own namespaces, so a crashed run's are cleaned up too.
+    let bridge = format!("mwt-{}u", std::process::id());
+    let mut up = Proc(
+        node.cmd(bin())
+            .args([
+                "up",
+                "--isolated",
+                "--subnet",
+                "10.232.0.0/24",
+                "--bridge",
+                &bridge,
+            ])
+            .arg(&dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut reader = BufReader::new(up.0.stdout.take().unwrap());
+    let mut lines: Vec<String> = vec![];
+    let start = std::time::Instant::now();
+    let (mut allowed, mut denied) = (false, false);
+    while !(allowed && denied) {
+        let mut l = String::new();
+        assert!(
+            reader.read_line(&mut l).unwrap() > 0,
+            "`meshward up --isolated` exited: {lines:#?}"
+        );
+        allowed |= l.starts_with("[web/frontend] GET http://10.96.0.11:80/orders -> 200");
+        denied |= l.starts_with("[web/frontend] POST http://10.96.0.12:80/charge -> 403");
+        lines.push(l.trim_end().to_owned());
+        assert!(start.elapsed() < Duration::from_secs(90), "{lines:#?}");
+    }
+    let row = lines
+        .iter()
+        .find(|l| l.starts_with("payments/payments "))
+        .unwrap();
+    assert!(
+        row.contains("10.232.0.12:18082") && row.contains(&format!("{bridge}-payments-payments")),
+        "{row}"
+    );
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    // The denial is in payments' decision log, with the caller's identity.
+    let log = dir.join(".meshward/proxies/payments-payments/decisions.jsonl");
+    wait_record(&log, "frontend denied at payments", |v| {
+        is(v, "verdict", "deny") && is(v, "source", FRONTEND) && is(v, "path", "/charge")
+    });
+    // From the node itself (no sidecar), a workload is unreachable, even on its app port.
+    let (exit, code, body) = node.curl(&["http://10.232.0.12:18082/charge", "-X", "POST"]);
+    assert!(exit != 0 && code != "200", "{exit} {code} {body}");
+    // Ctrl-C stops it and removes the namespaces and the bridge.
+    must("kill", &["-INT", &up.0.id().to_string()]);
+    let status = wait_for(20, "`meshward up` to stop", || up.0.try_wait().unwrap());
+    assert!(status.success(), "{status}");
+    let left = String::from_utf8_lossy(&netns::run("ip", &["netns", "list"]).stdout).into_owned();
+    assert!(
+        !left.contains(&format!("{bridge}-")),
+        "namespaces left behind: {left}"
+    );
+    let o = node.run("ip", &["link", "show", &bridge]);
+    assert!(!o.status.success(), "the bridge was left behind");
 }

@@ -146,8 +146,8 @@ impl Net {
         for l in String::from_utf8_lossy(&list.stdout).lines() {
             let name = l.split_whitespace().next().unwrap_or("");
             if let Some(rest) = name.strip_prefix("mwt-") {
-                let pid = rest.split('-').next().unwrap_or("");
-                if !alive(pid) {
+                let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                if !alive(&pid) {
                     let _ = run("ip", &["netns", "del", name]);
                 }
             }

@@ -1017,8 +1017,33 @@ impl ControlPlane {
                 v
             })
             .collect();
+        // Transparent mode: each workload's address and the ports its capture rules leave
+        // alone, as the head revision declares them.
+        let interception: Vec<serde_json::Value> = self
+            .store
+            .head()?
+            .and_then(|r| repo::load(&r.files).set)
+            .map(|set| {
+                set.workloads
+                    .iter()
+                    .filter(|w| {
+                        w.address.is_some()
+                            || !w.interception.exclude_inbound_ports.is_empty()
+                            || !w.interception.exclude_outbound_ports.is_empty()
+                    })
+                    .map(|w| {
+                        json!({
+                            "workload": w.id.to_string(),
+                            "address": w.address.map(|a| a.to_string()),
+                            "exclude_inbound_ports": w.interception.exclude_inbound_ports,
+                            "exclude_outbound_ports": w.interception.exclude_outbound_ports,
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         Ok(
-            json!({"revision": head, "trust_domain": self.cfg.trust_domain.to_string(), "proxies": proxies}),
+            json!({"revision": head, "trust_domain": self.cfg.trust_domain.to_string(), "proxies": proxies, "interception": interception}),
         )
     }
 

@@ -502,6 +502,30 @@ pub fn status(conn: &Conn, output: Output) -> Result<ExitCode> {
                     .unwrap_or_default()
             ));
         }
+        let ic = v["interception"].as_array().cloned().unwrap_or_default();
+        if !ic.is_empty() {
+            s.push_str("transparent mode (ports the capture rules leave alone):\n");
+        }
+        let ports = |x: &Value| {
+            let p: Vec<String> = x
+                .as_array()
+                .map(|a| a.iter().map(|p| p.to_string()).collect())
+                .unwrap_or_default();
+            if p.is_empty() {
+                "none".into()
+            } else {
+                p.join(",")
+            }
+        };
+        for w in ic {
+            s.push_str(&format!(
+                "  {:<32} address {:<16} excluded inbound {:<12} excluded outbound {}\n",
+                w["workload"].as_str().unwrap_or(""),
+                w["address"].as_str().unwrap_or("-"),
+                ports(&w["exclude_inbound_ports"]),
+                ports(&w["exclude_outbound_ports"])
+            ));
+        }
         s
     }))
 }

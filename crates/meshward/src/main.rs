@@ -110,9 +110,21 @@ enum Command {
     Operator(OperatorCommand),
     /// Bring up a whole local mesh: control plane, policies, a sidecar per workload, apps.
     #[command(
-        after_help = "Example:\n  meshward up examples/quickstart\n\nDIR holds mesh.yaml (workloads, their apps, ports and calls) and policies/.\nState goes to DIR/.meshward/. Ctrl-C stops everything."
+        after_help = "Examples:\n  meshward up examples/quickstart\n  sudo meshward up --isolated examples/quickstart\n\nDIR holds mesh.yaml (workloads, their apps, ports and calls) and policies/.\nState goes to DIR/.meshward/. Ctrl-C stops everything.\n--isolated (root, Linux): each workload in its own network namespace with its own address\non a bridge, all its TCP captured by its sidecar (transparent mode), like pods on a node."
     )]
-    Up { dir: PathBuf },
+    Up {
+        dir: PathBuf,
+        /// Each workload in its own network namespace, transparent mode (root).
+        #[arg(long)]
+        isolated: bool,
+        /// --isolated: the workloads' /24 network; the bridge takes .1, workloads .10 on.
+        #[arg(long, default_value = "10.88.0.0/24", requires = "isolated")]
+        subnet: String,
+        /// --isolated: the bridge's name, at most 12 characters (also the prefix of the
+        /// namespaces' names).
+        #[arg(long, default_value = "mw-br0", requires = "isolated")]
+        bridge: String,
+    },
     /// The demo app: an HTTP echo server that calls its upstreams in a loop.
     #[command(
         name = "demo-app",
@@ -552,7 +564,12 @@ fn main() -> ExitCode {
         ),
         Command::Status { output } => control_cmd::status(&cli.conn, output),
         Command::Proxy(a) => proxy_cmd::run(a, &cli.conn),
-        Command::Up { dir } => up::run(&dir),
+        Command::Up {
+            dir,
+            isolated,
+            subnet,
+            bridge,
+        } => up::run(&dir, isolated.then_some(up::Isolation { subnet, bridge })),
         Command::DemoApp {
             listen,
             name,

@@ -168,6 +168,20 @@ fn remove_rules(netns: Option<&str>) {
     }
 }
 
+/// Replaces Meshward's capture rules in a network namespace (`None`: this one). Returns
+/// whether IPv6 was captured as well (IPv6 goes to the same ports, where nothing listens:
+/// it fails closed instead of bypassing the mesh; namespaces without IPv6 skip it).
+pub fn install_capture(
+    netns: Option<&str>,
+    o: &meshward_proxy::transparent::RuleOptions,
+) -> Result<bool> {
+    let text = meshward_proxy::transparent::rules(o);
+    remove_rules(netns);
+    sh(netns, "iptables-restore", &["--noflush"], Some(&text))
+        .context("installing the capture rules")?;
+    Ok(sh(netns, "ip6tables-restore", &["--noflush"], Some(&text)).is_ok())
+}
+
 fn init_netns(a: &InitNetnsArgs) -> Result<ExitCode> {
     use meshward_proxy::transparent::{RuleOptions, rules};
     let netns = a.netns.as_deref();
@@ -207,24 +221,19 @@ fn init_netns(a: &InitNetnsArgs) -> Result<ExitCode> {
     o.exclude_inbound_ports.dedup();
     o.exclude_outbound_ports.sort_unstable();
     o.exclude_outbound_ports.dedup();
-    let text = rules(&o);
     if a.dry_run {
-        print!("{text}");
+        print!("{}", rules(&o));
         return Ok(ExitCode::SUCCESS);
     }
-    remove_rules(netns);
     let where_ = netns.map_or("this network namespace".to_owned(), |n| {
         format!("network namespace `{n}`")
     });
     if a.remove {
+        remove_rules(netns);
         println!("removed Meshward's capture rules from {where_}");
         return Ok(ExitCode::SUCCESS);
     }
-    sh(netns, "iptables-restore", &["--noflush"], Some(&text))
-        .context("installing the capture rules")?;
-    // IPv6: no sidecar listener serves it, so capture it into a closed port (fail closed)
-    // rather than let it bypass the mesh. Skipped where the namespace has no IPv6.
-    let v6 = sh(netns, "ip6tables-restore", &["--noflush"], Some(&text));
+    let v6 = install_capture(netns, &o)?;
     if a.output == Output::Json {
         println!(
             "{}",
@@ -236,7 +245,7 @@ fn init_netns(a: &InitNetnsArgs) -> Result<ExitCode> {
                 "proxy_uid": o.proxy_uid,
                 "exclude_inbound_ports": o.exclude_inbound_ports,
                 "exclude_outbound_ports": o.exclude_outbound_ports,
-                "ipv6": v6.is_ok(),
+                "ipv6": v6,
             })
         );
     } else {
@@ -250,11 +259,7 @@ fn init_netns(a: &InitNetnsArgs) -> Result<ExitCode> {
                 .unwrap_or_default(),
             list(&o.exclude_inbound_ports),
             list(&o.exclude_outbound_ports),
-            if v6.is_ok() {
-                ""
-            } else {
-                " (IPv6: not available)"
-            }
+            if v6 { "" } else { " (IPv6: not available)" }
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -105,6 +105,79 @@ fn read_mesh(dir: &Path) -> Result<MeshFile> {
     })
 }
 
+/// `--isolated`: the network the workloads' namespaces share.
+#[derive(Debug, Clone)]
+pub struct Isolation {
+    /// `A.B.C.0/24`.
+    pub subnet: String,
+    pub bridge: String,
+}
+
+impl Isolation {
+    /// `A.B.C` of the /24.
+    fn prefix(&self) -> Result<String> {
+        let net = self
+            .subnet
+            .strip_suffix(".0/24")
+            .filter(|p| format!("{p}.0").parse::<std::net::Ipv4Addr>().is_ok())
+            .with_context(|| format!("--subnet `{}`: write an A.B.C.0/24 network", self.subnet))?;
+        Ok(net.to_owned())
+    }
+
+    fn netns(&self, id: &WorkloadRef) -> String {
+        format!("{}-{}-{}", self.bridge, id.namespace, id.name)
+    }
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let o = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .context("cannot run `ip` (install iproute2)")?;
+    if !o.status.success() {
+        bail!(
+            "`ip {}` failed: {} (--isolated needs root)",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The bridge and namespaces of `--isolated`; removed when dropped (and, left over from an
+/// earlier run that was killed, before a new one starts).
+#[derive(Debug)]
+struct IsolatedNet {
+    bridge: String,
+    namespaces: Vec<String>,
+}
+
+impl IsolatedNet {
+    fn clean(bridge: &str) {
+        let list = std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output();
+        if let Ok(o) = list {
+            for l in String::from_utf8_lossy(&o.stdout).lines() {
+                let name = l.split_whitespace().next().unwrap_or("");
+                if name.starts_with(&format!("{bridge}-")) {
+                    let _ = ip(&["netns", "del", name]);
+                }
+            }
+        }
+        let _ = ip(&["link", "del", bridge]);
+    }
+}
+
+impl Drop for IsolatedNet {
+    fn drop(&mut self) {
+        for ns in &self.namespaces {
+            let _ = ip(&["netns", "del", ns]);
+        }
+        let _ = ip(&["link", "del", &self.bridge]);
+    }
+}
+
 struct Plan {
     entry: Entry,
     id: WorkloadRef,
@@ -117,8 +190,17 @@ fn step(n: usize, total: usize, msg: &str) {
     println!("[{n}/{total}] {msg}");
 }
 
-pub fn run(dir: &Path) -> Result<ExitCode> {
+pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
     let mesh = read_mesh(dir)?;
+    let prefix = match &isolated {
+        Some(i) => {
+            if i.bridge.len() > 12 {
+                bail!("--bridge `{}`: at most 12 characters", i.bridge);
+            }
+            Some(i.prefix()?)
+        }
+        None => None,
+    };
     let td = TrustDomain::parse(&mesh.trust_domain)
         .map_err(|e| anyhow!("mesh.yaml trustDomain: {e}"))?;
     let state = dir.join(".meshward");
@@ -155,9 +237,13 @@ pub fn run(dir: &Path) -> Result<ExitCode> {
                 },
             ));
         }
+        let inbound = match &prefix {
+            Some(p) => format!("{p}.{}:{}", 10 + plans.len(), e.port).parse()?,
+            None => SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        };
         plans.push(Plan {
             id,
-            inbound: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            inbound,
             admin: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
             upstreams: ups,
             entry: e,
@@ -175,15 +261,20 @@ pub fn run(dir: &Path) -> Result<ExitCode> {
     for p in &plans {
         let e = &p.entry;
         let proto = serde_json::to_value(e.protocol.unwrap_or(Protocol::Http))?;
+        // Explicit mode: the sidecar's loopback port; isolated: the workload's address.
+        let (where_, addr) = if prefix.is_some() {
+            (String::new(), format!("  address: {}\n", p.inbound.ip()))
+        } else {
+            (format!(", inbound: \"{}\"", p.inbound), String::new())
+        };
         generated.push_str(&format!(
-            "---\napiVersion: meshward.io/v1alpha1\nkind: Workload\nmetadata: {{name: {}, namespace: {}, labels: {}}}\nspec:\n  attributes: {}\n  ports: [{{port: {}, protocol: {}, inbound: \"{}\"}}]\n",
+            "---\napiVersion: meshward.io/v1alpha1\nkind: Workload\nmetadata: {{name: {}, namespace: {}, labels: {}}}\nspec:\n  attributes: {}\n{addr}  ports: [{{port: {}, protocol: {}{where_}}}]\n",
             e.name,
             e.namespace,
             serde_json::to_string(&e.labels)?,
             serde_json::to_string(&e.attributes)?,
             e.port,
             proto.as_str().unwrap_or("HTTP"),
-            p.inbound
         ));
     }
     files.push(("workloads.generated.yaml".into(), generated));
@@ -216,6 +307,34 @@ pub fn run(dir: &Path) -> Result<ExitCode> {
         ),
     );
 
+    // --isolated: a namespace per workload on a bridge, all its TCP captured.
+    let mut targets: Vec<Vec<String>> = vec![];
+    let _net = match (&isolated, &prefix) {
+        (Some(iso), Some(p)) => {
+            let set = loaded.set.as_ref().context("no policy set")?;
+            for plan in &plans {
+                let mut t = vec![];
+                for (_, up, _) in &plan.upstreams {
+                    t.push(call_target(set, up).with_context(|| {
+                        format!(
+                            "workload {}: the service {} has no address to call",
+                            plan.id, up.service
+                        )
+                    })?);
+                }
+                targets.push(t);
+            }
+            let net = isolate(iso, p, &plans, set)?;
+            println!(
+                "      network: bridge {} {p}.1/24, {} namespaces, all TCP captured by the sidecars",
+                iso.bridge,
+                net.namespaces.len()
+            );
+            Some(net)
+        }
+        _ => None,
+    };
+
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -228,7 +347,10 @@ pub fn run(dir: &Path) -> Result<ExitCode> {
             data_dir: data.clone(),
             trust_domain: td.clone(),
             listen: "127.0.0.1:0".parse()?,
-            proxy_listen: "127.0.0.1:0".parse()?,
+            proxy_listen: match &prefix {
+                Some(p) => format!("{p}.1:0").parse()?,
+                None => "127.0.0.1:0".parse()?,
+            },
             controller_interval: Duration::from_secs(5),
         };
         tokio::spawn(async move {
@@ -263,10 +385,43 @@ pub fn run(dir: &Path) -> Result<ExitCode> {
 
         // 4. Sidecars, joined with one-time tokens.
         let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<String>(plans.len());
+        let exe = std::env::current_exe()?;
+        let mut sidecars = vec![];
         for p in &plans {
             let identity = SpiffeId::workload(&td, &p.id.namespace, &p.id.name).map_err(|e| anyhow!("{e}"))?;
             let t = admin.call("POST", "/v1/tokens", Some(&json!({"identity": identity.to_string(), "ttl_secs": 600}))).await.map_err(|e| anyhow!("token: {e}"))?;
             let pdir = state.join("proxies").join(format!("{}-{}", p.id.namespace, p.id.name));
+            if let Some(iso) = &isolated {
+                // A sidecar process inside the workload's namespace, in transparent mode.
+                let _ = std::fs::remove_dir_all(&pdir);
+                std::fs::create_dir_all(&pdir)?;
+                let token = pdir.join("join.token");
+                meshward_identity::ca::write_atomic(&token, t["token"].as_str().unwrap_or_default().as_bytes(), true)?;
+                let mut c = tokio::process::Command::new("ip");
+                c.args(["netns", "exec", &iso.netns(&p.id)]).arg(&exe)
+                    .args(["proxy", "--transparent", "--workload", &p.id.to_string(), "--control", &proxy_api.to_string(), "--ca-file"])
+                    .arg(data.join("bundle.pem"))
+                    .arg("--join-token-file").arg(&token)
+                    .arg("--state-dir").arg(&pdir)
+                    .arg("--decision-log").arg(pdir.join("decisions.jsonl"))
+                    .args(["--sample-allows", "1", "--admin", "127.0.0.1:15000"])
+                    .stdout(std::process::Stdio::piped())
+                    .kill_on_drop(true);
+                let mut child = c.spawn().with_context(|| format!("cannot start the sidecar of {}", p.id))?;
+                let stdout = child.stdout.take().context("no stdout")?;
+                let (tx, name) = (ready_tx.clone(), p.id.to_string());
+                tokio::spawn(async move {
+                    use tokio::io::AsyncBufReadExt as _;
+                    let mut lines = tokio::io::BufReader::new(stdout).lines();
+                    while let Ok(Some(l)) = lines.next_line().await {
+                        if l.contains("ready") {
+                            let _ = tx.try_send(name.clone());
+                        }
+                    }
+                });
+                sidecars.push(child);
+                continue;
+            }
             let opts = meshward_proxy::run::Options {
                 workload: p.id.clone(),
                 agent: AgentConfig {
@@ -302,36 +457,51 @@ pub fn run(dir: &Path) -> Result<ExitCode> {
         }
         step(4, TOTAL, "sidecars ready");
 
-        // 5. The apps.
-        let exe = std::env::current_exe()?;
-        let mut children = vec![];
-        for p in &plans {
+        // 5. The apps (isolated: in their namespaces, on all addresses, calling the
+        // services' addresses directly — the sidecar captures it).
+        let mut children = sidecars;
+        for (i, p) in plans.iter().enumerate() {
             let e = &p.entry;
-            let mut cmd = if e.command.is_empty() {
-                let mut c = tokio::process::Command::new(&exe);
-                c.args(["demo-app", "--listen", &format!("127.0.0.1:{}", e.port), "--name", &p.id.to_string()]);
-                for (listen, _, call) in &p.upstreams {
+            let called: Vec<String> = match &isolated {
+                Some(_) => targets[i].clone(),
+                None => p.upstreams.iter().map(|(l, _, _)| l.to_string()).collect(),
+            };
+            let program: Vec<String> = if e.command.is_empty() {
+                let listen = if isolated.is_some() { format!("0.0.0.0:{}", e.port) } else { format!("127.0.0.1:{}", e.port) };
+                let mut c = vec![exe.display().to_string(), "demo-app".into(), "--listen".into(), listen, "--name".into(), p.id.to_string()];
+                for ((_, _, call), target) in p.upstreams.iter().zip(&called) {
                     if let Some(path) = &call.path {
-                        c.arg("--call").arg(format!("{}=http://{listen}{path}@{}", call.method.clone().unwrap_or_else(|| "GET".into()), call.every.clone().unwrap_or_else(|| "2s".into())));
+                        c.push("--call".into());
+                        c.push(format!("{}=http://{target}{path}@{}", call.method.clone().unwrap_or_else(|| "GET".into()), call.every.clone().unwrap_or_else(|| "2s".into())));
                     }
                 }
                 c
             } else {
-                let mut c = tokio::process::Command::new(&e.command[0]);
-                c.args(&e.command[1..]);
-                c
+                e.command.clone()
+            };
+            let mut cmd = match &isolated {
+                Some(iso) => {
+                    let mut c = tokio::process::Command::new("ip");
+                    c.args(["netns", "exec", &iso.netns(&p.id)]).args(&program);
+                    c
+                }
+                None => {
+                    let mut c = tokio::process::Command::new(&program[0]);
+                    c.args(&program[1..]);
+                    c
+                }
             };
             cmd.env("PORT", e.port.to_string()).kill_on_drop(true);
-            for (listen, up, _) in &p.upstreams {
-                cmd.env(format!("MESHWARD_UPSTREAM_{}_{}", up.service.namespace, up.service.name).to_uppercase().replace('-', "_"), listen.to_string());
+            for ((_, up, _), target) in p.upstreams.iter().zip(&called) {
+                cmd.env(format!("MESHWARD_UPSTREAM_{}_{}", up.service.namespace, up.service.name).to_uppercase().replace('-', "_"), target);
             }
             children.push(cmd.spawn().with_context(|| format!("cannot start the app of {}", p.id))?);
         }
         for p in &plans {
             let start = Instant::now();
-            while tokio::net::TcpStream::connect(("127.0.0.1", p.entry.port)).await.is_err() {
+            while !app_listens(isolated.as_ref(), p).await {
                 if start.elapsed() > Duration::from_secs(15) {
-                    bail!("the app of {} does not listen on 127.0.0.1:{}", p.id, p.entry.port);
+                    bail!("the app of {} does not listen on port {}", p.id, p.entry.port);
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -339,6 +509,25 @@ pub fn run(dir: &Path) -> Result<ExitCode> {
         step(5, TOTAL, "apps running");
 
         println!();
+        if let Some(iso) = &isolated {
+            println!("{:<22} {:<48} {:<20} {:<30} CALLS", "WORKLOAD", "IDENTITY", "ADDRESS", "NETNS");
+            for (i, p) in plans.iter().enumerate() {
+                let calls: Vec<String> = p.upstreams.iter().zip(&targets[i]).map(|((_, u, _), t)| format!("{}:{}={t}", u.service, u.port)).collect();
+                println!(
+                    "{:<22} {:<48} {:<20} {:<30} {}",
+                    p.id.to_string(),
+                    format!("spiffe://{td}/ns/{}/sa/{}", p.id.namespace, p.id.name),
+                    p.inbound.to_string(),
+                    iso.netns(&p.id),
+                    if calls.is_empty() { "-".into() } else { calls.join(" ") }
+                );
+            }
+            println!();
+            println!("control plane: {api}   (export MESHWARD_SERVER={api} MESHWARD_CA_FILE={} MESHWARD_TOKEN_FILE={})", data.join("bundle.pem").display(), data.join("admin.token").display());
+            println!("decision logs: {}/proxies/*/decisions.jsonl", state.display());
+            println!("try: ip netns exec {} curl -s http://ADDRESS/...   (inside a workload: through its sidecar)", plans.first().map(|p| iso.netns(&p.id)).unwrap_or_default());
+            println!("mesh is up; Ctrl-C stops it");
+        } else {
         println!("{:<22} {:<48} {:<17} {:<17} {:<17} UPSTREAMS", "WORKLOAD", "IDENTITY", "APP", "SIDECAR (mTLS)", "ADMIN");
         for p in &plans {
             let ups: Vec<String> = p.upstreams.iter().map(|(a, u, _)| format!("{}:{}={a}", u.service, u.port)).collect();
@@ -356,6 +545,7 @@ pub fn run(dir: &Path) -> Result<ExitCode> {
         println!("control plane: {api}   (export MESHWARD_SERVER={api} MESHWARD_CA_FILE={} MESHWARD_TOKEN_FILE={})", data.join("bundle.pem").display(), data.join("admin.token").display());
         println!("decision logs: {}/proxies/*/decisions.jsonl", state.display());
         println!("mesh is up; Ctrl-C stops it");
+        }
         // Ctrl-C or SIGTERM: stop the apps (and, with this process, everything else).
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
@@ -367,4 +557,93 @@ pub fn run(dir: &Path) -> Result<ExitCode> {
         Ok::<(), anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Isolated mode: where a workload calls a service — its first virtual address, else the
+/// address of one of its workloads (the sidecar balances either way only for the former).
+fn call_target(set: &meshward_policy::PolicySet, up: &Upstream) -> Option<String> {
+    let svc = set.services.iter().find(|s| s.id == up.service)?;
+    if let Some(a) = svc.addresses.first() {
+        return Some(SocketAddr::new(*a, up.port).to_string());
+    }
+    let sp = svc.ports.iter().find(|p| p.port == up.port)?;
+    let port = sp.target_port.unwrap_or(sp.port);
+    let w = svc
+        .workloads
+        .iter()
+        .filter_map(|&i| set.workloads.get(i))
+        .find(|w| w.address.is_some())?;
+    Some(SocketAddr::new(w.address?, port).to_string())
+}
+
+/// Creates the bridge (`PREFIX.1`) and a namespace per workload (`PREFIX.10`, `.11`, ...)
+/// with its capture rules (the workload's `spec.interception` exclusions applied).
+fn isolate(
+    iso: &Isolation,
+    prefix: &str,
+    plans: &[Plan],
+    set: &meshward_policy::PolicySet,
+) -> Result<IsolatedNet> {
+    IsolatedNet::clean(&iso.bridge);
+    let mut net = IsolatedNet {
+        bridge: iso.bridge.clone(),
+        namespaces: vec![],
+    };
+    ip(&["link", "add", &iso.bridge, "type", "bridge"])?;
+    ip(&["addr", "add", &format!("{prefix}.1/24"), "dev", &iso.bridge])?;
+    ip(&["link", "set", &iso.bridge, "up"])?;
+    for (i, p) in plans.iter().enumerate() {
+        let ns = iso.netns(&p.id);
+        let veth = format!("{}v{i}", iso.bridge);
+        ip(&["netns", "add", &ns])?;
+        net.namespaces.push(ns.clone());
+        ip(&[
+            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])?;
+        ip(&["link", "set", &veth, "master", &iso.bridge, "up"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/24", p.inbound.ip()),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("{prefix}.1"),
+        ])?;
+        let mut o = meshward_proxy::transparent::RuleOptions::default();
+        if let Some(w) = set.workload(&p.id) {
+            o.exclude_inbound_ports = w.interception.exclude_inbound_ports.clone();
+            o.exclude_outbound_ports = w.interception.exclude_outbound_ports.clone();
+        }
+        crate::proxy_cmd::install_capture(Some(&ns), &o)
+            .with_context(|| format!("capture rules for {}", p.id))?;
+    }
+    Ok(net)
+}
+
+/// Whether the app of `p` accepts connections (inside its namespace when isolated).
+async fn app_listens(isolated: Option<&Isolation>, p: &Plan) -> bool {
+    match isolated {
+        None => tokio::net::TcpStream::connect(("127.0.0.1", p.entry.port))
+            .await
+            .is_ok(),
+        Some(iso) => tokio::process::Command::new("ip")
+            .args(["netns", "exec", &iso.netns(&p.id), "bash", "-c"])
+            .arg(format!("exec 3<>/dev/tcp/127.0.0.1/{}", p.entry.port))
+            .stderr(std::process::Stdio::null())
+            .status()
+            .await
+            .is_ok_and(|s| s.success()),
+    }
 }
