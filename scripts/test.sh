@@ -29,6 +29,17 @@ if [ -n "$missing" ]; then
   fi
 fi
 
+# promtool (Debian package prometheus) checks the metrics expositions.
+if ! command -v promtool >/dev/null 2>&1; then
+  log "installing promtool (prometheus)"
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+  else
+    echo "missing: promtool (apt-get install prometheus, or run as root)" >&2
+    exit 1
+  fi
+fi
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 

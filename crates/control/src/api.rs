@@ -302,6 +302,15 @@ async fn svid(
     reply(issued.and_then(|i| issued_json(&cp, &i)))
 }
 
+/// Prometheus metrics: no authentication (they carry counts, revisions and nothing
+/// secret), like the bundle.
+async fn metrics(State(cp): State<Cp>) -> Response {
+    let text = tokio::task::spawn_blocking(move || cp.metrics_text())
+        .await
+        .unwrap_or_default();
+    ([("content-type", meshward_telemetry::CONTENT_TYPE)], text).into_response()
+}
+
 async fn bundle(State(cp): State<Cp>) -> Response {
     let b = match cp.bundle() {
         Ok(b) => b,
@@ -406,6 +415,7 @@ pub fn router(cp: Cp) -> Router {
         .route("/v1/tokens", post(token))
         .route("/v1/svid", post(svid))
         .route("/v1/bundle", get(bundle))
+        .route("/metrics", get(metrics))
         .route("/v1/overrides", post(override_create).get(override_list))
         .route("/v1/overrides/{ns}/{name}", delete(override_revoke))
         .route("/v1/ca/rotate", post(ca_rotate))

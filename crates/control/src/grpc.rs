@@ -165,6 +165,9 @@ impl Config for ProxyApi {
         // Sender: a snapshot now and on every new head revision.
         let send_cp = cp.clone();
         let send_id = id.clone();
+        // The revision last sent and when, for the push-latency histogram.
+        let pending: Arc<std::sync::Mutex<Option<(u64, std::time::Instant)>>> = Arc::default();
+        let sent = pending.clone();
         tokio::spawn(async move {
             loop {
                 let c = send_cp.clone();
@@ -195,7 +198,14 @@ impl Config for ProxyApi {
                     Ok(Err(e)) => Err(status(e)),
                     Err(e) => Err(Status::internal(e.to_string())),
                 };
-                if tx.send(msg).await.is_err() || head.changed().await.is_err() {
+                let revision = msg.as_ref().map(|m| m.revision).ok();
+                if tx.send(msg).await.is_err() {
+                    break;
+                }
+                if let (Some(r), Ok(mut p)) = (revision, sent.lock()) {
+                    *p = Some((r, std::time::Instant::now()));
+                }
+                if head.changed().await.is_err() {
                     break;
                 }
             }
@@ -203,6 +213,14 @@ impl Config for ProxyApi {
         // Receiver: acknowledgements; the stream's end is the proxy's disconnection.
         tokio::spawn(async move {
             while let Some(Ok(ack)) = acks.next().await {
+                if let Ok(mut p) = pending.lock() {
+                    if let Some((r, at)) = *p {
+                        if ack.accepted && ack.revision == r {
+                            cp.metrics.push_duration.observe(at.elapsed().as_secs_f64());
+                            *p = None;
+                        }
+                    }
+                }
                 let now = crate::store::ms(SystemTime::now());
                 cp.proxy_update(conn, |s| {
                     s.last_seen_ms = now;

@@ -27,6 +27,9 @@ pub struct Options {
     pub proxy_listen: SocketAddr,
     /// How often the controllers run.
     pub controller_interval: Duration,
+    /// Plain-HTTP `/metrics` for Prometheus (the TLS API serves `/metrics` too, but its
+    /// certificate names a SPIFFE ID, not a host).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// What a started control plane tells its operator.
@@ -34,6 +37,7 @@ pub struct Options {
 pub struct Started {
     pub addr: SocketAddr,
     pub proxy_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
     pub bundle_file: PathBuf,
     /// Present on first start only: the admin token file just written.
     pub admin_token_file: Option<PathBuf>,
@@ -219,9 +223,33 @@ pub async fn run(
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", opts.proxy_listen))?;
     let proxy_addr = proxy_listener.local_addr().map_err(|e| e.to_string())?;
+    let mut metrics_addr = None;
+    if let Some(m) = opts.metrics_listen {
+        let l = tokio::net::TcpListener::bind(m)
+            .await
+            .map_err(|e| format!("cannot listen on {m}: {e}"))?;
+        metrics_addr = Some(l.local_addr().map_err(|e| e.to_string())?);
+        let mcp = cp.clone();
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let cp = mcp.clone();
+                async move {
+                    let text = tokio::task::spawn_blocking(move || cp.metrics_text())
+                        .await
+                        .unwrap_or_default();
+                    ([("content-type", meshward_telemetry::CONTENT_TYPE)], text)
+                }
+            }),
+        );
+        tokio::spawn(async move {
+            let _ = axum::serve(l, app).await;
+        });
+    }
     ready(&Started {
         addr,
         proxy_addr,
+        metrics_addr,
         bundle_file,
         admin_token_file,
     });

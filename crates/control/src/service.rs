@@ -76,6 +76,7 @@ pub struct ControlPlane {
     tls_bundles: Option<meshward_identity::verifier::SharedBundles>,
     /// Snapshots of the head revision by identity.
     snapshots: Mutex<(u64, std::collections::HashMap<SpiffeId, Arc<Snapshot>>)>,
+    pub metrics: Arc<meshward_telemetry::ControlMetrics>,
 }
 
 /// What one proxy identity receives at one revision.
@@ -138,6 +139,7 @@ impl ControlPlane {
             next_proxy: std::sync::atomic::AtomicU64::new(1),
             snapshots: Mutex::new((u64::MAX, std::collections::HashMap::new())),
             tls_bundles: None,
+            metrics: Arc::default(),
         }
     }
 
@@ -340,6 +342,16 @@ impl ControlPlane {
         if let Err(e) = &result {
             self.audit_refusal(&op.actor(), "apply.rejected", "policy-set", e, now);
         }
+        let outcome = match &result {
+            Ok(Applied::Committed { .. }) => "applied",
+            Ok(Applied::PendingApproval { .. }) => "pending_approval",
+            Ok(_) => "unchanged",
+            Err(_) => "refused",
+        };
+        self.metrics
+            .applies
+            .get_or_create(&meshward_telemetry::ResultLabels { result: outcome })
+            .inc();
         result
     }
 
@@ -498,6 +510,7 @@ impl ControlPlane {
             ),
             now,
         )?;
+        self.metrics.rollbacks.inc();
         Ok(Applied::Committed {
             revision: rev.rev,
             summary,
@@ -608,6 +621,7 @@ impl ControlPlane {
         now: SystemTime,
     ) -> Result<Issued, Refused> {
         let refuse = |why: String, subject: &str| {
+            self.metrics.certificates_refused.inc();
             let e = Refused::Forbidden(why);
             self.audit_refusal("anonymous", "token.refused", subject, &e, now);
             Err(e)
@@ -677,6 +691,7 @@ impl ControlPlane {
         let lifetime = match self.lifetime(lifetime) {
             Ok(l) => l,
             Err(e) => {
+                self.metrics.certificates_refused.inc();
                 self.audit_refusal(id.as_str(), "svid.refused", id.as_str(), &e, now);
                 return Err(e);
             }
@@ -693,9 +708,11 @@ impl ControlPlane {
                     ),
                     now,
                 )?;
+                self.metrics.certificates_issued.inc();
                 Ok(i)
             }
             Err(e) => {
+                self.metrics.certificates_refused.inc();
                 let r = Refused::Forbidden(format!("the CA refused: {e}"));
                 self.audit_refusal(id.as_str(), "svid.refused", id.as_str(), &r, now);
                 Err(r)
@@ -1045,6 +1062,25 @@ impl ControlPlane {
         Ok(
             json!({"revision": head, "trust_domain": self.cfg.trust_domain.to_string(), "proxies": proxies, "interception": interception}),
         )
+    }
+
+    /// The Prometheus exposition: the counters, and proxies by acknowledged revision and
+    /// the head revision as of now.
+    pub fn metrics_text(&self) -> String {
+        let m = &self.metrics;
+        m.proxies.clear();
+        if let Ok(p) = self.proxies.lock() {
+            for s in p.values() {
+                m.proxies
+                    .get_or_create(&meshward_telemetry::RevisionLabels {
+                        revision: s.acked_revision.to_string(),
+                    })
+                    .inc();
+            }
+        }
+        let head = self.store.head().ok().flatten().map_or(0, |r| r.rev);
+        m.revision.set(i64::try_from(head).unwrap_or(i64::MAX));
+        m.encode()
     }
 
     /// Signs for the proxy API: with a join token, or renewing the peer's identity.

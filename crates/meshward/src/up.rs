@@ -352,6 +352,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
                 None => "127.0.0.1:0".parse()?,
             },
             controller_interval: Duration::from_secs(5),
+            metrics_listen: None,
         };
         tokio::spawn(async move {
             let r = meshward_control::server::run(opts, move |s| {

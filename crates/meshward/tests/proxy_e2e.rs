@@ -128,8 +128,10 @@ impl Env {
         .arg(self.data.join("bundle.pem"))
         .arg("--state-dir")
         .arg(state)
-        .args(["--admin", &format!("127.0.0.1:{}", free_port())])
         .args(extra);
+        if !extra.contains(&"--admin") {
+            c.args(["--admin", &format!("127.0.0.1:{}", free_port())]);
+        }
         if let Some(t) = token {
             c.arg("--join-token-file").arg(t);
         }
@@ -137,7 +139,7 @@ impl Env {
     }
 }
 
-fn start_control(data: &Path, api: u16, proxy_api: u16) -> Proc {
+fn start_control(data: &Path, api: u16, proxy_api: u16, metrics: u16) -> Proc {
     let mut c = Command::new(bin());
     c.args([
         "control",
@@ -147,6 +149,8 @@ fn start_control(data: &Path, api: u16, proxy_api: u16) -> Proc {
         &format!("127.0.0.1:{api}"),
         "--proxy-listen",
         &format!("127.0.0.1:{proxy_api}"),
+        "--metrics-listen",
+        &format!("127.0.0.1:{metrics}"),
         "--data",
     ])
     .arg(data);
@@ -177,8 +181,8 @@ fn two_sidecars_enforce_locally_and_survive_the_control_plane() {
     for n in ["alice", "bob"] {
         std::fs::write(data.join(format!("{n}.token")), format!("t-{n}")).unwrap();
     }
-    let (api, proxy_api) = (free_port(), free_port());
-    let mut control = start_control(&data, api, proxy_api);
+    let (api, proxy_api, cp_metrics) = (free_port(), free_port(), free_port());
+    let mut control = start_control(&data, api, proxy_api, cp_metrics);
     let env = Env {
         data: data.clone(),
         api: format!("127.0.0.1:{api}"),
@@ -243,6 +247,18 @@ spec:
     - name: frontend-reads-orders
       from: [{{identities: ["spiffe://shop.example/ns/web/sa/frontend"]}}]
       to: [{{methods: [GET], paths: ["/orders/*"]}}]
+---
+apiVersion: meshward.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: tighten-orders, namespace: orders}}
+spec:
+  tier: service
+  action: DENY
+  mode: dry-run
+  target: {{workloads: [orders-api]}}
+  rules:
+    - name: no-order-two
+      to: [{{paths: ["/orders/2"]}}]
 "#
         ),
     )
@@ -268,6 +284,7 @@ spec:
         tokens.push(f);
     }
     let orders_state = tmp.path().join("state-orders");
+    let orders_admin = format!("127.0.0.1:{}", free_port());
     let (orders, lines) = env.proxy(
         "orders/orders-api",
         &orders_state,
@@ -275,6 +292,8 @@ spec:
         &[
             "--decision-log",
             tmp.path().join("orders-decisions.jsonl").to_str().unwrap(),
+            "--admin",
+            &orders_admin,
         ],
     );
     assert!(
@@ -302,6 +321,113 @@ spec:
     // The sidecar's own port refuses plaintext.
     let (code, _) = curl(inbound, "/orders/1");
     assert_ne!(code, "200");
+
+    // Telemetry: the proxy's and the control plane's metrics pass `promtool check
+    // metrics`, carry the decisions just made, and hold every series the Grafana
+    // dashboard queries.
+    let scrape = |url: &str| {
+        let o = Command::new("curl")
+            .args(["-s", "-m", "5", url])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let start = Instant::now();
+    let proxy_metrics = loop {
+        let m = scrape(&format!("http://{orders_admin}/metrics"));
+        if m.contains("meshward_tls_handshake_failures_total{") {
+            break m;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{m}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let cp_text = scrape(&format!("http://127.0.0.1:{cp_metrics}/metrics"));
+    for (what, text) in [("proxy", &proxy_metrics), ("control plane", &cp_text)] {
+        let mut p = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool (Debian package prometheus; scripts/test.sh installs it)");
+        {
+            use std::io::Write as _;
+            p.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        }
+        let o = p.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "promtool on the {what} metrics: {}\n{text}",
+            out(&o)
+        );
+    }
+    for series in [
+        r#"meshward_requests_total{direction="inbound",source="spiffe://shop.example/ns/web/sa/frontend",destination="orders/orders-api",verdict="allow",reason="allowed_by_rule"} 1"#,
+        r#"meshward_requests_total{direction="inbound",source="spiffe://shop.example/ns/web/sa/frontend",destination="orders/orders-api",verdict="deny",reason="no_allow_at_tier"} 1"#,
+        r#"meshward_request_duration_seconds_count{direction="inbound",class="2xx"} 1"#,
+        r#"meshward_request_duration_seconds_count{direction="inbound",class="4xx"} 1"#,
+        r#"meshward_tls_handshake_failures_total{direction="inbound",reason="not_tls"} 1"#,
+        "meshward_config_revision 1",
+        "meshward_decision_duration_seconds_count 2",
+        "meshward_shadow_decisions_total{",
+    ] {
+        assert!(
+            proxy_metrics.contains(series),
+            "no `{series}` in:\n{proxy_metrics}"
+        );
+    }
+    assert!(
+        !proxy_metrics.contains("/orders/1") && !proxy_metrics.contains("/secret"),
+        "a raw path became a label value:\n{proxy_metrics}"
+    );
+    for series in [
+        r#"meshward_control_proxies{revision="1"} 2"#,
+        "meshward_control_certificates_issued_total 2",
+        "meshward_control_revision 1",
+        r#"meshward_control_applies_total{result="pending_approval"} 1"#,
+    ] {
+        assert!(cp_text.contains(series), "no `{series}` in:\n{cp_text}");
+    }
+    assert!(
+        cp_text.contains("meshward_control_push_duration_seconds_count 2"),
+        "{cp_text}"
+    );
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/grafana/meshward.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut queried = std::collections::BTreeSet::new();
+    for p in dashboard["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(i) = rest.find("meshward_") {
+                let name: String = rest[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[i + name.len()..];
+                queried.insert(name);
+            }
+        }
+    }
+    assert!(queried.len() >= 12, "{queried:?}");
+    for name in &queried {
+        let exposed = |text: &str| {
+            text.lines().any(|l| {
+                l.starts_with(&format!("# TYPE {name} "))
+                    || l.starts_with(&format!("{name}{{"))
+                    || l.starts_with(&format!("{name} "))
+            })
+        };
+        assert!(
+            exposed(&proxy_metrics) || exposed(&cp_text),
+            "the dashboard queries `{name}`, which neither exposition has"
+        );
+    }
 
     // The proxies show up in `meshward status`, acknowledged.
     let o = env.cli("alice", &["status", "--output", "json"]);
@@ -341,7 +467,7 @@ spec:
     );
 
     // And when the control plane returns, it reconnects.
-    control = start_control(&data, api, proxy_api);
+    control = start_control(&data, api, proxy_api, cp_metrics);
     let start = Instant::now();
     loop {
         let o = env.cli("alice", &["status", "--output", "json"]);

@@ -2,7 +2,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use http_body_util::Full;
@@ -56,15 +55,29 @@ fn route(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
             resp(StatusCode::OK, "application/json", v.to_string())
         }
         "/metrics" => {
-            let l = &shared.log;
-            let body = format!(
-                "# HELP meshward_decisions_total Authorization decisions by verdict.\n# TYPE meshward_decisions_total counter\nmeshward_decisions_total{{verdict=\"allow\"}} {}\nmeshward_decisions_total{{verdict=\"deny\"}} {}\n# HELP meshward_decision_log_dropped_total Decision records dropped because the log queue was full.\n# TYPE meshward_decision_log_dropped_total counter\nmeshward_decision_log_dropped_total {}\n# HELP meshward_config_revision The policy revision in force.\n# TYPE meshward_config_revision gauge\nmeshward_config_revision {}\n",
-                l.allowed.load(Ordering::Relaxed),
-                l.denied.load(Ordering::Relaxed),
-                l.dropped.load(Ordering::Relaxed),
-                policy.as_ref().map_or(0, |p| p.revision)
+            let m = &shared.log.metrics;
+            let unix = |t: SystemTime| {
+                t.duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64()
+            };
+            let now = SystemTime::now();
+            m.certificate_expiry
+                .set(svid.as_ref().map_or(0.0, |s| unix(s.not_after)));
+            m.config_revision.set(
+                policy
+                    .as_ref()
+                    .map_or(0, |p| i64::try_from(p.revision).unwrap_or(i64::MAX)),
             );
-            resp(StatusCode::OK, "text/plain; version=0.0.4", body)
+            if policy.is_some() {
+                m.config_age
+                    .set((unix(now) - m.config_updated.get()).max(0.0));
+            }
+            m.overrides_active.set(policy.as_ref().map_or(0, |p| {
+                let n = p.set.overrides.iter().filter(|o| o.active_at(now)).count();
+                i64::try_from(n).unwrap_or(i64::MAX)
+            }));
+            resp(StatusCode::OK, meshward_telemetry::CONTENT_TYPE, m.encode())
         }
         _ => resp(
             StatusCode::NOT_FOUND,

@@ -31,6 +31,8 @@ pub struct DecisionLog {
     pub dropped: Arc<AtomicU64>,
     pub allowed: Arc<AtomicU64>,
     pub denied: Arc<AtomicU64>,
+    /// Every decision is counted here, logged or not.
+    pub metrics: Arc<meshward_telemetry::ProxyMetrics>,
 }
 
 impl DecisionLog {
@@ -81,6 +83,7 @@ impl DecisionLog {
             dropped: Arc::default(),
             allowed: Arc::default(),
             denied: Arc::default(),
+            metrics: Arc::default(),
         }
     }
 
@@ -91,6 +94,7 @@ impl DecisionLog {
 
     /// Records a decision with the proxy's own context (direction, detail, address).
     pub fn record_with(&self, req: &Request, d: &Decision, extra: &Extra) {
+        self.count(req, d, extra.outbound);
         let weight = match d.verdict {
             Verdict::Deny => {
                 self.denied.fetch_add(1, Ordering::Relaxed);
@@ -115,6 +119,41 @@ impl DecisionLog {
         line.push('\n');
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(line) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.metrics.decision_log_dropped.inc();
+        }
+    }
+
+    /// The metrics of a decision: the request counter (bounded labels: identities,
+    /// workload names, codes), the decision time, shadow verdicts.
+    fn count(&self, req: &Request, d: &Decision, outbound: bool) {
+        let m = &self.metrics;
+        let destination = if req.destination.namespace == "external" {
+            "external".to_owned()
+        } else {
+            req.destination.to_string()
+        };
+        m.requests
+            .get_or_create(&meshward_telemetry::RequestLabels {
+                direction: if outbound { "outbound" } else { "inbound" },
+                source: req
+                    .source
+                    .identity()
+                    .map_or_else(|| "unauthenticated".to_owned(), |i| i.to_string()),
+                destination,
+                verdict: d.verdict.as_str(),
+                reason: d.reason.as_str(),
+            })
+            .inc();
+        if d.reason.is_policy() {
+            m.decision_time.observe(d.elapsed.as_secs_f64());
+        }
+        if let Some(sh) = &d.shadow {
+            m.shadow
+                .get_or_create(&meshward_telemetry::ShadowLabels {
+                    policy: sh.policy.as_deref().unwrap_or("").to_owned(),
+                    verdict: sh.verdict.as_str(),
+                })
+                .inc();
         }
     }
 }

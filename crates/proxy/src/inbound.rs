@@ -204,45 +204,34 @@ fn handshake_failed(shared: &Shared, port: InboundPort, why: &str) {
         at: SystemTime::now(),
     };
     let d = Decision::bare(Verdict::Deny, Reason::HandshakeFailed, rev);
+    let (kind, detail) = handshake_detail(why);
+    shared.log.metrics.handshake_failed("inbound", kind);
     shared.log.record_with(
         &req,
         &d,
         &crate::decision_log::Extra {
-            detail: Some(handshake_detail(why)),
+            detail: Some(detail),
             address: (port.mark.is_some()).then_some(port.app),
             ..Default::default()
         },
     );
 }
 
-/// A short, stable description of why a handshake failed.
-fn handshake_detail(err: &str) -> String {
-    let e = err.to_ascii_lowercase();
-    let kind = if e.contains("corrupt message")
-        || e.contains("invalid message")
-        || e.contains("received corrupt")
-        || e.contains("invalidcontenttype")
-    {
-        "not TLS (plaintext?)"
-    } else if e.contains("no certificate")
-        || e.contains("nocertificate")
-        || e.contains("certificaterequired")
-    {
-        "no client certificate"
-    } else if e.contains("unknownissuer")
-        || e.contains("unknown issuer")
-        || e.contains("unknown ca")
-        || e.contains("badsignature")
-    {
-        "certificate from an unknown CA"
-    } else if e.contains("expired") {
-        "expired certificate"
-    } else if e.contains("invalid peer certificate") {
-        "certificate refused"
-    } else {
-        "handshake failed"
+/// A short, stable description of why a handshake failed, and its kind for metrics.
+fn handshake_detail(err: &str) -> (meshward_telemetry::HandshakeFailure, String) {
+    use meshward_telemetry::HandshakeFailure as H;
+    let kind = H::classify(err);
+    let what = match kind {
+        H::NotTls => "not TLS (plaintext?)",
+        H::NoCertificate => "no client certificate",
+        H::UnknownCa => "certificate from an unknown CA",
+        H::Expired => "expired certificate",
+        H::WrongIdentity => "wrong identity",
+        H::NoOwnCertificate => "this proxy has no valid certificate (fail closed)",
+        H::Timeout => "no handshake in time",
+        H::Other => "handshake failed",
     };
-    format!("{kind}: {err}")
+    (kind, format!("{what}: {err}"))
 }
 
 async fn serve_tcp(
@@ -278,7 +267,16 @@ async fn serve_http(
 ) {
     let svc = hyper::service::service_fn(move |req: HttpRequest<Incoming>| {
         let (shared, peer, client) = (shared.clone(), peer.clone(), client.clone());
-        async move { Ok::<_, Infallible>(handle(&shared, port, &peer, &client, req).await) }
+        async move {
+            let t0 = std::time::Instant::now();
+            let r = handle(&shared, port, &peer, &client, req).await;
+            shared.log.metrics.request_done(
+                "inbound",
+                r.status().as_u16(),
+                t0.elapsed().as_secs_f64(),
+            );
+            Ok::<_, Infallible>(r)
+        }
     });
     // HTTP/1.1 or HTTP/2 (by the connection preface), with bounded headers, streams and
     // resets.

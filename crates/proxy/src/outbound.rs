@@ -85,7 +85,14 @@ pub async fn dial(
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(name, tcp)
         .await
-        .map_err(|e| format!("mTLS with {addr} failed: {e}"))
+        .map_err(|e| {
+            let e = e.to_string();
+            shared.log.metrics.handshake_failed(
+                "outbound",
+                meshward_telemetry::HandshakeFailure::classify(&e),
+            );
+            format!("mTLS with {addr} failed: {e}")
+        })
 }
 
 /// Serves one upstream until the listener fails.

@@ -57,6 +57,11 @@ impl Shared {
 
     /// Compiles and swaps in a policy set.
     pub fn set_policy(&self, revision: u64, set: PolicySet) {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        self.log.metrics.config_updated.set(now);
         let engine = Engine::compile(
             &set.clone()
                 .with_revision(meshward_policy::PolicyRevision(revision)),

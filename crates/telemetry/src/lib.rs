@@ -1,0 +1,466 @@
+//! Meshward's Prometheus metrics (prometheus-client, OpenMetrics text): the families a
+//! proxy exposes on its admin port and those the control plane exposes on `/metrics`.
+//!
+//! Label values are bounded by construction: identities (the mesh's SPIFFE IDs, or
+//! `unauthenticated`), workload and service names (`namespace/name`, or `external`),
+//! verdicts, reason codes, directions, response classes (`2xx` ... `5xx`), handshake
+//! failure kinds, policy names, revisions. Never a raw path, address or header.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The content type of [`ProxyMetrics::encode`] and [`ControlMetrics::encode`]: the
+/// Prometheus text format, which every scraper and `promtool check metrics` read.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Rewrites prometheus-client's OpenMetrics text as the Prometheus text format (0.0.4):
+/// counter families are named with their `_total` suffix and there is no `# EOF`.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for l in openmetrics.lines() {
+        if l == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = l.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(&name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(r) => out.push_str(&r),
+            None => out.push_str(l),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn encode(registry: &Registry) -> String {
+    let mut s = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut s, registry);
+    to_prometheus_text(&s)
+}
+
+/// Authorization decision time: 100 ns to 1 ms (the engine decides in well under 1 µs).
+pub const DECISION_BUCKETS: [f64; 12] = [
+    1e-7, 2.5e-7, 5e-7, 1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3,
+];
+
+/// Request latency through the proxy, 100 µs to 10 s.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0, 2.5, 10.0,
+];
+
+/// Config push latency (control plane), 1 ms to 30 s.
+pub const PUSH_BUCKETS: [f64; 12] = [
+    1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+];
+
+type FGauge = Gauge<f64, AtomicU64>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// The verified peer SPIFFE ID, or `unauthenticated`.
+    pub source: String,
+    /// The destination workload or service (`namespace/name`), or `external`.
+    pub destination: String,
+    pub verdict: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    pub direction: &'static str,
+    /// `2xx`, `3xx`, `4xx`, `5xx`, `1xx`.
+    pub class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub direction: &'static str,
+    /// [`HandshakeFailure::as_str`].
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShadowLabels {
+    /// The dry-run policy whose shadow verdict this is.
+    pub policy: String,
+    pub verdict: &'static str,
+}
+
+/// Why a TLS handshake failed, in a handful of kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    NotTls,
+    NoCertificate,
+    UnknownCa,
+    Expired,
+    WrongIdentity,
+    /// The proxy had no valid certificate of its own to present (fail closed).
+    NoOwnCertificate,
+    Timeout,
+    Other,
+}
+
+impl HandshakeFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeFailure::NotTls => "not_tls",
+            HandshakeFailure::NoCertificate => "no_certificate",
+            HandshakeFailure::UnknownCa => "unknown_ca",
+            HandshakeFailure::Expired => "expired",
+            HandshakeFailure::WrongIdentity => "wrong_identity",
+            HandshakeFailure::NoOwnCertificate => "no_own_certificate",
+            HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::Other => "other",
+        }
+    }
+
+    /// Classifies a rustls (or I/O) error message.
+    pub fn classify(err: &str) -> Self {
+        let e = err.to_ascii_lowercase();
+        if e.contains("corrupt message") || e.contains("invalidcontenttype") {
+            HandshakeFailure::NotTls
+        } else if e.contains("peer sent no certificates") || e.contains("certificaterequired") {
+            HandshakeFailure::NoCertificate
+        } else if e.contains("unknownissuer")
+            || e.contains("unknown issuer")
+            || e.contains("unknown ca")
+            || e.contains("badsignature")
+        {
+            HandshakeFailure::UnknownCa
+        } else if e.contains("expired") {
+            HandshakeFailure::Expired
+        } else if e.contains("wrong identity")
+            || e.contains("is not one of")
+            || e.contains("expected `spiffe")
+        {
+            HandshakeFailure::WrongIdentity
+        } else if e.contains("no server certificate")
+            || e.contains("no certificate chain resolved")
+            || e.contains("handshakefailure")
+        {
+            HandshakeFailure::NoOwnCertificate
+        } else if e.contains("timed out") || e.contains("within") {
+            HandshakeFailure::Timeout
+        } else {
+            HandshakeFailure::Other
+        }
+    }
+}
+
+/// A proxy's metrics.
+#[derive(Debug)]
+pub struct ProxyMetrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub decision_time: Histogram,
+    pub request_duration: Family<LatencyLabels, Histogram>,
+    pub handshake_failures: Family<HandshakeLabels, Counter>,
+    pub shadow: Family<ShadowLabels, Counter>,
+    pub decision_log_dropped: Counter,
+    /// Set when scraped.
+    pub certificate_expiry: FGauge,
+    pub config_revision: Gauge,
+    pub config_updated: FGauge,
+    pub config_age: FGauge,
+    pub overrides_active: Gauge,
+}
+
+impl Default for ProxyMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ProxyMetrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let decision_time = Histogram::new(DECISION_BUCKETS);
+        let request_duration: Family<LatencyLabels, Histogram> =
+            Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS));
+        let handshake_failures = Family::<HandshakeLabels, Counter>::default();
+        let shadow = Family::<ShadowLabels, Counter>::default();
+        let decision_log_dropped = Counter::default();
+        let certificate_expiry = FGauge::default();
+        let config_revision = Gauge::default();
+        let config_updated = FGauge::default();
+        let config_age = FGauge::default();
+        let overrides_active = Gauge::default();
+        registry.register(
+            "meshward_requests",
+            "Authorization decisions (connections and HTTP requests) by direction, source identity, destination, verdict and reason",
+            requests.clone(),
+        );
+        registry.register(
+            "meshward_decision_duration_seconds",
+            "Time the policy engine took to decide",
+            decision_time.clone(),
+        );
+        registry.register(
+            "meshward_request_duration_seconds",
+            "HTTP request latency through the proxy (allowed requests, to the app's response headers) by response class",
+            request_duration.clone(),
+        );
+        registry.register(
+            "meshward_tls_handshake_failures",
+            "mTLS handshakes refused or failed, by kind",
+            handshake_failures.clone(),
+        );
+        registry.register(
+            "meshward_shadow_decisions",
+            "Shadow (dry-run) verdicts by policy",
+            shadow.clone(),
+        );
+        registry.register(
+            "meshward_decision_log_dropped",
+            "Decision records dropped because the log queue was full",
+            decision_log_dropped.clone(),
+        );
+        registry.register(
+            "meshward_certificate_expiry_timestamp_seconds",
+            "When the proxy's SVID expires (Unix time; 0 without one)",
+            certificate_expiry.clone(),
+        );
+        registry.register(
+            "meshward_config_revision",
+            "The policy revision in force (0: none, everything is denied)",
+            config_revision.clone(),
+        );
+        registry.register(
+            "meshward_config_last_update_timestamp_seconds",
+            "When the policy in force was installed (Unix time)",
+            config_updated.clone(),
+        );
+        registry.register(
+            "meshward_config_age_seconds",
+            "Seconds since the policy in force was installed",
+            config_age.clone(),
+        );
+        registry.register(
+            "meshward_overrides_active",
+            "Break-glass overrides in effect now",
+            overrides_active.clone(),
+        );
+        ProxyMetrics {
+            registry,
+            requests,
+            decision_time,
+            request_duration,
+            handshake_failures,
+            shadow,
+            decision_log_dropped,
+            certificate_expiry,
+            config_revision,
+            config_updated,
+            config_age,
+            overrides_active,
+        }
+    }
+
+    /// The exposition ([`CONTENT_TYPE`]).
+    pub fn encode(&self) -> String {
+        encode(&self.registry)
+    }
+
+    /// Counts a handshake failure.
+    pub fn handshake_failed(&self, direction: &'static str, kind: HandshakeFailure) {
+        self.handshake_failures
+            .get_or_create(&HandshakeLabels {
+                direction,
+                reason: kind.as_str(),
+            })
+            .inc();
+    }
+
+    /// Observes the latency of an HTTP request answered with `status`.
+    pub fn request_done(&self, direction: &'static str, status: u16, seconds: f64) {
+        let class = match status / 100 {
+            1 => "1xx",
+            2 => "2xx",
+            3 => "3xx",
+            4 => "4xx",
+            _ => "5xx",
+        };
+        self.request_duration
+            .get_or_create(&LatencyLabels { direction, class })
+            .observe(seconds);
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RevisionLabels {
+    /// The revision proxies have acknowledged.
+    pub revision: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `applied`, `pending_approval`, `refused`.
+    pub result: &'static str,
+}
+
+/// The control plane's metrics.
+#[derive(Debug)]
+pub struct ControlMetrics {
+    registry: Registry,
+    /// Set when scraped.
+    pub proxies: Family<RevisionLabels, Gauge>,
+    pub push_duration: Histogram,
+    pub certificates_issued: Counter,
+    pub certificates_refused: Counter,
+    pub applies: Family<ResultLabels, Counter>,
+    pub rollbacks: Counter,
+    pub revision: Gauge,
+}
+
+impl Default for ControlMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ControlMetrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let proxies = Family::<RevisionLabels, Gauge>::default();
+        let push_duration = Histogram::new(PUSH_BUCKETS);
+        let certificates_issued = Counter::default();
+        let certificates_refused = Counter::default();
+        let applies = Family::<ResultLabels, Counter>::default();
+        let rollbacks = Counter::default();
+        let revision = Gauge::default();
+        registry.register(
+            "meshward_control_proxies",
+            "Proxies connected, by the revision they acknowledged",
+            proxies.clone(),
+        );
+        registry.register(
+            "meshward_control_push_duration_seconds",
+            "From sending a configuration snapshot to a proxy to its acknowledgement",
+            push_duration.clone(),
+        );
+        registry.register(
+            "meshward_control_certificates_issued",
+            "Workload certificates signed",
+            certificates_issued.clone(),
+        );
+        registry.register(
+            "meshward_control_certificates_refused",
+            "Certificate requests refused",
+            certificates_refused.clone(),
+        );
+        registry.register(
+            "meshward_control_applies",
+            "Policy applies by result",
+            applies.clone(),
+        );
+        registry.register(
+            "meshward_control_rollbacks",
+            "Rollbacks to an earlier revision",
+            rollbacks.clone(),
+        );
+        registry.register(
+            "meshward_control_revision",
+            "The head policy revision",
+            revision.clone(),
+        );
+        ControlMetrics {
+            registry,
+            proxies,
+            push_duration,
+            certificates_issued,
+            certificates_refused,
+            applies,
+            rollbacks,
+            revision,
+        }
+    }
+
+    /// The exposition ([`CONTENT_TYPE`]).
+    pub fn encode(&self) -> String {
+        encode(&self.registry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_and_bounded_labels() {
+        let m = ProxyMetrics::new();
+        m.requests
+            .get_or_create(&RequestLabels {
+                direction: "inbound",
+                source: "spiffe://td/ns/a/sa/b".into(),
+                destination: "x/y".into(),
+                verdict: "deny",
+                reason: "no_allow_at_tier",
+            })
+            .inc();
+        m.decision_time.observe(4e-7);
+        m.request_done("inbound", 503, 0.002);
+        m.handshake_failed(
+            "inbound",
+            HandshakeFailure::classify("peer sent no certificates"),
+        );
+        let text = m.encode();
+        assert!(text.contains(r#"meshward_requests_total{direction="inbound",source="spiffe://td/ns/a/sa/b",destination="x/y",verdict="deny",reason="no_allow_at_tier"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"meshward_decision_duration_seconds_bucket{le="5e-7"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"meshward_request_duration_seconds_count{direction="inbound",class="5xx"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"meshward_tls_handshake_failures_total{direction="inbound",reason="no_certificate"} 1"#), "{text}");
+        assert!(
+            text.contains("# TYPE meshward_requests_total counter\n"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(
+            ControlMetrics::new()
+                .encode()
+                .contains("meshward_control_push_duration_seconds")
+        );
+    }
+
+    #[test]
+    fn handshake_kinds() {
+        use HandshakeFailure as H;
+        for (msg, want) in [
+            (
+                "received corrupt message of type InvalidContentType",
+                H::NotTls,
+            ),
+            ("peer sent no certificates", H::NoCertificate),
+            ("invalid peer certificate: UnknownIssuer", H::UnknownCa),
+            ("invalid peer certificate: Expired", H::Expired),
+            ("no handshake within 10s", H::Timeout),
+            ("something else", H::Other),
+        ] {
+            assert_eq!(H::classify(msg), want, "{msg}");
+        }
+    }
+}
