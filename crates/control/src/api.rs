@@ -400,6 +400,54 @@ async fn status(State(cp): State<Cp>, Extension(p): Extension<Peer>, h: HeaderMa
     reply(blocking(move || cp.status()).await)
 }
 
+#[derive(Debug, Deserialize)]
+struct WindowQuery {
+    /// Seconds back from now (default: the graph's 300; all records for `/v1/decisions`).
+    window_secs: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// The decision window as JSON lines (the decision-log format).
+async fn decisions(
+    State(cp): State<Cp>,
+    Extension(p): Extension<Peer>,
+    h: HeaderMap,
+    Query(q): Query<WindowQuery>,
+) -> Response {
+    let _ = op!(cp, h, p);
+    let r = blocking(move || {
+        cp.decisions(
+            q.window_secs.map(Duration::from_secs),
+            q.limit.unwrap_or(1_000_000),
+            SystemTime::now(),
+        )
+    })
+    .await;
+    match r {
+        Ok(recs) => {
+            let mut body = String::new();
+            for r in recs {
+                body.push_str(&r.to_line());
+                body.push('\n');
+            }
+            ([("content-type", "application/x-ndjson")], body).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The service graph of the last `window_secs` (default 300).
+async fn graph(
+    State(cp): State<Cp>,
+    Extension(p): Extension<Peer>,
+    h: HeaderMap,
+    Query(q): Query<WindowQuery>,
+) -> Response {
+    let _ = op!(cp, h, p);
+    let window = Duration::from_secs(q.window_secs.unwrap_or(300).max(1));
+    reply(blocking(move || cp.graph(window, SystemTime::now())).await)
+}
+
 /// Every route.
 pub fn router(cp: Cp) -> Router {
     Router::new()
@@ -416,6 +464,8 @@ pub fn router(cp: Cp) -> Router {
         .route("/v1/svid", post(svid))
         .route("/v1/bundle", get(bundle))
         .route("/metrics", get(metrics))
+        .route("/v1/decisions", get(decisions))
+        .route("/v1/graph", get(graph))
         .route("/v1/overrides", post(override_create).get(override_list))
         .route("/v1/overrides/{ns}/{name}", delete(override_revoke))
         .route("/v1/ca/rotate", post(ca_rotate))

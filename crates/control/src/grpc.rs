@@ -9,7 +9,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meshward_api::v1::config_server::{Config, ConfigServer};
 use meshward_api::v1::identity_server::{Identity, IdentityServer};
-use meshward_api::v1::{ConfigAck, ConfigSnapshot, File, SignRequest, SignResponse};
+use meshward_api::v1::telemetry_server::{Telemetry, TelemetryServer};
+use meshward_api::v1::{
+    ConfigAck, ConfigSnapshot, DecisionBatch, File, ShipAck, SignRequest, SignResponse,
+};
 use meshward_identity::SpiffeId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -134,6 +137,27 @@ impl Identity for ProxyApi {
 }
 
 type SnapshotStream = ReceiverStream<Result<ConfigSnapshot, Status>>;
+
+#[tonic::async_trait]
+impl Telemetry for ProxyApi {
+    async fn ship(&self, req: Request<DecisionBatch>) -> Result<Response<ShipAck>, Status> {
+        let id = peer(&req)
+            .ok_or_else(|| Status::unauthenticated("ship with your SVID as client certificate"))?;
+        if peer_expired(&req) {
+            return Err(Status::unauthenticated(
+                "your SVID has expired: renew it first",
+            ));
+        }
+        let b = req.into_inner();
+        let cp = self.cp.clone();
+        let (accepted, invalid) =
+            tokio::task::spawn_blocking(move || cp.ship(&id, &b.records, b.dropped))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(status)?;
+        Ok(Response::new(ShipAck { accepted, invalid }))
+    }
+}
 
 #[tonic::async_trait]
 impl Config for ProxyApi {
@@ -278,7 +302,8 @@ pub async fn serve(
     let api = ProxyApi { cp };
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(api.clone()))
-        .add_service(ConfigServer::new(api))
+        .add_service(ConfigServer::new(api.clone()))
+        .add_service(TelemetryServer::new(api))
         .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown)
         .await
         .map_err(|e| e.to_string())

@@ -8,6 +8,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod client;
+pub mod decisions;
 pub mod grpc;
 pub mod repo;
 pub mod server;

@@ -213,7 +213,14 @@ pub async fn run(
     let cp = Arc::new(
         ControlPlane::new(store, ca, ops, cfg)
             .with_operators_file(opts.data_dir.join("operators.json"))
-            .with_tls_bundles(tls_bundles),
+            .with_tls_bundles(tls_bundles)
+            .with_decision_window(
+                crate::decisions::DecisionWindow::open(
+                    &opts.data_dir.join("decisions.db"),
+                    crate::decisions::DEFAULT_MAX_RECORDS,
+                )
+                .map_err(|e| format!("cannot open the decision window: {e}"))?,
+            ),
     );
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await

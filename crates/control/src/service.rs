@@ -77,6 +77,8 @@ pub struct ControlPlane {
     /// Snapshots of the head revision by identity.
     snapshots: Mutex<(u64, std::collections::HashMap<SpiffeId, Arc<Snapshot>>)>,
     pub metrics: Arc<meshward_telemetry::ControlMetrics>,
+    /// Decision records shipped by proxies (a bounded window).
+    decisions: Option<Arc<crate::decisions::DecisionWindow>>,
 }
 
 /// What one proxy identity receives at one revision.
@@ -140,6 +142,7 @@ impl ControlPlane {
             snapshots: Mutex::new((u64::MAX, std::collections::HashMap::new())),
             tls_bundles: None,
             metrics: Arc::default(),
+            decisions: None,
         }
     }
 
@@ -766,6 +769,65 @@ impl ControlPlane {
     pub fn with_tls_bundles(mut self, b: meshward_identity::verifier::SharedBundles) -> Self {
         self.tls_bundles = Some(b);
         self
+    }
+
+    pub fn with_decision_window(mut self, w: crate::decisions::DecisionWindow) -> Self {
+        self.decisions = Some(Arc::new(w));
+        self
+    }
+
+    // -- decision records ---------------------------------------------------------------
+
+    fn window(&self) -> Result<&crate::decisions::DecisionWindow, Refused> {
+        self.decisions
+            .as_deref()
+            .ok_or_else(|| Refused::NotFound("this control plane keeps no decision window".into()))
+    }
+
+    /// Stores a batch of records shipped by the proxy running as `proxy`.
+    pub fn ship(
+        &self,
+        proxy: &SpiffeId,
+        records: &[String],
+        dropped: u64,
+    ) -> Result<(u64, u64), Refused> {
+        if proxy.workload_parts().is_none() {
+            return Err(Refused::Forbidden(format!(
+                "`{proxy}` is not a workload identity"
+            )));
+        }
+        let (ok, invalid) = self.window()?.append(proxy.as_str(), records)?;
+        self.metrics.decisions_received.inc_by(ok);
+        self.metrics.decisions_lost.inc_by(dropped + invalid);
+        Ok((ok, invalid))
+    }
+
+    /// Records of the last `since` (all kept when `None`), at most `limit`, oldest first.
+    pub fn decisions(
+        &self,
+        since: Option<Duration>,
+        limit: usize,
+        now: SystemTime,
+    ) -> Result<Vec<meshward_policy::decision_log::DecisionRecord>, Refused> {
+        Ok(self
+            .window()?
+            .records(since.and_then(|d| now.checked_sub(d)), limit)?)
+    }
+
+    /// The service graph of the last `window`: the head revision's workloads as nodes,
+    /// traffic from the decision window as edges.
+    pub fn graph(
+        &self,
+        window: Duration,
+        now: SystemTime,
+    ) -> Result<crate::decisions::Graph, Refused> {
+        let records = self.decisions(Some(window), 1_000_000, now)?;
+        let set = self.store.head()?.and_then(|r| repo::load(&r.files).set);
+        Ok(crate::decisions::graph(
+            &records,
+            set.as_ref(),
+            window.as_secs(),
+        ))
     }
 
     // -- overrides --------------------------------------------------------------------------

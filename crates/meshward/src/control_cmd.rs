@@ -474,6 +474,19 @@ fn finish_with(r: std::result::Result<Value, String>, output: Output, rotation: 
     })
 }
 
+/// The control plane's decision window as JSON lines (the last `window`, or all).
+pub fn fetch_decisions(conn: &Conn, window: Option<Duration>) -> Result<String> {
+    let path = match window {
+        Some(w) => format!("/v1/decisions?window_secs={}", w.as_secs().max(1)),
+        None => "/v1/decisions".into(),
+    };
+    match call(conn, "GET", &path, None)? {
+        Ok(Value::String(s)) => Ok(s),
+        Ok(_) => Ok(String::new()),
+        Err(e) => bail!("reading the decision window: {e}"),
+    }
+}
+
 /// `meshward status`: the head revision and every connected proxy.
 pub fn status(conn: &Conn, output: Output) -> Result<ExitCode> {
     let r = call(conn, "GET", "/v1/status", None)?;
@@ -538,4 +551,165 @@ pub fn status(conn: &Conn, output: Output) -> Result<ExitCode> {
         }
         s
     }))
+}
+
+fn fetch_graph(conn: &Conn, window: Duration) -> Result<Value> {
+    match call(
+        conn,
+        "GET",
+        &format!("/v1/graph?window_secs={}", window.as_secs().max(1)),
+        None,
+    )? {
+        Ok(v) => Ok(v),
+        Err(e) => bail!("reading the service graph: {e}"),
+    }
+}
+
+fn dot_id(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// The graph as Graphviz `dot`: denied edges red (dashed when nothing was allowed),
+/// plaintext edges marked.
+pub fn graph_dot(g: &Value) -> String {
+    let mut s =
+        String::from("digraph meshward {\n  rankdir=LR;\n  node [shape=box, style=rounded];\n");
+    for n in g["nodes"].as_array().into_iter().flatten() {
+        let id = n["id"].as_str().unwrap_or("");
+        let shape = match n["kind"].as_str() {
+            Some("workload") => "box",
+            _ => "ellipse",
+        };
+        s.push_str(&format!("  {} [shape={shape}];\n", dot_id(id)));
+    }
+    for e in g["edges"].as_array().into_iter().flatten() {
+        let (allowed, denied) = (
+            e["allowed"].as_u64().unwrap_or(0),
+            e["denied"].as_u64().unwrap_or(0),
+        );
+        let mut label = format!("{allowed} allowed / {denied} denied");
+        if let Some(p) = e["p99_ms"].as_f64() {
+            label.push_str(&format!("\\np99 {p:.1} ms"));
+        }
+        if e["mtls"] != true {
+            label.push_str("\\nno mTLS");
+        }
+        let style = match (allowed, denied) {
+            (0, d) if d > 0 => ", color=red, fontcolor=red, style=dashed",
+            (_, d) if d > 0 => ", color=orange",
+            _ => ", color=darkgreen",
+        };
+        s.push_str(&format!(
+            "  {} -> {} [label={}{style}];\n",
+            dot_id(e["source"].as_str().unwrap_or("")),
+            dot_id(e["destination"].as_str().unwrap_or("")),
+            dot_id(&label)
+        ));
+    }
+    s.push_str("}\n");
+    s
+}
+
+/// The edges as a table, busiest first.
+fn edges_table(g: &Value) -> String {
+    let mut edges: Vec<&Value> = g["edges"].as_array().into_iter().flatten().collect();
+    edges.sort_by(|a, b| {
+        b["rate_per_sec"]
+            .as_f64()
+            .unwrap_or(0.0)
+            .total_cmp(&a["rate_per_sec"].as_f64().unwrap_or(0.0))
+    });
+    let mut s = format!(
+        "{:<24} {:<24} {:>8} {:>8} {:>8} {:>6} {:>9} {:<5} TOP DENIAL\n",
+        "SOURCE", "DESTINATION", "RPS", "ALLOWED", "DENIED", "DENY%", "P99", "MTLS"
+    );
+    for e in edges {
+        let (a, d) = (
+            e["allowed"].as_u64().unwrap_or(0),
+            e["denied"].as_u64().unwrap_or(0),
+        );
+        let top = e["denials"]
+            .as_object()
+            .and_then(|m| m.iter().max_by_key(|(_, v)| v.as_u64().unwrap_or(0)))
+            .map(|(k, v)| format!("{k} x{v}"))
+            .unwrap_or_else(|| "-".into());
+        s.push_str(&format!(
+            "{:<24} {:<24} {:>8.2} {:>8} {:>8} {:>5.1}% {:>9} {:<5} {}\n",
+            e["source"].as_str().unwrap_or(""),
+            e["destination"].as_str().unwrap_or(""),
+            e["rate_per_sec"].as_f64().unwrap_or(0.0),
+            a,
+            d,
+            if a + d == 0 {
+                0.0
+            } else {
+                100.0 * d as f64 / (a + d) as f64
+            },
+            e["p99_ms"]
+                .as_f64()
+                .map_or("-".into(), |p| format!("{p:.1}ms")),
+            if e["mtls"] == true { "yes" } else { "NO" },
+            top
+        ));
+    }
+    s
+}
+
+/// `meshward graph`.
+pub fn graph(conn: &Conn, window: Duration, output: crate::GraphFormat) -> Result<ExitCode> {
+    let g = fetch_graph(conn, window)?;
+    match output {
+        crate::GraphFormat::Json => println!("{}", serde_json::to_string_pretty(&g)?),
+        crate::GraphFormat::Dot => print!("{}", graph_dot(&g)),
+        crate::GraphFormat::Text => {
+            let nodes: Vec<&str> = g["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|n| n["id"].as_str())
+                .collect();
+            println!(
+                "{} nodes: {}\n{} records in the last {}",
+                nodes.len(),
+                nodes.join(", "),
+                g["records"],
+                humantime::format_duration(window)
+            );
+            print!("{}", edges_table(&g));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `meshward top`: the edges table, refreshed.
+pub fn top(
+    conn: &Conn,
+    window: Duration,
+    interval: Duration,
+    once: bool,
+    output: Output,
+) -> Result<ExitCode> {
+    use std::io::IsTerminal as _;
+    let tty = std::io::stdout().is_terminal();
+    loop {
+        let g = fetch_graph(conn, window)?;
+        if output == Output::Json {
+            println!("{}", serde_json::to_string(&g)?);
+        } else {
+            if tty && !once {
+                print!("\x1b[2J\x1b[H");
+            }
+            println!(
+                "meshward top — {} — last {}, {} records (Ctrl-C quits)\n",
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+                humantime::format_duration(window),
+                g["records"]
+            );
+            print!("{}", edges_table(&g));
+        }
+        if once {
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(interval);
+    }
 }

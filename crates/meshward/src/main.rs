@@ -96,6 +96,36 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// The service graph from the decisions proxies ship: workloads, and edges with
+    /// request rate, allows, denies (by reason), mTLS and p99 latency.
+    #[command(
+        after_help = "Examples:\n  meshward graph --output dot | dot -Tsvg > mesh.svg\n  meshward graph --window 15m --output json"
+    )]
+    Graph {
+        /// How far back (e.g. 5m, 1h).
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        window: std::time::Duration,
+        #[arg(long, value_enum, default_value = "text")]
+        output: GraphFormat,
+    },
+    /// A live table of the mesh's traffic: every edge's rate, allows, denies, deny reasons,
+    /// p99 latency and mTLS, refreshed until Ctrl-C.
+    #[command(
+        after_help = "Examples:\n  meshward top\n  meshward top --window 1m --interval 5s\n  meshward top --once --output json"
+    )]
+    Top {
+        /// The window each refresh summarizes.
+        #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
+        window: std::time::Duration,
+        /// How often to refresh.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// Print once and exit.
+        #[arg(long)]
+        once: bool,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
     /// Read and verify the hash-chained audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -182,6 +212,10 @@ struct ProxyArgs {
     /// Log one allow in this many (every deny is logged).
     #[arg(long, default_value_t = 10)]
     sample_allows: u64,
+    /// Ship the decision records (the same ones as the log) to the control plane, keeping
+    /// at most this many waiting while it is unreachable (then dropping, counted); 0: off.
+    #[arg(long, default_value_t = 10_000)]
+    ship_queue: usize,
     /// Transparent mode: serve the capture ports that `meshward proxy init-netns` redirects
     /// all TCP of the network namespace to (run as root; see docs/operations.md).
     #[arg(long)]
@@ -384,6 +418,14 @@ pub enum Output {
     Json,
 }
 
+/// Output format for `graph`.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum GraphFormat {
+    Text,
+    Json,
+    Dot,
+}
+
 /// Output format for `lint`.
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum LintFormat {
@@ -451,8 +493,19 @@ enum PolicyCommand {
         /// The candidate policy set.
         dir: PathBuf,
         /// A decision log (JSON lines); `-` reads standard input.
+        #[arg(
+            long,
+            required_unless_present = "from_control",
+            conflicts_with = "from_control"
+        )]
+        log: Option<PathBuf>,
+        /// Replay the decision window the control plane keeps (shipped by every proxy)
+        /// instead of a file (uses --server, --token-file, --ca-file).
         #[arg(long)]
-        log: PathBuf,
+        from_control: bool,
+        /// With --from-control: only the last DURATION (e.g. 1h); default all it keeps.
+        #[arg(long, value_parser = humantime::parse_duration, requires = "from_control")]
+        window: Option<std::time::Duration>,
         /// Evaluate every record at this time (RFC 3339) instead of the record's own.
         #[arg(long)]
         at: Option<String>,
@@ -464,12 +517,22 @@ enum PolicyCommand {
     },
     /// Suggest least-privilege service-tier ALLOW policies from observed traffic.
     #[command(
-        after_help = "Example:\n  meshward policy suggest --log decisions.jsonl > suggested.yaml"
+        after_help = "Examples:\n  meshward policy suggest --log decisions.jsonl > suggested.yaml\n  meshward policy suggest --from-control --window 24h -o suggested.yaml"
     )]
     Suggest {
         /// A decision log (JSON lines); `-` reads standard input.
+        #[arg(
+            long,
+            required_unless_present = "from_control",
+            conflicts_with = "from_control"
+        )]
+        log: Option<PathBuf>,
+        /// Mine the decision window the control plane keeps instead of a file.
         #[arg(long)]
-        log: PathBuf,
+        from_control: bool,
+        /// With --from-control: only the last DURATION (e.g. 24h).
+        #[arg(long, value_parser = humantime::parse_duration, requires = "from_control")]
+        window: Option<std::time::Duration>,
         /// Collapse more than this many sibling paths into `parent/*` (0 = never).
         #[arg(long, default_value_t = 8)]
         collapse_above: usize,
@@ -542,15 +605,21 @@ fn main() -> ExitCode {
             PolicyCommand::Impact {
                 dir,
                 log,
+                from_control,
+                window,
                 at,
                 output,
                 exit_code,
-            } => policy_cmd::impact(&dir, &log, at.as_deref(), output, exit_code),
+            } => policy_cmd::LogSource::new(log, from_control, window, &cli.conn)
+                .and_then(|src| policy_cmd::impact(&dir, &src, at.as_deref(), output, exit_code)),
             PolicyCommand::Suggest {
                 log,
+                from_control,
+                window,
                 collapse_above,
                 out,
-            } => policy_cmd::suggest(&log, collapse_above, out.as_deref()),
+            } => policy_cmd::LogSource::new(log, from_control, window, &cli.conn)
+                .and_then(|src| policy_cmd::suggest(&src, collapse_above, out.as_deref())),
         },
         Command::Control {
             data,
@@ -568,6 +637,13 @@ fn main() -> ExitCode {
             metrics_listen.as_deref(),
         ),
         Command::Status { output } => control_cmd::status(&cli.conn, output),
+        Command::Graph { window, output } => control_cmd::graph(&cli.conn, window, output),
+        Command::Top {
+            window,
+            interval,
+            once,
+            output,
+        } => control_cmd::top(&cli.conn, window, interval, once, output),
         Command::Proxy(a) => proxy_cmd::run(a, &cli.conn),
         Command::Up {
             dir,

@@ -304,6 +304,51 @@ pub fn diff(
     })
 }
 
+/// Where decision records come from: a file (or `-`), or the control plane's window.
+#[derive(Debug)]
+pub enum LogSource {
+    File(PathBuf),
+    /// The JSON lines fetched from the control plane.
+    Control(String),
+}
+
+impl LogSource {
+    pub fn new(
+        log: Option<PathBuf>,
+        from_control: bool,
+        window: Option<std::time::Duration>,
+        conn: &crate::control_cmd::Conn,
+    ) -> Result<Self> {
+        match (log, from_control) {
+            (Some(p), false) => Ok(LogSource::File(p)),
+            (None, true) => Ok(LogSource::Control(crate::control_cmd::fetch_decisions(
+                conn, window,
+            )?)),
+            _ => anyhow::bail!("pass --log FILE or --from-control"),
+        }
+    }
+
+    fn open(&self) -> Result<(Box<dyn Read>, Option<u64>)> {
+        match self {
+            LogSource::File(p) => open_log(p),
+            LogSource::Control(text) => {
+                let len = text.len() as u64;
+                Ok((
+                    Box::new(std::io::Cursor::new(text.clone().into_bytes())),
+                    Some(len),
+                ))
+            }
+        }
+    }
+
+    fn label(&self) -> String {
+        match self {
+            LogSource::File(p) => p.display().to_string(),
+            LogSource::Control(_) => "the control plane's decision window".into(),
+        }
+    }
+}
+
 fn open_log(log: &Path) -> Result<(Box<dyn Read>, Option<u64>)> {
     if log == Path::new("-") {
         return Ok((Box::new(std::io::stdin()), None));
@@ -330,7 +375,7 @@ fn progress(len: Option<u64>) -> indicatif::ProgressBar {
 
 pub fn impact(
     dir: &Path,
-    log: &Path,
+    log: &LogSource,
     at: Option<&str>,
     output: Output,
     exit_code: bool,
@@ -338,7 +383,7 @@ pub fn impact(
     let set = load_valid(dir)?;
     let at = at.map(|t| parse_time(Some(t))).transpose()?;
     let engine = Engine::compile(&set);
-    let (reader, len) = open_log(log)?;
+    let (reader, len) = log.open()?;
     let pb = progress(len);
     let mut replay = simpact::Replay::new(&engine, at);
     let mut n = 0u64;
@@ -353,7 +398,7 @@ pub fn impact(
             }
         },
     )
-    .with_context(|| format!("cannot read `{}`", log.display()))?;
+    .with_context(|| format!("cannot read {}", log.label()))?;
     pb.finish_and_clear();
     let r = replay.finish();
     if output == Output::Json {
@@ -391,7 +436,7 @@ pub fn impact(
         }
         if r.skipped > 0 {
             println!(
-                "skipped {} records no policy decided (rate limited)",
+                "skipped {} records no policy decided (rate limits, handshakes, ports, egress)",
                 r.skipped
             );
         }
@@ -410,8 +455,8 @@ pub fn impact(
     })
 }
 
-pub fn suggest(log: &Path, collapse_above: usize, out: Option<&Path>) -> Result<ExitCode> {
-    let (reader, len) = open_log(log)?;
+pub fn suggest(log: &LogSource, collapse_above: usize, out: Option<&Path>) -> Result<ExitCode> {
+    let (reader, len) = log.open()?;
     let pb = progress(len);
     let mut obs = ssuggest::Observed::default();
     let mut invalid = 0u64;
@@ -425,12 +470,12 @@ pub fn suggest(log: &Path, collapse_above: usize, out: Option<&Path>) -> Result<
             pb.set_position(bytes);
         },
     )
-    .with_context(|| format!("cannot read `{}`", log.display()))?;
+    .with_context(|| format!("cannot read {}", log.label()))?;
     pb.finish_and_clear();
     if invalid > 0 {
         eprintln!(
-            "warning: {invalid} invalid line(s) in `{}` were ignored",
-            log.display()
+            "warning: {invalid} invalid line(s) in {} were ignored",
+            log.label()
         );
     }
     let yaml = ssuggest::suggest(&obs, ssuggest::SuggestOptions { collapse_above });

@@ -80,6 +80,7 @@ pub fn run(a: ProxyArgs, conn: &crate::control_cmd::Conn) -> Result<ExitCode> {
             .with_context(|| format!("--admin `{}` is not ip:port", a.admin))?,
         decision_log: a.decision_log.clone(),
         sample_allows: a.sample_allows,
+        ship_queue: a.ship_queue,
         transparent: if a.transparent {
             Some(meshward_proxy::transparent::Options {
                 inbound: a.inbound_capture.parse().with_context(|| {

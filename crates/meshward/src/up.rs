@@ -438,6 +438,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
                 admin: p.admin,
                 decision_log: Some(pdir.join("decisions.jsonl")),
                 sample_allows: 1,
+                ship_queue: 10_000,
                 transparent: None,
             };
             let (tx, name) = (ready_tx.clone(), p.id.to_string());

@@ -446,7 +446,13 @@ spec:
 
     // A proxy restarted while the control plane is down starts from last-known-good.
     drop(orders);
-    let (_orders2, lines) = env.proxy("orders/orders-api", &orders_state, None, &[]);
+    let orders_admin2 = format!("127.0.0.1:{}", free_port());
+    let (_orders2, lines) = env.proxy(
+        "orders/orders-api",
+        &orders_state,
+        None,
+        &["--ship-queue", "2", "--admin", &orders_admin2],
+    );
     assert!(lines.iter().any(|l| l.contains("inbound")), "{lines:?}");
     let start = Instant::now();
     loop {
@@ -459,6 +465,18 @@ spec:
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(curl(outbound, "/secret").0, "403");
+    // Decision shipping never blocks traffic: with the control plane away and a queue of
+    // two, the rest is dropped and counted.
+    for _ in 0..4 {
+        assert_eq!(curl(outbound, "/secret").0, "403");
+    }
+    let m = scrape(&format!("http://{orders_admin2}/metrics"));
+    let dropped: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("meshward_decision_ship_dropped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(dropped >= 3, "{m}");
     let log = std::fs::read_to_string(tmp.path().join("orders-decisions.jsonl")).unwrap();
     assert!(
         log.lines()

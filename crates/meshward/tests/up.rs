@@ -132,6 +132,115 @@ fn quickstart_comes_up_shows_allowed_and_denied_traffic_and_stops_on_ctrl_c() {
     }
     assert!(allowed && denied, "allowed {allowed}, denied {denied}");
 
+    // The sidecars ship their decisions to the control plane: `meshward top` and
+    // `meshward graph` show the traffic, the denied edge marked; `policy impact|suggest
+    // --from-control` read the same window.
+    let exports = lines
+        .iter()
+        .find(|l| l.starts_with("control plane: "))
+        .unwrap();
+    let env_of = |k: &str| {
+        exports
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .unwrap()
+            .trim_end_matches(')')
+            .to_owned()
+    };
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_meshward"))
+            .args(args)
+            .env("MESHWARD_SERVER", env_of("MESHWARD_SERVER"))
+            .env("MESHWARD_CA_FILE", env_of("MESHWARD_CA_FILE"))
+            .env("MESHWARD_TOKEN_FILE", env_of("MESHWARD_TOKEN_FILE"))
+            .output()
+            .unwrap()
+    };
+    let edge = |g: &serde_json::Value, from: &str, to: &str| {
+        g["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["source"] == from && e["destination"] == to)
+            .cloned()
+    };
+    let start = Instant::now();
+    let g = loop {
+        let o = cli(&["top", "--once", "--output", "json"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let g: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let ok = edge(&g, "orders/orders", "payments/payments")
+            .is_some_and(|e| e["allowed"].as_u64() > Some(0))
+            && edge(&g, "web/frontend", "payments/payments")
+                .is_some_and(|e| e["denied"].as_u64() > Some(0));
+        if ok {
+            break g;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no shipped traffic: {g}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let nodes: Vec<&str> = g["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["id"].as_str())
+        .collect();
+    for n in ["web/frontend", "orders/orders", "payments/payments"] {
+        assert!(nodes.contains(&n), "{nodes:?}");
+    }
+    let denied = edge(&g, "web/frontend", "payments/payments").unwrap();
+    assert_eq!(denied["allowed"], 0, "{denied}");
+    assert!(
+        denied["denials"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .any(|k| k.starts_with("no_allow_at_tier")),
+        "{denied}"
+    );
+    assert_eq!(denied["example_denied"], "POST /charge", "{denied}");
+    let allowed = edge(&g, "web/frontend", "orders/orders").unwrap();
+    assert_eq!(allowed["mtls"], true, "{allowed}");
+    assert!(allowed["p99_ms"].as_f64().is_some(), "{allowed}");
+    let o = cli(&["top", "--once"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("web/frontend") && text.contains("no_allow_at_tier"),
+        "{text}"
+    );
+    let o = cli(&["graph", "--output", "dot"]);
+    let dot = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        dot.lines()
+            .any(|l| l.contains(r#""web/frontend" -> "payments/payments""#)
+                && l.contains("color=red")),
+        "{dot}"
+    );
+    // Replaying the window against the policies in force flips nothing; suggest mines it.
+    let repo = dir.join(".meshward/repo");
+    let o = cli(&[
+        "policy",
+        "impact",
+        repo.to_str().unwrap(),
+        "--from-control",
+        "--output",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(r["records"].as_u64() > Some(0), "{r}");
+    assert_eq!(r["allow_to_deny_records"], 0, "{r}");
+    assert_eq!(r["deny_to_allow_records"], 0, "{r}");
+    let o = cli(&["policy", "suggest", "--from-control"]);
+    let yaml = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        yaml.contains("spiffe://shop.example/ns/orders/sa/orders") && yaml.contains("/charge"),
+        "{yaml}"
+    );
+
     // Ctrl-C stops everything.
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])

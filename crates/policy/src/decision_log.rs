@@ -71,6 +71,10 @@ pub struct DecisionRecord {
     /// Transparent mode: the original destination address the connection was made to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// Allowed HTTP requests: from the request to the app's response headers, in
+    /// nanoseconds (the proxy writes such records once the response has started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ns: Option<u64>,
 }
 
 fn inbound() -> String {
@@ -112,6 +116,7 @@ impl DecisionRecord {
             weight,
             detail: None,
             address: None,
+            duration_ns: None,
         }
     }
 

@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use meshward_api::v1::config_client::ConfigClient;
 use meshward_api::v1::identity_client::IdentityClient;
-use meshward_api::v1::{ConfigAck, SignRequest};
+use meshward_api::v1::telemetry_client::TelemetryClient;
+use meshward_api::v1::{ConfigAck, DecisionBatch, SignRequest};
 use meshward_identity::ca::{cert_pem, certs_from_pem, new_workload_key, write_atomic};
 use meshward_identity::svid::TrustBundles;
 use meshward_identity::verifier::{Accept, SharedBundles, SvidServerVerifier};
@@ -298,6 +299,19 @@ async fn stream_once(shared: &Arc<Shared>, cfg: &AgentConfig) -> Result<(), Stri
     let ch =
         meshward_control::grpc::connect_marked(&cfg.control, tls(cfg, Some(shared))?, cfg.mark)
             .await?;
+    // Decision records go to the control plane over the same connection, for as long as
+    // it lasts.
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _shipper = shared
+        .log
+        .ship
+        .clone()
+        .map(|q| AbortOnDrop(tokio::spawn(ship_loop(q, ch.clone()))));
     let (tx, rx) = tokio::sync::mpsc::channel::<ConfigAck>(4);
     let mut snaps = ConfigClient::new(ch)
         .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -355,4 +369,34 @@ async fn stream_once(shared: &Arc<Shared>, cfg: &AgentConfig) -> Result<(), Stri
         }
     }
     Err("the control plane closed the stream".into())
+}
+
+/// Ships queued decision records every second, in batches of at most 1,000; a batch that
+/// fails is counted as dropped (the queue stays bounded; traffic never waits).
+async fn ship_loop(q: Arc<crate::decision_log::ShipQueue>, ch: tonic::transport::Channel) {
+    const BATCH: usize = 1000;
+    let mut client = TelemetryClient::new(ch);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        loop {
+            let records = q.take(BATCH);
+            let dropped = q.take_dropped();
+            if records.is_empty() && dropped == 0 {
+                break;
+            }
+            let n = records.len();
+            if let Err(e) = client.ship(DecisionBatch { records, dropped }).await {
+                q.lost(n as u64);
+                log(&format!(
+                    "shipping decisions: {}; {n} records dropped",
+                    e.message()
+                ));
+                return;
+            }
+            if n < BATCH {
+                break;
+            }
+        }
+    }
 }

@@ -19,6 +19,8 @@ pub struct Extra {
     pub detail: Option<String>,
     /// The original destination of a captured connection.
     pub address: Option<std::net::SocketAddr>,
+    /// Allowed HTTP requests: the time to the app's response headers.
+    pub duration: Option<std::time::Duration>,
 }
 
 /// Where decisions go.
@@ -33,9 +35,77 @@ pub struct DecisionLog {
     pub denied: Arc<AtomicU64>,
     /// Every decision is counted here, logged or not.
     pub metrics: Arc<meshward_telemetry::ProxyMetrics>,
+    /// Records waiting to be shipped to the control plane.
+    pub ship: Option<Arc<ShipQueue>>,
+}
+
+/// The bounded queue of records for the control plane: when it is full (the control plane
+/// unreachable, say) new records are dropped and counted, never waited for.
+#[derive(Debug)]
+pub struct ShipQueue {
+    q: std::sync::Mutex<std::collections::VecDeque<String>>,
+    cap: usize,
+    /// Dropped since the last batch (reported with it).
+    dropped: AtomicU64,
+    metrics: Arc<meshward_telemetry::ProxyMetrics>,
+}
+
+impl ShipQueue {
+    fn push(&self, line: String) {
+        if let Ok(mut q) = self.q.lock() {
+            if q.len() < self.cap {
+                q.push_back(line);
+                return;
+            }
+        }
+        self.lost(1);
+    }
+
+    /// Counts records that will never reach the control plane.
+    pub fn lost(&self, n: u64) {
+        self.dropped.fetch_add(n, Ordering::Relaxed);
+        self.metrics.decision_ship_dropped.inc_by(n);
+    }
+
+    /// Takes up to `n` records, oldest first.
+    pub fn take(&self, n: usize) -> Vec<String> {
+        match self.q.lock() {
+            Ok(mut q) => {
+                let k = n.min(q.len());
+                q.drain(..k).collect()
+            }
+            Err(_) => vec![],
+        }
+    }
+
+    /// Records dropped since the last call.
+    pub fn take_dropped(&self) -> u64 {
+        self.dropped.swap(0, Ordering::Relaxed)
+    }
+
+    pub fn len(&self) -> usize {
+        self.q.lock().map_or(0, |q| q.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl DecisionLog {
+    /// Also queues every record for the control plane, at most `cap` waiting (0: off).
+    pub fn with_shipping(mut self, cap: usize) -> Self {
+        self.ship = (cap > 0).then(|| {
+            Arc::new(ShipQueue {
+                q: std::sync::Mutex::default(),
+                cap,
+                dropped: AtomicU64::new(0),
+                metrics: self.metrics.clone(),
+            })
+        });
+        self
+    }
+
     /// Writes to `path`, rotating to `path.1` past `max_bytes`.
     pub fn to_file(path: PathBuf, max_bytes: u64, sample_allows: u64) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel::<String>(8192);
@@ -75,6 +145,11 @@ impl DecisionLog {
         Self::with(None, 1)
     }
 
+    /// No file; sampling as given (for shipping only).
+    pub fn without_file(sample_allows: u64) -> Self {
+        Self::with(None, sample_allows)
+    }
+
     fn with(tx: Option<SyncSender<String>>, sample_allows: u64) -> Self {
         DecisionLog {
             tx,
@@ -84,6 +159,7 @@ impl DecisionLog {
             allowed: Arc::default(),
             denied: Arc::default(),
             metrics: Arc::default(),
+            ship: None,
         }
     }
 
@@ -108,14 +184,23 @@ impl DecisionLog {
                 self.sample_allows
             }
         };
-        let Some(tx) = &self.tx else { return };
+        if self.tx.is_none() && self.ship.is_none() {
+            return;
+        }
         let mut rec = DecisionRecord::new(req, d, u32::try_from(weight).unwrap_or(u32::MAX));
         if extra.outbound {
             rec.direction = "outbound".into();
         }
         rec.detail.clone_from(&extra.detail);
         rec.address = extra.address.map(|a| a.to_string());
+        rec.duration_ns = extra
+            .duration
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         let mut line = rec.to_line();
+        if let Some(q) = &self.ship {
+            q.push(line.clone());
+        }
+        let Some(tx) = &self.tx else { return };
         line.push('\n');
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(line) {
             self.dropped.fetch_add(1, Ordering::Relaxed);

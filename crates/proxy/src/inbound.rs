@@ -357,8 +357,8 @@ async fn handle(
         Some(p) => p.engine.decide(&preq),
         None => Decision::bare(Verdict::Deny, Reason::NoPolicy, PolicyRevision(0)),
     };
-    shared.log.record(&preq, &d);
     if d.verdict != Verdict::Allow {
+        shared.log.record(&preq, &d);
         let grpc = req
             .headers()
             .get(hyper::header::CONTENT_TYPE)
@@ -402,7 +402,19 @@ async fn handle(
     if let Ok(v) = hyper::header::HeaderValue::from_str(peer.as_str()) {
         hdrs.insert(IDENTITY_HEADER, v);
     }
-    match client.request(req).await {
+    // Allowed requests are recorded once the app's response has started, with the time.
+    let t0 = std::time::Instant::now();
+    let r = client.request(req).await;
+    shared.log.record_with(
+        &preq,
+        &d,
+        &crate::decision_log::Extra {
+            duration: Some(t0.elapsed()),
+            address: port.mark.is_some().then_some(port.app),
+            ..Default::default()
+        },
+    );
+    match r {
         Ok(resp) => resp.map(|b| b.boxed()),
         Err(e) => full(
             StatusCode::BAD_GATEWAY,

@@ -25,6 +25,8 @@ pub struct Options {
     pub admin: SocketAddr,
     pub decision_log: Option<PathBuf>,
     pub sample_allows: u64,
+    /// Records queued for the control plane at most (0: do not ship).
+    pub ship_queue: usize,
     /// Transparent mode: capture listeners instead of the ports' `inbound` addresses.
     pub transparent: Option<crate::transparent::Options>,
 }
@@ -38,8 +40,9 @@ pub async fn run(opts: Options, ready: impl FnOnce(&[(SocketAddr, u16)])) -> Res
     let log = match &opts.decision_log {
         Some(p) => DecisionLog::to_file(p.clone(), 64 << 20, opts.sample_allows)
             .map_err(|e| format!("cannot open the decision log `{}`: {e}", p.display()))?,
-        None => DecisionLog::disabled(),
-    };
+        None => DecisionLog::without_file(opts.sample_allows),
+    }
+    .with_shipping(opts.ship_queue);
     let mut tb = TrustBundles::new();
     tb.set(
         opts.agent.trust_domain.clone(),

@@ -237,6 +237,7 @@ fn log_own(
             outbound,
             detail: Some(detail),
             address: Some(dst),
+            duration: None,
         },
     );
 }

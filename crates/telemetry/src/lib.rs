@@ -174,6 +174,7 @@ pub struct ProxyMetrics {
     pub handshake_failures: Family<HandshakeLabels, Counter>,
     pub shadow: Family<ShadowLabels, Counter>,
     pub decision_log_dropped: Counter,
+    pub decision_ship_dropped: Counter,
     /// Set when scraped.
     pub certificate_expiry: FGauge,
     pub config_revision: Gauge,
@@ -198,6 +199,7 @@ impl ProxyMetrics {
         let handshake_failures = Family::<HandshakeLabels, Counter>::default();
         let shadow = Family::<ShadowLabels, Counter>::default();
         let decision_log_dropped = Counter::default();
+        let decision_ship_dropped = Counter::default();
         let certificate_expiry = FGauge::default();
         let config_revision = Gauge::default();
         let config_updated = FGauge::default();
@@ -234,6 +236,11 @@ impl ProxyMetrics {
             decision_log_dropped.clone(),
         );
         registry.register(
+            "meshward_decision_ship_dropped",
+            "Decision records not shipped to the control plane (queue full while it was unreachable, or a failed batch)",
+            decision_ship_dropped.clone(),
+        );
+        registry.register(
             "meshward_certificate_expiry_timestamp_seconds",
             "When the proxy's SVID expires (Unix time; 0 without one)",
             certificate_expiry.clone(),
@@ -266,6 +273,7 @@ impl ProxyMetrics {
             handshake_failures,
             shadow,
             decision_log_dropped,
+            decision_ship_dropped,
             certificate_expiry,
             config_revision,
             config_updated,
@@ -328,6 +336,8 @@ pub struct ControlMetrics {
     pub applies: Family<ResultLabels, Counter>,
     pub rollbacks: Counter,
     pub revision: Gauge,
+    pub decisions_received: Counter,
+    pub decisions_lost: Counter,
 }
 
 impl Default for ControlMetrics {
@@ -346,6 +356,18 @@ impl ControlMetrics {
         let applies = Family::<ResultLabels, Counter>::default();
         let rollbacks = Counter::default();
         let revision = Gauge::default();
+        let decisions_received = Counter::default();
+        let decisions_lost = Counter::default();
+        registry.register(
+            "meshward_control_decisions_received",
+            "Decision records shipped by proxies and kept in the window",
+            decisions_received.clone(),
+        );
+        registry.register(
+            "meshward_control_decisions_lost",
+            "Decision records proxies reported dropped, or sent invalid",
+            decisions_lost.clone(),
+        );
         registry.register(
             "meshward_control_proxies",
             "Proxies connected, by the revision they acknowledged",
@@ -390,6 +412,8 @@ impl ControlMetrics {
             applies,
             rollbacks,
             revision,
+            decisions_received,
+            decisions_lost,
         }
     }
 
