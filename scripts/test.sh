@@ -40,6 +40,21 @@ if ! command -v promtool >/dev/null 2>&1; then
   fi
 fi
 
+# The dashboard test drives Debian's chromium with playwright-core (tests/ui, from npm).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v node >/dev/null 2>&1; then
+  log "installing chromium and node"
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium nodejs npm
+  else
+    echo "missing: chromium / node (apt-get install chromium nodejs npm, or run as root)" >&2
+    exit 1
+  fi
+fi
+if [ ! -d tests/ui/node_modules/playwright-core ]; then
+  log "installing playwright-core (tests/ui)"
+  (cd tests/ui && npm ci --no-audit --no-fund --silent)
+fi
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 

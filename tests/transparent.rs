@@ -82,6 +82,8 @@ impl Control {
             &format!("{}:7443", self.host.ip),
             "--proxy-listen",
             &format!("{}:7444", self.host.ip),
+            "--http-listen",
+            "127.0.0.1:7445",
             "--data",
         ])
         .arg(&self.data);

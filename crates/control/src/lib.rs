@@ -14,3 +14,4 @@ pub mod repo;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod ui;

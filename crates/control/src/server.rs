@@ -27,9 +27,10 @@ pub struct Options {
     pub proxy_listen: SocketAddr,
     /// How often the controllers run.
     pub controller_interval: Duration,
-    /// Plain-HTTP `/metrics` for Prometheus (the TLS API serves `/metrics` too, but its
-    /// certificate names a SPIFFE ID, not a host).
-    pub metrics_listen: Option<SocketAddr>,
+    /// Plain HTTP (keep it on loopback): Prometheus `/metrics` and the dashboard `/ui`.
+    /// (The TLS API serves `/metrics` too, but its certificate names a SPIFFE ID, not a
+    /// host, so browsers and scrapers would not accept it.)
+    pub http_listen: Option<SocketAddr>,
 }
 
 /// What a started control plane tells its operator.
@@ -37,7 +38,8 @@ pub struct Options {
 pub struct Started {
     pub addr: SocketAddr,
     pub proxy_addr: SocketAddr,
-    pub metrics_addr: Option<SocketAddr>,
+    /// The plain-HTTP listener: `/metrics` and the dashboard at `/ui`.
+    pub http_addr: Option<SocketAddr>,
     pub bundle_file: PathBuf,
     /// Present on first start only: the admin token file just written.
     pub admin_token_file: Option<PathBuf>,
@@ -230,25 +232,13 @@ pub async fn run(
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", opts.proxy_listen))?;
     let proxy_addr = proxy_listener.local_addr().map_err(|e| e.to_string())?;
-    let mut metrics_addr = None;
-    if let Some(m) = opts.metrics_listen {
+    let mut http_addr = None;
+    if let Some(m) = opts.http_listen {
         let l = tokio::net::TcpListener::bind(m)
             .await
             .map_err(|e| format!("cannot listen on {m}: {e}"))?;
-        metrics_addr = Some(l.local_addr().map_err(|e| e.to_string())?);
-        let mcp = cp.clone();
-        let app = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let cp = mcp.clone();
-                async move {
-                    let text = tokio::task::spawn_blocking(move || cp.metrics_text())
-                        .await
-                        .unwrap_or_default();
-                    ([("content-type", meshward_telemetry::CONTENT_TYPE)], text)
-                }
-            }),
-        );
+        http_addr = Some(l.local_addr().map_err(|e| e.to_string())?);
+        let app = crate::ui::router(cp.clone());
         tokio::spawn(async move {
             let _ = axum::serve(l, app).await;
         });
@@ -256,7 +246,7 @@ pub async fn run(
     ready(&Started {
         addr,
         proxy_addr,
-        metrics_addr,
+        http_addr,
         bundle_file,
         admin_token_file,
     });

@@ -79,6 +79,8 @@ pub struct ControlPlane {
     pub metrics: Arc<meshward_telemetry::ControlMetrics>,
     /// Decision records shipped by proxies (a bounded window).
     decisions: Option<Arc<crate::decisions::DecisionWindow>>,
+    /// The latest certificate this replica issued per identity: when it expires.
+    issued: Mutex<std::collections::BTreeMap<String, SystemTime>>,
 }
 
 /// What one proxy identity receives at one revision.
@@ -143,6 +145,7 @@ impl ControlPlane {
             tls_bundles: None,
             metrics: Arc::default(),
             decisions: None,
+            issued: Mutex::default(),
         }
     }
 
@@ -712,6 +715,9 @@ impl ControlPlane {
                     now,
                 )?;
                 self.metrics.certificates_issued.inc();
+                if let Ok(mut m) = self.issued.lock() {
+                    m.insert(id.to_string(), i.not_after);
+                }
                 Ok(i)
             }
             Err(e) => {
@@ -812,6 +818,36 @@ impl ControlPlane {
         Ok(self
             .window()?
             .records(since.and_then(|d| now.checked_sub(d)), limit)?)
+    }
+
+    /// The latest certificate issued per identity (by this replica since it started):
+    /// `[{identity, workloads, not_after, seconds_left}]`.
+    pub fn certificates(&self, now: SystemTime) -> Result<Vec<serde_json::Value>, Refused> {
+        let set = self.store.head()?.and_then(|r| repo::load(&r.files).set);
+        let m = self
+            .issued
+            .lock()
+            .map_err(|_| Refused::Internal("certificate registry unavailable".into()))?;
+        Ok(m.iter()
+            .map(|(id, t)| {
+                let workloads: Vec<String> = set
+                    .as_ref()
+                    .map(|s| {
+                        s.workloads
+                            .iter()
+                            .filter(|w| w.identity.as_str() == id)
+                            .map(|w| w.id.to_string())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                json!({
+                    "identity": id,
+                    "workloads": workloads,
+                    "not_after": humantime::format_rfc3339_seconds(*t).to_string(),
+                    "seconds_left": t.duration_since(now).map_or(0, |d| d.as_secs()),
+                })
+            })
+            .collect())
     }
 
     /// The service graph of the last `window`: the head revision's workloads as nodes,

@@ -111,7 +111,7 @@ pub fn control(
     listen: &str,
     proxy_listen: &str,
     controller_interval: Duration,
-    metrics_listen: Option<&str>,
+    http_listen: &str,
 ) -> Result<ExitCode> {
     let td = meshward_identity::TrustDomain::parse(trust_domain)
         .map_err(|e| anyhow::anyhow!("--trust-domain `{trust_domain}`: {e}"))?;
@@ -127,12 +127,13 @@ pub fn control(
         listen,
         proxy_listen,
         controller_interval,
-        metrics_listen: metrics_listen
-            .map(|m| {
+        http_listen: match http_listen {
+            "" | "off" => None,
+            m => Some(
                 m.parse()
-                    .with_context(|| format!("--metrics-listen `{m}` is not HOST:PORT"))
-            })
-            .transpose()?,
+                    .with_context(|| format!("--http-listen `{m}` is not HOST:PORT (or `off`)"))?,
+            ),
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -144,8 +145,8 @@ pub fn control(
         |s| {
             println!("meshward control listening on {}", s.addr);
             println!("  proxy API (gRPC, mTLS) on {}", s.proxy_addr);
-            if let Some(m) = s.metrics_addr {
-                println!("  metrics on http://{m}/metrics");
+            if let Some(m) = s.http_addr {
+                println!("  dashboard http://{m}/ui   metrics http://{m}/metrics");
             }
             println!("  export MESHWARD_SERVER={}", s.addr);
             println!("  export MESHWARD_CA_FILE={}", s.bundle_file.display());

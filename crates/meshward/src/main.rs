@@ -49,9 +49,9 @@ enum Command {
         /// How often controllers (override expiry) run.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         controller_interval: std::time::Duration,
-        /// Serve Prometheus `/metrics` over plain HTTP here (e.g. 127.0.0.1:7445).
-        #[arg(long)]
-        metrics_listen: Option<String>,
+        /// Plain HTTP, keep it on loopback: Prometheus `/metrics` and the dashboard `/ui`.
+        #[arg(long, default_value = "127.0.0.1:7445")]
+        http_listen: String,
     },
     /// Apply a policy repository as a new revision (validated, tested, permission-checked).
     #[command(
@@ -627,14 +627,14 @@ fn main() -> ExitCode {
             listen,
             proxy_listen,
             controller_interval,
-            metrics_listen,
+            http_listen,
         } => control_cmd::control(
             &data,
             &trust_domain,
             &listen,
             &proxy_listen,
             controller_interval,
-            metrics_listen.as_deref(),
+            &http_listen,
         ),
         Command::Status { output } => control_cmd::status(&cli.conn, output),
         Command::Graph { window, output } => control_cmd::graph(&cli.conn, window, output),

@@ -352,18 +352,18 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
                 None => "127.0.0.1:0".parse()?,
             },
             controller_interval: Duration::from_secs(5),
-            metrics_listen: None,
+            http_listen: Some("127.0.0.1:0".parse()?),
         };
         tokio::spawn(async move {
             let r = meshward_control::server::run(opts, move |s| {
-                let _ = tx.send((s.addr, s.proxy_addr));
+                let _ = tx.send((s.addr, s.proxy_addr, s.http_addr));
             }, std::future::pending())
             .await;
             if let Err(e) = r {
                 eprintln!("control plane stopped: {e}");
             }
         });
-        let (api, proxy_api) = tokio::time::timeout(Duration::from_secs(20), rx).await.context("the control plane did not start")??;
+        let (api, proxy_api, http) = tokio::time::timeout(Duration::from_secs(20), rx).await.context("the control plane did not start")??;
         if !data.join("up-approver.token").exists() {
             meshward_control::server::add_operator(&data, "up-approver", vec!["platform-security".into()], vec![]).map_err(anyhow::Error::msg)?;
         }
@@ -526,6 +526,9 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
             }
             println!();
             println!("control plane: {api}   (export MESHWARD_SERVER={api} MESHWARD_CA_FILE={} MESHWARD_TOKEN_FILE={})", data.join("bundle.pem").display(), data.join("admin.token").display());
+            if let Some(h) = http {
+                println!("dashboard:     http://{h}/ui   (sign in with the token in {})   metrics: http://{h}/metrics   terminal: meshward top", data.join("admin.token").display());
+            }
             println!("decision logs: {}/proxies/*/decisions.jsonl", state.display());
             println!("try: ip netns exec {} curl -s http://ADDRESS/...   (inside a workload: through its sidecar)", plans.first().map(|p| iso.netns(&p.id)).unwrap_or_default());
             println!("mesh is up; Ctrl-C stops it");
@@ -545,6 +548,9 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
         }
         println!();
         println!("control plane: {api}   (export MESHWARD_SERVER={api} MESHWARD_CA_FILE={} MESHWARD_TOKEN_FILE={})", data.join("bundle.pem").display(), data.join("admin.token").display());
+        if let Some(h) = http {
+            println!("dashboard:     http://{h}/ui   (sign in with the token in {})   metrics: http://{h}/metrics   terminal: meshward top", data.join("admin.token").display());
+        }
         println!("decision logs: {}/proxies/*/decisions.jsonl", state.display());
         println!("mesh is up; Ctrl-C stops it");
         }

@@ -79,6 +79,8 @@ impl Control {
                 "127.0.0.1:0",
                 "--controller-interval",
                 "1s",
+                "--http-listen",
+                "127.0.0.1:0",
                 "--data",
             ])
             .arg(dir)

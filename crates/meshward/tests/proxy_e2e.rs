@@ -149,7 +149,7 @@ fn start_control(data: &Path, api: u16, proxy_api: u16, metrics: u16) -> Proc {
         &format!("127.0.0.1:{api}"),
         "--proxy-listen",
         &format!("127.0.0.1:{proxy_api}"),
-        "--metrics-listen",
+        "--http-listen",
         &format!("127.0.0.1:{metrics}"),
         "--data",
     ])

@@ -241,6 +241,82 @@ fn quickstart_comes_up_shows_allowed_and_denied_traffic_and_stops_on_ctrl_c() {
         "{yaml}"
     );
 
+    // The dashboard, in headless Chromium (Debian's chromium, driven by playwright-core
+    // from tests/ui): sign in with the admin token, the graph shows the three services,
+    // the denied edge marked denied, the denial with its reason; a screenshot is kept.
+    let url = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("dashboard:"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    let ui = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/ui");
+    let o = Command::new("node")
+        .arg(ui.join("dashboard.mjs"))
+        .arg(&url)
+        .arg(env_of("MESHWARD_TOKEN_FILE"))
+        .arg(&shot)
+        .args(["web/frontend", "orders/orders", "payments/payments"])
+        .output()
+        .expect("node (scripts/test.sh installs chromium and tests/ui's playwright-core)");
+    assert!(
+        o.status.success(),
+        "the dashboard test failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let shown: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        shown["nodes"],
+        serde_json::json!(["orders/orders", "payments/payments", "web/frontend"]),
+        "{shown}"
+    );
+    let edges = shown["edges"].as_array().unwrap();
+    let classes = |from: &str, to: &str| {
+        edges
+            .iter()
+            .find(|e| e["source"] == from && e["target"] == to)
+            .map(|e| e["classes"].clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        classes("web/frontend", "payments/payments"),
+        serde_json::json!(["denied"]),
+        "{shown}"
+    );
+    assert_eq!(
+        classes("web/frontend", "orders/orders"),
+        serde_json::json!(["ok"]),
+        "{shown}"
+    );
+    assert_eq!(
+        classes("orders/orders", "payments/payments"),
+        serde_json::json!(["ok"]),
+        "{shown}"
+    );
+    assert!(
+        shown["denials"].as_array().unwrap().iter().any(|d| {
+            let d = d.as_str().unwrap_or("");
+            d.contains("web/frontend")
+                && d.contains("no_allow_at_tier")
+                && d.contains("POST /charge")
+        }),
+        "{shown}"
+    );
+    assert_eq!(shown["history"].as_array().unwrap().len(), 1, "{shown}");
+    assert_eq!(
+        shown["certificates"].as_array().unwrap().len(),
+        3,
+        "{shown}"
+    );
+    assert_eq!(shown["errors"], serde_json::json!([]), "{shown}");
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 10_000,
+        "no screenshot"
+    );
+    eprintln!("dashboard screenshot: {}", shot.display());
+
     // Ctrl-C stops everything.
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])
