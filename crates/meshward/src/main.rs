@@ -176,7 +176,7 @@ enum Command {
     #[command(
         after_help = "Examples:\n  meshward proxy --workload web/frontend --control 127.0.0.1:7444 --ca-file DATA/bundle.pem \\\n    --join-token-file frontend.token --state-dir /var/lib/meshward-proxy/frontend \\\n    --upstream 127.0.0.1:15001=orders/orders:80 --admin 127.0.0.1:15000\n  ip netns exec pod1 meshward proxy --transparent --workload web/frontend --control 10.0.0.2:7444 \\\n    --ca-file bundle.pem --join-token-file frontend.token --state-dir /var/lib/meshward-proxy/frontend\n\nExplicit mode: inbound listeners are the `inbound` addresses of the workload's ports in the\npolicy set; the app listens on 127.0.0.1:PORT. Upstreams are loopback listeners the app calls\nin plaintext; the proxy carries them over mTLS.\nTransparent mode (--transparent, after `meshward proxy init-netns`): all TCP of the network\nnamespace passes through the proxy; see docs/operations.md."
     )]
-    Proxy(ProxyArgs),
+    Proxy(Box<ProxyArgs>),
 }
 
 /// `meshward proxy` reads the mesh's root certificates from the global `--ca-file`
@@ -216,6 +216,10 @@ struct ProxyArgs {
     /// at most this many waiting while it is unreachable (then dropping, counted); 0: off.
     #[arg(long, default_value_t = 10_000)]
     ship_queue: usize,
+    /// Export a span per request (OpenTelemetry, OTLP/gRPC) to this collector, e.g.
+    /// `http://127.0.0.1:4317`; off by default. (`meshward up` reads MESHWARD_OTLP_ENDPOINT.)
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
     /// Transparent mode: serve the capture ports that `meshward proxy init-netns` redirects
     /// all TCP of the network namespace to (run as root; see docs/operations.md).
     #[arg(long)]
@@ -644,7 +648,7 @@ fn main() -> ExitCode {
             once,
             output,
         } => control_cmd::top(&cli.conn, window, interval, once, output),
-        Command::Proxy(a) => proxy_cmd::run(a, &cli.conn),
+        Command::Proxy(a) => proxy_cmd::run(*a, &cli.conn),
         Command::Up {
             dir,
             isolated,

@@ -406,6 +406,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
                     .arg("--state-dir").arg(&pdir)
                     .arg("--decision-log").arg(pdir.join("decisions.jsonl"))
                     .args(["--sample-allows", "1", "--admin", "127.0.0.1:15000"])
+                    .args(std::env::var("MESHWARD_OTLP_ENDPOINT").map(|e| vec!["--otlp-endpoint".to_owned(), e]).unwrap_or_default())
                     .stdout(std::process::Stdio::piped())
                     .kill_on_drop(true);
                 let mut child = c.spawn().with_context(|| format!("cannot start the sidecar of {}", p.id))?;
@@ -439,6 +440,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
                 decision_log: Some(pdir.join("decisions.jsonl")),
                 sample_allows: 1,
                 ship_queue: 10_000,
+                otlp_endpoint: std::env::var("MESHWARD_OTLP_ENDPOINT").ok(),
                 transparent: None,
             };
             let (tx, name) = (ready_tx.clone(), p.id.to_string());

@@ -269,12 +269,18 @@ async fn serve_http(
         let (shared, peer, client) = (shared.clone(), peer.clone(), client.clone());
         async move {
             let t0 = std::time::Instant::now();
-            let r = handle(&shared, port, &peer, &client, req).await;
-            shared.log.metrics.request_done(
-                "inbound",
-                r.status().as_u16(),
-                t0.elapsed().as_secs_f64(),
+            let span = meshward_telemetry::trace::RequestSpan::start(
+                req.headers(),
+                req.method().as_str(),
+                req.uri().path(),
             );
+            let r = handle(&shared, port, &peer, &client, &span, req).await;
+            let status = r.status().as_u16();
+            shared
+                .log
+                .metrics
+                .request_done("inbound", status, t0.elapsed().as_secs_f64());
+            span.finish(status);
             Ok::<_, Infallible>(r)
         }
     });
@@ -300,6 +306,7 @@ async fn handle(
     port: InboundPort,
     peer: &SpiffeId,
     client: &AppClient,
+    span: &meshward_telemetry::trace::RequestSpan,
     mut req: HttpRequest<Incoming>,
 ) -> Response<Body> {
     let h = req.headers();
@@ -357,6 +364,16 @@ async fn handle(
         Some(p) => p.engine.decide(&preq),
         None => Decision::bare(Verdict::Deny, Reason::NoPolicy, PolicyRevision(0)),
     };
+    if span.is_recording() {
+        span.decision(meshward_telemetry::trace::DecisionAttrs {
+            source: peer.as_str(),
+            destination: &preq.destination.to_string(),
+            verdict: d.verdict.as_str(),
+            reason: d.reason.as_str(),
+            policy: d.policy.as_deref(),
+            decision_ns: u64::try_from(d.elapsed.as_nanos()).unwrap_or(u64::MAX),
+        });
+    }
     if d.verdict != Verdict::Allow {
         shared.log.record(&preq, &d);
         let grpc = req
@@ -402,6 +419,7 @@ async fn handle(
     if let Ok(v) = hyper::header::HeaderValue::from_str(peer.as_str()) {
         hdrs.insert(IDENTITY_HEADER, v);
     }
+    span.inject(hdrs);
     // Allowed requests are recorded once the app's response has started, with the time.
     let t0 = std::time::Instant::now();
     let r = client.request(req).await;

@@ -27,6 +27,8 @@ pub struct Options {
     pub sample_allows: u64,
     /// Records queued for the control plane at most (0: do not ship).
     pub ship_queue: usize,
+    /// Export a span per request over OTLP/gRPC to this endpoint (off when `None`).
+    pub otlp_endpoint: Option<String>,
     /// Transparent mode: capture listeners instead of the ports' `inbound` addresses.
     pub transparent: Option<crate::transparent::Options>,
 }
@@ -35,6 +37,9 @@ pub struct Options {
 /// the inbound listeners are up.
 pub async fn run(opts: Options, ready: impl FnOnce(&[(SocketAddr, u16)])) -> Result<(), String> {
     meshward_identity::install_crypto_provider();
+    if let Some(e) = &opts.otlp_endpoint {
+        meshward_telemetry::trace::init_otlp(e, &format!("meshward-proxy {}", opts.workload))?;
+    }
     std::fs::create_dir_all(&opts.agent.state_dir)
         .map_err(|e| format!("cannot create `{}`: {e}", opts.agent.state_dir.display()))?;
     let log = match &opts.decision_log {

@@ -6,6 +6,8 @@
 //! verdicts, reason codes, directions, response classes (`2xx` ... `5xx`), handshake
 //! failure kinds, policy names, revisions. Never a raw path, address or header.
 
+pub mod trace;
+
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;

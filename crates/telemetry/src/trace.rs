@@ -1,0 +1,172 @@
+//! Traces: OpenTelemetry spans exported over OTLP/gRPC, off unless [`init_otlp`] ran.
+//! The proxy continues the caller's W3C trace context (`traceparent`, `tracestate`),
+//! opens one span per request carrying the authorization decision, and passes its own
+//! span on to the app, so a trace follows a request across every sidecar it crosses.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer as _};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+
+struct Tracing {
+    provider: SdkTracerProvider,
+    tracer: SdkTracer,
+    propagator: TraceContextPropagator,
+}
+
+static TRACING: OnceLock<Tracing> = OnceLock::new();
+
+/// Starts exporting spans to the OTLP/gRPC `endpoint` (e.g. `http://127.0.0.1:4317`) as
+/// `service` (a batch exporter; spans are dropped, never waited for, when the collector is
+/// away). Call inside a Tokio runtime. The first call in a process wins; later ones do
+/// nothing.
+pub fn init_otlp(endpoint: &str, service: &str) -> Result<(), String> {
+    use opentelemetry_otlp::WithExportConfig as _;
+    if TRACING.get().is_some() {
+        return Ok(());
+    }
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .with_timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| format!("the OTLP exporter for `{endpoint}`: {e}"))?;
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(service.to_owned())
+                .build(),
+        )
+        .build();
+    let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "meshward-proxy");
+    let _ = TRACING.set(Tracing {
+        provider,
+        tracer,
+        propagator: TraceContextPropagator::new(),
+    });
+    Ok(())
+}
+
+/// Exports what is buffered (for tests and shutdown).
+pub fn flush() {
+    if let Some(t) = TRACING.get() {
+        let _ = t.provider.force_flush();
+    }
+}
+
+/// Whether spans are being recorded.
+pub fn enabled() -> bool {
+    TRACING.get().is_some()
+}
+
+struct Headers<'a>(&'a http::HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+struct HeadersMut<'a>(&'a mut http::HeaderMap);
+
+impl Injector for HeadersMut<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (
+            http::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
+/// The span of one request through the proxy; nothing at all when tracing is off.
+#[derive(Debug, Default)]
+pub struct RequestSpan(Option<Context>);
+
+/// What the span records of the decision.
+#[derive(Debug, Clone, Copy)]
+pub struct DecisionAttrs<'a> {
+    pub source: &'a str,
+    pub destination: &'a str,
+    pub verdict: &'a str,
+    pub reason: &'a str,
+    pub policy: Option<&'a str>,
+    pub decision_ns: u64,
+}
+
+impl RequestSpan {
+    /// Starts a server span continuing the trace in `headers` (a new trace without one).
+    pub fn start(headers: &http::HeaderMap, method: &str, path: &str) -> Self {
+        let Some(t) = TRACING.get() else {
+            return RequestSpan(None);
+        };
+        let parent = t.propagator.extract(&Headers(headers));
+        let span = t
+            .tracer
+            .span_builder(format!("meshward inbound {method}"))
+            .with_kind(SpanKind::Server)
+            .with_attributes([
+                KeyValue::new("http.request.method", method.to_owned()),
+                KeyValue::new("url.path", path.to_owned()),
+            ])
+            .start_with_context(&t.tracer, &parent);
+        RequestSpan(Some(parent.with_span(span)))
+    }
+
+    /// Whether this request is traced (tracing is on).
+    pub fn is_recording(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Records the authorization decision.
+    pub fn decision(&self, a: DecisionAttrs<'_>) {
+        let Some(cx) = &self.0 else { return };
+        let span = cx.span();
+        span.set_attribute(KeyValue::new("meshward.source", a.source.to_owned()));
+        span.set_attribute(KeyValue::new(
+            "meshward.destination",
+            a.destination.to_owned(),
+        ));
+        span.set_attribute(KeyValue::new("meshward.verdict", a.verdict.to_owned()));
+        span.set_attribute(KeyValue::new("meshward.reason", a.reason.to_owned()));
+        if let Some(p) = a.policy {
+            span.set_attribute(KeyValue::new("meshward.policy", p.to_owned()));
+        }
+        span.set_attribute(KeyValue::new(
+            "meshward.decision_ns",
+            i64::try_from(a.decision_ns).unwrap_or(i64::MAX),
+        ));
+    }
+
+    /// Puts this span's context into the request forwarded to the app (replacing the
+    /// caller's), so the app's own calls continue the trace as children of this span.
+    pub fn inject(&self, headers: &mut http::HeaderMap) {
+        let (Some(cx), Some(t)) = (&self.0, TRACING.get()) else {
+            return;
+        };
+        t.propagator.inject_context(cx, &mut HeadersMut(headers));
+    }
+
+    /// Ends the span with the response status.
+    pub fn finish(self, status: u16) {
+        let Some(cx) = self.0 else { return };
+        let span = cx.span();
+        span.set_attribute(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status),
+        ));
+        if status >= 500 {
+            span.set_status(Status::error(format!("HTTP {status}")));
+        }
+        span.end();
+    }
+}
