@@ -119,9 +119,19 @@ metadata: {name: backend, namespace: bench, labels: {app: backend}}
 spec: {ports: [{port: 18900, protocol: HTTP, inbound: "127.0.0.1:18932"}]}
 ---
 apiVersion: meshward.io/v1alpha1
+kind: Workload
+metadata: {name: backend-quiet, namespace: bench, labels: {app: backend-quiet}}
+spec: {ports: [{port: 18900, protocol: HTTP, inbound: "127.0.0.1:18933"}]}
+---
+apiVersion: meshward.io/v1alpha1
 kind: Service
 metadata: {name: backend, namespace: bench}
 spec: {selector: {app: backend}, ports: [{port: 80, targetPort: 18900}]}
+---
+apiVersion: meshward.io/v1alpha1
+kind: Service
+metadata: {name: backend-quiet, namespace: bench}
+spec: {selector: {app: backend-quiet}, ports: [{port: 80, targetPort: 18900}]}
 ---
 apiVersion: meshward.io/v1alpha1
 kind: AuthorizationPolicy
@@ -129,7 +139,7 @@ metadata: {name: backend, namespace: bench}
 spec:
   tier: service
   action: ALLOW
-  target: {workloads: [backend]}
+  target: {workloads: [backend, backend-quiet]}
   rules:
     - from: [{identities: ["spiffe://bench.example/ns/bench/sa/client"]}]
       to: [{methods: [GET], paths: ["/*"]}]
@@ -141,9 +151,15 @@ C="--server 127.0.0.1:18940 --ca-file mw/data/bundle.pem"
 "$MW" workload token --identity spiffe://bench.example/ns/bench/sa/client $C --token-file mw/data/admin.token > mw/c.tok
 "$MW" proxy --workload bench/backend --control 127.0.0.1:18941 --ca-file mw/data/bundle.pem --join-token-file mw/b.tok --state-dir mw/b --admin 127.0.0.1:18950 > mw/b.log 2>&1 & PIDS+=($!); MW_I=$!
 "$MW" proxy --workload bench/client --control 127.0.0.1:18941 --ca-file mw/data/bundle.pem --join-token-file mw/c.tok --state-dir mw/c --admin 127.0.0.1:18951 --upstream 127.0.0.1:18931=bench/backend:80 > mw/c.log 2>&1 & PIDS+=($!); MW_O=$!
+# The same pair with telemetry off (no per-request metrics, no decision shipping), to
+# measure what telemetry at its default settings costs.
+"$MW" workload token --identity spiffe://bench.example/ns/bench/sa/backend-quiet $C --token-file mw/data/admin.token > mw/b2.tok
+"$MW" workload token --identity spiffe://bench.example/ns/bench/sa/client $C --token-file mw/data/admin.token > mw/c2.tok
+"$MW" proxy --telemetry off --workload bench/backend-quiet --control 127.0.0.1:18941 --ca-file mw/data/bundle.pem --join-token-file mw/b2.tok --state-dir mw/b2 --admin 127.0.0.1:18952 > mw/b2.log 2>&1 & PIDS+=($!); MW2_I=$!
+"$MW" proxy --telemetry off --workload bench/client --control 127.0.0.1:18941 --ca-file mw/data/bundle.pem --join-token-file mw/c2.tok --state-dir mw/c2 --admin 127.0.0.1:18953 --upstream 127.0.0.1:18935=bench/backend-quiet:80 > mw/c2.log 2>&1 & PIDS+=($!); MW2_O=$!
 
 # Wait until every path answers 200.
-for port in 18900 18911 18921 18931; do
+for port in 18900 18911 18921 18931 18935; do
   for i in $(seq 100); do [ "$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$port/x)" = 200 ] && break; sleep 0.1; done
   [ "$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$port/x)" = 200 ] || { echo "port $port does not answer"; exit 1; }
 done
@@ -168,7 +184,14 @@ row() {
   read -r max _ _ _ < <("$LG" 127.0.0.1:$port /x 0 "$SECS" 16)
   local a50 a99; a50=$(awk -v a="$p50" -v b="$D50" 'BEGIN{printf "%.3f", a-b}'); a99=$(awk -v a="$p99" -v b="$D99" 'BEGIN{printf "%.3f", a-b}')
   echo "| $name | $p50 / $p99 | $a50 / $a99 | $per1k | $max | $(rss_mb "$@") |"
+  LAST_CPU=$per1k; LAST_MAX=$max
 }
-row "meshward pair (L4 mTLS tunnel out, HTTP/1.1 + policy in)" 18931 $MW_O $MW_I
+row "meshward pair (L4 mTLS tunnel out, HTTP/1.1 + policy in), telemetry on (default)" 18931 $MW_O $MW_I
+ON_CPU=$LAST_CPU; ON_MAX=$LAST_MAX
+row "meshward pair, telemetry off" 18935 $MW2_O $MW2_I
+OFF_CPU=$LAST_CPU; OFF_MAX=$LAST_MAX
 row "HAProxy pair (mTLS)" 18911 $HP_O $HP_I
 row "nginx pair (mTLS)" 18921 $NG_O $NG_I
+echo
+awk -v oc="$ON_CPU" -v fc="$OFF_CPU" -v om="$ON_MAX" -v fm="$OFF_MAX" 'BEGIN {
+  printf "telemetry at default settings (metrics + decision shipping) vs off: max throughput %+.1f%%, CPU per request %+.1f%% (targets: no worse than -10%% and +5%%)\n", (om / fm - 1) * 100, (oc / fc - 1) * 100 }'

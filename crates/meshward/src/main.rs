@@ -220,6 +220,10 @@ struct ProxyArgs {
     /// `http://127.0.0.1:4317`; off by default. (`meshward up` reads MESHWARD_OTLP_ENDPOINT.)
     #[arg(long)]
     otlp_endpoint: Option<String>,
+    /// `off`: no per-request metrics and no decision shipping (the decision log, if
+    /// configured, still works); for measuring telemetry's cost.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    telemetry: String,
     /// Transparent mode: serve the capture ports that `meshward proxy init-netns` redirects
     /// all TCP of the network namespace to (run as root; see docs/operations.md).
     #[arg(long)]

@@ -82,6 +82,7 @@ pub fn run(a: ProxyArgs, conn: &crate::control_cmd::Conn) -> Result<ExitCode> {
         sample_allows: a.sample_allows,
         ship_queue: a.ship_queue,
         otlp_endpoint: a.otlp_endpoint.clone(),
+        telemetry: a.telemetry == "on",
         transparent: if a.transparent {
             Some(meshward_proxy::transparent::Options {
                 inbound: a.inbound_capture.parse().with_context(|| {

@@ -441,6 +441,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
                 sample_allows: 1,
                 ship_queue: 10_000,
                 otlp_endpoint: std::env::var("MESHWARD_OTLP_ENDPOINT").ok(),
+                telemetry: true,
                 transparent: None,
             };
             let (tx, name) = (ready_tx.clone(), p.id.to_string());

@@ -37,6 +37,9 @@ pub struct DecisionLog {
     pub metrics: Arc<meshward_telemetry::ProxyMetrics>,
     /// Records waiting to be shipped to the control plane.
     pub ship: Option<Arc<ShipQueue>>,
+    /// Per-request metrics (off: only the decision log, for the overhead benchmark and
+    /// the leanest deployments).
+    pub metrics_on: bool,
 }
 
 /// The bounded queue of records for the control plane: when it is full (the control plane
@@ -93,6 +96,12 @@ impl ShipQueue {
 }
 
 impl DecisionLog {
+    /// Turns per-request metrics off.
+    pub fn without_metrics(mut self) -> Self {
+        self.metrics_on = false;
+        self
+    }
+
     /// Also queues every record for the control plane, at most `cap` waiting (0: off).
     pub fn with_shipping(mut self, cap: usize) -> Self {
         self.ship = (cap > 0).then(|| {
@@ -160,6 +169,7 @@ impl DecisionLog {
             denied: Arc::default(),
             metrics: Arc::default(),
             ship: None,
+            metrics_on: true,
         }
     }
 
@@ -211,6 +221,9 @@ impl DecisionLog {
     /// The metrics of a decision: the request counter (bounded labels: identities,
     /// workload names, codes), the decision time, shadow verdicts.
     fn count(&self, req: &Request, d: &Decision, outbound: bool) {
+        if !self.metrics_on {
+            return;
+        }
         let m = &self.metrics;
         let destination = if req.destination.namespace == "external" {
             "external".to_owned()

@@ -276,10 +276,12 @@ async fn serve_http(
             );
             let r = handle(&shared, port, &peer, &client, &span, req).await;
             let status = r.status().as_u16();
-            shared
-                .log
-                .metrics
-                .request_done("inbound", status, t0.elapsed().as_secs_f64());
+            if shared.log.metrics_on {
+                shared
+                    .log
+                    .metrics
+                    .request_done("inbound", status, t0.elapsed().as_secs_f64());
+            }
             span.finish(status);
             Ok::<_, Infallible>(r)
         }

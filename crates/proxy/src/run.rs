@@ -29,6 +29,8 @@ pub struct Options {
     pub ship_queue: usize,
     /// Export a span per request over OTLP/gRPC to this endpoint (off when `None`).
     pub otlp_endpoint: Option<String>,
+    /// Per-request metrics and decision shipping (on by default).
+    pub telemetry: bool,
     /// Transparent mode: capture listeners instead of the ports' `inbound` addresses.
     pub transparent: Option<crate::transparent::Options>,
 }
@@ -47,7 +49,12 @@ pub async fn run(opts: Options, ready: impl FnOnce(&[(SocketAddr, u16)])) -> Res
             .map_err(|e| format!("cannot open the decision log `{}`: {e}", p.display()))?,
         None => DecisionLog::without_file(opts.sample_allows),
     }
-    .with_shipping(opts.ship_queue);
+    .with_shipping(if opts.telemetry { opts.ship_queue } else { 0 });
+    let log = if opts.telemetry {
+        log
+    } else {
+        log.without_metrics()
+    };
     let mut tb = TrustBundles::new();
     tb.set(
         opts.agent.trust_domain.clone(),

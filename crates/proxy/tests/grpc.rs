@@ -9,6 +9,8 @@
 //! TLS; allowed calls carry the caller's verified identity, denied ones get
 //! PERMISSION_DENIED.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -16,18 +18,14 @@ use std::time::{Duration, SystemTime};
 use meshward_api::v1::identity_client::IdentityClient;
 use meshward_api::v1::identity_server::{Identity, IdentityServer};
 use meshward_api::v1::{SignRequest, SignResponse};
-use meshward_identity::ca::{Ca, CaLifetimes, new_workload_key};
-use meshward_identity::svid::TrustBundles;
-use meshward_identity::verifier::SharedBundles;
-use meshward_identity::{SpiffeId, TrustDomain};
+use meshward_identity::ca::{Ca, CaLifetimes};
 use meshward_policy::decision::WorkloadRef;
 use meshward_policy::model::PolicySet;
 use meshward_policy::resource::Protocol;
 use meshward_proxy::decision_log::DecisionLog;
 use meshward_proxy::inbound::{self, InboundPort};
 use meshward_proxy::outbound::{self, Upstream};
-use meshward_proxy::state::{Shared, Svid};
-use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use meshward_proxy::state::Svid;
 
 /// The app: answers Sign with the identity its sidecar vouched for.
 #[derive(Debug)]
@@ -52,39 +50,15 @@ impl Identity for Echo {
     }
 }
 
-fn td() -> TrustDomain {
-    TrustDomain::parse("shop.example").unwrap()
-}
+use support::{shared, td};
 
 fn svid(ca: &Ca, id: &str) -> Svid {
-    let id = SpiffeId::parse(id).unwrap();
-    let (key, csr) = new_workload_key(&id).unwrap();
-    let issued = ca
-        .issue(&id, &csr, Duration::from_secs(3600), SystemTime::now())
-        .unwrap();
-    let signing = rustls::crypto::ring::sign::any_supported_type(&PrivateKeyDer::Pkcs8(
-        PrivatePkcs8KeyDer::from(key.serialize_der()),
-    ))
-    .unwrap();
-    Svid {
-        key: Arc::new(rustls::sign::CertifiedKey::new(issued.chain, signing)),
-        not_after: issued.not_after,
-    }
+    support::svid(ca, id, Duration::from_secs(3600))
 }
 
 fn set(app_port: u16, inbound: SocketAddr, allowed_path: &str) -> PolicySet {
     let yaml = format!(
         r#"
-apiVersion: meshward.io/v1alpha1
-kind: Mesh
-metadata: {{name: m}}
-spec: {{trustDomain: shop.example}}
----
-apiVersion: meshward.io/v1alpha1
-kind: Workload
-metadata: {{name: frontend, namespace: web}}
-spec: {{ports: [{{port: 9000, protocol: HTTP}}]}}
----
 apiVersion: meshward.io/v1alpha1
 kind: Workload
 metadata: {{name: signer, namespace: pki, labels: {{app: signer}}}}
@@ -107,9 +81,7 @@ spec:
       to: [{{methods: [POST], paths: ["{allowed_path}"]}}]
 "#
     );
-    meshward_policy::load_sources(vec![(Arc::from("p.yaml"), Arc::from(yaml))])
-        .into_valid()
-        .unwrap_or_else(|l| panic!("{:#?}", l.diagnostics))
+    support::policy_set(&yaml)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,26 +98,13 @@ async fn grpc_through_two_sidecars() {
     let inb = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let out = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (inbound, outbound) = (inb.local_addr().unwrap(), out.local_addr().unwrap());
-    let bundles = || {
-        let mut b = TrustBundles::new();
-        b.set(td(), ca.bundle());
-        SharedBundles::new(b)
-    };
-    let signer = Shared::new(
-        WorkloadRef::parse("pki/signer").unwrap(),
-        bundles(),
-        DecisionLog::disabled(),
-    );
+    let signer = shared(&ca, "pki/signer", DecisionLog::disabled());
     signer.set_policy(1, set(app_port, inbound, "/meshward.v1.Identity/Sign"));
     signer.svid.store(Some(Arc::new(svid(
         &ca,
         "spiffe://shop.example/ns/pki/sa/signer",
     ))));
-    let frontend = Shared::new(
-        WorkloadRef::parse("web/frontend").unwrap(),
-        bundles(),
-        DecisionLog::disabled(),
-    );
+    let frontend = shared(&ca, "web/frontend", DecisionLog::disabled());
     frontend.set_policy(1, set(app_port, inbound, "/meshward.v1.Identity/Sign"));
     frontend.svid.store(Some(Arc::new(svid(
         &ca,

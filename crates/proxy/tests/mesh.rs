@@ -10,6 +10,8 @@
 //! bad paths get 400; plaintext, `openssl s_client` without a certificate, and a proxy
 //! with no policy or an expired certificate all fail closed.
 
+mod support;
+
 use std::convert::Infallible;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -19,48 +21,16 @@ use std::time::{Duration, SystemTime};
 
 use http_body_util::Full;
 use hyper::body::Bytes;
-use meshward_identity::ca::{Ca, CaLifetimes, new_workload_key};
-use meshward_identity::svid::TrustBundles;
-use meshward_identity::verifier::SharedBundles;
-use meshward_identity::{SpiffeId, TrustDomain};
+use meshward_identity::ca::{Ca, CaLifetimes};
 use meshward_policy::decision::WorkloadRef;
 use meshward_policy::model::PolicySet;
 use meshward_policy::resource::Protocol;
 use meshward_proxy::decision_log::DecisionLog;
 use meshward_proxy::inbound::{self, InboundPort};
 use meshward_proxy::outbound::{self, Upstream};
-use meshward_proxy::state::{Shared, Svid};
-use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use meshward_proxy::state::Shared;
 
-fn td() -> TrustDomain {
-    TrustDomain::parse("shop.example").unwrap()
-}
-
-fn svid(ca: &Ca, id: &str, lifetime: Duration) -> Svid {
-    let id = SpiffeId::parse(id).unwrap();
-    let (key, csr) = new_workload_key(&id).unwrap();
-    let issued = ca
-        .issue(&id, &csr, Duration::from_secs(3600), SystemTime::now())
-        .unwrap();
-    let signing = rustls::crypto::ring::sign::any_supported_type(&PrivateKeyDer::Pkcs8(
-        PrivatePkcs8KeyDer::from(key.serialize_der()),
-    ))
-    .unwrap();
-    Svid {
-        key: Arc::new(rustls::sign::CertifiedKey::new(issued.chain, signing)),
-        not_after: SystemTime::now() + lifetime,
-    }
-}
-
-fn shared(ca: &Ca, workload: &str, log: DecisionLog) -> Arc<Shared> {
-    let mut b = TrustBundles::new();
-    b.set(td(), ca.bundle());
-    Shared::new(
-        WorkloadRef::parse(workload).unwrap(),
-        SharedBundles::new(b),
-        log,
-    )
-}
+use support::{shared, svid, td};
 
 /// The app: echoes the path it got and the identity header.
 async fn app() -> SocketAddr {
@@ -97,16 +67,6 @@ fn policy(app_port: u16, inbound: SocketAddr) -> PolicySet {
     let yaml = format!(
         r#"
 apiVersion: meshward.io/v1alpha1
-kind: Mesh
-metadata: {{name: m}}
-spec: {{trustDomain: shop.example}}
----
-apiVersion: meshward.io/v1alpha1
-kind: Workload
-metadata: {{name: frontend, namespace: web}}
-spec: {{ports: [{{port: 9000, protocol: HTTP}}]}}
----
-apiVersion: meshward.io/v1alpha1
 kind: Workload
 metadata: {{name: orders-api, namespace: orders, labels: {{app: orders-api}}}}
 spec: {{ports: [{{port: {app_port}, protocol: HTTP, inbound: "{inbound}"}}]}}
@@ -129,11 +89,7 @@ spec:
       to: [{{methods: [GET], paths: ["/orders/*"]}}]
 "#
     );
-    let loaded = meshward_policy::load_sources(vec![(Arc::from("p.yaml"), Arc::from(yaml))]);
-    match loaded.into_valid() {
-        Ok(s) => s,
-        Err(l) => panic!("{:#?}", l.diagnostics),
-    }
+    support::policy_set(&yaml)
 }
 
 struct Mesh {

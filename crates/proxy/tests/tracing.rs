@@ -12,6 +12,8 @@
 //! one span per request per inbound sidecar, carrying the decision, each the child of the
 //! one before; the backend app sees the backend sidecar's span as its parent.
 
+mod support;
+
 use std::convert::Infallible;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -20,16 +22,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http_body_util::Full;
 use hyper::body::Bytes;
-use meshward_identity::ca::{Ca, CaLifetimes, new_workload_key};
-use meshward_identity::svid::TrustBundles;
-use meshward_identity::verifier::SharedBundles;
-use meshward_identity::{SpiffeId, TrustDomain};
+use meshward_identity::ca::{Ca, CaLifetimes};
 use meshward_policy::decision::WorkloadRef;
 use meshward_policy::resource::Protocol;
 use meshward_proxy::decision_log::DecisionLog;
 use meshward_proxy::inbound::{self, InboundPort};
 use meshward_proxy::outbound::{self, Upstream};
-use meshward_proxy::state::{Shared, Svid};
+use meshward_proxy::state::Shared;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -38,7 +37,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
-use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 const FRONTEND: &str = "spiffe://shop.example/ns/web/sa/frontend";
 const RELAY: &str = "spiffe://shop.example/ns/mid/sa/relay";
@@ -64,32 +62,14 @@ impl TraceService for Receiver {
     }
 }
 
-fn td() -> TrustDomain {
-    TrustDomain::parse("shop.example").unwrap()
-}
-
 fn proxy(ca: &Ca, workload: &str, id: &str, set: &meshward_policy::PolicySet) -> Arc<Shared> {
-    let mut b = TrustBundles::new();
-    b.set(td(), ca.bundle());
-    let s = Shared::new(
-        WorkloadRef::parse(workload).unwrap(),
-        SharedBundles::new(b),
-        DecisionLog::disabled(),
-    );
+    let s = support::shared(ca, workload, DecisionLog::disabled());
     s.set_policy(1, set.clone());
-    let id = SpiffeId::parse(id).unwrap();
-    let (key, csr) = new_workload_key(&id).unwrap();
-    let issued = ca
-        .issue(&id, &csr, Duration::from_secs(3600), SystemTime::now())
-        .unwrap();
-    let signing = rustls::crypto::ring::sign::any_supported_type(&PrivateKeyDer::Pkcs8(
-        PrivatePkcs8KeyDer::from(key.serialize_der()),
-    ))
-    .unwrap();
-    s.svid.store(Some(Arc::new(Svid {
-        key: Arc::new(rustls::sign::CertifiedKey::new(issued.chain, signing)),
-        not_after: issued.not_after,
-    })));
+    s.svid.store(Some(Arc::new(support::svid(
+        ca,
+        id,
+        Duration::from_secs(3600),
+    ))));
     s
 }
 
@@ -182,7 +162,7 @@ async fn spans_carry_the_decision_and_link_across_two_hops() {
     meshward_telemetry::trace::init_otlp(&format!("http://{otlp}"), "meshward-test").unwrap();
 
     // Three workloads: frontend -> relay -> backend.
-    let ca = Ca::generate(td(), CaLifetimes::default(), SystemTime::now()).unwrap();
+    let ca = Ca::generate(support::td(), CaLifetimes::default(), SystemTime::now()).unwrap();
     let bind = || async { tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap() };
     let (relay_in, backend_in, front_out, relay_out) =
         (bind().await, bind().await, bind().await, bind().await);
@@ -190,16 +170,6 @@ async fn spans_carry_the_decision_and_link_across_two_hops() {
     let relay_app = app(Some(relay_out.local_addr().unwrap())).await;
     let yaml = format!(
         r#"
-apiVersion: meshward.io/v1alpha1
-kind: Mesh
-metadata: {{name: m}}
-spec: {{trustDomain: shop.example}}
----
-apiVersion: meshward.io/v1alpha1
-kind: Workload
-metadata: {{name: frontend, namespace: web}}
-spec: {{ports: [{{port: 9000, protocol: HTTP}}]}}
----
 apiVersion: meshward.io/v1alpha1
 kind: Workload
 metadata: {{name: relay, namespace: mid, labels: {{app: relay}}}}
@@ -243,9 +213,7 @@ spec:
         bp = backend_app.port(),
         bi = backend_in.local_addr().unwrap(),
     );
-    let set = meshward_policy::load_sources(vec![(Arc::from("p.yaml"), Arc::from(yaml))])
-        .into_valid()
-        .unwrap_or_else(|l| panic!("{:#?}", l.diagnostics));
+    let set = support::policy_set(&yaml);
     let frontend = proxy(&ca, "web/frontend", FRONTEND, &set);
     let relay = proxy(&ca, "mid/relay", RELAY, &set);
     let backend = proxy(&ca, "orders/orders-api", BACKEND, &set);

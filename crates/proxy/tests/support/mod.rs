@@ -1,0 +1,70 @@
+//! What the proxy's in-process tests share: a CA's SVIDs, proxies' shared state, and
+//! policy sets from YAML (whose Mesh and frontend workload they all start with).
+
+#![allow(dead_code, reason = "each test binary uses part of it")]
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use meshward_identity::ca::{Ca, new_workload_key};
+use meshward_identity::svid::TrustBundles;
+use meshward_identity::verifier::SharedBundles;
+use meshward_identity::{SpiffeId, TrustDomain};
+use meshward_policy::decision::WorkloadRef;
+use meshward_policy::model::PolicySet;
+use meshward_proxy::decision_log::DecisionLog;
+use meshward_proxy::state::{Shared, Svid};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+
+/// The Mesh (`shop.example`) and the `web/frontend` workload, as YAML documents.
+pub const MESH_AND_FRONTEND: &str = r#"
+apiVersion: meshward.io/v1alpha1
+kind: Mesh
+metadata: {name: m}
+spec: {trustDomain: shop.example}
+---
+apiVersion: meshward.io/v1alpha1
+kind: Workload
+metadata: {name: frontend, namespace: web}
+spec: {ports: [{port: 9000, protocol: HTTP}]}
+"#;
+
+pub fn td() -> TrustDomain {
+    TrustDomain::parse("shop.example").unwrap()
+}
+
+/// An SVID for `id` from `ca`, which the proxy believes valid for `lifetime` from now.
+pub fn svid(ca: &Ca, id: &str, lifetime: Duration) -> Svid {
+    let id = SpiffeId::parse(id).unwrap();
+    let (key, csr) = new_workload_key(&id).unwrap();
+    let issued = ca
+        .issue(&id, &csr, Duration::from_secs(3600), SystemTime::now())
+        .unwrap();
+    let signing = rustls::crypto::ring::sign::any_supported_type(&PrivateKeyDer::Pkcs8(
+        PrivatePkcs8KeyDer::from(key.serialize_der()),
+    ))
+    .unwrap();
+    Svid {
+        key: Arc::new(rustls::sign::CertifiedKey::new(issued.chain, signing)),
+        not_after: SystemTime::now() + lifetime,
+    }
+}
+
+/// A proxy's state for `workload`, trusting `ca`.
+pub fn shared(ca: &Ca, workload: &str, log: DecisionLog) -> Arc<Shared> {
+    let mut b = TrustBundles::new();
+    b.set(td(), ca.bundle());
+    Shared::new(
+        WorkloadRef::parse(workload).unwrap(),
+        SharedBundles::new(b),
+        log,
+    )
+}
+
+/// A valid policy set from [`MESH_AND_FRONTEND`] and `more` YAML documents.
+pub fn policy_set(more: &str) -> PolicySet {
+    let yaml = format!("{MESH_AND_FRONTEND}---\n{more}");
+    meshward_policy::load_sources(vec![(Arc::from("p.yaml"), Arc::from(yaml))])
+        .into_valid()
+        .unwrap_or_else(|l| panic!("{:#?}", l.diagnostics))
+}
