@@ -367,22 +367,59 @@ fn is(v: &Value, k: &str, want: &str) -> bool {
     v[k].as_str() == Some(want)
 }
 
+/// The hosts both security tests use — the control plane (`.2`), frontend (`.10`), orders
+/// (`.11`) and a rogue host without sidecar (`.50`) — with the mesh applied.
+struct Cluster {
+    net: Net,
+    s: String,
+    a: Host,
+    b: Host,
+    rogue: Host,
+    cp: Control,
+    repo: PathBuf,
+    rev: u64,
+}
+
+impl Cluster {
+    fn new(t: &Path, subnet: &str) -> Cluster {
+        let mut net = Net::new(subnet);
+        let s = net.subnet.clone();
+        let cp_host = net.host("cp", 2);
+        let a = net.host("frontend", 10);
+        let b = net.host("orders", 11);
+        let rogue = net.host("rogue", 50);
+        let cp = Control::new(cp_host, t.join("data"));
+        let repo = t.join("repo");
+        std::fs::create_dir_all(&repo).unwrap();
+        std::fs::write(repo.join("mesh.yaml"), mesh_yaml(&s, "1m", "")).unwrap();
+        let rev = cp.apply(&repo);
+        Cluster {
+            net,
+            s,
+            a,
+            b,
+            rogue,
+            cp,
+            repo,
+            rev,
+        }
+    }
+}
+
 #[test]
 fn transparent_mode_enforces_and_cannot_be_bypassed() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let mut net = Net::new("10.231.1");
-    let s = net.subnet.clone();
-    let cp_host = net.host("cp", 2);
-    let a = net.host("frontend", 10);
-    let b = net.host("orders", 11);
-    let rogue = net.host("rogue", 50);
-
-    let mut cp = Control::new(cp_host, t.join("data"));
-    let repo = t.join("repo");
-    std::fs::create_dir_all(&repo).unwrap();
-    std::fs::write(repo.join("mesh.yaml"), mesh_yaml(&s, "1m", "")).unwrap();
-    let rev1 = cp.apply(&repo);
+    let Cluster {
+        net,
+        s,
+        a,
+        b,
+        rogue,
+        mut cp,
+        repo,
+        rev: rev1,
+    } = Cluster::new(t, "10.231.1");
 
     // Apps: unmodified python http.servers.
     let orders_www = www(
@@ -618,17 +655,16 @@ fn transparent_mode_enforces_and_cannot_be_bypassed() {
 fn expired_certificates_fail_closed_and_recover() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let mut net = Net::new("10.231.2");
-    let s = net.subnet.clone();
-    let cp_host = net.host("cp", 2);
-    let a = net.host("frontend", 10);
-    let b = net.host("orders", 11);
-    let rogue = net.host("rogue", 50);
-    let mut cp = Control::new(cp_host, t.join("data"));
-    let repo = t.join("repo");
-    std::fs::create_dir_all(&repo).unwrap();
-    std::fs::write(repo.join("mesh.yaml"), mesh_yaml(&s, "1m", "")).unwrap();
-    let rev = cp.apply(&repo);
+    let Cluster {
+        net: _net,
+        s,
+        a,
+        b,
+        rogue,
+        mut cp,
+        rev,
+        ..
+    } = Cluster::new(t, "10.231.2");
     let orders_www = www(t, "orders-www", &[("orders/1", "order one")]);
     let _app = b.http_server(&orders_www, "0.0.0.0", 8080);
     let orders = Sidecar::new(&cp, b.clone(), "orders/orders", ORDERS, t, &[]);
