@@ -151,6 +151,13 @@ C="--server 127.0.0.1:18940 --ca-file mw/data/bundle.pem"
 "$MW" workload token --identity spiffe://bench.example/ns/bench/sa/client $C --token-file mw/data/admin.token > mw/c.tok
 "$MW" proxy --workload bench/backend --control 127.0.0.1:18941 --ca-file mw/data/bundle.pem --join-token-file mw/b.tok --state-dir mw/b --admin 127.0.0.1:18950 > mw/b.log 2>&1 & PIDS+=($!); MW_I=$!
 "$MW" proxy --workload bench/client --control 127.0.0.1:18941 --ca-file mw/data/bundle.pem --join-token-file mw/c.tok --state-dir mw/c --admin 127.0.0.1:18951 --upstream 127.0.0.1:18931=bench/backend:80 > mw/c.log 2>&1 & PIDS+=($!); MW_O=$!
+# The same backend proxy, reached by client proxies that pool HTTP between the proxies
+# instead of tunnelling: HTTP/1.1 connections, or multiplexed HTTP/2 (the choice of
+# docs/proxy.md).
+"$MW" workload token --identity spiffe://bench.example/ns/bench/sa/client $C --token-file mw/data/admin.token > mw/c3.tok
+"$MW" workload token --identity spiffe://bench.example/ns/bench/sa/client $C --token-file mw/data/admin.token > mw/c4.tok
+"$MW" proxy --upstream-protocol http1 --workload bench/client --control 127.0.0.1:18941 --ca-file mw/data/bundle.pem --join-token-file mw/c3.tok --state-dir mw/c3 --admin 127.0.0.1:18954 --upstream 127.0.0.1:18936=bench/backend:80 > mw/c3.log 2>&1 & PIDS+=($!); MW3_O=$!
+"$MW" proxy --upstream-protocol http2 --workload bench/client --control 127.0.0.1:18941 --ca-file mw/data/bundle.pem --join-token-file mw/c4.tok --state-dir mw/c4 --admin 127.0.0.1:18955 --upstream 127.0.0.1:18937=bench/backend:80 > mw/c4.log 2>&1 & PIDS+=($!); MW4_O=$!
 # The same pair with telemetry off (no per-request metrics, no decision shipping), to
 # measure what telemetry at its default settings costs.
 "$MW" workload token --identity spiffe://bench.example/ns/bench/sa/backend-quiet $C --token-file mw/data/admin.token > mw/b2.tok
@@ -159,7 +166,7 @@ C="--server 127.0.0.1:18940 --ca-file mw/data/bundle.pem"
 "$MW" proxy --telemetry off --workload bench/client --control 127.0.0.1:18941 --ca-file mw/data/bundle.pem --join-token-file mw/c2.tok --state-dir mw/c2 --admin 127.0.0.1:18953 --upstream 127.0.0.1:18935=bench/backend-quiet:80 > mw/c2.log 2>&1 & PIDS+=($!); MW2_O=$!
 
 # Wait until every path answers 200.
-for port in 18900 18911 18921 18931 18935; do
+for port in 18900 18911 18921 18931 18935 18936 18937; do
   for i in $(seq 100); do [ "$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$port/x)" = 200 ] && break; sleep 0.1; done
   [ "$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$port/x)" = 200 ] || { echo "port $port does not answer"; exit 1; }
 done
@@ -190,6 +197,8 @@ row "meshward pair (L4 mTLS tunnel out, HTTP/1.1 + policy in), telemetry on (def
 ON_CPU=$LAST_CPU; ON_MAX=$LAST_MAX
 row "meshward pair, telemetry off" 18935 $MW2_O $MW2_I
 OFF_CPU=$LAST_CPU; OFF_MAX=$LAST_MAX
+row "meshward pair, HTTP/1.1 pool between proxies" 18936 $MW3_O $MW_I
+row "meshward pair, HTTP/2 between proxies" 18937 $MW4_O $MW_I
 row "HAProxy pair (mTLS)" 18911 $HP_O $HP_I
 row "nginx pair (mTLS)" 18921 $NG_O $NG_I
 echo

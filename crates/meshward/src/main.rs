@@ -224,6 +224,11 @@ struct ProxyArgs {
     /// configured, still works); for measuring telemetry's cost.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     telemetry: String,
+    /// How upstream traffic goes to the next proxy: `tunnel` (bytes, one mTLS connection
+    /// per app connection), `http1` (HTTP/1.1 over a pool of mTLS connections) or `http2`
+    /// (multiplexed); see docs/proxy.md for the measured choice.
+    #[arg(long, default_value = "tunnel", value_parser = ["tunnel", "http1", "http2"])]
+    upstream_protocol: String,
     /// Transparent mode: serve the capture ports that `meshward proxy init-netns` redirects
     /// all TCP of the network namespace to (run as root; see docs/operations.md).
     #[arg(long)]

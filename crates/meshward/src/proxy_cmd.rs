@@ -83,6 +83,8 @@ pub fn run(a: ProxyArgs, conn: &crate::control_cmd::Conn) -> Result<ExitCode> {
         ship_queue: a.ship_queue,
         otlp_endpoint: a.otlp_endpoint.clone(),
         telemetry: a.telemetry == "on",
+        upstream_protocol: meshward_proxy::pool::UpstreamProtocol::parse(&a.upstream_protocol)
+            .map_err(|e| anyhow!("--upstream-protocol {e}"))?,
         transparent: if a.transparent {
             Some(meshward_proxy::transparent::Options {
                 inbound: a.inbound_capture.parse().with_context(|| {

@@ -442,6 +442,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
                 ship_queue: 10_000,
                 otlp_endpoint: std::env::var("MESHWARD_OTLP_ENDPOINT").ok(),
                 telemetry: true,
+                upstream_protocol: meshward_proxy::pool::UpstreamProtocol::Tunnel,
                 transparent: None,
             };
             let (tx, name) = (ready_tx.clone(), p.id.to_string());

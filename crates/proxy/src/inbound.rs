@@ -416,6 +416,12 @@ async fn handle(
         );
     };
     *req.uri_mut() = uri;
+    // The app's protocol, whatever the peer proxy spoke.
+    *req.version_mut() = if matches!(port.protocol, Protocol::Http2 | Protocol::Grpc) {
+        hyper::Version::HTTP_2
+    } else {
+        hyper::Version::HTTP_11
+    };
     let hdrs = req.headers_mut();
     hdrs.remove(IDENTITY_HEADER);
     if let Ok(v) = hyper::header::HeaderValue::from_str(peer.as_str()) {

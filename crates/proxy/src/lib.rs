@@ -14,6 +14,7 @@ pub mod decision_log;
 pub mod hygiene;
 pub mod inbound;
 pub mod outbound;
+pub mod pool;
 pub mod run;
 pub mod state;
 pub mod transparent;

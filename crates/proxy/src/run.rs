@@ -31,6 +31,8 @@ pub struct Options {
     pub otlp_endpoint: Option<String>,
     /// Per-request metrics and decision shipping (on by default).
     pub telemetry: bool,
+    /// How upstreams are carried to the next proxy.
+    pub upstream_protocol: crate::pool::UpstreamProtocol,
     /// Transparent mode: capture listeners instead of the ports' `inbound` addresses.
     pub transparent: Option<crate::transparent::Options>,
 }
@@ -87,7 +89,14 @@ pub async fn run(opts: Options, ready: impl FnOnce(&[(SocketAddr, u16)])) -> Res
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        tokio::spawn(outbound::serve(shared.clone(), up.clone(), l));
+        match opts.upstream_protocol {
+            crate::pool::UpstreamProtocol::Tunnel => {
+                tokio::spawn(outbound::serve(shared.clone(), up.clone(), l));
+            }
+            p => {
+                tokio::spawn(crate::pool::serve(shared.clone(), up.clone(), l, p));
+            }
+        }
     }
     // The inbound ports come from the workload's declaration: wait for a policy.
     let ports = loop {

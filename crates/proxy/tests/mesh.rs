@@ -402,3 +402,83 @@ async fn certificate_rotation_under_continuous_load_fails_no_request() {
         failed.first()
     );
 }
+
+/// Pooled HTTP between the proxies, both protocols: the same answers as the tunnel (the
+/// normalized path, the verified identity, 403 with the reason), the app's `Host` reaches
+/// the inbound side's policy, a misrouted endpoint is refused, and many app connections
+/// share the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_http1_and_http2_between_proxies() {
+    use meshward_proxy::pool::{self, UpstreamProtocol};
+    let m = mesh().await;
+    for protocol in [UpstreamProtocol::Http1, UpstreamProtocol::Http2] {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(pool::serve(
+            m.frontend.clone(),
+            Upstream {
+                service: WorkloadRef::parse("orders/orders").unwrap(),
+                port: 80,
+            },
+            l,
+            protocol,
+        ));
+        let rs = tokio::task::spawn_blocking(move || {
+            (0..20)
+                .map(|i| get(addr, &format!("/orders/../orders/{i}"), ""))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
+        for (i, r) in rs.iter().enumerate() {
+            assert!(r.starts_with("HTTP/1.1 200"), "{protocol:?}: {r}");
+            assert!(
+                r.contains(&format!(r#""target":"/orders/{i}""#)),
+                "{protocol:?}: {r}"
+            );
+            assert!(
+                r.contains(r#""identity":"spiffe://shop.example/ns/web/sa/frontend""#),
+                "{protocol:?}: {r}"
+            );
+        }
+        let r = tokio::task::spawn_blocking(move || get(addr, "/secret", ""))
+            .await
+            .unwrap();
+        assert!(r.starts_with("HTTP/1.1 403"), "{protocol:?}: {r}");
+        assert!(r.contains("no_allow_at_tier"), "{protocol:?}: {r}");
+    }
+    // The inbound side saw the app's Host (`orders`), not the endpoint's address.
+    let log = std::fs::read_to_string(m.dir.path().join("decisions.jsonl")).unwrap();
+    let hosts: std::collections::BTreeSet<String> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["host"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(hosts, ["orders".to_owned()].into(), "{log}");
+}
+
+/// A pooled upstream refuses an endpoint whose certificate is not the service's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_upstream_refuses_an_impostor() {
+    use meshward_proxy::pool::{self, UpstreamProtocol};
+    let m = mesh_as("spiffe://shop.example/ns/evil/sa/impostor", None).await;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(pool::serve(
+        m.frontend.clone(),
+        Upstream {
+            service: WorkloadRef::parse("orders/orders").unwrap(),
+            port: 80,
+        },
+        l,
+        UpstreamProtocol::Http1,
+    ));
+    let r = tokio::task::spawn_blocking(move || get(addr, "/orders/1", ""))
+        .await
+        .unwrap();
+    assert!(r.starts_with("HTTP/1.1 502"), "{r}");
+    assert!(
+        !r.contains("target"),
+        "the impostor's app must not be reached: {r}"
+    );
+}

@@ -1,0 +1,208 @@
+//! Pooled L7 outbound: the app's HTTP requests are forwarded over a pool of mutual-TLS
+//! connections to the upstream's endpoints — HTTP/1.1 (a pool of connections, one request
+//! at a time on each) or HTTP/2 (requests multiplexed on one connection per endpoint).
+//! Each request picks an endpoint (round robin); connections are reused across the app's
+//! connections and requests. The alternative, [`crate::outbound::serve`], tunnels each app
+//! connection as bytes. Which is the default, and why: docs/proxy.md.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::outbound::{Upstream, dial, endpoints};
+use crate::state::Shared;
+
+/// How the outbound side carries an upstream's traffic to the next proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// Bytes, one mTLS connection per app connection (any protocol).
+    Tunnel,
+    /// HTTP/1.1 over a pool of mTLS connections.
+    Http1,
+    /// HTTP/2 over one multiplexed mTLS connection per endpoint.
+    Http2,
+}
+
+impl UpstreamProtocol {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "tunnel" => Ok(UpstreamProtocol::Tunnel),
+            "http1" => Ok(UpstreamProtocol::Http1),
+            "http2" => Ok(UpstreamProtocol::Http2),
+            other => Err(format!("`{other}`: use tunnel, http1 or http2")),
+        }
+    }
+}
+
+/// An mTLS connection as hyper's client I/O.
+#[derive(Debug)]
+pub struct MtlsIo(TokioIo<tokio_rustls::client::TlsStream<TcpStream>>);
+
+impl hyper::rt::Read for MtlsIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for MtlsIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+}
+
+impl Connection for MtlsIo {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+/// Dials the endpoint a pooled request's URI names, accepting only the identity the
+/// configuration gives that endpoint.
+#[derive(Debug, Clone)]
+struct MtlsConnector {
+    shared: Arc<Shared>,
+    up: Upstream,
+}
+
+impl tower::Service<Uri> for MtlsConnector {
+    type Response = MtlsIo;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<MtlsIo>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let (shared, up) = (self.shared.clone(), self.up.clone());
+        Box::pin(async move {
+            let addr: SocketAddr = uri
+                .authority()
+                .map(|a| a.as_str())
+                .unwrap_or("")
+                .parse()
+                .map_err(|_| std::io::Error::other(format!("`{uri}` names no endpoint")))?;
+            let allowed: Vec<_> = endpoints(&shared, &up)
+                .into_iter()
+                .filter(|(a, _)| *a == addr)
+                .map(|(_, id)| id)
+                .collect();
+            if allowed.is_empty() {
+                return Err(std::io::Error::other(format!(
+                    "{addr} is no longer an endpoint of {}",
+                    up.service
+                )));
+            }
+            dial(&shared, addr, allowed, None)
+                .await
+                .map(|tls| MtlsIo(TokioIo::new(tls)))
+                .map_err(std::io::Error::other)
+        })
+    }
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+fn error(status: StatusCode, msg: String) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(serde_json::json!({"error": msg}).to_string()))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r
+}
+
+/// Serves one upstream as pooled HTTP until the listener fails.
+pub async fn serve(
+    shared: Arc<Shared>,
+    up: Upstream,
+    listener: TcpListener,
+    protocol: UpstreamProtocol,
+) -> Result<(), String> {
+    let client: Client<MtlsConnector, Incoming> = Client::builder(TokioExecutor::new())
+        .http2_only(protocol == UpstreamProtocol::Http2)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(MtlsConnector {
+            shared: shared.clone(),
+            up: up.clone(),
+        });
+    let next = Arc::new(AtomicUsize::new(0));
+    loop {
+        let (app, _) = listener.accept().await.map_err(|e| e.to_string())?;
+        let _ = app.set_nodelay(true);
+        let (shared, up, client, next) = (shared.clone(), up.clone(), client.clone(), next.clone());
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                let (shared, up, client, next) =
+                    (shared.clone(), up.clone(), client.clone(), next.clone());
+                async move {
+                    let eps = endpoints(&shared, &up);
+                    if eps.is_empty() {
+                        return Ok::<_, Infallible>(error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("no endpoint for {}:{}", up.service, up.port),
+                        ));
+                    }
+                    let (addr, _) = &eps[next.fetch_add(1, Ordering::Relaxed) % eps.len()];
+                    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                    let Ok(uri) = format!("http://{addr}{pq}").parse::<Uri>() else {
+                        return Ok(error(StatusCode::BAD_REQUEST, "bad request target".into()));
+                    };
+                    *req.uri_mut() = uri;
+                    *req.version_mut() = match protocol {
+                        UpstreamProtocol::Http2 => hyper::Version::HTTP_2,
+                        _ => hyper::Version::HTTP_11,
+                    };
+                    Ok(match client.request(req).await {
+                        Ok(r) => r.map(|b| b.boxed()),
+                        Err(e) => error(
+                            StatusCode::BAD_GATEWAY,
+                            format!("{} ({addr}) did not answer: {e}", up.service),
+                        ),
+                    })
+                }
+            });
+            let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            b.http1().max_buf_size(64 * 1024);
+            let _ = b.serve_connection(TokioIo::new(app), svc).await;
+        });
+    }
+}
