@@ -210,36 +210,36 @@ fn revision(shared: &Shared) -> PolicyRevision {
         .map_or(PolicyRevision(0), |p| PolicyRevision(p.revision))
 }
 
-/// Logs a decision the proxy made itself (not the policy engine).
-#[allow(clippy::too_many_arguments)]
-fn log_own(
-    shared: &Shared,
+/// A captured connection, for the decisions the proxy makes itself (not the policy
+/// engine): who, to which original destination, which side.
+struct Captured<'a> {
+    shared: &'a Shared,
     source: Source,
-    destination: WorkloadRef,
     dst: SocketAddr,
-    verdict: Verdict,
-    reason: Reason,
     outbound: bool,
-    detail: String,
-) {
-    let req = Request {
-        source,
-        destination,
-        port: dst.port(),
-        http: None,
-        at: SystemTime::now(),
-    };
-    let d = Decision::bare(verdict, reason, revision(shared));
-    shared.log.record_with(
-        &req,
-        &d,
-        &Extra {
-            outbound,
-            detail: Some(detail),
-            address: Some(dst),
-            duration: None,
-        },
-    );
+}
+
+impl Captured<'_> {
+    fn log(&self, destination: WorkloadRef, verdict: Verdict, reason: Reason, detail: String) {
+        let req = Request {
+            source: self.source.clone(),
+            destination,
+            port: self.dst.port(),
+            http: None,
+            at: SystemTime::now(),
+        };
+        let d = Decision::bare(verdict, reason, revision(self.shared));
+        self.shared.log.record_with(
+            &req,
+            &d,
+            &Extra {
+                outbound: self.outbound,
+                detail: Some(detail),
+                address: Some(self.dst),
+                duration: None,
+            },
+        );
+    }
 }
 
 fn external_ref(dst: SocketAddr) -> WorkloadRef {
@@ -281,19 +281,15 @@ async fn outbound_connection(
         // Not a redirected connection (someone dialed the capture port itself).
         return;
     };
-    let src = Source::Authenticated(identity);
+    let out = Captured {
+        shared: &shared,
+        source: Source::Authenticated(identity),
+        dst,
+        outbound: true,
+    };
     let Some(policy) = shared.policy.load_full() else {
         let why = "no configuration yet: outbound traffic is refused (fail closed)".into();
-        return log_own(
-            &shared,
-            src,
-            external_ref(dst),
-            dst,
-            Verdict::Deny,
-            Reason::NoPolicy,
-            true,
-            why,
-        );
+        return out.log(external_ref(dst), Verdict::Deny, Reason::NoPolicy, why);
     };
     match resolve(&policy.set, dst) {
         Target::Mesh {
@@ -302,16 +298,7 @@ async fn outbound_connection(
         } => {
             if endpoints.is_empty() {
                 let why = format!("{destination} has no endpoint with an address");
-                return log_own(
-                    &shared,
-                    src,
-                    destination,
-                    dst,
-                    Verdict::Deny,
-                    Reason::UnknownDestination,
-                    true,
-                    why,
-                );
+                return out.log(destination, Verdict::Deny, Reason::UnknownDestination, why);
             }
             let (addr, _) =
                 endpoints[next.fetch_add(1, Ordering::Relaxed) % endpoints.len()].clone();
@@ -328,16 +315,7 @@ async fn outbound_connection(
                 "{destination} declares no port {}: the connection is refused",
                 dst.port()
             );
-            log_own(
-                &shared,
-                src,
-                destination,
-                dst,
-                Verdict::Deny,
-                Reason::UndeclaredPort,
-                true,
-                why,
-            );
+            out.log(destination, Verdict::Deny, Reason::UndeclaredPort, why);
         }
         Target::External => {
             if !external_allowed(&policy.set, dst).await {
@@ -349,25 +327,12 @@ async fn outbound_connection(
                         format!("{dst} is outside the mesh and not in outboundTraffic.allowed")
                     }
                 };
-                return log_own(
-                    &shared,
-                    src,
-                    external_ref(dst),
-                    dst,
-                    Verdict::Deny,
-                    Reason::OutsideMesh,
-                    true,
-                    why,
-                );
+                return out.log(external_ref(dst), Verdict::Deny, Reason::OutsideMesh, why);
             }
-            log_own(
-                &shared,
-                src,
+            out.log(
                 external_ref(dst),
-                dst,
                 Verdict::Allow,
                 Reason::AllowedExternal,
-                true,
                 "on outboundTraffic.allowed".into(),
             );
             if let Ok(mut up) = meshward_control::grpc::tcp_connect(dst, Some(mark)).await {
@@ -398,6 +363,12 @@ pub async fn serve_inbound(
                 .and_then(|w| w.ports.iter().find(|p| p.port == dst.port()))
                 .map(|p| p.protocol)
         });
+        let inb = Captured {
+            shared: &shared,
+            source: Source::Unauthenticated,
+            dst,
+            outbound: false,
+        };
         let protocol = match declared {
             Some(Some(p)) => p,
             Some(None) => {
@@ -406,28 +377,20 @@ pub async fn serve_inbound(
                     shared.workload,
                     dst.port()
                 );
-                log_own(
-                    &shared,
-                    Source::Unauthenticated,
+                inb.log(
                     shared.workload.clone(),
-                    dst,
                     Verdict::Deny,
                     Reason::UndeclaredPort,
-                    false,
                     why,
                 );
                 continue;
             }
             None => {
                 let why = "no configuration yet: inbound traffic is refused (fail closed)".into();
-                log_own(
-                    &shared,
-                    Source::Unauthenticated,
+                inb.log(
                     shared.workload.clone(),
-                    dst,
                     Verdict::Deny,
                     Reason::NoPolicy,
-                    false,
                     why,
                 );
                 continue;
