@@ -214,7 +214,7 @@ struct ProxyArgs {
     sample_allows: u64,
     /// Ship the decision records (the same ones as the log) to the control plane, keeping
     /// at most this many waiting while it is unreachable (then dropping, counted); 0: off.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 2_000)]
     ship_queue: usize,
     /// Export a span per request (OpenTelemetry, OTLP/gRPC) to this collector, e.g.
     /// `http://127.0.0.1:4317`; off by default. (`meshward up` reads MESHWARD_OTLP_ENDPOINT.)

@@ -439,7 +439,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
                 admin: p.admin,
                 decision_log: Some(pdir.join("decisions.jsonl")),
                 sample_allows: 1,
-                ship_queue: 10_000,
+                ship_queue: 2_000,
                 otlp_endpoint: std::env::var("MESHWARD_OTLP_ENDPOINT").ok(),
                 telemetry: true,
                 upstream_protocol: meshward_proxy::pool::UpstreamProtocol::Tunnel,
