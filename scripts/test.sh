@@ -41,12 +41,17 @@ if ! command -v promtool >/dev/null 2>&1; then
 fi
 
 # The dashboard test drives Debian's chromium with playwright-core (tests/ui, from npm).
-if ! command -v chromium >/dev/null 2>&1 || ! command -v node >/dev/null 2>&1; then
-  log "installing chromium and node"
+# Only what is missing: a machine may have Node.js from elsewhere (with its own npm).
+ui_pkgs=""
+command -v chromium >/dev/null 2>&1 || ui_pkgs="chromium"
+command -v node >/dev/null 2>&1 || ui_pkgs="$ui_pkgs nodejs"
+command -v npm >/dev/null 2>&1 || command -v node >/dev/null 2>&1 || ui_pkgs="$ui_pkgs npm"
+if [ -n "$ui_pkgs" ]; then
+  log "installing$ui_pkgs"
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium nodejs npm
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $ui_pkgs
   else
-    echo "missing: chromium / node (apt-get install chromium nodejs npm, or run as root)" >&2
+    echo "missing:$ui_pkgs (apt-get install them, or run as root)" >&2
     exit 1
   fi
 fi
