@@ -186,18 +186,31 @@ pub async fn serve(
                     let Ok(uri) = format!("http://{addr}{pq}").parse::<Uri>() else {
                         return Ok(error(StatusCode::BAD_REQUEST, "bad request target".into()));
                     };
+                    let span = if meshward_telemetry::trace::enabled() {
+                        meshward_telemetry::trace::RequestSpan::start_client(
+                            req.headers(),
+                            req.method().as_str(),
+                            req.uri().path(),
+                            &up.service.to_string(),
+                        )
+                    } else {
+                        meshward_telemetry::trace::RequestSpan::default()
+                    };
                     *req.uri_mut() = uri;
                     *req.version_mut() = match protocol {
                         UpstreamProtocol::Http2 => hyper::Version::HTTP_2,
                         _ => hyper::Version::HTTP_11,
                     };
-                    Ok(match client.request(req).await {
+                    span.inject(req.headers_mut());
+                    let r = match client.request(req).await {
                         Ok(r) => r.map(|b| b.boxed()),
                         Err(e) => error(
                             StatusCode::BAD_GATEWAY,
                             format!("{} ({addr}) did not answer: {e}", up.service),
                         ),
-                    })
+                    };
+                    span.finish(r.status().as_u16());
+                    Ok(r)
                 }
             });
             let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

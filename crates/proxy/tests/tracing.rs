@@ -232,7 +232,11 @@ spec:
         port: 80,
     };
     let front_out_addr = front_out.local_addr().unwrap();
-    tokio::spawn(outbound::serve(frontend, up("mid/relay"), front_out));
+    tokio::spawn(outbound::serve(
+        frontend.clone(),
+        up("mid/relay"),
+        front_out,
+    ));
     tokio::spawn(outbound::serve(relay, up("orders/orders"), relay_out));
 
     // The client starts a trace.
@@ -345,6 +349,68 @@ spec:
             "{s:#?}"
         );
     }
+    // Pooled HTTP out of the frontend (instead of the tunnel): its outbound proxy adds a
+    // client span between the client's and the relay's.
+    let pooled = bind().await;
+    let pooled_addr = pooled.local_addr().unwrap();
+    tokio::spawn(meshward_proxy::pool::serve(
+        frontend,
+        up("mid/relay"),
+        pooled,
+        meshward_proxy::pool::UpstreamProtocol::Http1,
+    ));
+    let (trace2, root2) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
+    let body = tokio::task::spawn_blocking(move || {
+        get(
+            pooled_addr,
+            "/orders/9",
+            &format!("traceparent: 00-{trace2}-{root2}-01\r\n"),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(body.starts_with(&format!("00-{trace2}-")), "{body}");
+    let start = Instant::now();
+    let spans2 = loop {
+        tokio::task::spawn_blocking(meshward_telemetry::trace::flush)
+            .await
+            .unwrap();
+        let spans: Vec<Span> =
+            rx.0.lock()
+                .unwrap()
+                .iter()
+                .filter(|s| hex(&s.trace_id) == trace2)
+                .cloned()
+                .collect();
+        if spans.len() >= 3 {
+            break spans;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "spans so far: {spans:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let client_span = spans2
+        .iter()
+        .find(|s| attr(s, "meshward.upstream").as_deref() == Some("mid/relay"))
+        .unwrap_or_else(|| panic!("no client span: {spans2:#?}"));
+    assert_eq!(client_span.kind, 3, "SPAN_KIND_CLIENT: {client_span:#?}");
+    assert_eq!(hex(&client_span.parent_span_id), root2);
+    assert_eq!(
+        attr(client_span, "http.response.status_code").as_deref(),
+        Some("200")
+    );
+    let relay2 = spans2
+        .iter()
+        .find(|s| attr(s, "meshward.destination").as_deref() == Some("mid/relay"))
+        .unwrap();
+    assert_eq!(
+        hex(&relay2.parent_span_id),
+        hex(&client_span.span_id),
+        "the relay's span is the outbound client span's child"
+    );
+
     // The denial: allowed at the relay, denied at the backend, both recorded.
     let denied_span = find("orders/orders-api", "/secret");
     assert_eq!(

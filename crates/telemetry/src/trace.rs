@@ -122,6 +122,31 @@ impl RequestSpan {
         RequestSpan(Some(parent.with_span(span)))
     }
 
+    /// Starts a client span for a request the outbound proxy forwards (pooled HTTP),
+    /// continuing the app's trace; `service` is the upstream called.
+    pub fn start_client(
+        headers: &http::HeaderMap,
+        method: &str,
+        path: &str,
+        service: &str,
+    ) -> Self {
+        let Some(t) = TRACING.get() else {
+            return RequestSpan(None);
+        };
+        let parent = t.propagator.extract(&Headers(headers));
+        let span = t
+            .tracer
+            .span_builder(format!("meshward outbound {method}"))
+            .with_kind(SpanKind::Client)
+            .with_attributes([
+                KeyValue::new("http.request.method", method.to_owned()),
+                KeyValue::new("url.path", path.to_owned()),
+                KeyValue::new("meshward.upstream", service.to_owned()),
+            ])
+            .start_with_context(&t.tracer, &parent);
+        RequestSpan(Some(parent.with_span(span)))
+    }
+
     /// Whether this request is traced (tracing is on).
     pub fn is_recording(&self) -> bool {
         self.0.is_some()
