@@ -156,10 +156,7 @@ fn sh(netns: Option<&str>, prog: &str, args: &[&str], input: Option<&str>) -> Re
 
 /// Removes Meshward's jumps and chains (ignoring what is not there).
 fn remove_rules(netns: Option<&str>) {
-    for (chain, from) in [
-        ("MESHWARD_INBOUND", "PREROUTING"),
-        ("MESHWARD_OUTPUT", "OUTPUT"),
-    ] {
+    for (chain, from) in meshward_proxy::transparent::CHAINS {
         while sh(
             netns,
             "iptables",

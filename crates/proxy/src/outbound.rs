@@ -25,6 +25,16 @@ pub struct Upstream {
 
 /// The endpoints of an upstream in the current configuration: `(inbound address, identity)`.
 pub fn endpoints(shared: &Shared, up: &Upstream) -> Vec<(SocketAddr, SpiffeId)> {
+    endpoints_with(shared, up, |a, id| (a, id.clone()))
+}
+
+/// The endpoints of an upstream, each mapped by `f(inbound address, identity)` (so a caller
+/// that needs only addresses clones no identity).
+pub fn endpoints_with<T>(
+    shared: &Shared,
+    up: &Upstream,
+    f: impl Fn(SocketAddr, &SpiffeId) -> T,
+) -> Vec<T> {
     let Some(p) = shared.policy.load_full() else {
         return vec![];
     };
@@ -49,7 +59,7 @@ pub fn endpoints(shared: &Shared, up: &Upstream) -> Vec<(SocketAddr, SpiffeId)> 
                 .as_deref()?
                 .parse()
                 .ok()?;
-            Some((addr, w.identity.clone()))
+            Some(f(addr, &w.identity))
         })
         .collect()
 }

@@ -22,7 +22,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::outbound::{Upstream, dial, endpoints};
+use crate::outbound::{Upstream, dial, endpoints_with};
 use crate::state::Shared;
 
 /// How the outbound side carries an upstream's traffic to the next proxy.
@@ -119,11 +119,11 @@ impl tower::Service<Uri> for MtlsConnector {
                 .unwrap_or("")
                 .parse()
                 .map_err(|_| std::io::Error::other(format!("`{uri}` names no endpoint")))?;
-            let allowed: Vec<_> = endpoints(&shared, &up)
-                .into_iter()
-                .filter(|(a, _)| *a == addr)
-                .map(|(_, id)| id)
-                .collect();
+            let allowed: Vec<_> =
+                endpoints_with(&shared, &up, |a, id| (a == addr).then(|| id.clone()))
+                    .into_iter()
+                    .flatten()
+                    .collect();
             if allowed.is_empty() {
                 return Err(std::io::Error::other(format!(
                     "{addr} is no longer an endpoint of {}",
@@ -174,14 +174,14 @@ pub async fn serve(
                 let (shared, up, client, next) =
                     (shared.clone(), up.clone(), client.clone(), next.clone());
                 async move {
-                    let eps = endpoints(&shared, &up);
+                    let eps = endpoints_with(&shared, &up, |a, _| a);
                     if eps.is_empty() {
                         return Ok::<_, Infallible>(error(
                             StatusCode::SERVICE_UNAVAILABLE,
                             format!("no endpoint for {}:{}", up.service, up.port),
                         ));
                     }
-                    let (addr, _) = &eps[next.fetch_add(1, Ordering::Relaxed) % eps.len()];
+                    let addr = &eps[next.fetch_add(1, Ordering::Relaxed) % eps.len()];
                     let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
                     let Ok(uri) = format!("http://{addr}{pq}").parse::<Uri>() else {
                         return Ok(error(StatusCode::BAD_REQUEST, "bad request target".into()));

@@ -437,15 +437,24 @@ impl Default for RuleOptions {
 }
 
 /// The chains Meshward owns in the `nat` table.
-pub const CHAINS: [&str; 2] = ["MESHWARD_INBOUND", "MESHWARD_OUTPUT"];
+/// Each chain and the built-in chain that jumps to it.
+pub const CHAINS: [(&str, &str); 2] = [
+    ("MESHWARD_INBOUND", "PREROUTING"),
+    ("MESHWARD_OUTPUT", "OUTPUT"),
+];
 
 /// The `iptables-restore --noflush` input that captures all TCP of a network namespace:
 /// inbound to the inbound capture port, outbound to the outbound capture port, except the
 /// proxy's own (marked) traffic, loopback, and excluded ports. Applying it replaces any
 /// earlier Meshward rules (the chains are flushed and the jumps re-added once).
 pub fn rules(o: &RuleOptions) -> String {
-    let mut r = String::from("*nat\n:MESHWARD_INBOUND - [0:0]\n:MESHWARD_OUTPUT - [0:0]\n");
-    r.push_str("-A PREROUTING -p tcp -j MESHWARD_INBOUND\n-A OUTPUT -p tcp -j MESHWARD_OUTPUT\n");
+    let mut r = String::from("*nat\n");
+    for (chain, _) in CHAINS {
+        r.push_str(&format!(":{chain} - [0:0]\n"));
+    }
+    for (chain, from) in CHAINS {
+        r.push_str(&format!("-A {from} -p tcp -j {chain}\n"));
+    }
     for p in &o.exclude_inbound_ports {
         r.push_str(&format!(
             "-A MESHWARD_INBOUND -p tcp --dport {p} -j RETURN\n"

@@ -46,6 +46,34 @@ const BACKEND: &str = "spiffe://shop.example/ns/orders/sa/orders-api";
 #[derive(Clone, Default)]
 struct Receiver(Arc<Mutex<Vec<Span>>>);
 
+impl Receiver {
+    /// Flushes the exporter until at least `n` spans of `trace` (hex) have arrived.
+    async fn spans_of(&self, trace: &str, n: usize) -> Vec<Span> {
+        let start = Instant::now();
+        loop {
+            tokio::task::spawn_blocking(meshward_telemetry::trace::flush)
+                .await
+                .unwrap();
+            let spans: Vec<Span> = self
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|s| hex(&s.trace_id) == trace)
+                .cloned()
+                .collect();
+            if spans.len() >= n {
+                return spans;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "spans so far: {spans:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl TraceService for Receiver {
     async fn export(
@@ -268,27 +296,7 @@ spec:
     assert!(denied.contains("403"), "{denied}");
 
     // The spans arrive: relay's (child of the client's), backend's (child of relay's).
-    let start = Instant::now();
-    let spans = loop {
-        tokio::task::spawn_blocking(meshward_telemetry::trace::flush)
-            .await
-            .unwrap();
-        let spans: Vec<Span> =
-            rx.0.lock()
-                .unwrap()
-                .iter()
-                .filter(|s| hex(&s.trace_id) == trace)
-                .cloned()
-                .collect();
-        if spans.len() >= 4 {
-            break spans;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "spans so far: {spans:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let spans = rx.spans_of(trace, 4).await;
     let find = |dest: &str, path: &str| {
         spans
             .iter()
@@ -370,27 +378,7 @@ spec:
     .await
     .unwrap();
     assert!(body.starts_with(&format!("00-{trace2}-")), "{body}");
-    let start = Instant::now();
-    let spans2 = loop {
-        tokio::task::spawn_blocking(meshward_telemetry::trace::flush)
-            .await
-            .unwrap();
-        let spans: Vec<Span> =
-            rx.0.lock()
-                .unwrap()
-                .iter()
-                .filter(|s| hex(&s.trace_id) == trace2)
-                .cloned()
-                .collect();
-        if spans.len() >= 3 {
-            break spans;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "spans so far: {spans:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let spans2 = rx.spans_of(trace2, 3).await;
     let client_span = spans2
         .iter()
         .find(|s| attr(s, "meshward.upstream").as_deref() == Some("mid/relay"))
