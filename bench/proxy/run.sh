@@ -2,15 +2,19 @@
 # One mTLS hop — client -> outbound proxy -> inbound proxy -> backend — for Meshward, HAProxy
 # and nginx pairs (one worker each), beside a direct connection, in one run: added latency
 # at a fixed rate, proxy CPU per 1,000 requests, peak RSS, and maximum rate.
-#   bash bench/proxy/run.sh            # 1,000 req/s for 10 s, then max rate for 10 s
-#   RATE=500 SECONDS_EACH=5 bash bench/proxy/run.sh
+#   bash bench/proxy/run.sh            # rounds of 1,000 req/s for 5 s, then max rate for 5 s
+#   RATE=500 SECONDS_EACH=5 ROUNDS=5 bash bench/proxy/run.sh
+#   ONLY='default|nginx' bash bench/proxy/run.sh   # only the rows whose name matches
+#   PERF_DIR=/tmp/prof ONLY=nginx bash bench/proxy/run.sh   # also `perf record` each proxy
+# Every pair is measured ROUNDS times (default 3), the rounds interleaved so that a change
+# in the machine's load hits all pairs alike; the table gives the medians.
 # Needs root (installs haproxy and nginx with apt-get when missing). Traffic stays on
 # 127.0.0.1. Everything it starts stops when it exits.
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(cd ../.. && pwd)
 RATE=${RATE:-1000}
-SECS=${SECONDS_EACH:-10}
+SECS=${SECONDS_EACH:-5}
 W=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$W"; }
@@ -174,33 +178,75 @@ done
 # A proxy's processes: the PID and its children (nginx's worker runs under its master).
 procs() { for p in "$@"; do echo "$p"; pgrep -P "$p" || true; done; }
 cpu_ms() { local t=0; for p in $(procs "$@"); do t=$((t + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $((t * 1000 / $(getconf CLK_TCK))); }
+# Context switches (voluntary + involuntary) of a proxy's processes and all their threads.
+ctx() { local t=0; for p in $(procs "$@"); do for f in /proc/$p/task/*/status; do t=$((t + $(awk '/ctxt_switches/{s+=$2} END{print s}' "$f"))); done; done; echo $t; }
 rss_mb() { local m=0; for p in $(procs "$@"); do v=$(awk '/VmHWM/{print $2}' /proc/$p/status); [ "$v" -gt "$m" ] && m=$v; done; echo $((m / 1024)); }
 
-echo
-echo "| pair | p50 / p99 ms @${RATE} rps | added p50 / p99 ms | proxy CPU ms per 1k req | max rps | peak RSS MiB (per proxy) |"
-echo "|---|---:|---:|---:|---:|---:|"
-read -r _ D50 D99 _ < <("$LG" 127.0.0.1:18900 /x "$RATE" "$SECS" 16)
-read -r DMAX _ _ _ < <("$LG" 127.0.0.1:18900 /x 0 "$SECS" 16)
-echo "| direct | $D50 / $D99 | — | — | $DMAX | — |"
-row() {
-  local name=$1 port=$2; shift 2
-  local c0; c0=$(cpu_ms "$@")
-  read -r rps p50 p99 err < <("$LG" 127.0.0.1:$port /x "$RATE" "$SECS" 16)
-  local c1; c1=$(cpu_ms "$@")
-  local per1k; per1k=$(awk -v c=$((c1 - c0)) -v n="$rps" -v s="$SECS" 'BEGIN { printf "%.1f", c / (n * s / 1000) }')
+# The rows: name, port, outbound proxy, inbound proxy.
+ROWS=(
+  "meshward pair (L4 mTLS tunnel out, HTTP/1.1 + policy in), telemetry on (default)|18931|$MW_O|$MW_I"
+  "meshward pair, telemetry off|18935|$MW2_O|$MW2_I"
+  "meshward pair, HTTP/1.1 pool between proxies|18936|$MW3_O|$MW_I"
+  "meshward pair, HTTP/2 between proxies|18937|$MW4_O|$MW_I"
+  "HAProxy pair (mTLS)|18911|$HP_O|$HP_I"
+  "nginx pair (mTLS)|18921|$NG_O|$NG_I"
+)
+ROUNDS=${ROUNDS:-3}
+R="$W/results"; mkdir -p "$R"
+# One measurement of a row: fixed rate (latency, CPU per request of each proxy), then max.
+measure() {
+  local i=$1 name port out in; IFS='|' read -r name port out in <<<"${ROWS[$i]}"
+  local o0 i0 xo0 xi0; o0=$(cpu_ms "$out"); i0=$(cpu_ms "$in"); xo0=$(ctx "$out"); xi0=$(ctx "$in")
+  local perf=()
+  if [ -n "${PERF_DIR:-}" ]; then # a CPU profile of each proxy over the fixed-rate phase
+    mkdir -p "$PERF_DIR"
+    perf record -q -e cpu-clock -g -p "$(procs "$out" | paste -sd,)" -o "$PERF_DIR/$i-out.data" -- sleep "$SECS" 2>/dev/null & perf+=($!)
+    perf record -q -e cpu-clock -g -p "$(procs "$in" | paste -sd,)" -o "$PERF_DIR/$i-in.data" -- sleep "$SECS" 2>/dev/null & perf+=($!)
+  fi
+  read -r rps p50 p99 _ < <("$LG" 127.0.0.1:$port /x "$RATE" "$SECS" 16)
+  [ ${#perf[@]} -eq 0 ] || wait "${perf[@]}" || true
+  local o1 i1 xo1 xi1; o1=$(cpu_ms "$out"); i1=$(cpu_ms "$in"); xo1=$(ctx "$out"); xi1=$(ctx "$in")
   read -r max _ _ _ < <("$LG" 127.0.0.1:$port /x 0 "$SECS" 16)
-  local a50 a99; a50=$(awk -v a="$p50" -v b="$D50" 'BEGIN{printf "%.3f", a-b}'); a99=$(awk -v a="$p99" -v b="$D99" 'BEGIN{printf "%.3f", a-b}')
-  echo "| $name | $p50 / $p99 | $a50 / $a99 | $per1k | $max | $(rss_mb "$@") |"
-  LAST_CPU=$per1k; LAST_MAX=$max
+  awk -v o=$((o1 - o0)) -v i=$((i1 - i0)) -v xo=$((xo1 - xo0)) -v xi=$((xi1 - xi0)) -v n="$rps" -v s="$SECS" -v p50="$p50" -v p99="$p99" -v max="$max" \
+    'BEGIN { k = n * s / 1000; printf "%s %s %.1f %.1f %.1f %s %.2f %.2f\n", p50, p99, (o + i) / k, o / k, i / k, max, xo / (n * s), xi / (n * s) }' >> "$R/$i"
 }
-row "meshward pair (L4 mTLS tunnel out, HTTP/1.1 + policy in), telemetry on (default)" 18931 $MW_O $MW_I
-ON_CPU=$LAST_CPU; ON_MAX=$LAST_MAX
-row "meshward pair, telemetry off" 18935 $MW2_O $MW2_I
-OFF_CPU=$LAST_CPU; OFF_MAX=$LAST_MAX
-row "meshward pair, HTTP/1.1 pool between proxies" 18936 $MW3_O $MW_I
-row "meshward pair, HTTP/2 between proxies" 18937 $MW4_O $MW_I
-row "HAProxy pair (mTLS)" 18911 $HP_O $HP_I
-row "nginx pair (mTLS)" 18921 $NG_O $NG_I
+median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+col() { awk -v c="$2" '{ print $c }' "$R/$1" | median; }
+
+SELECTED=()
+for i in "${!ROWS[@]}"; do [[ "${ROWS[$i]%%|*}" =~ ${ONLY:-.} ]] && SELECTED+=("$i"); done
+echo "measuring ${#SELECTED[@]} pairs and a direct connection, $ROUNDS rounds of ${SECS}s at ${RATE} req/s + ${SECS}s at max rate, interleaved ..." >&2
+for r in $(seq "$ROUNDS"); do
+  read -r _ p50 p99 _ < <("$LG" 127.0.0.1:18900 /x "$RATE" "$SECS" 16)
+  read -r max _ _ _ < <("$LG" 127.0.0.1:18900 /x 0 "$SECS" 16)
+  echo "$p50 $p99 0 0 0 $max 0 0" >> "$R/direct"
+  for i in "${SELECTED[@]}"; do measure "$i"; done
+  echo "  round $r of $ROUNDS done" >&2
+done
+
 echo
-awk -v oc="$ON_CPU" -v fc="$OFF_CPU" -v om="$ON_MAX" -v fm="$OFF_MAX" 'BEGIN {
-  printf "telemetry at default settings (metrics + decision shipping) vs off: max throughput %+.1f%%, CPU per request %+.1f%% (targets: no worse than -10%% and +5%%)\n", (om / fm - 1) * 100, (oc / fc - 1) * 100 }'
+echo "Medians of $ROUNDS interleaved rounds."
+echo
+echo "| pair | p50 / p99 ms @${RATE} rps | added p50 / p99 ms | proxy CPU ms per 1k req (out + in) | max rps | peak RSS MiB (per proxy) | context switches per req (out / in) |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
+D50=$(col direct 1); D99=$(col direct 2)
+echo "| direct | $D50 / $D99 | — | — | $(col direct 6) | — | — |"
+declare -A CPU MAX
+for i in "${SELECTED[@]}"; do
+  IFS='|' read -r name port out in <<<"${ROWS[$i]}"
+  p50=$(col "$i" 1); p99=$(col "$i" 2)
+  CPU[$i]=$(col "$i" 3); MAX[$i]=$(col "$i" 6)
+  a50=$(awk -v a="$p50" -v b="$D50" 'BEGIN{printf "%.3f", a-b}'); a99=$(awk -v a="$p99" -v b="$D99" 'BEGIN{printf "%.3f", a-b}')
+  echo "| $name | $p50 / $p99 | $a50 / $a99 | ${CPU[$i]} ($(col "$i" 4) + $(col "$i" 5)) | ${MAX[$i]} | $(rss_mb "$out" "$in") | $(col "$i" 7) / $(col "$i" 8) |"
+done
+echo
+if [ -n "${CPU[0]:-}" ] && [ -n "${CPU[1]:-}" ]; then
+  awk -v oc="${CPU[0]}" -v fc="${CPU[1]}" -v om="${MAX[0]}" -v fm="${MAX[1]}" 'BEGIN {
+    printf "telemetry at default settings (metrics + decision shipping) vs off: max throughput %+.1f%%, CPU per request %+.1f%% (targets: no worse than -10%% and +5%%)\n", (om / fm - 1) * 100, (oc / fc - 1) * 100 }'
+fi
+for peer in 4 5; do
+  if [ -n "${CPU[0]:-}" ] && [ -n "${CPU[$peer]:-}" ]; then
+    awk -v a="${CPU[0]}" -v b="${CPU[$peer]}" -v am="${MAX[0]}" -v bm="${MAX[$peer]}" -v n="${ROWS[$peer]%%|*}" 'BEGIN {
+      printf "meshward (default) vs %s: CPU per request %.2fx, max rate %.2fx\n", n, a / b, am / bm }'
+  fi
+done

@@ -139,6 +139,11 @@ impl SpiffeId {
         &self.uri
     }
 
+    /// The whole ID as a shared string (cloning it copies nothing).
+    pub fn as_arc(&self) -> &Arc<str> {
+        &self.uri
+    }
+
     /// The trust domain name.
     pub fn trust_domain_name(&self) -> &str {
         &self.uri[SCHEME.len()..self.path_start]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 
-use meshward_policy::decision::{Decision, Request, Verdict};
+use meshward_policy::decision::{Decision, Request, Verdict, WorkloadRef};
 use meshward_policy::decision_log::DecisionRecord;
 
 /// What the proxy adds to a record beyond the request and decision.
@@ -22,6 +22,9 @@ pub struct Extra {
     /// Allowed HTTP requests: the time to the app's response headers.
     pub duration: Option<std::time::Duration>,
 }
+
+/// A destination and its metric label.
+type Labelled = (WorkloadRef, Arc<str>);
 
 /// Where decisions go.
 #[derive(Debug, Clone)]
@@ -40,6 +43,7 @@ pub struct DecisionLog {
     /// Per-request metrics (off: only the decision log, for the overhead benchmark and
     /// the leanest deployments).
     pub metrics_on: bool,
+    last_destination: Arc<std::sync::Mutex<Option<Labelled>>>,
 }
 
 /// The bounded queue of records for the control plane: when it is full (the control plane
@@ -170,6 +174,7 @@ impl DecisionLog {
             metrics: Arc::default(),
             ship: None,
             metrics_on: true,
+            last_destination: Arc::default(),
         }
     }
 
@@ -220,23 +225,38 @@ impl DecisionLog {
 
     /// The metrics of a decision: the request counter (bounded labels: identities,
     /// workload names, codes), the decision time, shadow verdicts.
+    /// The destination's metric label, `external` for every address outside the mesh; the
+    /// last one is kept (a proxy's records mostly name its own workload).
+    fn destination_label(&self, dest: &WorkloadRef) -> Arc<str> {
+        if dest.namespace == "external" {
+            return Arc::from("external");
+        }
+        let Ok(mut last) = self.last_destination.lock() else {
+            return Arc::from(dest.to_string());
+        };
+        match &*last {
+            Some((w, label)) if w == dest => label.clone(),
+            _ => {
+                let label: Arc<str> = Arc::from(dest.to_string());
+                *last = Some((dest.clone(), label.clone()));
+                label
+            }
+        }
+    }
+
     fn count(&self, req: &Request, d: &Decision, outbound: bool) {
         if !self.metrics_on {
             return;
         }
         let m = &self.metrics;
-        let destination = if req.destination.namespace == "external" {
-            "external".to_owned()
-        } else {
-            req.destination.to_string()
-        };
+        let destination = self.destination_label(&req.destination);
         m.requests
             .get_or_create(&meshward_telemetry::RequestLabels {
                 direction: if outbound { "outbound" } else { "inbound" },
                 source: req
                     .source
                     .identity()
-                    .map_or_else(|| "unauthenticated".to_owned(), |i| i.to_string()),
+                    .map_or_else(|| Arc::from("unauthenticated"), |i| i.as_arc().clone()),
                 destination,
                 verdict: d.verdict.as_str(),
                 reason: d.reason.as_str(),

@@ -1,6 +1,7 @@
-//! HTTP/1 request hygiene in front of the parser: a reader that holds back each request
-//! head until it has checked it, and refuses (ends the connection) a head that different
-//! HTTP implementations could read differently — the raw material of request smuggling:
+//! HTTP/1 request hygiene in front of the parser: a reader that checks each request head
+//! before the parser can see it whole, and refuses (ends the connection) a head that
+//! different HTTP implementations could read differently — the raw material of request
+//! smuggling:
 //!
 //! - both `Content-Length` and `Transfer-Encoding`, a `Transfer-Encoding` other than
 //!   `chunked`, or conflicting `Content-Length`s;
@@ -8,11 +9,17 @@
 //! - a bare LF line ending;
 //! - an invalid header name.
 //!
-//! It follows request bodies (by length or chunk by chunk) to find the next head on a
-//! keep-alive connection. HTTP/2 connections (the `PRI` preface) pass through untouched.
+//! It reads straight into the parser's buffer and scans the bytes there (no copy): a head
+//! that arrives whole is checked in place; the start of a head split across reads passes
+//! on (a bare LF in it is refused at once, so the parser never sees a complete head — which
+//! needs CRLF CRLF — before it is checked) and is kept aside until its end arrives. A
+//! refused head is cut off the read, with everything after it; the requests before it
+//! still pass. It follows request bodies (by length or chunk by chunk) to find the next
+//! head on a keep-alive connection. HTTP/2 connections (the `PRI` preface) pass through
+//! untouched.
 
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -21,7 +28,7 @@ pub const MAX_HEAD: usize = 64 * 1024;
 
 #[derive(Debug)]
 enum State {
-    /// Collecting a head (held back until complete and checked).
+    /// Scanning for a head's end.
     Head,
     /// Passing `n` body bytes.
     Body(u64),
@@ -54,11 +61,13 @@ pub enum Refusal {
 pub struct Hygiene<S> {
     inner: S,
     state: State,
+    /// The start of a head that spans reads (already passed on; kept to check the whole
+    /// head when its end arrives).
     head: Vec<u8>,
-    /// Checked bytes waiting to be handed to the reader.
-    ready: Vec<u8>,
-    ready_at: usize,
     started: bool,
+    /// Bytes read before this reader took over (handed over by the HTTP/1 fast path),
+    /// served first.
+    prefix: Vec<u8>,
     pub refused: Option<Refusal>,
 }
 
@@ -68,10 +77,18 @@ impl<S> Hygiene<S> {
             inner,
             state: State::Head,
             head: vec![],
-            ready: vec![],
-            ready_at: 0,
             started: false,
+            prefix: vec![],
             refused: None,
+        }
+    }
+
+    /// A reader that first serves `prefix` — bytes already read from `inner` — and then
+    /// reads `inner`; all of it is checked.
+    pub fn with_prefix(inner: S, prefix: Vec<u8>) -> Self {
+        Hygiene {
+            prefix,
+            ..Hygiene::new(inner)
         }
     }
 
@@ -84,19 +101,37 @@ fn is_token(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
+/// A bare LF (not after CR) in `bytes`, `prev` being the byte before them.
+pub(crate) fn has_bare_lf(prev: Option<u8>, bytes: &[u8]) -> bool {
+    let mut prev = prev;
+    for &b in bytes {
+        if b == b'\n' && prev != Some(b'\r') {
+            return true;
+        }
+        prev = Some(b);
+    }
+    false
+}
+
+/// Where `\r\n\r\n` ends in `bytes`.
+fn head_end(bytes: &[u8]) -> Option<usize> {
+    bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4)
+}
+
 /// Checks a complete head (ending in CRLF CRLF) and returns the body framing.
 pub fn check_head(head: &[u8]) -> Result<State0, Refusal> {
-    for (i, &b) in head.iter().enumerate() {
-        if b == b'\n' && (i == 0 || head[i - 1] != b'\r') {
-            return Err(Refusal::BareLf);
-        }
+    if has_bare_lf(None, head) {
+        return Err(Refusal::BareLf);
     }
     let text = &head[..head.len().saturating_sub(4)];
     let mut lines = text
         .split(|&b| b == b'\n')
         .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
     let _request_line = lines.next();
-    let (mut cl, mut te): (Option<u64>, Option<Vec<u8>>) = (None, None);
+    let (mut cl, mut te): (Option<u64>, Option<&[u8]>) = (None, None);
     for line in lines {
         if line.first().is_some_and(|&b| b == b' ' || b == b'\t') {
             return Err(Refusal::ObsFold);
@@ -108,14 +143,9 @@ pub fn check_head(head: &[u8]) -> Result<State0, Refusal> {
         if name.is_empty() || !name.iter().all(|&b| is_token(b)) {
             return Err(Refusal::InvalidHeaderName);
         }
-        let value: Vec<u8> = value
-            .iter()
-            .copied()
-            .skip_while(|b| *b == b' ' || *b == b'\t')
-            .collect();
-        let value = value.trim_ascii_end().to_vec();
+        let value = value.trim_ascii();
         if name.eq_ignore_ascii_case(b"content-length") {
-            let n: u64 = std::str::from_utf8(&value)
+            let n: u64 = std::str::from_utf8(value)
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .ok_or(Refusal::ConflictingContentLength)?;
@@ -146,124 +176,149 @@ pub enum State0 {
     Chunked,
 }
 
+impl State {
+    fn after_head(framing: State0) -> State {
+        match framing {
+            State0::Length(0) => State::Head,
+            State0::Length(n) => State::Body(n),
+            State0::Chunked => State::ChunkSize(vec![]),
+        }
+    }
+}
+
 impl<S> Hygiene<S> {
-    /// Feeds bytes read from the peer; moves what may pass to `ready`.
-    fn feed(&mut self, mut data: &[u8]) -> Result<(), Refusal> {
+    /// Scans bytes read from the peer, in order. On a refusal, returns how many of them may
+    /// still pass (those before the refused head) and why.
+    fn feed(&mut self, data: &[u8]) -> Result<(), (usize, Refusal)> {
+        self.scan(data, false).map(|_| ())
+    }
+
+    /// Scans `data`; with `stop_at_head`, stops where a message body ends (the next head
+    /// would start) and returns that offset.
+    fn scan(&mut self, data: &[u8], stop_at_head: bool) -> Result<Option<usize>, (usize, Refusal)> {
         if !self.started {
             self.started = true;
             if data.starts_with(b"PRI ") {
                 self.state = State::Passthrough;
             }
         }
-        while !data.is_empty() {
+        let mut i = 0;
+        while i < data.len() {
+            if stop_at_head && matches!(self.state, State::Head) {
+                return Ok(Some(i));
+            }
             match &mut self.state {
-                State::Passthrough => {
-                    self.ready.extend_from_slice(data);
-                    return Ok(());
+                State::Passthrough => return Ok(None),
+                State::Refused => {
+                    return Err((i, self.refused.clone().unwrap_or(Refusal::BadChunk)));
                 }
-                State::Refused => return Err(self.refused.clone().unwrap_or(Refusal::BadChunk)),
-                State::Head => {
+                State::Head if self.head.is_empty() => {
                     // Skip the CRLFs allowed between requests.
-                    if self.head.is_empty() {
-                        let skip = data
-                            .iter()
-                            .take_while(|b| **b == b'\r' || **b == b'\n')
-                            .count();
-                        self.ready.extend_from_slice(&data[..skip]);
-                        data = &data[skip..];
-                        if data.is_empty() {
-                            return Ok(());
-                        }
+                    while i < data.len() && (data[i] == b'\r' || data[i] == b'\n') {
+                        i += 1;
                     }
-                    let before = self.head.len();
-                    self.head.extend_from_slice(data);
-                    let from = before.saturating_sub(3);
-                    match self.head[from..].windows(4).position(|w| w == b"\r\n\r\n") {
-                        None => {
-                            // A bare LF before the end is refused at once; so is a huge head.
-                            if self.head.len() > MAX_HEAD {
-                                return Err(Refusal::HeadTooLarge);
-                            }
-                            if self.head.windows(2).any(|w| w[1] == b'\n' && w[0] != b'\r')
-                                || self.head.first() == Some(&b'\n')
-                            {
-                                return Err(Refusal::BareLf);
-                            }
-                            return Ok(());
-                        }
-                        Some(p) => {
-                            let end = from + p + 4;
+                    if i == data.len() {
+                        return Ok(None);
+                    }
+                    let piece = &data[i..];
+                    match head_end(piece) {
+                        // The whole head in this read: checked in place.
+                        Some(end) => {
                             if end > MAX_HEAD {
-                                return Err(Refusal::HeadTooLarge);
+                                return Err((i, Refusal::HeadTooLarge));
                             }
-                            let rest = self.head.split_off(end);
-                            let head = std::mem::take(&mut self.head);
-                            let framing = check_head(&head)?;
-                            self.ready.extend_from_slice(&head);
-                            self.state = match framing {
-                                State0::Length(0) => State::Head,
-                                State0::Length(n) => State::Body(n),
-                                State0::Chunked => State::ChunkSize(vec![]),
-                            };
-                            // Continue with the bytes after the head.
-                            return self.feed_owned(rest);
+                            let framing = check_head(&piece[..end]).map_err(|r| (i, r))?;
+                            self.state = State::after_head(framing);
+                            i += end;
+                        }
+                        // The start of a head: it passes (a bare LF in it is refused now,
+                        // so the parser cannot see a complete head) and is kept aside.
+                        None => {
+                            if piece.len() > MAX_HEAD {
+                                return Err((i, Refusal::HeadTooLarge));
+                            }
+                            if has_bare_lf(None, piece) {
+                                return Err((i, Refusal::BareLf));
+                            }
+                            self.head.extend_from_slice(piece);
+                            return Ok(None);
                         }
                     }
                 }
-                State::Body(n) => {
-                    let take = usize::try_from(*n).unwrap_or(usize::MAX).min(data.len());
-                    self.ready.extend_from_slice(&data[..take]);
-                    *n -= take as u64;
-                    if *n == 0 {
-                        self.state = State::Head;
+                State::Head => {
+                    // The rest of a head begun in an earlier read (so `i` is 0 here).
+                    let carried = self.head.len();
+                    let prev = self.head.last().copied();
+                    let from = carried.saturating_sub(3);
+                    self.head.extend_from_slice(data);
+                    match head_end(&self.head[from..]) {
+                        Some(e) => {
+                            let end = from + e;
+                            if end > MAX_HEAD {
+                                return Err((0, Refusal::HeadTooLarge));
+                            }
+                            let head = std::mem::take(&mut self.head);
+                            let framing = check_head(&head[..end]).map_err(|r| (0, r))?;
+                            self.state = State::after_head(framing);
+                            i = end - carried;
+                        }
+                        None => {
+                            if self.head.len() > MAX_HEAD {
+                                return Err((0, Refusal::HeadTooLarge));
+                            }
+                            if has_bare_lf(prev, data) {
+                                return Err((0, Refusal::BareLf));
+                            }
+                            return Ok(None);
+                        }
                     }
-                    data = &data[take..];
+                }
+                State::Body(n) | State::ChunkData(n) => {
+                    let take = usize::try_from(*n)
+                        .unwrap_or(usize::MAX)
+                        .min(data.len() - i);
+                    *n -= take as u64;
+                    i += take;
+                    if *n == 0 {
+                        self.state = match self.state {
+                            State::Body(_) => State::Head,
+                            _ => State::ChunkSize(vec![]),
+                        };
+                    }
                 }
                 State::ChunkSize(line) => {
-                    let b = data[0];
-                    self.ready.push(b);
-                    data = &data[1..];
+                    let b = data[i];
                     line.push(b);
                     if line.len() > 1024 {
-                        return Err(Refusal::BadChunk);
+                        return Err((i, Refusal::BadChunk));
                     }
                     if b == b'\n' {
                         if line.len() < 2 || line[line.len() - 2] != b'\r' {
-                            return Err(Refusal::BareLf);
+                            return Err((i, Refusal::BareLf));
                         }
                         let l = &line[..line.len() - 2];
                         let hex = l.split(|&c| c == b';').next().unwrap_or(b"");
                         let size = std::str::from_utf8(hex)
                             .ok()
                             .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
-                            .ok_or(Refusal::BadChunk)?;
+                            .ok_or((i, Refusal::BadChunk))?;
                         self.state = if size == 0 {
                             State::Trailers(vec![])
                         } else {
                             State::ChunkData(size + 2)
                         };
                     }
-                }
-                State::ChunkData(n) => {
-                    let take = usize::try_from(*n).unwrap_or(usize::MAX).min(data.len());
-                    self.ready.extend_from_slice(&data[..take]);
-                    *n -= take as u64;
-                    if *n == 0 {
-                        self.state = State::ChunkSize(vec![]);
-                    }
-                    data = &data[take..];
+                    i += 1;
                 }
                 State::Trailers(line) => {
-                    let b = data[0];
-                    self.ready.push(b);
-                    data = &data[1..];
+                    let b = data[i];
                     line.push(b);
                     if line.len() > MAX_HEAD {
-                        return Err(Refusal::HeadTooLarge);
+                        return Err((i, Refusal::HeadTooLarge));
                     }
                     if b == b'\n' {
                         if line.len() < 2 || line[line.len() - 2] != b'\r' {
-                            return Err(Refusal::BareLf);
+                            return Err((i, Refusal::BareLf));
                         }
                         if line.len() == 2 {
                             self.state = State::Head;
@@ -271,18 +326,35 @@ impl<S> Hygiene<S> {
                             line.clear();
                         }
                     }
+                    i += 1;
                 }
             }
         }
-        Ok(())
-    }
-
-    fn feed_owned(&mut self, rest: Vec<u8>) -> Result<(), Refusal> {
-        if rest.is_empty() {
-            Ok(())
-        } else {
-            self.feed(&rest)
+        if stop_at_head && matches!(self.state, State::Head) {
+            return Ok(Some(i));
         }
+        Ok(None)
+    }
+}
+
+/// Finds where a chunked message body ends (after its last chunk and trailers), across
+/// reads: the HTTP/1 fast path relays chunked responses with it.
+#[derive(Debug)]
+pub struct ChunkedEnd(Hygiene<()>);
+
+impl Default for ChunkedEnd {
+    fn default() -> Self {
+        let mut h = Hygiene::new(());
+        h.started = true;
+        h.state = State::ChunkSize(vec![]);
+        ChunkedEnd(h)
+    }
+}
+
+impl ChunkedEnd {
+    /// Scans the next bytes of the body: `Some(n)` when the body ends after `n` of them.
+    pub fn scan(&mut self, data: &[u8]) -> Result<Option<usize>, Refusal> {
+        self.0.scan(data, true).map_err(|(_, r)| r)
     }
 }
 
@@ -292,44 +364,41 @@ impl<S: AsyncRead + Unpin> AsyncRead for Hygiene<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        loop {
-            let this = &mut *self;
-            if this.ready_at < this.ready.len() {
-                let n = (this.ready.len() - this.ready_at).min(buf.remaining());
-                buf.put_slice(&this.ready[this.ready_at..this.ready_at + n]);
-                this.ready_at += n;
-                if this.ready_at == this.ready.len() {
-                    this.ready.clear();
-                    this.ready_at = 0;
-                }
-                return Poll::Ready(Ok(()));
-            }
-            if matches!(this.state, State::Refused) {
+        let this = &mut *self;
+        if matches!(this.state, State::Refused) {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("refused request head: {:?}", this.refused),
+            )));
+        }
+        let before = buf.filled().len();
+        if this.prefix.is_empty() {
+            ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        } else {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.drain(..n);
+        }
+        if buf.filled().len() == before {
+            return Poll::Ready(Ok(())); // EOF
+        }
+        if let Err((pass, r)) = this.feed(&buf.filled()[before..]) {
+            eprintln!(
+                "meshward-proxy: refusing an HTTP/1 request head ({r:?}); closing the connection"
+            );
+            // The refused head and all after it never reach the parser; the bytes before
+            // it do, and the next read reports the refusal.
+            buf.set_filled(before + pass);
+            this.refused = Some(r);
+            this.state = State::Refused;
+            if pass == 0 {
                 return Poll::Ready(Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
                     format!("refused request head: {:?}", this.refused),
                 )));
             }
-            let mut tmp = [0u8; 16 * 1024];
-            let mut rb = ReadBuf::new(&mut tmp);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => {
-                    let got = rb.filled().to_vec();
-                    if got.is_empty() {
-                        return Poll::Ready(Ok(())); // EOF
-                    }
-                    if let Err(r) = this.feed(&got) {
-                        eprintln!(
-                            "meshward-proxy: refusing an HTTP/1 request head ({r:?}); closing the connection"
-                        );
-                        this.refused = Some(r);
-                        this.state = State::Refused;
-                    }
-                }
-            }
         }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -340,6 +409,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Hygiene<S> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
@@ -353,23 +432,73 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Hygiene<S> {
 mod tests {
     use super::*;
 
-    fn run(input: &[u8]) -> (Vec<u8>, Option<Refusal>) {
+    /// What passes to the parser when `input` arrives in the given pieces, and the refusal.
+    fn run_pieces(pieces: &[&[u8]]) -> (Vec<u8>, Option<Refusal>) {
         let mut h = Hygiene::new(());
-        let r = h.feed(input).err();
-        (h.ready, r)
+        let mut passed = vec![];
+        for p in pieces {
+            match h.feed(p) {
+                Ok(()) => passed.extend_from_slice(p),
+                Err((n, r)) => {
+                    passed.extend_from_slice(&p[..n]);
+                    return (passed, Some(r));
+                }
+            }
+        }
+        (passed, None)
+    }
+
+    fn run(input: &[u8]) -> (Vec<u8>, Option<Refusal>) {
+        run_pieces(&[input])
     }
 
     #[test]
     fn clean_requests_pass_byte_for_byte_across_keep_alive() {
         let reqs: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhelloPOST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: 1\r\n\r\nGET /last HTTP/1.1\r\nHost: a\r\n\r\n";
         assert_eq!(run(reqs), (reqs.to_vec(), None));
-        // Byte by byte, too.
-        let mut h = Hygiene::new(());
-        for b in reqs {
-            h.feed(&[*b]).unwrap();
+        // Byte by byte, and in every split into two pieces, too.
+        let bytes: Vec<&[u8]> = reqs.chunks(1).collect();
+        assert_eq!(run_pieces(&bytes), (reqs.to_vec(), None));
+        for cut in 1..reqs.len() {
+            let (a, b) = reqs.split_at(cut);
+            assert_eq!(run_pieces(&[a, b]), (reqs.to_vec(), None), "cut at {cut}");
         }
-        assert_eq!(h.ready, reqs.to_vec());
-        assert!(matches!(h.state, State::Head));
+    }
+
+    #[test]
+    fn a_refused_head_split_across_reads_never_reaches_the_parser_whole() {
+        let good: &[u8] = b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n";
+        let bad: &[&[u8]] = &[
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc",
+            b"GET / HTTP/1.1\nHost: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\n\n",
+            b"GET / HTTP/1.1\r\nX-A: 1\r\n  continued\r\n\r\n",
+        ];
+        for bad in bad {
+            let input = [good, bad].concat();
+            for cut in 1..input.len() {
+                let (a, b) = input.split_at(cut);
+                let (passed, refusal) = run_pieces(&[a, b]);
+                assert!(
+                    refusal.is_some(),
+                    "cut at {cut}: {}",
+                    String::from_utf8_lossy(&input)
+                );
+                // The good request passes whole when it was in the first piece; of the bad
+                // one, never an end of head (CRLF CRLF, or any LF LF form).
+                let rest = &passed[good.len().min(passed.len())..];
+                if cut >= good.len() {
+                    assert!(passed.starts_with(good), "cut at {cut}");
+                }
+                assert!(
+                    !rest.windows(2).any(|w| w == b"\n\n")
+                        && !rest.windows(3).any(|w| w == b"\n\r\n")
+                        && !rest.windows(4).any(|w| w == b"\r\n\r\n"),
+                    "cut at {cut}: {}",
+                    String::from_utf8_lossy(&passed)
+                );
+            }
+        }
     }
 
     #[test]

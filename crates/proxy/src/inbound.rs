@@ -265,8 +265,29 @@ async fn serve_http(
     stream: tokio_rustls::server::TlsStream<TcpStream>,
     client: AppClient,
 ) {
+    // Per connection, not per request: the identity header's value and the app link.
+    let Ok(peer_header) = hyper::header::HeaderValue::from_str(peer.as_str()) else {
+        return;
+    };
+    // The common HTTP/1.1 request takes the fast path; the rest of the connection moves to
+    // the general path (below) at the first request that needs it.
+    let prefix = if port.protocol == Protocol::Http
+        && stream.get_ref().1.alpn_protocol() != Some(b"h2")
+        && !meshward_telemetry::trace::enabled()
+    {
+        let mut stream = stream;
+        match crate::h1::serve(&shared, port, &peer, &mut stream).await {
+            crate::h1::End::Closed => return,
+            crate::h1::End::Handoff(bytes) => (stream, bytes),
+        }
+    } else {
+        (stream, vec![])
+    };
+    let (stream, prefix) = prefix;
+    let link = Arc::new(AppLink::default());
     let svc = hyper::service::service_fn(move |req: HttpRequest<Incoming>| {
         let (shared, peer, client) = (shared.clone(), peer.clone(), client.clone());
+        let (peer_header, link) = (peer_header.clone(), link.clone());
         async move {
             let t0 = std::time::Instant::now();
             let span = meshward_telemetry::trace::RequestSpan::start(
@@ -274,7 +295,12 @@ async fn serve_http(
                 req.method().as_str(),
                 req.uri().path(),
             );
-            let r = handle(&shared, port, &peer, &client, &span, req).await;
+            let app = App {
+                client: &client,
+                link: &link,
+                peer_header,
+            };
+            let r = handle(&shared, port, &peer, app, &span, req).await;
             let status = r.status().as_u16();
             if shared.log.metrics_on {
                 shared
@@ -299,65 +325,126 @@ async fn serve_http(
         .max_pending_accept_reset_streams(20)
         .max_local_error_reset_streams(Some(100));
     let _ = b
-        .serve_connection(TokioIo::new(crate::hygiene::Hygiene::new(stream)), svc)
+        .serve_connection(
+            TokioIo::new(crate::hygiene::Hygiene::with_prefix(stream, prefix)),
+            svc,
+        )
         .await;
 }
 
-async fn handle(
+/// Where an allowed request goes: the connection's own app link (HTTP/1 to an HTTP/1 app)
+/// or the shared pool; and the verified identity as a header value.
+struct App<'a> {
+    client: &'a AppClient,
+    link: &'a AppLink,
+    peer_header: hyper::header::HeaderValue,
+}
+
+/// The app connection of one downstream connection. Requests on an HTTP/1 connection come
+/// one after another, so each keeps an app connection of its own: no pool lookup and no
+/// task per request to hand the connection back (measured in docs/proxy.md). HTTP/2
+/// streams, which run concurrently, and HTTP/2 apps use the shared pool.
+#[derive(Default)]
+struct AppLink(std::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<Incoming>>>);
+
+impl AppLink {
+    fn take(&self) -> Option<hyper::client::conn::http1::SendRequest<Incoming>> {
+        self.0.lock().ok().and_then(|mut g| g.take())
+    }
+
+    fn put(&self, s: hyper::client::conn::http1::SendRequest<Incoming>) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = Some(s);
+        }
+    }
+
+    /// Sends `req` (origin-form target) on the link's connection, opening one when there is
+    /// none or the app closed it before the request was written.
+    async fn send(
+        &self,
+        port: InboundPort,
+        mut req: HttpRequest<Incoming>,
+    ) -> Result<Response<Incoming>, String> {
+        if let Some(mut s) = self.take()
+            && s.ready().await.is_ok()
+        {
+            match s.try_send_request(req).await {
+                Ok(resp) => {
+                    // Back before the body is read: the next request on this connection
+                    // comes after the response is complete, and `ready` waits for that.
+                    self.put(s);
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(r) => req = r, // never written: retry on a new connection
+                    None => return Err(e.into_error().to_string()),
+                },
+            }
+        }
+        let tcp = meshward_control::grpc::tcp_connect(port.app, port.mark)
+            .await
+            .map_err(|e| format!("cannot connect to the app at {}: {e}", port.app))?;
+        let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let resp = s.send_request(req).await.map_err(|e| e.to_string())?;
+        self.put(s);
+        Ok(resp)
+    }
+}
+
+/// An HTTP request checked against policy: what was decided on, the decision, and the
+/// normalized target to forward.
+pub(crate) struct Checked {
+    pub preq: Request,
+    pub d: Decision,
+    pub target: String,
+}
+
+/// Normalizes the request target and decides with the compiled engine. `Err` carries the
+/// body of the 400 an ambiguous path gets.
+pub(crate) fn authorize<'h>(
     shared: &Shared,
     port: InboundPort,
     peer: &SpiffeId,
-    client: &AppClient,
-    span: &meshward_telemetry::trace::RequestSpan,
-    mut req: HttpRequest<Incoming>,
-) -> Response<Body> {
-    let h = req.headers();
-    let target = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_owned();
-    let norm = match normalize(&target) {
-        Ok(n) => n,
-        Err(e) => {
-            return full(
-                StatusCode::BAD_REQUEST,
-                serde_json::json!({"error": e.code(), "reason": e.to_string()}),
-            );
-        }
-    };
-    // HTTP/1 `Host`, or HTTP/2 `:authority`.
-    let host = h
-        .get(hyper::header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    method: &str,
+    target: &str,
+    host: Option<&str>,
+    headers: impl Iterator<Item = (&'h str, &'h [u8])>,
+) -> Result<Checked, serde_json::Value> {
+    let norm = normalize(target)
+        .map_err(|e| serde_json::json!({"error": e.code(), "reason": e.to_string()}))?;
     // Only the headers policy conditions read (none, for most policies).
     let policy = shared.policy.load_full();
     let wanted: &[String] = policy.as_ref().map_or(&[], |p| p.headers.as_slice());
     let headers: Vec<(String, String)> = if wanted.is_empty() {
         vec![]
     } else {
-        h.iter()
+        headers
             .filter(|(k, _)| {
-                k.as_str() != IDENTITY_HEADER && wanted.iter().any(|w| w == k.as_str())
+                !k.eq_ignore_ascii_case(IDENTITY_HEADER)
+                    && wanted.iter().any(|w| w.eq_ignore_ascii_case(k))
             })
             .map(|(k, v)| {
                 (
-                    k.as_str().to_owned(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    k.to_ascii_lowercase(),
+                    String::from_utf8_lossy(v).into_owned(),
                 )
             })
             .collect()
     };
+    let target = norm.target();
     let preq = Request {
         source: Source::Authenticated(peer.clone()),
         destination: shared.workload.clone(),
         port: port.app_port,
         http: Some(HttpAttrs {
-            method: req.method().as_str().to_owned(),
-            path: norm.path.clone(),
-            host,
+            method: method.to_owned(),
+            path: norm.path,
+            host: host.map(str::to_owned),
             headers,
         }),
         at: SystemTime::now(),
@@ -365,6 +452,44 @@ async fn handle(
     let d = match &policy {
         Some(p) => p.engine.decide(&preq),
         None => Decision::bare(Verdict::Deny, Reason::NoPolicy, PolicyRevision(0)),
+    };
+    Ok(Checked { preq, d, target })
+}
+
+/// The JSON body of a 403: the reason code and the deciding policy.
+pub(crate) fn denial(d: &Decision) -> serde_json::Value {
+    serde_json::json!({"verdict": "deny", "reason": d.reason, "policy": d.policy, "rule": d.rule, "revision": d.revision})
+}
+
+async fn handle(
+    shared: &Shared,
+    port: InboundPort,
+    peer: &SpiffeId,
+    app: App<'_>,
+    span: &meshward_telemetry::trace::RequestSpan,
+    mut req: HttpRequest<Incoming>,
+) -> Response<Body> {
+    // HTTP/1 `Host`, or HTTP/2 `:authority`.
+    let authority = req.uri().authority().map(|a| a.to_string());
+    let host = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or(authority.as_deref());
+    let checked = authorize(
+        shared,
+        port,
+        peer,
+        req.method().as_str(),
+        req.uri().path_and_query().map_or("/", |pq| pq.as_str()),
+        host,
+        req.headers()
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_bytes())),
+    );
+    let Checked { preq, d, target } = match checked {
+        Ok(c) => c,
+        Err(body) => return full(StatusCode::BAD_REQUEST, body),
     };
     if span.is_recording() {
         span.decision(meshward_telemetry::trace::DecisionAttrs {
@@ -402,35 +527,46 @@ async fn handle(
                 .boxed();
             return r;
         }
-        return full(
-            StatusCode::FORBIDDEN,
-            serde_json::json!({"verdict": "deny", "reason": d.reason, "policy": d.policy, "rule": d.rule, "revision": d.revision}),
-        );
+        return full(StatusCode::FORBIDDEN, denial(&d));
     }
-    // Forward: the normalized target, the verified identity.
-    let uri = format!("http://{}{}", port.app, norm.target());
-    let Ok(uri) = uri.parse::<hyper::Uri>() else {
+    // Forward: the normalized target, the verified identity. An HTTP/1 request to an
+    // HTTP/1 app goes on the connection's own link (origin-form target); the rest through
+    // the pool (absolute target, the app's protocol whatever the peer proxy spoke).
+    let h2_app = matches!(port.protocol, Protocol::Http2 | Protocol::Grpc);
+    let own_link = !h2_app && req.version() != hyper::Version::HTTP_2;
+    let uri = if own_link {
+        hyper::Uri::try_from(target)
+    } else {
+        hyper::Uri::try_from(format!("http://{}{target}", port.app))
+    };
+    let Ok(uri) = uri else {
         return full(
             StatusCode::BAD_REQUEST,
             serde_json::json!({"error": "bad target"}),
         );
     };
     *req.uri_mut() = uri;
-    // The app's protocol, whatever the peer proxy spoke.
-    *req.version_mut() = if matches!(port.protocol, Protocol::Http2 | Protocol::Grpc) {
+    *req.version_mut() = if h2_app {
         hyper::Version::HTTP_2
     } else {
         hyper::Version::HTTP_11
     };
     let hdrs = req.headers_mut();
-    hdrs.remove(IDENTITY_HEADER);
-    if let Ok(v) = hyper::header::HeaderValue::from_str(peer.as_str()) {
-        hdrs.insert(IDENTITY_HEADER, v);
+    hdrs.insert(IDENTITY_HEADER, app.peer_header);
+    if own_link && !hdrs.contains_key(hyper::header::HOST) {
+        // As the pool would: the app's address when the peer sent no Host (HTTP/1.0).
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&port.app.to_string()) {
+            hdrs.insert(hyper::header::HOST, v);
+        }
     }
     span.inject(hdrs);
     // Allowed requests are recorded once the app's response has started, with the time.
     let t0 = std::time::Instant::now();
-    let r = client.request(req).await;
+    let r = if own_link {
+        app.link.send(port, req).await
+    } else {
+        app.client.request(req).await.map_err(|e| e.to_string())
+    };
     shared.log.record_with(
         &preq,
         &d,
@@ -444,7 +580,7 @@ async fn handle(
         Ok(resp) => resp.map(|b| b.boxed()),
         Err(e) => full(
             StatusCode::BAD_GATEWAY,
-            serde_json::json!({"error": "the app did not answer", "detail": e.to_string()}),
+            serde_json::json!({"error": "the app did not answer", "detail": e}),
         ),
     }
 }

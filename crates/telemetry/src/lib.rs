@@ -8,6 +8,7 @@
 
 pub mod trace;
 
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -76,10 +77,11 @@ type FGauge = Gauge<f64, AtomicU64>;
 pub struct RequestLabels {
     /// `inbound` or `outbound`.
     pub direction: &'static str,
-    /// The verified peer SPIFFE ID, or `unauthenticated`.
-    pub source: String,
+    /// The verified peer SPIFFE ID, or `unauthenticated` (shared strings: labels are built
+    /// on every request, so they copy no text).
+    pub source: Arc<str>,
     /// The destination workload or service (`namespace/name`), or `external`.
-    pub destination: String,
+    pub destination: Arc<str>,
     pub verdict: &'static str,
     pub reason: &'static str,
 }

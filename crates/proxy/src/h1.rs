@@ -1,0 +1,579 @@
+//! The inbound HTTP/1.1 fast path: the common request — HTTP/1.1, no body, no upgrade —
+//! relayed between the peer's TLS stream and one app connection in a single task, the
+//! request head checked ([`crate::hygiene::check_head`]), parsed (httparse), authorized and
+//! rewritten (normalized target, verified identity) and the response relayed as it comes.
+//! Everything else — a request with a body, `Expect`, `Upgrade`, HTTP/1.0, a head too large
+//! — hands the connection, with the bytes read so far, to the general path (hyper), which
+//! serves it from then on. Tracing uses the general path too (the span per request lives
+//! there).
+//!
+//! Why: at 1,000 requests per second the general path's server and client tasks, header
+//! maps and channels were most of the inbound proxy's user-space time (docs/proxy.md has
+//! the measurements).
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use meshward_identity::SpiffeId;
+use meshward_policy::decision::Verdict;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::hygiene::{ChunkedEnd, MAX_HEAD, State0, check_head};
+use crate::inbound::{Checked, IDENTITY_HEADER, InboundPort, authorize, denial};
+use crate::state::Shared;
+
+/// The most headers in a request or response head (as the general path's `max_headers`).
+const MAX_HEADERS: usize = 100;
+
+/// How a connection left the fast path.
+#[derive(Debug)]
+pub enum End {
+    /// Closed (by the peer, after `Connection: close`, or refused).
+    Closed,
+    /// The next request needs the general path: these bytes, already read, start it.
+    Handoff(Vec<u8>),
+}
+
+/// A read buffer with a consumed prefix.
+#[derive(Debug, Default)]
+struct Buf {
+    data: Vec<u8>,
+    pos: usize,
+}
+
+impl Buf {
+    fn bytes(&self) -> &[u8] {
+        &self.data[self.pos..]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos += n;
+        if self.pos == self.data.len() {
+            self.data.clear();
+            self.pos = 0;
+        }
+    }
+
+    /// Reads more; `Ok(0)` at end of stream.
+    async fn fill(&mut self, io: &mut (impl AsyncRead + Unpin)) -> std::io::Result<usize> {
+        if self.pos > 0 && self.data.capacity() - self.data.len() < 4096 {
+            self.data.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.data.reserve(8192);
+        io.read_buf(&mut self.data).await
+    }
+
+    /// The end of the head at the start of the buffer (after CRLF CRLF), skipping the empty
+    /// lines allowed before a request.
+    fn head_end(&mut self) -> Option<usize> {
+        let skip = self
+            .bytes()
+            .iter()
+            .take_while(|b| **b == b'\r' || **b == b'\n')
+            .count();
+        self.consume(skip);
+        self.bytes()
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|p| p + 4)
+    }
+
+    fn into_vec(mut self) -> Vec<u8> {
+        self.data.drain(..self.pos);
+        self.data
+    }
+}
+
+/// The app connection of this downstream connection.
+#[derive(Debug)]
+struct AppConn {
+    io: TcpStream,
+    buf: Buf,
+}
+
+/// Serves HTTP/1.1 requests from `stream` until it closes or a request needs the general
+/// path.
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    port: InboundPort,
+    peer: &SpiffeId,
+    stream: &mut S,
+) -> End {
+    let mut buf = Buf::default();
+    let mut app: Option<AppConn> = None;
+    let mut out: Vec<u8> = Vec::with_capacity(1024);
+    loop {
+        // A request head.
+        let end = loop {
+            if let Some(e) = buf.head_end() {
+                break e;
+            }
+            let pending = buf.bytes();
+            if pending.len() > MAX_HEAD || crate::hygiene::has_bare_lf(None, pending) {
+                // Too large or ambiguous: the general path answers (431) or refuses it.
+                return End::Handoff(buf.into_vec());
+            }
+            match buf.fill(stream).await {
+                Ok(0) | Err(_) => return End::Closed,
+                Ok(_) => {}
+            }
+        };
+        let t0 = Instant::now();
+        let head = &buf.bytes()[..end];
+        if end > MAX_HEAD || !matches!(check_head(head), Ok(State0::Length(0))) {
+            // A body, or a head hygiene refuses: the general path carries or refuses it.
+            return End::Handoff(buf.into_vec());
+        }
+        let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut hs);
+        let (Ok(httparse::Status::Complete(_)), Some(method), Some(target), Some(1)) =
+            (req.parse(head), req.method, req.path, req.version)
+        else {
+            return End::Handoff(buf.into_vec());
+        };
+        let (mut host, mut close, mut general) = (None, false, method == "CONNECT");
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("host") {
+                host = std::str::from_utf8(h.value).ok();
+            } else if h.name.eq_ignore_ascii_case("connection") {
+                close |= has_token(h.value, "close");
+                general |= has_token(h.value, "upgrade");
+            } else if h.name.eq_ignore_ascii_case("expect")
+                || h.name.eq_ignore_ascii_case("upgrade")
+            {
+                general = true;
+            }
+        }
+        if general {
+            return End::Handoff(buf.into_vec());
+        }
+        let checked = authorize(
+            shared,
+            port,
+            peer,
+            method,
+            target,
+            host,
+            req.headers.iter().map(|h| (h.name, h.value)),
+        );
+        let Checked { preq, d, target } = match checked {
+            Ok(c) => c,
+            Err(body) => {
+                let ok = respond(stream, "400 Bad Request", &body, close).await;
+                done(shared, 400, t0);
+                buf.consume(end);
+                if close || !ok {
+                    return End::Closed;
+                }
+                continue;
+            }
+        };
+        if d.verdict != Verdict::Allow {
+            shared.log.record(&preq, &d);
+            let ok = respond(stream, "403 Forbidden", &denial(&d), close).await;
+            done(shared, 403, t0);
+            buf.consume(end);
+            if close || !ok {
+                return End::Closed;
+            }
+            continue;
+        }
+        // The head for the app: the normalized target, the verified identity (any copy
+        // the peer sent is dropped), everything else as sent.
+        out.clear();
+        out.extend_from_slice(method.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(target.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        for h in req.headers.iter() {
+            if !h.name.eq_ignore_ascii_case(IDENTITY_HEADER) {
+                out.extend_from_slice(h.name.as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(h.value);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        out.extend_from_slice(IDENTITY_HEADER.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(peer.as_str().as_bytes());
+        out.extend_from_slice(b"\r\n");
+        if host.is_none() {
+            out.extend_from_slice(format!("host: {}\r\n", port.app).as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        let head_only = method == "HEAD";
+        let idempotent = matches!(
+            method,
+            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+        );
+        buf.consume(end);
+
+        let t_app = Instant::now();
+        let relayed = relay(stream, &mut app, port, &out, head_only, idempotent).await;
+        shared.log.record_with(
+            &preq,
+            &d,
+            &crate::decision_log::Extra {
+                duration: Some(t_app.elapsed()),
+                address: port.mark.is_some().then_some(port.app),
+                ..Default::default()
+            },
+        );
+        match relayed {
+            Ok(r) => {
+                done(shared, r.status, t0);
+                if close || r.close {
+                    let _ = stream.shutdown().await;
+                    return End::Closed;
+                }
+            }
+            Err(Failure::App(e)) => {
+                app = None;
+                let body = serde_json::json!({"error": "the app did not answer", "detail": e});
+                let ok = respond(stream, "502 Bad Gateway", &body, close).await;
+                done(shared, 502, t0);
+                if close || !ok {
+                    return End::Closed;
+                }
+            }
+            Err(Failure::Peer) => return End::Closed,
+        }
+    }
+}
+
+/// Counts a finished request (time to the response head).
+fn done(shared: &Shared, status: u16, t0: Instant) {
+    if shared.log.metrics_on {
+        shared
+            .log
+            .metrics
+            .request_done("inbound", status, t0.elapsed().as_secs_f64());
+    }
+}
+
+/// Whether a comma-separated header value lists `token`.
+fn has_token(value: &[u8], token: &str) -> bool {
+    value
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// Writes a small JSON response of the proxy's own; false when the peer is gone.
+async fn respond<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    status: &str,
+    body: &serde_json::Value,
+    close: bool,
+) -> bool {
+    let body = body.to_string();
+    let head = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n",
+        body.len(),
+        if close { "connection: close\r\n" } else { "" }
+    );
+    let mut msg = head.into_bytes();
+    msg.extend_from_slice(body.as_bytes());
+    stream.write_all(&msg).await.is_ok() && stream.flush().await.is_ok()
+}
+
+#[derive(Debug)]
+enum Failure {
+    /// The app could not be reached or answered wrongly (nothing was sent to the peer).
+    App(String),
+    /// The peer's side failed, or the app's after the response had begun: close.
+    Peer,
+}
+
+#[derive(Debug)]
+struct Relayed {
+    status: u16,
+    /// The connection must close after this response.
+    close: bool,
+}
+
+/// Sends `head` to the app (on the connection's app connection, opened when needed) and
+/// relays its response to `stream`.
+async fn relay<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    app: &mut Option<AppConn>,
+    port: InboundPort,
+    head: &[u8],
+    head_only: bool,
+    idempotent: bool,
+) -> Result<Relayed, Failure> {
+    // A kept connection the app has closed meanwhile shows as a write error or an empty
+    // read; an idempotent request is then sent again, once, on a new connection.
+    let mut fresh = app.is_none();
+    let (resp_end, status, framing, keep) = loop {
+        if app.is_none() {
+            *app = Some(AppConn {
+                io: connect(port.app, port.mark).await.map_err(Failure::App)?,
+                buf: Buf::default(),
+            });
+        }
+        let Some(conn) = app.as_mut() else {
+            return Err(Failure::App("no app connection".into()));
+        };
+        let sent = conn.io.write_all(head).await;
+        let got = match sent {
+            Ok(()) => read_response_head(conn, stream, head_only).await,
+            Err(e) => Err(ReadErr::Closed(e.to_string())),
+        };
+        match got {
+            Ok(r) => break r,
+            Err(ReadErr::Closed(_)) if !fresh && idempotent => {
+                *app = None;
+                fresh = true;
+            }
+            Err(ReadErr::Closed(e) | ReadErr::Bad(e)) => {
+                *app = None;
+                return Err(Failure::App(e));
+            }
+            Err(ReadErr::Peer) => return Err(Failure::Peer),
+        }
+    };
+    let Some(conn) = app.as_mut() else {
+        return Err(Failure::App("no app connection".into()));
+    };
+    // The head and what of the body has arrived, in one write.
+    let avail = conn.buf.bytes().len();
+    let (first, rest) = match framing {
+        Framing::Length(n) => {
+            let take = resp_end
+                + usize::try_from(n)
+                    .unwrap_or(usize::MAX)
+                    .min(avail - resp_end);
+            (take, n - (take - resp_end) as u64)
+        }
+        Framing::Chunked(_) | Framing::UntilClose => (avail, 0),
+    };
+    let mut close = !keep;
+    if let Framing::Chunked(mut c) = framing {
+        match c.scan(&conn.buf.bytes()[resp_end..first]) {
+            Ok(Some(n)) => {
+                write_out(stream, &conn.buf.bytes()[..resp_end + n]).await?;
+                conn.buf.consume(resp_end + n);
+            }
+            Ok(None) => {
+                write_out(stream, &conn.buf.bytes()[..first]).await?;
+                conn.buf.consume(first);
+                relay_chunked(stream, conn, c).await?;
+            }
+            Err(_) => return Err(Failure::Peer),
+        }
+    } else {
+        write_out(stream, &conn.buf.bytes()[..first]).await?;
+        conn.buf.consume(first);
+        match framing {
+            Framing::Length(_) if rest > 0 => relay_length(stream, conn, rest).await?,
+            Framing::UntilClose => {
+                relay_until_close(stream, conn).await?;
+                close = true;
+            }
+            _ => {}
+        }
+    }
+    stream.flush().await.map_err(|_| Failure::Peer)?;
+    // Bytes beyond the response: the app broke framing; never reuse that connection.
+    if close || !conn.buf.bytes().is_empty() {
+        *app = None;
+    }
+    Ok(Relayed { status, close })
+}
+
+async fn connect(addr: SocketAddr, mark: Option<u32>) -> Result<TcpStream, String> {
+    meshward_control::grpc::tcp_connect(addr, mark)
+        .await
+        .map_err(|e| format!("cannot connect to the app at {addr}: {e}"))
+}
+
+async fn write_out<S: AsyncWrite + Unpin>(stream: &mut S, b: &[u8]) -> Result<(), Failure> {
+    stream.write_all(b).await.map_err(|_| Failure::Peer)
+}
+
+#[derive(Debug)]
+enum ReadErr {
+    /// The app closed or reset before any byte of a response.
+    Closed(String),
+    /// The app sent something that is not a valid response.
+    Bad(String),
+    /// Writing an interim response to the peer failed.
+    Peer,
+}
+
+#[derive(Debug)]
+enum Framing {
+    Length(u64),
+    Chunked(ChunkedEnd),
+    UntilClose,
+}
+
+/// Reads the app's final response head (relaying 1xx interim responses to the peer):
+/// its length, status, body framing and whether the app connection may be kept.
+async fn read_response_head<S: AsyncWrite + Unpin>(
+    conn: &mut AppConn,
+    stream: &mut S,
+    head_only: bool,
+) -> Result<(usize, u16, Framing, bool), ReadErr> {
+    let mut any = false;
+    loop {
+        let end = loop {
+            if let Some(p) = conn.buf.bytes().windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            if conn.buf.bytes().len() > MAX_HEAD {
+                return Err(ReadErr::Bad("response head too large".into()));
+            }
+            match conn.buf.fill(&mut conn.io).await {
+                Ok(0) if !any && conn.buf.bytes().is_empty() => {
+                    return Err(ReadErr::Closed("the app closed the connection".into()));
+                }
+                Ok(0) => return Err(ReadErr::Bad("the app closed mid-response".into())),
+                Err(e) if !any && conn.buf.bytes().is_empty() => {
+                    return Err(ReadErr::Closed(e.to_string()));
+                }
+                Err(e) => return Err(ReadErr::Bad(e.to_string())),
+                Ok(_) => any = true,
+            }
+        };
+        let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut hs);
+        let (Ok(httparse::Status::Complete(_)), Some(code), Some(version)) = (
+            resp.parse(&conn.buf.bytes()[..end]),
+            resp.code,
+            resp.version,
+        ) else {
+            return Err(ReadErr::Bad("not a valid HTTP/1 response head".into()));
+        };
+        if (100..200).contains(&code) {
+            if code == 101 {
+                return Err(ReadErr::Bad(
+                    "101 Switching Protocols without an upgrade".into(),
+                ));
+            }
+            // Interim (103 Early Hints, 100 Continue): relayed, then the final response.
+            stream
+                .write_all(&conn.buf.bytes()[..end])
+                .await
+                .map_err(|_| ReadErr::Peer)?;
+            conn.buf.consume(end);
+            continue;
+        }
+        let (mut length, mut chunked, mut te, mut close) = (None, false, false, version == 0);
+        for h in resp.headers.iter() {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                let n = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .ok_or_else(|| ReadErr::Bad("invalid Content-Length".into()))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(ReadErr::Bad("conflicting Content-Length".into()));
+                }
+                length = Some(n);
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                te = true;
+                chunked = h
+                    .value
+                    .rsplit(|b| *b == b',')
+                    .next()
+                    .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if h.name.eq_ignore_ascii_case("connection") {
+                if has_token(h.value, "close") {
+                    close = true;
+                } else if version == 0 && has_token(h.value, "keep-alive") {
+                    close = false;
+                }
+            }
+        }
+        let framing = if head_only || code == 204 || code == 304 {
+            Framing::Length(0)
+        } else if te {
+            if chunked {
+                Framing::Chunked(ChunkedEnd::default())
+            } else {
+                Framing::UntilClose
+            }
+        } else {
+            length.map_or(Framing::UntilClose, Framing::Length)
+        };
+        let keep = !close && !matches!(framing, Framing::UntilClose);
+        return Ok((end, code, framing, keep));
+    }
+}
+
+async fn relay_length<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    conn: &mut AppConn,
+    mut rest: u64,
+) -> Result<(), Failure> {
+    while rest > 0 {
+        match conn.buf.fill(&mut conn.io).await {
+            Ok(0) | Err(_) => return Err(Failure::Peer),
+            Ok(_) => {}
+        }
+        let b = conn.buf.bytes();
+        let take = usize::try_from(rest).unwrap_or(usize::MAX).min(b.len());
+        write_out(stream, &b[..take]).await?;
+        conn.buf.consume(take);
+        rest -= take as u64;
+    }
+    Ok(())
+}
+
+/// Relays a chunked body to its end.
+async fn relay_chunked<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    conn: &mut AppConn,
+    mut c: ChunkedEnd,
+) -> Result<(), Failure> {
+    loop {
+        match conn.buf.fill(&mut conn.io).await {
+            Ok(0) | Err(_) => return Err(Failure::Peer),
+            Ok(_) => {}
+        }
+        let b = conn.buf.bytes();
+        match c.scan(b) {
+            Ok(Some(n)) => {
+                write_out(stream, &b[..n]).await?;
+                conn.buf.consume(n);
+                return Ok(());
+            }
+            Ok(None) => {
+                let n = b.len();
+                write_out(stream, b).await?;
+                conn.buf.consume(n);
+            }
+            Err(_) => return Err(Failure::Peer),
+        }
+    }
+}
+
+async fn relay_until_close<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    conn: &mut AppConn,
+) -> Result<(), Failure> {
+    loop {
+        match conn.buf.fill(&mut conn.io).await {
+            Ok(0) => return Ok(()),
+            Err(_) => return Err(Failure::Peer),
+            Ok(_) => {}
+        }
+        let n = conn.buf.bytes().len();
+        write_out(stream, conn.buf.bytes()).await?;
+        conn.buf.consume(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_tokens() {
+        assert!(has_token(b"keep-alive, Close", "close"));
+        assert!(!has_token(b"closed", "close"));
+        assert!(has_token(b"Upgrade", "upgrade"));
+    }
+}

@@ -1,0 +1,368 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+//! The inbound HTTP/1.1 fast path against an app that answers in every framing HTTP/1
+//! has — length, chunked with trailers, until close, interim 1xx, HEAD — through two real
+//! proxies with mTLS: keep-alive on both sides, one app connection per peer connection, a
+//! stale app connection replaced, denials and bad paths answered without closing, and the
+//! hand-over to the general path for a request with a body.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use meshward_identity::ca::{Ca, CaLifetimes};
+use meshward_policy::decision::WorkloadRef;
+use meshward_policy::resource::Protocol;
+use meshward_proxy::decision_log::DecisionLog;
+use meshward_proxy::inbound::{self, InboundPort};
+use meshward_proxy::outbound::{self, Upstream};
+use support::{shared, svid, td};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// An app written against the socket, so each framing is exactly what the test says.
+/// Counts the connections it accepts.
+async fn app(accepted: Arc<AtomicUsize>) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            accepted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    // One request head (and a Content-Length body).
+                    let end = loop {
+                        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break p + 4;
+                        }
+                        let mut tmp = [0u8; 4096];
+                        match s.read(&mut tmp).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    while buf.len() < end + len {
+                        let mut tmp = [0u8; 4096];
+                        match s.read(&mut tmp).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                        }
+                    }
+                    let body = String::from_utf8_lossy(&buf[end..end + len]).into_owned();
+                    buf.drain(..end + len);
+                    let (method, path) = {
+                        let mut w = head.split(' ');
+                        (w.next().unwrap().to_owned(), w.next().unwrap().to_owned())
+                    };
+                    let resp: Vec<u8> = match path.split('?').next().unwrap() {
+                        "/a/len" => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello".to_vec(),
+                        "/a/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t1\r\n\r\n".to_vec(),
+                        "/a/hints" => b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nhinted".to_vec(),
+                        "/a/big" => {
+                            let mut r = b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n".to_vec();
+                            r.extend(std::iter::repeat_n(b'x', 300_000));
+                            r
+                        }
+                        "/a/empty" => b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
+                        "/a/echo" => {
+                            let text = format!("{head}{body}");
+                            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}", text.len()).into_bytes()
+                        }
+                        "/a/close" | "/a/drop" => Vec::new(),
+                        _ => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
+                    };
+                    let resp = if method == "HEAD" {
+                        // The head only (Content-Length says what GET would carry).
+                        let e = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                        resp[..e].to_vec()
+                    } else {
+                        resp
+                    };
+                    match path.as_str() {
+                        // No length: the body runs until the app closes.
+                        "/a/close" => {
+                            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil-close").await;
+                            return;
+                        }
+                        // A kept-alive connection the app then closes (idle timeout).
+                        "/a/drop" => {
+                            let _ = s
+                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\ndropped")
+                                .await;
+                            return;
+                        }
+                        _ => {
+                            if s.write_all(&resp).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+struct Pair {
+    outbound: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    _dir: tempfile::TempDir,
+}
+
+/// Frontend sidecar (tunnel out) → orders sidecar (fast path in) → the app above. GET,
+/// HEAD and POST on `/a/*` are allowed; everything else is denied.
+async fn pair(app_addr: Option<SocketAddr>) -> Pair {
+    meshward_identity::install_crypto_provider();
+    let ca = Ca::generate(td(), CaLifetimes::default(), SystemTime::now()).unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let app_addr = match app_addr {
+        Some(a) => a,
+        None => app(accepted.clone()).await,
+    };
+    let inb = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let out = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (inbound, outbound) = (inb.local_addr().unwrap(), out.local_addr().unwrap());
+    let app_port = app_addr.port();
+    let set = support::policy_set(&format!(
+        r#"
+apiVersion: meshward.io/v1alpha1
+kind: Workload
+metadata: {{name: orders-api, namespace: orders, labels: {{app: orders-api}}}}
+spec: {{ports: [{{port: {app_port}, protocol: HTTP, inbound: "{inbound}"}}]}}
+---
+apiVersion: meshward.io/v1alpha1
+kind: Service
+metadata: {{name: orders, namespace: orders}}
+spec: {{selector: {{app: orders-api}}, ports: [{{port: 80, targetPort: {app_port}}}]}}
+---
+apiVersion: meshward.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: orders-api, namespace: orders}}
+spec:
+  tier: service
+  action: ALLOW
+  target: {{workloads: [orders-api]}}
+  rules:
+    - from: [{{identities: ["spiffe://shop.example/ns/web/sa/frontend"]}}]
+      to: [{{methods: [GET, HEAD, POST], paths: ["/a/*"]}}]
+"#
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let log = DecisionLog::to_file(dir.path().join("decisions.jsonl"), 1 << 20, 1).unwrap();
+    let orders = shared(&ca, "orders/orders-api", log);
+    orders.set_policy(1, set.clone());
+    orders.svid.store(Some(Arc::new(svid(
+        &ca,
+        "spiffe://shop.example/ns/orders/sa/orders-api",
+        Duration::from_secs(3600),
+    ))));
+    let frontend = shared(&ca, "web/frontend", DecisionLog::disabled());
+    frontend.set_policy(1, set);
+    frontend.svid.store(Some(Arc::new(svid(
+        &ca,
+        "spiffe://shop.example/ns/web/sa/frontend",
+        Duration::from_secs(3600),
+    ))));
+    tokio::spawn(inbound::serve(
+        orders,
+        InboundPort::explicit(app_port, Protocol::Http),
+        inb,
+    ));
+    tokio::spawn(outbound::serve(
+        frontend,
+        Upstream {
+            service: WorkloadRef::parse("orders/orders").unwrap(),
+            port: 80,
+        },
+        out,
+    ));
+    Pair {
+        outbound,
+        accepted,
+        _dir: dir,
+    }
+}
+
+/// Sends `requests` on one connection and reads until the proxy closes it.
+async fn exchange(addr: SocketAddr, requests: &str) -> String {
+    let requests = requests.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(requests.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .unwrap()
+}
+
+const ID: &str = "spiffe://shop.example/ns/web/sa/frontend";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_requests_share_one_app_connection_with_the_identity_set() {
+    let p = pair(None).await;
+    let r = exchange(
+        p.outbound,
+        "GET /a/x/../echo?q=1 HTTP/1.1\r\nHost: orders\r\nX-Meshward-Peer-Identity: spiffe://evil/ns/x/sa/y\r\nx-meshward-peer-identity: spiffe://evil/ns/x/sa/z\r\n\r\n\
+         GET /a//echo HTTP/1.1\r\nHost: orders\r\n\r\n\
+         GET /a/echo HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.matches("HTTP/1.1 200 OK").count(), 3, "{r}");
+    assert!(
+        r.contains("GET /a/echo?q=1 HTTP/1.1\r\n"),
+        "normalized target: {r}"
+    );
+    assert!(r.contains("GET /a/echo HTTP/1.1\r\n"), "{r}");
+    assert_eq!(
+        r.matches(&format!("x-meshward-peer-identity: {ID}\r\n"))
+            .count(),
+        3,
+        "{r}"
+    );
+    assert!(
+        !r.contains("evil"),
+        "forged identity copies are dropped: {r}"
+    );
+    assert_eq!(p.accepted.load(Ordering::SeqCst), 1, "one app connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_response_framing_is_relayed_whole() {
+    let p = pair(None).await;
+    let r = exchange(
+        p.outbound,
+        "GET /a/chunked HTTP/1.1\r\nHost: o\r\n\r\n\
+         HEAD /a/len HTTP/1.1\r\nHost: o\r\n\r\n\
+         GET /a/hints HTTP/1.1\r\nHost: o\r\n\r\n\
+         GET /a/empty HTTP/1.1\r\nHost: o\r\n\r\n\
+         GET /a/big HTTP/1.1\r\nHost: o\r\n\r\n\
+         GET /a/len HTTP/1.1\r\nHost: o\r\n\r\n\
+         GET /a/close HTTP/1.1\r\nHost: o\r\n\r\n",
+    )
+    .await;
+    // Each response in order, exactly as the app framed it.
+    let mut want = String::new();
+    want += "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t1\r\n\r\n";
+    want += "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n";
+    want += "HTTP/1.1 103 Early Hints\r\nLink: </style.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nhinted";
+    want += "HTTP/1.1 204 No Content\r\n\r\n";
+    want += "HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n";
+    want += &"x".repeat(300_000);
+    want += "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+    want += "HTTP/1.1 200 OK\r\n\r\nuntil-close";
+    assert!(
+        r == want,
+        "got {} bytes: {}",
+        r.len(),
+        &r[..r.len().min(600)]
+    );
+    // The body that ran until the app closed ended the peer's connection too (read_to_end
+    // returned); everything before it used one app connection.
+    assert_eq!(p.accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_connection_closed_while_idle_is_replaced() {
+    let p = pair(None).await;
+    let r = exchange(
+        p.outbound,
+        "GET /a/drop HTTP/1.1\r\nHost: o\r\n\r\n\
+         GET /a/len HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        r,
+        "HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\ndroppedHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    );
+    assert_eq!(p.accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denials_and_bad_paths_keep_the_connection() {
+    let p = pair(None).await;
+    let r = exchange(
+        p.outbound,
+        "GET /admin HTTP/1.1\r\nHost: o\r\n\r\n\
+         DELETE /a/len HTTP/1.1\r\nHost: o\r\n\r\n\
+         GET /a/x%2Fy HTTP/1.1\r\nHost: o\r\n\r\n\
+         GET /a/len HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let denied = r.matches("HTTP/1.1 403 Forbidden\r\n").count();
+    assert_eq!(denied, 2, "{r}");
+    assert!(r.contains(r#""reason":"no_allow_at_tier""#), "{r}");
+    assert!(r.contains("HTTP/1.1 400 Bad Request\r\n"), "{r}");
+    assert!(r.contains("path_encoded_slash"), "{r}");
+    assert!(
+        r.ends_with("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
+        "{r}"
+    );
+    // Denied requests never reached the app; the allowed one opened its only connection.
+    assert_eq!(p.accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_a_body_moves_the_connection_to_the_general_path() {
+    let p = pair(None).await;
+    let r = exchange(
+        p.outbound,
+        "GET /a/len HTTP/1.1\r\nHost: o\r\n\r\n\
+         POST /a/echo HTTP/1.1\r\nHost: o\r\nContent-Length: 3\r\nx-meshward-peer-identity: forged\r\n\r\nabc\
+         GET /a/echo HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        r.starts_with("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
+        "{r}"
+    );
+    assert_eq!(r.matches("HTTP/1.1 200 OK").count(), 3, "{r}");
+    assert!(r.contains("POST /a/echo HTTP/1.1\r\n"), "{r}");
+    assert!(r.contains("\r\n\r\nabc"), "the body reaches the app: {r}");
+    assert_eq!(
+        r.matches(&format!("x-meshward-peer-identity: {ID}\r\n"))
+            .count(),
+        2,
+        "{r}"
+    );
+    assert!(!r.contains("forged"), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_is_not_listening_gets_502() {
+    // A port nothing listens on (bound, then released).
+    let gone = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let p = pair(Some(gone)).await;
+    let r = exchange(
+        p.outbound,
+        "GET /a/len HTTP/1.1\r\nHost: o\r\n\r\nGET /a/len HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.matches("HTTP/1.1 502 Bad Gateway\r\n").count(), 2, "{r}");
+    assert!(r.contains("the app did not answer"), "{r}");
+}
