@@ -180,7 +180,11 @@ procs() { for p in "$@"; do echo "$p"; pgrep -P "$p" || true; done; }
 cpu_ms() { local t=0; for p in $(procs "$@"); do t=$((t + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $((t * 1000 / $(getconf CLK_TCK))); }
 # Context switches (voluntary + involuntary) of a proxy's processes and all their threads.
 ctx() { local t=0; for p in $(procs "$@"); do for f in /proc/$p/task/*/status; do t=$((t + $(awk '/ctxt_switches/{s+=$2} END{print s}' "$f"))); done; done; echo $t; }
-rss_mb() { local m=0; for p in $(procs "$@"); do v=$(awk '/VmHWM/{print $2}' /proc/$p/status); [ "$v" -gt "$m" ] && m=$v; done; echo $((m / 1024)); }
+# Peak resident memory (VmHWM, over the whole run, max-rate phases included) of the
+# largest process, in MiB with one decimal.
+# Resident memory now (VmRSS) of the largest process, MiB with one decimal.
+rss_now() { local m=0; for p in $(procs "$@"); do v=$(awk '/VmRSS/{print $2}' /proc/$p/status); [ "$v" -gt "$m" ] && m=$v; done; awk -v k="$m" 'BEGIN { printf "%.1f", k / 1024 }'; }
+rss_mb() { local m=0; for p in $(procs "$@"); do v=$(awk '/VmHWM/{print $2}' /proc/$p/status); [ "$v" -gt "$m" ] && m=$v; done; awk -v k="$m" 'BEGIN { printf "%.1f", k / 1024 }'; }
 
 # The rows: name, port, outbound proxy, inbound proxy.
 ROWS=(
@@ -205,10 +209,10 @@ measure() {
   fi
   read -r rps p50 p99 _ < <("$LG" 127.0.0.1:$port /x "$RATE" "$SECS" 16)
   [ ${#perf[@]} -eq 0 ] || wait "${perf[@]}" || true
-  local o1 i1 xo1 xi1; o1=$(cpu_ms "$out"); i1=$(cpu_ms "$in"); xo1=$(ctx "$out"); xi1=$(ctx "$in")
+  local o1 i1 xo1 xi1 rss; o1=$(cpu_ms "$out"); i1=$(cpu_ms "$in"); xo1=$(ctx "$out"); xi1=$(ctx "$in"); rss=$(rss_now "$out" "$in")
   read -r max _ _ _ < <("$LG" 127.0.0.1:$port /x 0 "$SECS" 16)
   awk -v o=$((o1 - o0)) -v i=$((i1 - i0)) -v xo=$((xo1 - xo0)) -v xi=$((xi1 - xi0)) -v n="$rps" -v s="$SECS" -v p50="$p50" -v p99="$p99" -v max="$max" \
-    'BEGIN { k = n * s / 1000; printf "%s %s %.1f %.1f %.1f %s %.2f %.2f\n", p50, p99, (o + i) / k, o / k, i / k, max, xo / (n * s), xi / (n * s) }' >> "$R/$i"
+    -v rss="$rss" 'BEGIN { k = n * s / 1000; printf "%s %s %.1f %.1f %.1f %s %.2f %.2f %s\n", p50, p99, (o + i) / k, o / k, i / k, max, xo / (n * s), xi / (n * s), rss }' >> "$R/$i"
 }
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 col() { awk -v c="$2" '{ print $c }' "$R/$1" | median; }
@@ -219,7 +223,7 @@ echo "measuring ${#SELECTED[@]} pairs and a direct connection, $ROUNDS rounds of
 for r in $(seq "$ROUNDS"); do
   read -r _ p50 p99 _ < <("$LG" 127.0.0.1:18900 /x "$RATE" "$SECS" 16)
   read -r max _ _ _ < <("$LG" 127.0.0.1:18900 /x 0 "$SECS" 16)
-  echo "$p50 $p99 0 0 0 $max 0 0" >> "$R/direct"
+  echo "$p50 $p99 0 0 0 $max 0 0 0" >> "$R/direct"
   for i in "${SELECTED[@]}"; do measure "$i"; done
   echo "  round $r of $ROUNDS done" >&2
 done
@@ -227,7 +231,7 @@ done
 echo
 echo "Medians of $ROUNDS interleaved rounds."
 echo
-echo "| pair | p50 / p99 ms @${RATE} rps | added p50 / p99 ms | proxy CPU ms per 1k req (out + in) | max rps | peak RSS MiB (per proxy) | context switches per req (out / in) |"
+echo "| pair | p50 / p99 ms @${RATE} rps | added p50 / p99 ms | proxy CPU ms per 1k req (out + in) | max rps | RSS MiB @${RATE} rps / peak (larger proxy) | context switches per req (out / in) |"
 echo "|---|---:|---:|---:|---:|---:|---:|"
 D50=$(col direct 1); D99=$(col direct 2)
 echo "| direct | $D50 / $D99 | — | — | $(col direct 6) | — | — |"
@@ -237,7 +241,7 @@ for i in "${SELECTED[@]}"; do
   p50=$(col "$i" 1); p99=$(col "$i" 2)
   CPU[$i]=$(col "$i" 3); MAX[$i]=$(col "$i" 6)
   a50=$(awk -v a="$p50" -v b="$D50" 'BEGIN{printf "%.3f", a-b}'); a99=$(awk -v a="$p99" -v b="$D99" 'BEGIN{printf "%.3f", a-b}')
-  echo "| $name | $p50 / $p99 | $a50 / $a99 | ${CPU[$i]} ($(col "$i" 4) + $(col "$i" 5)) | ${MAX[$i]} | $(rss_mb "$out" "$in") | $(col "$i" 7) / $(col "$i" 8) |"
+  echo "| $name | $p50 / $p99 | $a50 / $a99 | ${CPU[$i]} ($(col "$i" 4) + $(col "$i" 5)) | ${MAX[$i]} | $(col "$i" 9) / $(rss_mb "$out" "$in") | $(col "$i" 7) / $(col "$i" 8) |"
 done
 echo
 if [ -n "${CPU[0]:-}" ] && [ -n "${CPU[1]:-}" ]; then

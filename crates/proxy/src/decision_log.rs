@@ -212,10 +212,15 @@ impl DecisionLog {
             .duration
             .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         let mut line = rec.to_line();
+        let Some(tx) = &self.tx else {
+            if let Some(q) = &self.ship {
+                q.push(line);
+            }
+            return;
+        };
         if let Some(q) = &self.ship {
             q.push(line.clone());
         }
-        let Some(tx) = &self.tx else { return };
         line.push('\n');
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(line) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -223,8 +228,6 @@ impl DecisionLog {
         }
     }
 
-    /// The metrics of a decision: the request counter (bounded labels: identities,
-    /// workload names, codes), the decision time, shadow verdicts.
     /// The destination's metric label, `external` for every address outside the mesh; the
     /// last one is kept (a proxy's records mostly name its own workload).
     fn destination_label(&self, dest: &WorkloadRef) -> Arc<str> {
@@ -244,24 +247,24 @@ impl DecisionLog {
         }
     }
 
+    /// The metrics of a decision: the request counter (bounded labels: identities,
+    /// workload names, codes), the decision time, shadow verdicts.
     fn count(&self, req: &Request, d: &Decision, outbound: bool) {
         if !self.metrics_on {
             return;
         }
         let m = &self.metrics;
         let destination = self.destination_label(&req.destination);
-        m.requests
-            .get_or_create(&meshward_telemetry::RequestLabels {
-                direction: if outbound { "outbound" } else { "inbound" },
-                source: req
-                    .source
-                    .identity()
-                    .map_or_else(|| Arc::from("unauthenticated"), |i| i.as_arc().clone()),
-                destination,
-                verdict: d.verdict.as_str(),
-                reason: d.reason.as_str(),
-            })
-            .inc();
+        m.count_request(meshward_telemetry::RequestLabels {
+            direction: if outbound { "outbound" } else { "inbound" },
+            source: req
+                .source
+                .identity()
+                .map_or_else(|| Arc::from("unauthenticated"), |i| i.as_arc().clone()),
+            destination,
+            verdict: d.verdict.as_str(),
+            reason: d.reason.as_str(),
+        });
         if d.reason.is_policy() {
             m.decision_time.observe(d.elapsed.as_secs_f64());
         }

@@ -185,6 +185,11 @@ pub struct ProxyMetrics {
     pub config_updated: FGauge,
     pub config_age: FGauge,
     pub overrides_active: Gauge,
+    /// The series of the last request counted, reused while the labels stay the same (a
+    /// proxy mostly counts one source, destination and verdict over and over).
+    last_request: std::sync::Mutex<Option<(RequestLabels, Counter)>>,
+    /// The latency series by direction (inbound, outbound) and status class, once created.
+    latency: [std::sync::OnceLock<Histogram>; 10],
 }
 
 impl Default for ProxyMetrics {
@@ -283,6 +288,8 @@ impl ProxyMetrics {
             config_updated,
             config_age,
             overrides_active,
+            last_request: std::sync::Mutex::default(),
+            latency: Default::default(),
         }
     }
 
@@ -303,16 +310,39 @@ impl ProxyMetrics {
 
     /// Observes the latency of an HTTP request answered with `status`.
     pub fn request_done(&self, direction: &'static str, status: u16, seconds: f64) {
-        let class = match status / 100 {
-            1 => "1xx",
-            2 => "2xx",
-            3 => "3xx",
-            4 => "4xx",
-            _ => "5xx",
+        let (i, class) = match status / 100 {
+            1 => (0, "1xx"),
+            2 => (1, "2xx"),
+            3 => (2, "3xx"),
+            4 => (3, "4xx"),
+            _ => (4, "5xx"),
         };
-        self.request_duration
-            .get_or_create(&LatencyLabels { direction, class })
+        let slot = if direction == "inbound" { i } else { 5 + i };
+        self.latency[slot]
+            .get_or_init(|| {
+                self.request_duration
+                    .get_or_create(&LatencyLabels { direction, class })
+                    .clone()
+            })
             .observe(seconds);
+    }
+
+    /// Counts one decision in `meshward_requests`.
+    pub fn count_request(&self, labels: RequestLabels) {
+        let Ok(mut last) = self.last_request.lock() else {
+            self.requests.get_or_create(&labels).inc();
+            return;
+        };
+        match &*last {
+            Some((l, c)) if *l == labels => {
+                c.inc();
+            }
+            _ => {
+                let c = self.requests.get_or_create(&labels).clone();
+                c.inc();
+                *last = Some((labels, c));
+            }
+        }
     }
 }
 
