@@ -5,9 +5,10 @@
 #   bash bench/proxy/run.sh            # rounds of 1,000 req/s for 5 s, then max rate for 5 s
 #   RATE=500 SECONDS_EACH=5 ROUNDS=5 bash bench/proxy/run.sh
 #   ONLY='default|nginx' bash bench/proxy/run.sh   # only the rows whose name matches
-#   PERF_DIR=/tmp/prof ONLY=nginx bash bench/proxy/run.sh   # also `perf record` each proxy
-# Every pair is measured ROUNDS times (default 3), the rounds interleaved so that a change
-# in the machine's load hits all pairs alike; the table gives the medians.
+#   PERF_DIR=/tmp/prof [PERF_PHASE=max] ONLY=nginx bash bench/proxy/run.sh   # also `perf record` each proxy
+# Every pair is measured ROUNDS times (default 3), the rounds interleaved (every other one
+# in reverse order) so that a change in the machine's load hits all pairs alike; the table
+# gives the medians.
 # Needs root (installs haproxy and nginx with apt-get when missing). Traffic stays on
 # 127.0.0.1. Everything it starts stops when it exits.
 set -euo pipefail
@@ -26,7 +27,7 @@ done
 echo "building (release) ..."
 (cd "$ROOT" && cargo build --release -q -p meshward)
 cargo build --release -q
-MW="$ROOT/target/release/meshward"
+MW="${MESHWARD_BIN:-$ROOT/target/release/meshward}"
 LG="$(pwd)/target/release/meshward-loadgen"
 
 # Certificates for the HAProxy and nginx pairs.
@@ -103,7 +104,7 @@ nginx -c "$W/ng-i/nginx.conf" -g 'daemon off;' & PIDS+=($!); NG_I=$!
 
 # Meshward pair: a control plane, two sidecars.
 mkdir -p mw/repo
-"$MW" control --data mw/data --trust-domain bench.example --listen 127.0.0.1:18940 --proxy-listen 127.0.0.1:18941 > mw/control.log 2>&1 & PIDS+=($!)
+"$MW" control --data mw/data --trust-domain bench.example --listen 127.0.0.1:18940 --proxy-listen 127.0.0.1:18941 > mw/control.log 2>&1 & PIDS+=($!); CP=$!
 for i in $(seq 50); do [ -f mw/data/admin.token ] && break; sleep 0.1; done
 "$MW" operator add second --data mw/data --role platform-security >/dev/null
 cat > mw/repo/mesh.yaml <<C
@@ -184,6 +185,9 @@ ctx() { local t=0; for p in $(procs "$@"); do for f in /proc/$p/task/*/status; d
 # largest process, in MiB with one decimal.
 # Resident memory now (VmRSS) of the largest process, MiB with one decimal.
 rss_now() { local m=0; for p in $(procs "$@"); do v=$(awk '/VmRSS/{print $2}' /proc/$p/status); [ "$v" -gt "$m" ] && m=$v; done; awk -v k="$m" 'BEGIN { printf "%.1f", k / 1024 }'; }
+# Private (anonymous) resident memory of the largest process, MiB: RSS less the pages of
+# the executable and libraries, which every process running the same file shares.
+anon_now() { local m=0; for p in $(procs "$@"); do v=$(awk '/RssAnon/{print $2}' /proc/$p/status); [ "$v" -gt "$m" ] && m=$v; done; awk -v k="$m" 'BEGIN { printf "%.1f", k / 1024 }'; }
 rss_mb() { local m=0; for p in $(procs "$@"); do v=$(awk '/VmHWM/{print $2}' /proc/$p/status); [ "$v" -gt "$m" ] && m=$v; done; awk -v k="$m" 'BEGIN { printf "%.1f", k / 1024 }'; }
 
 # The rows: name, port, outbound proxy, inbound proxy.
@@ -197,24 +201,34 @@ ROWS=(
 )
 ROUNDS=${ROUNDS:-3}
 R="$W/results"; mkdir -p "$R"
+# With PERF_DIR, a CPU profile of each proxy over one phase (PERF_PHASE: rate, the default,
+# or max) in DIR/ROW-{out,in}.data.
+perf=()
+profile() {
+  perf=()
+  [ -n "${PERF_DIR:-}" ] && [ "${PERF_PHASE:-rate}" = "$1" ] || return 0
+  mkdir -p "$PERF_DIR"
+  perf record -q -e cpu-clock -g -p "$(procs "$3" | paste -sd,)" -o "$PERF_DIR/$2-out.data" -- sleep "$SECS" 2>/dev/null & perf+=($!)
+  perf record -q -e cpu-clock -g -p "$(procs "$4" | paste -sd,)" -o "$PERF_DIR/$2-in.data" -- sleep "$SECS" 2>/dev/null & perf+=($!)
+}
 # One measurement of a row: fixed rate (latency, CPU per request of each proxy), then max.
 measure() {
   local i=$1 name port out in; IFS='|' read -r name port out in <<<"${ROWS[$i]}"
   local o0 i0 xo0 xi0; o0=$(cpu_ms "$out"); i0=$(cpu_ms "$in"); xo0=$(ctx "$out"); xi0=$(ctx "$in")
-  local perf=()
-  if [ -n "${PERF_DIR:-}" ]; then # a CPU profile of each proxy over the fixed-rate phase
-    mkdir -p "$PERF_DIR"
-    perf record -q -e cpu-clock -g -p "$(procs "$out" | paste -sd,)" -o "$PERF_DIR/$i-out.data" -- sleep "$SECS" 2>/dev/null & perf+=($!)
-    perf record -q -e cpu-clock -g -p "$(procs "$in" | paste -sd,)" -o "$PERF_DIR/$i-in.data" -- sleep "$SECS" 2>/dev/null & perf+=($!)
-  fi
+  profile rate "$i" "$out" "$in"
   read -r rps p50 p99 _ < <("$LG" 127.0.0.1:$port /x "$RATE" "$SECS" 16)
   [ ${#perf[@]} -eq 0 ] || wait "${perf[@]}" || true
-  local o1 i1 xo1 xi1 rss; o1=$(cpu_ms "$out"); i1=$(cpu_ms "$in"); xo1=$(ctx "$out"); xi1=$(ctx "$in"); rss=$(rss_now "$out" "$in")
+  local o1 i1 xo1 xi1 rss anon; o1=$(cpu_ms "$out"); i1=$(cpu_ms "$in"); xo1=$(ctx "$out"); xi1=$(ctx "$in"); rss=$(rss_now "$out" "$in"); anon=$(anon_now "$out" "$in")
+  local c0; c0=$(cpu_ms "$CP")
+  profile max "$i" "$out" "$in"
   read -r max _ _ _ < <("$LG" 127.0.0.1:$port /x 0 "$SECS" 16)
-  awk -v o=$((o1 - o0)) -v i=$((i1 - i0)) -v xo=$((xo1 - xo0)) -v xi=$((xi1 - xi0)) -v n="$rps" -v s="$SECS" -v p50="$p50" -v p99="$p99" -v max="$max" \
-    -v rss="$rss" 'BEGIN { k = n * s / 1000; printf "%s %s %.1f %.1f %.1f %s %.2f %.2f %s\n", p50, p99, (o + i) / k, o / k, i / k, max, xo / (n * s), xi / (n * s), rss }' >> "$R/$i"
+  [ ${#perf[@]} -eq 0 ] || wait "${perf[@]}" || true
+  local cp; cp=$(awk -v c=$(( $(cpu_ms "$CP") - c0 )) -v m="$max" -v s="$SECS" 'BEGIN { printf "%.1f", c / (m * s / 1000) }')
+  awk -v anon="$anon" -v cp="$cp" -v o=$((o1 - o0)) -v i=$((i1 - i0)) -v xo=$((xo1 - xo0)) -v xi=$((xi1 - xi0)) -v n="$rps" -v s="$SECS" -v p50="$p50" -v p99="$p99" -v max="$max" \
+    -v rss="$rss" 'BEGIN { k = n * s / 1000; printf "%s %s %.1f %.1f %.1f %s %.2f %.2f %s %s %s\n", p50, p99, (o + i) / k, o / k, i / k, max, xo / (n * s), xi / (n * s), rss, cp, anon }' >> "$R/$i"
 }
-median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+# The median (with an even count, the lower of the middle two: a value that was measured).
+median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : v[NR / 2] }'; }
 col() { awk -v c="$2" '{ print $c }' "$R/$1" | median; }
 
 SELECTED=()
@@ -223,25 +237,27 @@ echo "measuring ${#SELECTED[@]} pairs and a direct connection, $ROUNDS rounds of
 for r in $(seq "$ROUNDS"); do
   read -r _ p50 p99 _ < <("$LG" 127.0.0.1:18900 /x "$RATE" "$SECS" 16)
   read -r max _ _ _ < <("$LG" 127.0.0.1:18900 /x 0 "$SECS" 16)
-  echo "$p50 $p99 0 0 0 $max 0 0 0" >> "$R/direct"
-  for i in "${SELECTED[@]}"; do measure "$i"; done
+  echo "$p50 $p99 0 0 0 $max 0 0 0 0 0" >> "$R/direct"
+  # Every other round in reverse order, so that no pair always runs right after another.
+  if [ $((r % 2)) -eq 1 ]; then order=("${SELECTED[@]}"); else order=(); for ((k = ${#SELECTED[@]} - 1; k >= 0; k--)); do order+=("${SELECTED[$k]}"); done; fi
+  for i in "${order[@]}"; do measure "$i"; done
   echo "  round $r of $ROUNDS done" >&2
 done
 
 echo
 echo "Medians of $ROUNDS interleaved rounds."
 echo
-echo "| pair | p50 / p99 ms @${RATE} rps | added p50 / p99 ms | proxy CPU ms per 1k req (out + in) | max rps | RSS MiB @${RATE} rps / peak (larger proxy) | context switches per req (out / in) |"
-echo "|---|---:|---:|---:|---:|---:|---:|"
+echo "| pair | p50 / p99 ms @${RATE} rps | added p50 / p99 ms | proxy CPU ms per 1k req (out + in) | max rps | RSS MiB @${RATE} rps (private) / peak, larger proxy | context switches per req (out / in) | control plane CPU ms per 1k req @max |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|"
 D50=$(col direct 1); D99=$(col direct 2)
-echo "| direct | $D50 / $D99 | — | — | $(col direct 6) | — | — |"
+echo "| direct | $D50 / $D99 | — | — | $(col direct 6) | — | — | — |"
 declare -A CPU MAX
 for i in "${SELECTED[@]}"; do
   IFS='|' read -r name port out in <<<"${ROWS[$i]}"
   p50=$(col "$i" 1); p99=$(col "$i" 2)
   CPU[$i]=$(col "$i" 3); MAX[$i]=$(col "$i" 6)
   a50=$(awk -v a="$p50" -v b="$D50" 'BEGIN{printf "%.3f", a-b}'); a99=$(awk -v a="$p99" -v b="$D99" 'BEGIN{printf "%.3f", a-b}')
-  echo "| $name | $p50 / $p99 | $a50 / $a99 | ${CPU[$i]} ($(col "$i" 4) + $(col "$i" 5)) | ${MAX[$i]} | $(col "$i" 9) / $(rss_mb "$out" "$in") | $(col "$i" 7) / $(col "$i" 8) |"
+  echo "| $name | $p50 / $p99 | $a50 / $a99 | ${CPU[$i]} ($(col "$i" 4) + $(col "$i" 5)) | ${MAX[$i]} | $(col "$i" 9) ($(col "$i" 11)) / $(rss_mb "$out" "$in") | $(col "$i" 7) / $(col "$i" 8) | $(col "$i" 10) |"
 done
 echo
 if [ -n "${CPU[0]:-}" ] && [ -n "${CPU[1]:-}" ]; then

@@ -216,6 +216,10 @@ struct ProxyArgs {
     /// at most this many waiting while it is unreachable (then dropping, counted); 0: off.
     #[arg(long, default_value_t = 2_000)]
     ship_queue: usize,
+    /// Ship at most this many sampled allows per second (every deny is shipped); above it
+    /// one in N is shipped with N times the weight, so counts stay right; 0: no limit.
+    #[arg(long, default_value_t = 500)]
+    ship_allows_per_second: u64,
     /// Export a span per request (OpenTelemetry, OTLP/gRPC) to this collector, e.g.
     /// `http://127.0.0.1:4317`; off by default. (`meshward up` reads MESHWARD_OTLP_ENDPOINT.)
     #[arg(long)]

@@ -81,6 +81,7 @@ pub fn run(a: ProxyArgs, conn: &crate::control_cmd::Conn) -> Result<ExitCode> {
         decision_log: a.decision_log.clone(),
         sample_allows: a.sample_allows,
         ship_queue: a.ship_queue,
+        ship_allows_per_second: a.ship_allows_per_second,
         otlp_endpoint: a.otlp_endpoint.clone(),
         telemetry: a.telemetry == "on",
         upstream_protocol: meshward_proxy::pool::UpstreamProtocol::parse(&a.upstream_protocol)

@@ -440,6 +440,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
                 decision_log: Some(pdir.join("decisions.jsonl")),
                 sample_allows: 1,
                 ship_queue: 2_000,
+                ship_allows_per_second: 500,
                 otlp_endpoint: std::env::var("MESHWARD_OTLP_ENDPOINT").ok(),
                 telemetry: true,
                 upstream_protocol: meshward_proxy::pool::UpstreamProtocol::Tunnel,

@@ -372,8 +372,9 @@ async fn stream_once(shared: &Arc<Shared>, cfg: &AgentConfig) -> Result<(), Stri
 }
 
 /// Ships queued decision records every 200 ms, in batches of at most 500 (small batches
-/// often keep the proxy's peak memory low under load); a batch that fails is counted as
-/// dropped (the queue stays bounded; traffic never waits).
+/// often keep the proxy's peak memory low under load), and sets from the last 200 ms how
+/// sparsely sampled allows are shipped (the budget of `--ship-allows-per-second`); a
+/// batch that fails is counted as dropped (the queue stays bounded; traffic never waits).
 async fn ship_loop(q: Arc<crate::decision_log::ShipQueue>, ch: tonic::transport::Channel) {
     const BATCH: usize = 500;
     let mut client = TelemetryClient::new(ch);
@@ -381,6 +382,7 @@ async fn ship_loop(q: Arc<crate::decision_log::ShipQueue>, ch: tonic::transport:
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        q.retune(Duration::from_millis(200));
         loop {
             let records = q.take(BATCH);
             let dropped = q.take_dropped();

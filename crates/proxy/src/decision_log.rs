@@ -55,9 +55,42 @@ pub struct ShipQueue {
     /// Dropped since the last batch (reported with it).
     dropped: AtomicU64,
     metrics: Arc<meshward_telemetry::ProxyMetrics>,
+    /// Sampled allows shipped at most this many per second (0: no limit): above it, only
+    /// one in `every` of them is shipped, with its weight multiplied by `every`, so that
+    /// the control plane's counts stay right while the proxy's cost stays flat under load.
+    allows_per_second: u64,
+    every: AtomicU64,
+    /// Sampled allows since the last tick (they set `every`).
+    sampled: AtomicU64,
+}
+
+/// One in how many sampled allows to ship when `sampled` arrived over `tick`, to stay at
+/// most `per_second` shipped per second.
+pub fn ship_every(sampled: u64, tick: std::time::Duration, per_second: u64) -> u64 {
+    if per_second == 0 {
+        return 1;
+    }
+    let budget = (per_second as f64 * tick.as_secs_f64()).max(1.0);
+    ((sampled as f64 / budget).ceil() as u64).max(1)
 }
 
 impl ShipQueue {
+    /// Called every `tick` by the shipper: sets the shipping interval of sampled allows
+    /// from how many arrived since the last call.
+    pub fn retune(&self, tick: std::time::Duration) -> u64 {
+        let sampled = self.sampled.swap(0, Ordering::Relaxed);
+        let every = ship_every(sampled, tick, self.allows_per_second);
+        self.every.store(every, Ordering::Relaxed);
+        every
+    }
+
+    /// Whether to ship this sampled allow, and the factor its weight takes.
+    fn ship_allow(&self) -> Option<u64> {
+        let n = self.sampled.fetch_add(1, Ordering::Relaxed);
+        let every = self.every.load(Ordering::Relaxed).max(1);
+        (n % every == 0).then_some(every)
+    }
+
     fn push(&self, line: String) {
         if let Ok(mut q) = self.q.lock() {
             if q.len() < self.cap {
@@ -106,14 +139,18 @@ impl DecisionLog {
         self
     }
 
-    /// Also queues every record for the control plane, at most `cap` waiting (0: off).
-    pub fn with_shipping(mut self, cap: usize) -> Self {
+    /// Also queues records for the control plane, at most `cap` waiting (0: off): every
+    /// deny, and sampled allows — at most `allows_per_second` of them (0: all), weighted.
+    pub fn with_shipping(mut self, cap: usize, allows_per_second: u64) -> Self {
         self.ship = (cap > 0).then(|| {
             Arc::new(ShipQueue {
                 q: std::sync::Mutex::default(),
                 cap,
                 dropped: AtomicU64::new(0),
                 metrics: self.metrics.clone(),
+                allows_per_second,
+                every: AtomicU64::new(1),
+                sampled: AtomicU64::new(0),
             })
         });
         self
@@ -199,7 +236,12 @@ impl DecisionLog {
                 self.sample_allows
             }
         };
-        if self.tx.is_none() && self.ship.is_none() {
+        // Shipped: every deny; a sampled allow as the shipping budget says, weighted.
+        let ship = self.ship.as_ref().and_then(|q| match d.verdict {
+            Verdict::Deny => Some((q, 1)),
+            Verdict::Allow => q.ship_allow().map(|f| (q, f)),
+        });
+        if self.tx.is_none() && ship.is_none() {
             return;
         }
         let mut rec = DecisionRecord::new(req, d, u32::try_from(weight).unwrap_or(u32::MAX));
@@ -212,15 +254,16 @@ impl DecisionLog {
             .duration
             .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         let mut line = rec.to_line();
-        let Some(tx) = &self.tx else {
-            if let Some(q) = &self.ship {
+        if let Some((q, factor)) = ship {
+            if factor == 1 && self.tx.is_none() {
                 q.push(line);
+                return;
             }
-            return;
-        };
-        if let Some(q) = &self.ship {
-            q.push(line.clone());
+            let mut shipped = rec.clone();
+            shipped.weight = u32::try_from(weight.saturating_mul(factor)).unwrap_or(u32::MAX);
+            q.push(shipped.to_line());
         }
+        let Some(tx) = &self.tx else { return };
         line.push('\n');
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(line) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -276,5 +319,86 @@ impl DecisionLog {
                 })
                 .inc();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use meshward_policy::decision::{
+        Decision, PolicyRevision, Reason, Request, Source, Verdict, WorkloadRef,
+    };
+    use meshward_policy::decision_log::DecisionRecord;
+
+    use super::{DecisionLog, ship_every};
+
+    fn request() -> Request {
+        Request {
+            source: Source::Unauthenticated,
+            destination: WorkloadRef::parse("shop/orders").unwrap_or_else(|e| panic!("{e}")),
+            port: 80,
+            http: None,
+            at: SystemTime::now(),
+        }
+    }
+
+    #[test]
+    fn the_shipping_interval_keeps_to_the_budget() {
+        let tick = Duration::from_millis(200);
+        assert_eq!(ship_every(0, tick, 500), 1);
+        assert_eq!(ship_every(100, tick, 500), 1, "exactly the budget");
+        assert_eq!(ship_every(101, tick, 500), 2);
+        assert_eq!(ship_every(960, tick, 500), 10);
+        assert_eq!(ship_every(1_000_000, tick, 0), 1, "0: no limit");
+    }
+
+    #[test]
+    fn thinned_allows_carry_the_weight_of_those_not_shipped_and_denies_all_ship() {
+        let log = DecisionLog::without_file(10).with_shipping(100_000, 500);
+        let q = log.ship.clone().unwrap_or_else(|| panic!("shipping is on"));
+        let req = request();
+        let allow = Decision::bare(Verdict::Allow, Reason::AllowedByRule, PolicyRevision(1));
+        let deny = Decision::bare(Verdict::Deny, Reason::NoPolicy, PolicyRevision(1));
+        // A busy 200 ms: 10,000 allows (1,000 sampled, 10x the budget) and 7 denies.
+        for _ in 0..10_000 {
+            log.record(&req, &allow);
+        }
+        assert_eq!(q.retune(Duration::from_millis(200)), 10);
+        assert_eq!(q.take(usize::MAX).len(), 1_000, "shipped before the retune");
+        // The next 200 ms at the same rate: one sampled allow in 10 is shipped.
+        for _ in 0..10_000 {
+            log.record(&req, &allow);
+        }
+        for _ in 0..5 {
+            log.record(&req, &deny);
+        }
+        let recs: Vec<DecisionRecord> = q
+            .take(usize::MAX)
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        let allows: Vec<&DecisionRecord> = recs
+            .iter()
+            .filter(|r| r.verdict == Verdict::Allow)
+            .collect();
+        assert_eq!(allows.len(), 100, "at the budget");
+        assert!(
+            allows.iter().all(|r| r.weight == 100),
+            "10 (log) x 10 (thinning)"
+        );
+        assert_eq!(
+            allows.iter().map(|r| u64::from(r.weight)).sum::<u64>(),
+            10_000,
+            "the weights still add up to every allow"
+        );
+        assert_eq!(
+            recs.iter().filter(|r| r.verdict == Verdict::Deny).count(),
+            5,
+            "denies are never thinned"
+        );
+        // Quiet again: back to every sampled allow.
+        assert_eq!(q.retune(Duration::from_millis(200)), 10);
+        assert_eq!(q.retune(Duration::from_millis(200)), 1);
     }
 }

@@ -27,6 +27,9 @@ pub struct Options {
     pub sample_allows: u64,
     /// Records queued for the control plane at most (0: do not ship).
     pub ship_queue: usize,
+    /// Sampled allows shipped per second at most (0: all); above it they are thinned and
+    /// weighted.
+    pub ship_allows_per_second: u64,
     /// Export a span per request over OTLP/gRPC to this endpoint (off when `None`).
     pub otlp_endpoint: Option<String>,
     /// Per-request metrics and decision shipping (on by default).
@@ -51,7 +54,10 @@ pub async fn run(opts: Options, ready: impl FnOnce(&[(SocketAddr, u16)])) -> Res
             .map_err(|e| format!("cannot open the decision log `{}`: {e}", p.display()))?,
         None => DecisionLog::without_file(opts.sample_allows),
     }
-    .with_shipping(if opts.telemetry { opts.ship_queue } else { 0 });
+    .with_shipping(
+        if opts.telemetry { opts.ship_queue } else { 0 },
+        opts.ship_allows_per_second,
+    );
     let log = if opts.telemetry {
         log
     } else {
