@@ -143,30 +143,11 @@ async fn pair(app_addr: Option<SocketAddr>) -> Pair {
     let out = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (inbound, outbound) = (inb.local_addr().unwrap(), out.local_addr().unwrap());
     let app_port = app_addr.port();
-    let set = support::policy_set(&format!(
-        r#"
-apiVersion: meshward.io/v1alpha1
-kind: Workload
-metadata: {{name: orders-api, namespace: orders, labels: {{app: orders-api}}}}
-spec: {{ports: [{{port: {app_port}, protocol: HTTP, inbound: "{inbound}"}}]}}
----
-apiVersion: meshward.io/v1alpha1
-kind: Service
-metadata: {{name: orders, namespace: orders}}
-spec: {{selector: {{app: orders-api}}, ports: [{{port: 80, targetPort: {app_port}}}]}}
----
-apiVersion: meshward.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {{name: orders-api, namespace: orders}}
-spec:
-  tier: service
-  action: ALLOW
-  target: {{workloads: [orders-api]}}
-  rules:
-    - from: [{{identities: ["spiffe://shop.example/ns/web/sa/frontend"]}}]
-      to: [{{methods: [GET, HEAD, POST], paths: ["/a/*"]}}]
-"#
-    ));
+    let set = support::orders_policy(
+        app_port,
+        inbound,
+        r#"[{methods: [GET, HEAD, POST], paths: ["/a/*"]}]"#,
+    );
     let dir = tempfile::tempdir().unwrap();
     let log = DecisionLog::to_file(dir.path().join("decisions.jsonl"), 1 << 20, 1).unwrap();
     let orders = shared(&ca, "orders/orders-api", log);

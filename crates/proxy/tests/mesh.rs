@@ -64,32 +64,11 @@ async fn app() -> SocketAddr {
 }
 
 fn policy(app_port: u16, inbound: SocketAddr) -> PolicySet {
-    let yaml = format!(
-        r#"
-apiVersion: meshward.io/v1alpha1
-kind: Workload
-metadata: {{name: orders-api, namespace: orders, labels: {{app: orders-api}}}}
-spec: {{ports: [{{port: {app_port}, protocol: HTTP, inbound: "{inbound}"}}]}}
----
-apiVersion: meshward.io/v1alpha1
-kind: Service
-metadata: {{name: orders, namespace: orders}}
-spec: {{selector: {{app: orders-api}}, ports: [{{port: 80, targetPort: {app_port}}}]}}
----
-apiVersion: meshward.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {{name: orders-api, namespace: orders}}
-spec:
-  tier: service
-  action: ALLOW
-  target: {{workloads: [orders-api]}}
-  rules:
-    - name: frontend-reads
-      from: [{{identities: ["spiffe://shop.example/ns/web/sa/frontend"]}}]
-      to: [{{methods: [GET], paths: ["/orders/*"]}}]
-"#
-    );
-    support::policy_set(&yaml)
+    support::orders_policy(
+        app_port,
+        inbound,
+        r#"[{methods: [GET], paths: ["/orders/*"]}]"#,
+    )
 }
 
 struct Mesh {

@@ -68,3 +68,34 @@ pub fn policy_set(more: &str) -> PolicySet {
         .into_valid()
         .unwrap_or_else(|l| panic!("{:#?}", l.diagnostics))
 }
+
+/// The `orders/orders-api` workload (its sidecar at `inbound`, its app on `app_port`), the
+/// `orders/orders` service in front of it, and a policy that lets the frontend do `to`
+/// (a YAML flow list of operations, e.g. `[{methods: [GET], paths: ["/orders/*"]}]`).
+pub fn orders_policy(app_port: u16, inbound: std::net::SocketAddr, to: &str) -> PolicySet {
+    policy_set(&format!(
+        r#"
+apiVersion: meshward.io/v1alpha1
+kind: Workload
+metadata: {{name: orders-api, namespace: orders, labels: {{app: orders-api}}}}
+spec: {{ports: [{{port: {app_port}, protocol: HTTP, inbound: "{inbound}"}}]}}
+---
+apiVersion: meshward.io/v1alpha1
+kind: Service
+metadata: {{name: orders, namespace: orders}}
+spec: {{selector: {{app: orders-api}}, ports: [{{port: 80, targetPort: {app_port}}}]}}
+---
+apiVersion: meshward.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: orders-api, namespace: orders}}
+spec:
+  tier: service
+  action: ALLOW
+  target: {{workloads: [orders-api]}}
+  rules:
+    - name: frontend-reads
+      from: [{{identities: ["spiffe://shop.example/ns/web/sa/frontend"]}}]
+      to: {to}
+"#
+    ))
+}
