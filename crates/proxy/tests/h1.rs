@@ -25,7 +25,7 @@ use meshward_policy::resource::Protocol;
 use meshward_proxy::decision_log::DecisionLog;
 use meshward_proxy::inbound::{self, InboundPort};
 use meshward_proxy::outbound::{self, Upstream};
-use support::{shared, svid, td};
+use support::td;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// An app written against the socket, so each framing is exactly what the test says.
@@ -150,20 +150,15 @@ async fn pair(app_addr: Option<SocketAddr>) -> Pair {
     );
     let dir = tempfile::tempdir().unwrap();
     let log = DecisionLog::to_file(dir.path().join("decisions.jsonl"), 1 << 20, 1).unwrap();
-    let orders = shared(&ca, "orders/orders-api", log);
-    orders.set_policy(1, set.clone());
-    orders.svid.store(Some(Arc::new(svid(
+    let orders = support::sidecar(
         &ca,
+        &ca,
+        "orders/orders-api",
         "spiffe://shop.example/ns/orders/sa/orders-api",
-        Duration::from_secs(3600),
-    ))));
-    let frontend = shared(&ca, "web/frontend", DecisionLog::disabled());
-    frontend.set_policy(1, set);
-    frontend.svid.store(Some(Arc::new(svid(
-        &ca,
-        "spiffe://shop.example/ns/web/sa/frontend",
-        Duration::from_secs(3600),
-    ))));
+        set.clone(),
+        log,
+    );
+    let frontend = support::sidecar(&ca, &ca, "web/frontend", ID, set, DecisionLog::disabled());
     tokio::spawn(inbound::serve(
         orders,
         InboundPort::explicit(app_port, Protocol::Http),

@@ -30,7 +30,7 @@ use meshward_proxy::inbound::{self, InboundPort};
 use meshward_proxy::outbound::{self, Upstream};
 use meshward_proxy::state::Shared;
 
-use support::{shared, svid, td};
+use support::{svid, td};
 
 /// The app: echoes the path it got and the identity header.
 async fn app() -> SocketAddr {
@@ -96,20 +96,15 @@ async fn mesh_as(orders_id: &str, frontend_ca: Option<&Ca>) -> Mesh {
     let set = policy(app.port(), inbound);
     let dir = tempfile::tempdir().unwrap();
     let log = DecisionLog::to_file(dir.path().join("decisions.jsonl"), 1 << 20, 1).unwrap();
-    let orders = shared(&ca, "orders/orders-api", log);
-    orders.set_policy(1, set.clone());
-    orders.svid.store(Some(Arc::new(svid(
+    let orders = support::sidecar(&ca, &ca, "orders/orders-api", orders_id, set.clone(), log);
+    let frontend = support::sidecar(
         &ca,
-        orders_id,
-        Duration::from_secs(3600),
-    ))));
-    let frontend = shared(&ca, "web/frontend", DecisionLog::disabled());
-    frontend.set_policy(1, set);
-    frontend.svid.store(Some(Arc::new(svid(
         frontend_ca.unwrap_or(&ca),
+        "web/frontend",
         "spiffe://shop.example/ns/web/sa/frontend",
-        Duration::from_secs(3600),
-    ))));
+        set,
+        DecisionLog::disabled(),
+    );
     tokio::spawn(inbound::serve(
         orders.clone(),
         InboundPort::explicit(app.port(), Protocol::Http),

@@ -99,3 +99,20 @@ spec:
 "#
     ))
 }
+
+/// A sidecar's state for `workload`: trusting `ca`, enforcing `set` (revision 1), with an
+/// SVID for `id` from `issuer` valid for an hour.
+pub fn sidecar(
+    ca: &Ca,
+    issuer: &Ca,
+    workload: &str,
+    id: &str,
+    set: PolicySet,
+    log: DecisionLog,
+) -> Arc<Shared> {
+    let s = shared(ca, workload, log);
+    s.set_policy(1, set);
+    s.svid
+        .store(Some(Arc::new(svid(issuer, id, Duration::from_secs(3600)))));
+    s
+}
