@@ -255,13 +255,16 @@ impl DecisionLog {
             .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         let mut line = rec.to_line();
         if let Some((q, factor)) = ship {
-            if factor == 1 && self.tx.is_none() {
+            if factor > 1 {
+                // Thinned: the shipped copy stands for `factor` times as many.
+                rec.weight = u32::try_from(weight.saturating_mul(factor)).unwrap_or(u32::MAX);
+                q.push(rec.to_line());
+            } else if self.tx.is_none() {
                 q.push(line);
                 return;
+            } else {
+                q.push(line.clone());
             }
-            let mut shipped = rec.clone();
-            shipped.weight = u32::try_from(weight.saturating_mul(factor)).unwrap_or(u32::MAX);
-            q.push(shipped.to_line());
         }
         let Some(tx) = &self.tx else { return };
         line.push('\n');

@@ -19,7 +19,7 @@ use meshward_policy::decision::Verdict;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::hygiene::{ChunkedEnd, MAX_HEAD, State0, check_head};
+use crate::hygiene::{ChunkedEnd, MAX_HEAD, State0, check_head, head_end};
 use crate::inbound::{Checked, IDENTITY_HEADER, InboundPort, authorize, denial};
 use crate::state::Shared;
 
@@ -74,10 +74,7 @@ impl Buf {
             .take_while(|b| **b == b'\r' || **b == b'\n')
             .count();
         self.consume(skip);
-        self.bytes()
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .map(|p| p + 4)
+        head_end(self.bytes())
     }
 
     fn into_vec(mut self) -> Vec<u8> {
@@ -229,8 +226,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     return End::Closed;
                 }
             }
+            // (`relay` has dropped the app connection.)
             Err(Failure::App(e)) => {
-                app = None;
                 let body = serde_json::json!({"error": "the app did not answer", "detail": e});
                 let ok = respond(stream, "502 Bad Gateway", &body, close).await;
                 done(shared, 502, t0);
@@ -420,8 +417,8 @@ async fn read_response_head<S: AsyncWrite + Unpin>(
     let mut any = false;
     loop {
         let end = loop {
-            if let Some(p) = conn.buf.bytes().windows(4).position(|w| w == b"\r\n\r\n") {
-                break p + 4;
+            if let Some(e) = head_end(conn.buf.bytes()) {
+                break e;
             }
             if conn.buf.bytes().len() > MAX_HEAD {
                 return Err(ReadErr::Bad("response head too large".into()));

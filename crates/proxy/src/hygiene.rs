@@ -114,7 +114,7 @@ pub(crate) fn has_bare_lf(prev: Option<u8>, bytes: &[u8]) -> bool {
 }
 
 /// Where `\r\n\r\n` ends in `bytes`.
-fn head_end(bytes: &[u8]) -> Option<usize> {
+pub(crate) fn head_end(bytes: &[u8]) -> Option<usize> {
     bytes
         .windows(4)
         .position(|w| w == b"\r\n\r\n")

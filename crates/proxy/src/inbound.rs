@@ -271,7 +271,7 @@ async fn serve_http(
     };
     // The common HTTP/1.1 request takes the fast path; the rest of the connection moves to
     // the general path (below) at the first request that needs it.
-    let prefix = if port.protocol == Protocol::Http
+    let (stream, prefix) = if port.protocol == Protocol::Http
         && stream.get_ref().1.alpn_protocol() != Some(b"h2")
         && !meshward_telemetry::trace::enabled()
     {
@@ -283,7 +283,6 @@ async fn serve_http(
     } else {
         (stream, vec![])
     };
-    let (stream, prefix) = prefix;
     let link = Arc::new(AppLink::default());
     let svc = hyper::service::service_fn(move |req: HttpRequest<Incoming>| {
         let (shared, peer, client) = (shared.clone(), peer.clone(), client.clone());
