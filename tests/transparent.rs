@@ -117,7 +117,15 @@ impl Control {
     fn apply(&self, dir: &Path) -> u64 {
         let o = self.cli(
             "alice",
-            &["apply", "-f", dir.to_str().unwrap(), "--output", "json"],
+            &[
+                "apply",
+                "-f",
+                dir.to_str().unwrap(),
+                "--reason",
+                "test",
+                "--output",
+                "json",
+            ],
         );
         assert!(o.status.success(), "{}", out(&o));
         let v: Value = serde_json::from_slice(&o.stdout).unwrap();

@@ -36,14 +36,21 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
 
 impl IntoResponse for Refused {
     fn into_response(self) -> Response {
-        let status = match &self {
-            Refused::Invalid(_) | Refused::TestsFail(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Refused::Forbidden(_) => StatusCode::FORBIDDEN,
-            Refused::NotFound(_) => StatusCode::NOT_FOUND,
-            Refused::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Refused::Store(_) | Refused::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        let (status, code) = match &self {
+            Refused::Invalid(..) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+            Refused::TestsFail(_) => (StatusCode::UNPROCESSABLE_ENTITY, "tests_failed"),
+            Refused::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Refused::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Refused::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Refused::Store(_) | Refused::Internal(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
         };
-        error(status, self.to_string())
+        let mut body = json!({"error": self.to_string(), "code": code});
+        if let Refused::Invalid(_, diags) = &self {
+            body["diagnostics"] = json!(diags);
+        }
+        (status, Json(body)).into_response()
     }
 }
 
@@ -146,18 +153,29 @@ async fn approve(
     reply(blocking(move || cp.approve(&op, r.proposal, SystemTime::now())).await)
 }
 
+/// The pending changes, without their files: who proposed what, against which revision,
+/// what it changes, and whose approval it waits for.
 async fn proposals(State(cp): State<Cp>, Extension(p): Extension<Peer>, h: HeaderMap) -> Response {
     let _ = op!(cp, h, p);
     reply(
         blocking(move || {
-            cp.store.proposals().map_err(Refused::from).map(|ps| {
-                ps.into_iter()
-                    .map(|mut p| {
-                        p.files.clear();
-                        p
+            let head = cp.store.head()?.map_or(0, |r| r.rev);
+            let ps = cp.store.proposals()?;
+            Ok(ps
+                .into_iter()
+                .map(|p| {
+                    json!({
+                        "id": p.id,
+                        "created_ms": p.created_ms,
+                        "author": p.author,
+                        "reason": p.reason,
+                        "summary": p.summary,
+                        "base": p.base,
+                        "stale": p.base != head,
+                        "waiting_for": format!("a platform-security operator other than `{}`", p.author),
                     })
-                    .collect::<Vec<_>>()
-            })
+                })
+                .collect::<Vec<_>>())
         })
         .await,
     )

@@ -10,6 +10,7 @@ use meshward_identity::ca::{Ca, CaLifetimes, Issued};
 use meshward_identity::{SpiffeId, TrustDomain};
 use meshward_policy::diag::{self, Diagnostic};
 use meshward_policy::engine::Engine;
+use meshward_policy::scope::{self, Reach};
 use meshward_policy::{lint, scenario};
 use serde::Serialize;
 use serde_json::json;
@@ -23,8 +24,9 @@ use crate::store::{
 /// Why an operation was refused. Each maps to an HTTP status in the API.
 #[derive(Debug, thiserror::Error)]
 pub enum Refused {
+    /// The rendered diagnostics, and the diagnostics themselves (for `--output json`).
     #[error("the policy set is invalid:\n{0}")]
-    Invalid(String),
+    Invalid(String, Vec<Diagnostic>),
     #[error("policy tests fail:\n{0}")]
     TestsFail(String),
     #[error("{0}")]
@@ -44,9 +46,20 @@ pub enum Refused {
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum Applied {
     /// Committed as this revision.
-    Committed { revision: u64, summary: String },
+    Committed {
+        revision: u64,
+        summary: String,
+        /// Resources of kinds that are accepted but not enforced yet (lint MW315).
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        not_enforced: Vec<String>,
+    },
     /// Waiting for a second platform-security operator: `meshward approve ID`.
-    PendingApproval { proposal: u64, summary: String },
+    PendingApproval {
+        proposal: u64,
+        summary: String,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        not_enforced: Vec<String>,
+    },
     /// Nothing to change.
     Unchanged { revision: u64 },
 }
@@ -258,16 +271,22 @@ impl ControlPlane {
         let loaded = repo::load(files);
         let diags = lint::errors(&loaded, now);
         if !diags.is_empty() {
-            return Err(Refused::Invalid(render(&diags, &loaded)));
+            return Err(Refused::Invalid(render(&diags, &loaded), diags));
         }
         let Some(set) = &loaded.set else {
-            return Err(Refused::Invalid("the policy set could not be built".into()));
+            return Err(Refused::Invalid(
+                "the policy set could not be built".into(),
+                vec![],
+            ));
         };
         if set.mesh.trust_domain != self.cfg.trust_domain {
-            return Err(Refused::Invalid(format!(
-                "the Mesh's trust domain `{}` is not this control plane's `{}`",
-                set.mesh.trust_domain, self.cfg.trust_domain
-            )));
+            return Err(Refused::Invalid(
+                format!(
+                    "the Mesh's trust domain `{}` is not this control plane's `{}`",
+                    set.mesh.trust_domain, self.cfg.trust_domain
+                ),
+                vec![],
+            ));
         }
         let results = scenario::run(set, &Engine::compile(set), now);
         let failed: Vec<String> = results
@@ -287,35 +306,106 @@ impl ControlPlane {
     }
 
     /// Checks that `op` may make every change; returns whether approval is needed.
+    ///
+    /// A change is authorized by everything it reaches (`meshward_policy::scope`), in the
+    /// set before and in the set after it: the namespace it lives in, every namespace it
+    /// targets or selects, and — for a workload whose attributes change — what every policy
+    /// that reads those attributes of its callers reaches. Reaching every namespace (the
+    /// `Mesh`, federations, baseline policies, unconfined targets) needs platform-security
+    /// and a second platform-security operator's approval.
     fn authorize(&self, op: &Operator, old: &Files, new: &Files) -> Result<bool, Refused> {
+        let changes = repo::changes(old, new);
+        if changes.is_empty() {
+            return Ok(false);
+        }
+        let (old_set, new_set) = (repo::load(old).set, repo::load(new).set);
         let mut needs_approval = false;
-        for (change, key, before, after) in repo::changes(old, new) {
-            let tier = after
-                .as_ref()
-                .or(before.as_ref())
-                .and_then(|r| r.tier.clone());
-            let was_baseline = before.as_ref().and_then(|r| r.tier.as_deref()) == Some("baseline");
-            let baseline = tier.as_deref() == Some("baseline") || was_baseline;
-            let mesh_wide = matches!(key.kind.as_str(), "Mesh" | "TrustDomainFederation")
-                || (key.kind == "AuthorizationPolicy" && baseline);
-            if mesh_wide {
-                if !op.is_platform_security() {
-                    return Err(Refused::Forbidden(format!(
-                        "`{}` may not change {key}: mesh-wide resources (Mesh, federations, baseline policies) belong to the platform-security role",
-                        op.name
-                    )));
+        for (change, key, before, after) in changes {
+            let verb = match change {
+                Change::Added => "add",
+                Change::Removed => "remove",
+                Change::Modified => "change",
+            };
+            let mut reach = Reach::namespace(&key.namespace);
+            let mut via: Vec<String> = vec![];
+            for (set, present) in [(&old_set, before.is_some()), (&new_set, after.is_some())] {
+                if present {
+                    // A resource the set could not build reaches everything (fail closed).
+                    let r = set
+                        .as_ref()
+                        .and_then(|s| scope::resource(s, &key.kind, &key.namespace, &key.name))
+                        .unwrap_or(Reach::Mesh);
+                    reach = reach.union(r);
                 }
-                needs_approval = true;
-            } else if !op.owns(&key.namespace) {
-                let verb = match change {
-                    Change::Added => "add",
-                    Change::Removed => "remove",
-                    Change::Modified => "change",
-                };
-                return Err(Refused::Forbidden(format!(
-                    "`{}` may not {verb} {key}: it does not own namespace `{}`",
-                    op.name, key.namespace
-                )));
+            }
+            if key.kind == "Workload" {
+                let keys = changed_attributes(old_set.as_ref(), new_set.as_ref(), &key);
+                for set in [&old_set, &new_set].into_iter().flatten() {
+                    for (reader, r) in scope::attribute_readers(set, &keys) {
+                        if !r.beyond(&key.namespace).is_some_and(|v| v.is_empty()) {
+                            via.push(reader);
+                            reach = reach.union(r);
+                        }
+                    }
+                }
+                via.sort();
+                via.dedup();
+            }
+            let because = if via.is_empty() {
+                String::new()
+            } else {
+                let keys: Vec<String> =
+                    changed_attributes(old_set.as_ref(), new_set.as_ref(), &key)
+                        .into_iter()
+                        .map(|k| format!("`{k}`"))
+                        .collect();
+                format!(
+                    " (its attributes {} are read by {})",
+                    keys.join(", "),
+                    via.join(", ")
+                )
+            };
+            match &reach {
+                Reach::Mesh => {
+                    if !op.is_platform_security() {
+                        let what = match key.kind.as_str() {
+                            "Mesh" | "TrustDomainFederation" => "it is mesh-wide".to_owned(),
+                            "AuthorizationPolicy"
+                                if [&before, &after].into_iter().flatten().any(|r| {
+                                    r.tier.as_deref() == Some("baseline")
+                                }) =>
+                            {
+                                "it is a baseline policy".to_owned()
+                            }
+                            _ if !because.is_empty() => format!("it reaches every namespace{because}"),
+                            _ => "it reaches every namespace (its target or subject names no workload, service or namespace)".to_owned(),
+                        };
+                        return Err(Refused::Forbidden(format!(
+                            "`{}` may not {verb} {key}: {what}; mesh-wide resources (Mesh, federations, baseline policies, unconfined targets) belong to the platform-security role and need a second approval",
+                            op.name
+                        )));
+                    }
+                    needs_approval = true;
+                }
+                Reach::Namespaces(ns) => {
+                    let missing: Vec<String> = ns
+                        .iter()
+                        .filter(|n| !op.owns(n))
+                        .map(|n| format!("`{n}`"))
+                        .collect();
+                    if !missing.is_empty() {
+                        let reaches = if missing.len() == 1 && ns.len() == 1 {
+                            String::new()
+                        } else {
+                            format!(" (it reaches {reach}{because})")
+                        };
+                        return Err(Refused::Forbidden(format!(
+                            "`{}` may not {verb} {key}: it does not own namespace {}{reaches}",
+                            op.name,
+                            missing.join(", ")
+                        )));
+                    }
+                }
             }
         }
         Ok(needs_approval)
@@ -368,14 +458,48 @@ impl ControlPlane {
         reason: &str,
         now: SystemTime,
     ) -> Result<Applied, Refused> {
+        require_reason(reason)?;
+        // A set that does not parse is refused before anything else, with the diagnostics
+        // `meshward policy lint` prints: what it would change cannot even be read.
+        let loaded = repo::load(&files);
+        if loaded
+            .diagnostics
+            .iter()
+            .any(|d| d.is_error() && d.code.starts_with("MW1"))
+        {
+            let diags = lint::errors(&loaded, now);
+            return Err(Refused::Invalid(render(&diags, &loaded), diags));
+        }
+        self.change(op, files, reason, None, now)
+    }
+
+    /// Authorizes, validates and commits (or files for approval) a new set: an apply, or a
+    /// rollback to revision `rollback_to`. The same ownership and two-person rules hold for
+    /// both.
+    fn change(
+        &self,
+        op: &Operator,
+        files: Files,
+        reason: &str,
+        rollback_to: Option<u64>,
+        now: SystemTime,
+    ) -> Result<Applied, Refused> {
         let (base, old) = self.head_files()?;
-        let summary = repo::summary(&old, &files);
+        let mut summary = repo::summary(&old, &files);
         if repo::changes(&old, &files).is_empty() && base > 0 {
             return Ok(Applied::Unchanged { revision: base });
         }
         // Permissions first: an operator learns nothing about a change it may not make.
         let needs_approval = self.authorize(op, &old, &files)?;
         self.validate(&files, now)?;
+        let not_enforced = not_enforced(&files);
+        let (action, subject) = match rollback_to {
+            Some(to) => {
+                summary = format!("rollback to {to}: {summary}");
+                ("rollback", format!("revision/{to}"))
+            }
+            None => ("apply", "policy-set".to_owned()),
+        };
         if needs_approval {
             let p = Proposal {
                 id: 0,
@@ -390,8 +514,8 @@ impl ControlPlane {
                 &p,
                 NewEntry::new(
                     &op.actor(),
-                    "apply.proposed",
-                    "policy-set",
+                    &format!("{action}.proposed"),
+                    &subject,
                     json!({"summary": summary, "reason": reason}),
                 ),
                 now,
@@ -399,6 +523,7 @@ impl ControlPlane {
             return Ok(Applied::PendingApproval {
                 proposal: id,
                 summary,
+                not_enforced,
             });
         }
         let rev = self.commit(
@@ -408,15 +533,19 @@ impl ControlPlane {
             &files,
             NewEntry::new(
                 &op.actor(),
-                "apply",
-                "policy-set",
+                action,
+                &subject,
                 json!({"summary": summary, "reason": reason}),
             ),
             now,
         )?;
+        if rollback_to.is_some() {
+            self.metrics.rollbacks.inc();
+        }
         Ok(Applied::Committed {
             revision: rev.rev,
             summary,
+            not_enforced,
         })
     }
 
@@ -472,10 +601,13 @@ impl ControlPlane {
         Ok(Applied::Committed {
             revision: rev.rev,
             summary,
+            not_enforced: not_enforced(&p.files),
         })
     }
 
-    /// A new revision equal to an earlier one. Platform-security only.
+    /// A new revision equal to an earlier one: a change like any other, authorized by what
+    /// it changes (a rollback across a baseline change waits for a second approval), with a
+    /// reason.
     pub fn rollback(
         &self,
         op: &Operator,
@@ -483,44 +615,23 @@ impl ControlPlane {
         reason: &str,
         now: SystemTime,
     ) -> Result<Applied, Refused> {
-        if !op.is_platform_security() {
-            let e = Refused::Forbidden(format!(
-                "`{}` may not roll back: rollbacks need the platform-security role",
-                op.name
-            ));
+        let result = require_reason(reason).and_then(|()| {
+            let target = self
+                .store
+                .revision(to)
+                .map_err(|_| Refused::NotFound(format!("revision {to} does not exist")))?;
+            self.change(op, target.files, reason, Some(to), now)
+        });
+        if let Err(e) = &result {
             self.audit_refusal(
                 &op.actor(),
                 "rollback.rejected",
                 &format!("revision/{to}"),
-                &e,
+                e,
                 now,
             );
-            return Err(e);
         }
-        let target = self
-            .store
-            .revision(to)
-            .map_err(|_| Refused::NotFound(format!("revision {to} does not exist")))?;
-        let (_, old) = self.head_files()?;
-        let summary = repo::summary(&old, &target.files);
-        let rev = self.commit(
-            &op.actor(),
-            reason,
-            &format!("rollback to {to}: {summary}"),
-            &target.files,
-            NewEntry::new(
-                &op.actor(),
-                "rollback",
-                &format!("revision/{to}"),
-                json!({"summary": summary, "reason": reason}),
-            ),
-            now,
-        )?;
-        self.metrics.rollbacks.inc();
-        Ok(Applied::Committed {
-            revision: rev.rev,
-            summary,
-        })
+        result
     }
 
     pub fn history(&self) -> Result<Vec<Revision>, Refused> {
@@ -1198,4 +1309,53 @@ impl ControlPlane {
             )),
         }
     }
+}
+
+/// The attribute keys of workload `key` that differ between two sets (every key when the
+/// workload is added or removed): what a policy reading caller attributes could see change.
+fn changed_attributes(
+    old: Option<&meshward_policy::model::PolicySet>,
+    new: Option<&meshward_policy::model::PolicySet>,
+    key: &Key,
+) -> std::collections::BTreeSet<String> {
+    let r = meshward_policy::decision::WorkloadRef {
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+    };
+    let empty = std::collections::BTreeMap::new();
+    let a = old
+        .and_then(|s| s.workload(&r))
+        .map_or(&empty, |w| &w.attributes);
+    let b = new
+        .and_then(|s| s.workload(&r))
+        .map_or(&empty, |w| &w.attributes);
+    a.keys()
+        .chain(b.keys())
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect()
+}
+
+/// Every change says why: the reason goes into the history and the audit log.
+fn require_reason(reason: &str) -> Result<(), Refused> {
+    if reason.trim().is_empty() {
+        return Err(Refused::BadRequest(
+            "a change needs a reason: say why with `--reason \"...\"` (it is kept in the history and the audit log)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The resources of `files` whose kind is accepted but not enforced yet (lint MW315).
+fn not_enforced(files: &Files) -> Vec<String> {
+    repo::resources(files)
+        .into_keys()
+        .filter(|k| {
+            matches!(
+                k.kind.as_str(),
+                "RateLimitPolicy" | "TrafficPolicy" | "FaultInjection" | "TrustDomainFederation"
+            )
+        })
+        .map(|k| k.to_string())
+        .collect()
 }

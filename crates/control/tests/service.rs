@@ -121,8 +121,9 @@ fn head(cp: &ControlPlane) -> u64 {
 fn baseline_changes_need_a_second_platform_security_operator() {
     let dir = tempfile::tempdir().unwrap();
     let cp = plane(dir.path());
-    let Applied::PendingApproval { proposal, summary } =
-        cp.apply(&alice(), examples(), "initial", now()).unwrap()
+    let Applied::PendingApproval {
+        proposal, summary, ..
+    } = cp.apply(&alice(), examples(), "initial", now()).unwrap()
     else {
         panic!()
     };
@@ -207,7 +208,7 @@ fn invalid_sets_and_failing_tests_are_refused() {
         "namespacs: [orders, payments, platform]",
     );
     match cp.apply(&carol(), typo, "typo", now()) {
-        Err(Refused::Invalid(m)) => {
+        Err(Refused::Invalid(m, _)) => {
             assert!(m.contains("error[MW102]: unknown field `namespacs`"), "{m}")
         }
         other => panic!("{other:?}"),
@@ -238,12 +239,14 @@ fn rollback_restores_an_earlier_revision_as_a_new_one() {
         "namespaces: [orders, payments, platform, web]",
     );
     cp.apply(&carol(), next, "let web in", now()).unwrap();
+    // A rollback is a change like an apply: it needs a reason ...
     assert!(matches!(
-        cp.rollback(&carol(), 1, "no", now()),
-        Err(Refused::Forbidden(_))
+        cp.rollback(&carol(), 1, " ", now()),
+        Err(Refused::BadRequest(m)) if m.contains("needs a reason")
     ));
+    // ... and carol may undo what only touches her namespace.
     assert!(matches!(
-        cp.rollback(&alice(), 1, "revert", now()).unwrap(),
+        cp.rollback(&carol(), 1, "revert", now()).unwrap(),
         Applied::Committed { revision: 3, .. }
     ));
     assert_eq!(cp.revision(3).unwrap().files, cp.revision(1).unwrap().files);
@@ -256,6 +259,260 @@ fn rollback_restores_an_earlier_revision_as_a_new_one() {
         cp.rollback(&alice(), 99, "x", now()),
         Err(Refused::NotFound(_))
     ));
+    let rejected = cp
+        .audit(&AuditFilter {
+            action_prefix: Some("rollback.rejected".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(rejected.len(), 2, "{rejected:?}");
+}
+
+#[test]
+fn rolling_back_across_a_baseline_change_waits_for_approval() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = seeded(dir.path());
+    let files = cp.store.head().unwrap().unwrap().files;
+    let next = edit(
+        &files,
+        "baseline.yaml",
+        "notNamespaces: [platform]",
+        "notNamespaces: [platform, payments]",
+    );
+    let Applied::PendingApproval { proposal, .. } = cp
+        .apply(&alice(), next, "payments may call admin paths", now())
+        .unwrap()
+    else {
+        panic!("a baseline change needs approval")
+    };
+    cp.approve(&bob(), proposal, now()).unwrap();
+    assert_eq!(head(&cp), 2);
+    // Rolling back to 1 changes the baseline again: not carol's, and alice needs bob.
+    assert!(matches!(
+        cp.rollback(&carol(), 1, "undo", now()),
+        Err(Refused::Forbidden(m)) if m.contains("baseline")
+    ));
+    let Applied::PendingApproval {
+        proposal, summary, ..
+    } = cp.rollback(&alice(), 1, "undo", now()).unwrap()
+    else {
+        panic!("a rollback across a baseline change needs approval")
+    };
+    assert!(summary.starts_with("rollback to 1"), "{summary}");
+    assert_eq!(head(&cp), 2, "nothing committed before the approval");
+    assert!(matches!(
+        cp.approve(&alice(), proposal, now()),
+        Err(Refused::Forbidden(_))
+    ));
+    cp.approve(&bob(), proposal, now()).unwrap();
+    assert_eq!(head(&cp), 3);
+    assert_eq!(cp.revision(3).unwrap().files, cp.revision(1).unwrap().files);
+}
+
+/// A document in carol's namespace `payments`, appended to the examples.
+fn with_doc(cp: &ControlPlane, doc: &str) -> Files {
+    let mut files = cp.store.head().unwrap().unwrap().files;
+    files.push(("extra.yaml".into(), doc.into()));
+    files
+}
+
+#[test]
+fn an_owner_of_one_namespace_cannot_change_what_another_allows_or_denies() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = seeded(dir.path());
+    let meta = "apiVersion: meshward.io/v1alpha1\nmetadata: {name: x, namespace: payments}\n";
+    // Each kind, living in payments (carol's) and reaching orders (not hers).
+    let cases = [
+        (
+            "AuthorizationPolicy deny",
+            "kind: AuthorizationPolicy\nspec:\n  tier: domain\n  action: DENY\n  target: {workloads: [orders/orders-api]}\n  rules: [{to: [{paths: [/never]}]}]\n",
+        ),
+        (
+            "AuthorizationPolicy allow",
+            "kind: AuthorizationPolicy\nspec:\n  tier: domain\n  action: ALLOW\n  target: {namespaces: [orders]}\n  rules: [{from: [{namespaces: [payments]}], to: [{ports: [8080, 8443], paths: [/never]}]}]\n",
+        ),
+        (
+            "allow Override",
+            "kind: Override\nspec:\n  action: allow\n  subject: {namespaces: [payments]}\n  target: {services: [orders/orders]}\n  to: [{paths: [/never]}]\n  reason: r\n  expiresAt: 2026-11-28T12:00:00Z\n",
+        ),
+        (
+            "deny Override",
+            "kind: Override\nspec:\n  action: deny\n  target: {workloads: [orders/orders-api]}\n  to: [{paths: [/never]}]\n  reason: r\n  expiresAt: 2026-11-28T12:00:00Z\n",
+        ),
+        (
+            "quarantine Override",
+            "kind: Override\nspec:\n  action: quarantine\n  subject: {identities: [\"spiffe://shop.example/ns/orders/sa/nobody\"]}\n  reason: r\n  expiresAt: 2026-11-28T12:00:00Z\n",
+        ),
+        (
+            "RateLimitPolicy",
+            "kind: RateLimitPolicy\nspec:\n  target: {services: [orders/orders]}\n  limits: [{requestsPerSecond: 1}]\n",
+        ),
+        (
+            "TrafficPolicy",
+            "kind: TrafficPolicy\nspec:\n  target: {services: [orders/orders]}\n  timeout: 1s\n",
+        ),
+        (
+            "FaultInjection",
+            "kind: FaultInjection\nspec:\n  target: {workloads: [orders/orders-api]}\n  abort: {httpStatus: 503, percent: 100}\n  expiresAt: 2026-11-28T12:00:00Z\n",
+        ),
+    ];
+    for (what, body) in cases {
+        let before = head(&cp);
+        let files = with_doc(&cp, &format!("{meta}{body}"));
+        match cp.apply(&carol(), files.clone(), "test", now()) {
+            Err(Refused::Forbidden(m)) => {
+                assert!(m.contains("does not own namespace `orders`"), "{what}: {m}")
+            }
+            other => panic!("{what}: carol reached orders: {other:?}"),
+        }
+        assert_eq!(head(&cp), before, "{what}: the store is as it was");
+        // The same resource aimed at carol's own namespace commits.
+        let own = format!("{meta}{body}")
+            .replace("orders/orders-api", "payments-api")
+            .replace("orders/orders", "payments")
+            .replace("namespaces: [orders]", "namespaces: [payments]")
+            .replace("ns/orders/sa/nobody", "ns/payments/sa/nobody");
+        let r = cp.apply(&carol(), with_doc(&cp, &own), "test", now());
+        assert!(
+            matches!(r, Ok(Applied::Committed { .. })),
+            "{what} in her own namespace: {r:?}"
+        );
+        // An owner of both namespaces may make the cross-namespace change.
+        let both = op("dave", &[], &["payments", "orders"]);
+        let r = cp.apply(&both, files, "test", now());
+        assert!(
+            matches!(
+                r,
+                Ok(Applied::Committed { .. }) | Err(Refused::TestsFail(_))
+            ),
+            "{what}: {r:?}"
+        );
+        // Back to the seed for the next case.
+        cp.rollback(&alice(), 1, "reset", now()).unwrap();
+    }
+    let rejected = cp
+        .audit(&AuditFilter {
+            action_prefix: Some("apply.rejected".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    let carols = rejected
+        .iter()
+        .filter(|e| e.actor == "operator:carol")
+        .count();
+    assert_eq!(carols, cases.len(), "every refusal is audited");
+}
+
+#[test]
+fn unconfined_targets_and_shared_attributes_are_mesh_wide() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = seeded(dir.path());
+    // A deny in payments selecting by attribute reaches whoever carries it, anywhere.
+    let doc = "apiVersion: meshward.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: x, namespace: payments}\nspec:\n  tier: domain\n  action: DENY\n  target: {attributes: {classification: internal}}\n  rules: [{to: [{paths: [/never]}]}]\n";
+    assert!(matches!(
+        cp.apply(&carol(), with_doc(&cp, doc), "test", now()),
+        Err(Refused::Forbidden(m)) if m.contains("reaches every namespace") && m.contains("platform-security")
+    ));
+    // Confined to her namespace it is hers.
+    let confined = doc.replace("target: {", "target: {namespaces: [payments], ");
+    assert!(matches!(
+        cp.apply(&carol(), with_doc(&cp, &confined), "test", now()),
+        Ok(Applied::Committed { .. })
+    ));
+    // Platform security may, with a second approval.
+    let r = cp.apply(
+        &alice(),
+        with_doc(&cp, &doc.replace("name: x", "name: y")),
+        "test",
+        now(),
+    );
+    assert!(matches!(r, Ok(Applied::PendingApproval { .. })), "{r:?}");
+    // reporting is `posture: outdated`, which a baseline DENY reads: claiming `compliant`
+    // would lift that deny, so it is not carol's to change.
+    let files = cp.store.head().unwrap().unwrap().files;
+    let claim = edit(
+        &files,
+        "workloads.yaml",
+        "attributes: {team: payments, posture: outdated",
+        "attributes: {team: payments, posture: compliant",
+    );
+    match cp.apply(&carol(), claim.clone(), "test", now()) {
+        Err(Refused::Forbidden(m)) => assert!(
+            m.contains("`posture`")
+                && m.contains("meshward-system/restricted-needs-compliant-posture"),
+            "{m}"
+        ),
+        other => panic!("carol changed a mesh-wide attribute: {other:?}"),
+    }
+    // Platform security may make the change; here the PolicyTests then catch what it would
+    // lift.
+    let r = cp.apply(&alice(), claim, "test", now());
+    assert!(
+        matches!(&r, Err(Refused::TestsFail(m)) if m.contains("restricted data needs a compliant posture")),
+        "{r:?}"
+    );
+    // An attribute nobody reads is hers (ports and labels too).
+    let harmless = edit(
+        &files,
+        "workloads.yaml",
+        "attributes: {team: payments, posture: outdated, classification: internal}",
+        "attributes: {team: payments, posture: outdated, classification: internal, owner: carol}",
+    );
+    let r = cp.apply(&carol(), harmless, "test", now());
+    assert!(matches!(r, Ok(Applied::Committed { .. })), "{r:?}");
+}
+
+#[test]
+fn a_set_that_does_not_parse_is_refused_and_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = seeded(dir.path());
+    let files = cp.store.head().unwrap().unwrap().files;
+    let broken = edit(
+        &files,
+        "domain-payments.yaml",
+        "tier: domain",
+        "tier: [domain",
+    );
+    match cp.apply(&carol(), broken, "typo", now()) {
+        Err(Refused::Invalid(text, diags)) => {
+            assert!(text.contains("MW101"), "{text}");
+            assert!(text.contains("domain-payments.yaml"), "{text}");
+            assert!(diags.iter().any(|d| d.code == "MW101"), "{diags:?}");
+        }
+        other => panic!("a YAML syntax error was not refused: {other:?}"),
+    }
+    assert_eq!(head(&cp), 1);
+    let rejected = cp
+        .audit(&AuditFilter {
+            action_prefix: Some("apply.rejected".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(rejected.len(), 1);
+    assert!(matches!(
+        cp.apply(&carol(), files, "", now()),
+        Err(Refused::BadRequest(m)) if m.contains("needs a reason")
+    ));
+}
+
+#[test]
+fn kinds_not_enforced_yet_are_named_by_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = plane(dir.path());
+    let Applied::PendingApproval { not_enforced, .. } =
+        cp.apply(&alice(), examples(), "initial", now()).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(
+        not_enforced,
+        [
+            "FaultInjection orders/orders-latency-drill",
+            "RateLimitPolicy payments/payments-api",
+            "TrafficPolicy orders/orders",
+            "TrustDomainFederation meshward-system/partner",
+        ]
+    );
 }
 
 #[test]
@@ -356,7 +613,7 @@ fn overrides_expire_by_themselves() {
     };
     // Longer than the mesh's 24h: refused by lint (MW306).
     assert!(
-        matches!(cp.create_override(&carol(), "payments", "hotfix", &doc("2026-11-30T10:00:00Z"), now()), Err(Refused::Invalid(m)) if m.contains("MW306"))
+        matches!(cp.create_override(&carol(), "payments", "hotfix", &doc("2026-11-30T10:00:00Z"), now()), Err(Refused::Invalid(m, _)) if m.contains("MW306"))
     );
     let r = cp
         .create_override(

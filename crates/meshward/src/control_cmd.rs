@@ -65,26 +65,49 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// Runs one API call and prints a refusal as the server phrased it.
+/// A refusal by the control plane: as the server phrased it, and its JSON body.
+#[derive(Debug)]
+struct Refusal {
+    status: u16,
+    message: String,
+    body: Value,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "refused ({}): {}", self.status, self.message)
+    }
+}
+
+/// Runs one API call; a refusal is returned as the server phrased it.
 fn call(
     conn: &Conn,
     method: &str,
     path: &str,
     body: Option<Value>,
-) -> Result<std::result::Result<Value, String>> {
+) -> Result<std::result::Result<Value, Refusal>> {
     let client = conn.client()?;
     let rt = runtime()?;
     match rt.block_on(client.call(method, path, body.as_ref())) {
         Ok(v) => Ok(Ok(v)),
         Err(ClientError::Status {
-            status, message, ..
-        }) => Ok(Err(format!("refused ({status}): {message}"))),
+            status,
+            message,
+            body,
+        }) => Ok(Err(Refusal {
+            status,
+            message,
+            body,
+        })),
         Err(e) => Err(e.into()),
     }
 }
 
+/// Prints a result and returns the exit code: 0, or 1 for a refusal. With `--output json`
+/// a refusal is printed on stdout too (`{"status": "refused", "http_status", "code",
+/// "error", "diagnostics"}`), so tools read one document either way.
 fn finish(
-    r: std::result::Result<Value, String>,
+    r: std::result::Result<Value, Refusal>,
     output: Output,
     text: impl FnOnce(&Value) -> String,
 ) -> ExitCode {
@@ -98,10 +121,41 @@ fn finish(
             ExitCode::SUCCESS
         }
         Err(e) => {
+            if output == Output::Json {
+                let mut doc = json!({
+                    "status": "refused",
+                    "http_status": e.status,
+                    "error": e.message,
+                });
+                for k in ["code", "diagnostics"] {
+                    if let Some(v) = e.body.get(k) {
+                        doc[k] = v.clone();
+                    }
+                }
+                println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+            }
             eprintln!("{e}");
             ExitCode::from(1)
         }
     }
+}
+
+/// `  no effect yet: …` lines for the resources of kinds not enforced yet.
+fn not_enforced_note(v: &Value) -> String {
+    let names: Vec<&str> = v["not_enforced"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if names.is_empty() {
+        return String::new();
+    }
+    format!(
+        "warning: {} resource(s) have no effect yet (accepted, not enforced; lint MW315): {}\n",
+        names.len(),
+        names.join(", ")
+    )
 }
 
 /// `meshward control`.
@@ -189,21 +243,58 @@ pub fn apply(conn: &Conn, dir: &Path, reason: &str, output: Output) -> Result<Ex
     )?;
     Ok(finish(r, output, |v| match v["status"].as_str() {
         Some("committed") => format!(
-            "applied: revision {} ({})\n",
+            "applied: revision {} ({})\n{}",
             v["revision"],
-            v["summary"].as_str().unwrap_or("")
-        ),
-        Some("pending_approval") => format!(
-            "pending approval: change {} ({})\na second platform-security operator runs `meshward approve {}`\n",
-            v["proposal"],
             v["summary"].as_str().unwrap_or(""),
-            v["proposal"]
+            not_enforced_note(v)
         ),
+        Some("pending_approval") => pending(v),
         Some("unchanged") => format!(
             "unchanged: revision {} already holds this policy set\n",
             v["revision"]
         ),
         _ => format!("{v}\n"),
+    }))
+}
+
+fn pending(v: &Value) -> String {
+    format!(
+        "pending approval: change {} ({})\na second platform-security operator runs `meshward approve {}` (see `meshward proposals`)\n{}",
+        v["proposal"],
+        v["summary"].as_str().unwrap_or(""),
+        v["proposal"],
+        not_enforced_note(v)
+    )
+}
+
+/// `meshward proposals`: the changes waiting for a second approval.
+pub fn proposals(conn: &Conn, output: Output) -> Result<ExitCode> {
+    let r = call(conn, "GET", "/v1/proposals", None)?;
+    Ok(finish(r, output, |v| {
+        let list = v.as_array().cloned().unwrap_or_default();
+        if list.is_empty() {
+            return "no change is waiting for approval\n".into();
+        }
+        let mut s = format!(
+            "{:>4}  {:<20}  {:<14}  {:<24}  {:<40}  {}\n",
+            "ID", "PROPOSED", "BY", "REASON", "WAITING FOR", "CHANGE"
+        );
+        for p in &list {
+            let mut waiting = p["waiting_for"].as_str().unwrap_or("").to_owned();
+            if p["stale"].as_bool() == Some(true) {
+                waiting = format!("STALE (head moved past {}): apply again", p["base"]);
+            }
+            s.push_str(&format!(
+                "{:>4}  {:<20}  {:<14}  {:<24}  {:<40}  {}\n",
+                p["id"].as_u64().unwrap_or(0),
+                when(&p["created_ms"]),
+                p["author"].as_str().unwrap_or(""),
+                p["reason"].as_str().unwrap_or(""),
+                waiting,
+                p["summary"].as_str().unwrap_or("")
+            ));
+        }
+        s
     }))
 }
 
@@ -251,11 +342,16 @@ pub fn rollback(conn: &Conn, to: u64, reason: &str, output: Output) -> Result<Ex
         "/v1/rollback",
         Some(json!({"to": to, "reason": reason})),
     )?;
-    Ok(finish(r, output, |v| {
-        format!(
+    Ok(finish(r, output, |v| match v["status"].as_str() {
+        Some("pending_approval") => pending(v),
+        Some("unchanged") => format!(
+            "unchanged: revision {} already equals revision {to}\n",
+            v["revision"]
+        ),
+        _ => format!(
             "rolled back: revision {} restores revision {to}\n",
             v["revision"]
-        )
+        ),
     }))
 }
 
@@ -465,7 +561,7 @@ pub fn ca_rotate(conn: &Conn, root: bool, finish: bool, output: Output) -> Resul
     Ok(finish_with(r, output, rotation))
 }
 
-fn finish_with(r: std::result::Result<Value, String>, output: Output, rotation: &str) -> ExitCode {
+fn finish_with(r: std::result::Result<Value, Refusal>, output: Output, rotation: &str) -> ExitCode {
     finish(r, output, |_| {
         match rotation {
         "root_begin" => "the new root is in the bundle and pushed to proxies; the old intermediate still signs.\nWhen `meshward status` shows no STALE proxy: `meshward ca rotate --root --finish`\n".into(),

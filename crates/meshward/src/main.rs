@@ -65,6 +65,13 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// The changes waiting for a second platform-security operator: who proposed what,
+    /// what it changes, and whose approval it waits for.
+    #[command(after_help = "Example:\n  meshward proposals\n  meshward proposals --output json")]
+    Proposals {
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
     /// Approve a pending change (a second platform-security operator).
     #[command(after_help = "Example:\n  meshward approve 3")]
     Approve {
@@ -694,6 +701,7 @@ fn main() -> ExitCode {
             output,
         } => control_cmd::apply(&cli.conn, &dir, &reason, output),
         Command::Approve { id, output } => control_cmd::approve(&cli.conn, id, output),
+        Command::Proposals { output } => control_cmd::proposals(&cli.conn, output),
         Command::History { output } => control_cmd::history(&cli.conn, output),
         Command::Rollback { to, reason, output } => {
             control_cmd::rollback(&cli.conn, to, &reason, output)

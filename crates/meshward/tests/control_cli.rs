@@ -206,6 +206,27 @@ fn apply_approve_history_rollback_with_permissions() {
         "{}",
         out(&o)
     );
+    // Pending changes can be listed: who proposed what, waiting for whom.
+    let o = c.cli("bob", &["proposals"]);
+    let text = out(&o);
+    assert!(
+        o.status.success()
+            && text.contains("WAITING FOR")
+            && text.contains("alice")
+            && text.contains("a platform-security operator other than `alice`")
+            && text.contains("+AuthorizationPolicy"),
+        "{text}"
+    );
+    let o = c.cli("bob", &["proposals", "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0]["id"], 1);
+    assert_eq!(v[0]["author"], "alice");
+    assert_eq!(v[0]["reason"], "initial");
+    assert_eq!(v[0]["stale"], false);
+    assert!(
+        v[0].get("files").is_none(),
+        "proposals are listed without their files"
+    );
     let o = c.cli("alice", &["approve", "1"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
@@ -245,7 +266,10 @@ fn apply_approve_history_rollback_with_permissions() {
         ),
     )
     .unwrap();
-    let o = c.cli("carol", &["apply", "-f", base.to_str().unwrap()]);
+    let o = c.cli(
+        "carol",
+        &["apply", "-f", base.to_str().unwrap(), "--reason", "x"],
+    );
     assert_eq!(o.status.code(), Some(1));
     assert!(
         out(&o).contains("refused (403)") && out(&o).contains("platform-security"),
@@ -264,11 +288,70 @@ fn apply_approve_history_rollback_with_permissions() {
         ),
     )
     .unwrap();
-    let o = c.cli("carol", &["apply", "-f", bad.to_str().unwrap()]);
+    let o = c.cli(
+        "carol",
+        &["apply", "-f", bad.to_str().unwrap(), "--reason", "x"],
+    );
     assert_eq!(o.status.code(), Some(1));
     assert!(
         out(&o).contains("refused (422)")
             && out(&o).contains("error[MW102]: unknown field `namespacs`"),
+        "{}",
+        out(&o)
+    );
+    // A set that does not even parse: refused (exit 1) with lint's diagnostics, and with
+    // `--output json` the refusal and its diagnostics on stdout.
+    let broken = tmp.path().join("v-broken");
+    copy_examples(&broken);
+    let f = broken.join("domain-payments.yaml");
+    std::fs::write(
+        &f,
+        std::fs::read_to_string(&f)
+            .unwrap()
+            .replace("tier: domain", "tier: [domain"),
+    )
+    .unwrap();
+    let o = c.cli(
+        "carol",
+        &["apply", "-f", broken.to_str().unwrap(), "--reason", "x"],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(
+        out(&o).contains("refused (422)")
+            && out(&o).contains("error[MW101]")
+            && out(&o).contains("domain-payments.yaml"),
+        "{}",
+        out(&o)
+    );
+    let o = c.cli(
+        "carol",
+        &[
+            "apply",
+            "-f",
+            broken.to_str().unwrap(),
+            "--reason",
+            "x",
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["status"], "refused");
+    assert_eq!(v["code"], "invalid");
+    assert_eq!(v["http_status"], 422);
+    assert!(
+        v["diagnostics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["code"] == "MW101" && d["file"] == "domain-payments.yaml"),
+        "{v}"
+    );
+    // A change without a reason is refused.
+    let o = c.cli("carol", &["apply", "-f", web.to_str().unwrap()]);
+    assert!(
+        o.status.code() == Some(1) && out(&o).contains("needs a reason"),
         "{}",
         out(&o)
     );
@@ -503,7 +586,7 @@ fn kill_9_during_applies_leaves_a_whole_revision_and_an_intact_chain() {
             for i in 0..40 {
                 let d = if i % 2 == 0 { &a } else { &b };
                 let o = Command::new(bin())
-                    .args(["apply", "-f"])
+                    .args(["apply", "--reason", "flip", "-f"])
                     .arg(d)
                     .arg("--server")
                     .arg(&addr)
@@ -601,7 +684,16 @@ fn a_new_user_bootstraps_with_the_admin_token_and_adds_a_second_operator() {
         .output()
         .unwrap();
     assert!(out(&o).contains("already exists"), "{}", out(&o));
-    let o = c.cli("admin", &["apply", "-f", examples().to_str().unwrap()]);
+    let o = c.cli(
+        "admin",
+        &[
+            "apply",
+            "-f",
+            examples().to_str().unwrap(),
+            "--reason",
+            "initial",
+        ],
+    );
     assert!(
         out(&o).contains("pending approval: change 1"),
         "{}",

@@ -263,7 +263,10 @@ spec:
         ),
     )
     .unwrap();
-    let o = env.cli("alice", &["apply", "-f", repo.to_str().unwrap()]);
+    let o = env.cli(
+        "alice",
+        &["apply", "-f", repo.to_str().unwrap(), "--reason", "initial"],
+    );
     assert!(
         out(&o).contains("pending approval: change 1"),
         "{}",

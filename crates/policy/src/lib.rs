@@ -21,6 +21,7 @@ pub mod path;
 pub mod reference;
 pub mod resource;
 pub mod scenario;
+pub mod scope;
 pub mod suggest;
 pub mod yaml;
 

@@ -188,6 +188,18 @@ pub const CODES: &[Code] = &[
         severity: Severity::Error,
         summary: "workloads sharing an identity declare different attributes",
     },
+    Code {
+        code: "MW314",
+        name: "ReachesOtherNamespaces",
+        severity: Severity::Warning,
+        summary: "a resource reaches namespaces beyond its own (changing it needs their ownership)",
+    },
+    Code {
+        code: "MW315",
+        name: "NotEnforced",
+        severity: Severity::Warning,
+        summary: "a kind that is accepted and stored but not enforced yet",
+    },
 ];
 
 use std::collections::BTreeSet;
@@ -231,6 +243,8 @@ pub fn lint(set: &PolicySet, now: SystemTime) -> Vec<Diagnostic> {
     for p in &set.policies {
         l.policy(p);
     }
+    l.reach();
+    l.not_enforced();
     out.sort_by(|a, b| {
         (&a.file, a.line, a.column, a.code).cmp(&(&b.file, b.line, b.column, b.code))
     });
@@ -329,6 +343,121 @@ impl<'a> Linter<'a> {
                     }
                 }
             }
+        }
+    }
+
+    /// MW314: a resource other than a baseline policy whose target or subject reaches
+    /// namespaces beyond its own (crate::scope): whoever changes it needs their ownership.
+    fn reach(&mut self) {
+        let set = self.set;
+        let mut items: Vec<(&str, &str, &crate::model::Origin)> = vec![];
+        for p in &set.policies {
+            if p.tier != Tier::Baseline {
+                if let Some(o) = &p.origin {
+                    items.push(("AuthorizationPolicy", &p.id, o));
+                }
+            }
+        }
+        for o in &set.overrides {
+            if let Some(origin) = &o.origin {
+                items.push(("Override", &o.id, origin));
+            }
+        }
+        for x in &set.rate_limits {
+            items.push(("RateLimitPolicy", &x.id, &x.origin));
+        }
+        for x in &set.traffic {
+            items.push(("TrafficPolicy", &x.id, &x.origin));
+        }
+        for x in &set.faults {
+            items.push(("FaultInjection", &x.id, &x.origin));
+        }
+        for (kind, id, origin) in items {
+            let (ns, name) = id.split_once('/').unwrap_or(("", id));
+            let Some(reach) = crate::scope::resource(set, kind, ns, name) else {
+                continue;
+            };
+            let quarantine = kind == "Override"
+                && set.overrides.iter().any(|o| {
+                    *o.id == *id && o.action == crate::resource::OverrideAction::Quarantine
+                });
+            let field = if quarantine {
+                p!["spec", "subject"].to_vec()
+            } else {
+                p!["spec", "target"].to_vec()
+            };
+            let (msg, help) = match reach.beyond(ns) {
+                Some(v) if v.is_empty() => continue,
+                Some(v) => {
+                    let names: Vec<String> = v.iter().map(|n| format!("`{n}`")).collect();
+                    (
+                        format!(
+                            "this {kind} in `{ns}` reaches namespace(s) {} too",
+                            names.join(", ")
+                        ),
+                        format!(
+                            "a change to it needs an operator who owns {} as well as `{ns}`; keep resources in the namespace they affect",
+                            names.join(", ")
+                        ),
+                    )
+                }
+                None => (
+                    format!(
+                        "this {kind} in `{ns}` reaches every namespace: its {} names no workload, service or namespace",
+                        if quarantine { "subject" } else { "target" }
+                    ),
+                    if quarantine {
+                        "a change to it needs platform-security and a second approval; name the subject's identities or `namespaces`".to_owned()
+                    } else {
+                        format!(
+                            "a change to it needs platform-security and a second approval; add `namespaces: [{ns}]` to the target to keep it in `{ns}`"
+                        )
+                    },
+                ),
+            };
+            self.out.push(
+                origin
+                    .diag("MW314", Severity::Warning, &field, msg)
+                    .help(help)
+                    .resource(label(kind, id)),
+            );
+        }
+    }
+
+    /// MW315: kinds that are validated and stored but that no proxy enforces yet.
+    fn not_enforced(&mut self) {
+        let set = self.set;
+        let items = set
+            .rate_limits
+            .iter()
+            .map(|x| ("RateLimitPolicy", &x.id, &x.origin))
+            .chain(
+                set.traffic
+                    .iter()
+                    .map(|x| ("TrafficPolicy", &x.id, &x.origin)),
+            )
+            .chain(
+                set.faults
+                    .iter()
+                    .map(|x| ("FaultInjection", &x.id, &x.origin)),
+            )
+            .chain(
+                set.federations
+                    .iter()
+                    .map(|x| ("TrustDomainFederation", &x.id, &x.origin)),
+            );
+        for (kind, id, origin) in items {
+            self.out.push(
+                origin
+                    .diag(
+                        "MW315",
+                        Severity::Warning,
+                        &p!["kind"],
+                        format!("`{kind}` is accepted but not enforced yet: {kind} {id} has no effect on traffic"),
+                    )
+                    .help("it is validated and stored so that it is ready when enforcement lands; do not rely on it meanwhile")
+                    .resource(label(kind, id)),
+            );
         }
     }
 

@@ -115,6 +115,9 @@ pub struct Service {
 pub struct Target {
     /// Named workloads, services expanded; `None` when neither was given.
     pub named: Option<BTreeSet<WorkloadRef>>,
+    /// The services named (already expanded into `named`): kept so that what a target
+    /// reaches includes a service's namespace even while the service has no workloads.
+    pub services: Vec<WorkloadRef>,
     pub namespaces: Vec<String>,
     pub labels: Vec<(String, String)>,
     pub attributes: Vec<(String, Vec<String>)>,
@@ -1273,6 +1276,7 @@ impl Builder {
 
     fn target(&mut self, ctx: &Ctx<'_>, d: &Doc, t: &r::TargetSpec, at: &[PathSeg]) -> Target {
         let mut named: Option<BTreeSet<WorkloadRef>> = None;
+        let mut services = vec![];
         let field = |f: &str, i: usize| {
             let mut v = at.to_vec();
             v.push(PathSeg::Key(f.into()));
@@ -1304,7 +1308,10 @@ impl Builder {
                 .ok()
                 .and_then(|r| ctx.services.iter().find(|x| x.id == r));
             match found {
-                Some(svc) => set.extend(svc.workloads.iter().map(|&i| ctx.workloads[i].id.clone())),
+                Some(svc) => {
+                    services.push(svc.id.clone());
+                    set.extend(svc.workloads.iter().map(|&i| ctx.workloads[i].id.clone()));
+                }
                 None => {
                     let names: Vec<String> =
                         ctx.services.iter().map(|s| s.id.to_string()).collect();
@@ -1333,6 +1340,7 @@ impl Builder {
         }
         Target {
             named,
+            services,
             namespaces: t.namespaces.clone(),
             labels: t
                 .labels

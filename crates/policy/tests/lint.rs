@@ -402,3 +402,53 @@ fn every_code_is_documented() {
     }
     let _ = Duration::ZERO;
 }
+
+#[test]
+fn mw314_reach_beyond_the_own_namespace() {
+    let other = "---\napiVersion: meshward.io/v1alpha1\nkind: Workload\nmetadata: {name: api, namespace: prod}\nspec: {attributes: {tier: back}, ports: [{port: 8080, protocol: HTTP}]}\n";
+    // Naming another namespace's workload.
+    let d = only(
+        &format!(
+            "{}{other}",
+            policy(
+                "  tier: domain\n  action: DENY\n  target: {workloads: [prod/api]}\n  rules: [{to: [{paths: [/x]}]}]\n"
+            )
+        ),
+        "MW314",
+    );
+    assert_eq!(d.severity, Severity::Warning);
+    assert_eq!((d.line, d.field.as_deref()), (7, Some("spec.target")));
+    assert!(
+        d.message.contains("reaches namespace(s) `prod`"),
+        "{}",
+        d.message
+    );
+    // Selecting by attribute only: every namespace.
+    let d = only(
+        &policy(
+            "  tier: domain\n  action: DENY\n  target: {attributes: {tier: [front]}}\n  rules: [{to: [{paths: [/x]}]}]\n",
+        ),
+        "MW314",
+    );
+    assert!(
+        d.message.contains("reaches every namespace"),
+        "{}",
+        d.message
+    );
+    assert!(d.help.unwrap().contains("namespaces: [shop]"));
+    // Confined: clean.
+    clean(&policy(
+        "  tier: domain\n  action: DENY\n  target: {namespaces: [shop], attributes: {tier: [front]}}\n  rules: [{to: [{paths: [/x]}]}]\n",
+    ));
+}
+
+#[test]
+fn mw315_kinds_not_enforced_yet() {
+    let d = only(
+        "apiVersion: meshward.io/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: r, namespace: shop}\nspec:\n  target: {workloads: [web]}\n  limits: [{requestsPerSecond: 1}]\n",
+        "MW315",
+    );
+    assert_eq!(d.severity, Severity::Warning);
+    assert_eq!((d.line, d.field.as_deref()), (2, Some("kind")));
+    assert!(d.message.contains("not enforced yet"), "{}", d.message);
+}
