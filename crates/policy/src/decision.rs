@@ -73,6 +73,13 @@ pub enum Reason {
     OutsideMesh,
     /// Set by the outbound proxy: a destination outside the mesh on the allow-list.
     AllowedExternal,
+    /// Set by the inbound proxy: a request that apps could read differently from what
+    /// policy would evaluate (two `Host`s, `;` in the path, `_` in a header name, ...) was
+    /// refused with 400 before policy; the record's `detail` names the rule.
+    BadRequest,
+    /// Set by the inbound proxy: an upgrade (WebSocket, `CONNECT`) that no rule allows by
+    /// name was refused with 403, although the request itself was allowed.
+    UpgradeRefused,
 }
 
 impl Reason {
@@ -94,6 +101,8 @@ impl Reason {
             Reason::HandshakeFailed => "handshake_failed",
             Reason::OutsideMesh => "outside_mesh",
             Reason::AllowedExternal => "allowed_external",
+            Reason::BadRequest => "bad_request",
+            Reason::UpgradeRefused => "upgrade_refused",
         }
     }
 
@@ -107,6 +116,8 @@ impl Reason {
                 | Reason::HandshakeFailed
                 | Reason::OutsideMesh
                 | Reason::AllowedExternal
+                | Reason::BadRequest
+                | Reason::UpgradeRefused
         )
     }
 }
@@ -177,13 +188,29 @@ pub struct HttpAttrs {
 }
 
 impl HttpAttrs {
-    /// Every value of a header (name lower-case).
+    /// Every value of a header (name lower-case), one per field line as received.
     pub fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
         self.headers
             .iter()
             .filter(move |(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     }
+
+    /// What header conditions evaluate: every element of every value of a header, a value
+    /// split at commas (the HTTP list syntax most apps apply: `x-role: reader,admin` is
+    /// `reader` and `admin`), each trimmed of spaces and tabs; empty elements included.
+    pub fn header_elements<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.header_values(name)
+            .flat_map(|v| v.split(',').map(|e| e.trim_matches([' ', '\t'])))
+    }
+}
+
+/// Whether a header value element is unknown to policy: it came from bytes that are not
+/// UTF-8 (the proxy records those with U+FFFD in their place). Such an element satisfies
+/// every DENY condition on its header and no ALLOW condition (`present` aside): fail
+/// closed, whichever way an app would decode it.
+pub fn is_opaque(element: &str) -> bool {
+    element.contains(char::REPLACEMENT_CHARACTER)
 }
 
 /// A workload by namespace and name.

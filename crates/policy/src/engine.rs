@@ -19,7 +19,7 @@ use meshward_identity::SpiffeId;
 
 use crate::decision::{
     Decision, PolicyRevision, Reason, Request, RuleRef, ShadowDecision, Source, Verdict,
-    WorkloadRef,
+    WorkloadRef, is_opaque,
 };
 use crate::matcher::{HostPattern, IdentityPattern, PathPattern, normalize_host};
 use crate::model::{
@@ -190,12 +190,18 @@ fn cond_holds(c: &Condition, deny: bool, cx: &Cx<'_>) -> bool {
         return deny;
     };
     let mut n = 0usize;
+    // Every element of every value (commas split); an opaque (non-UTF-8) element satisfies
+    // a DENY and fails an ALLOW, whatever the matchers.
     match &c.kind {
         CondKind::Present(p) => http.header_values(&c.header).next().is_some() == *p,
         CondKind::Values(ms) => {
-            for v in http.header_values(&c.header) {
+            for v in http.header_elements(&c.header) {
                 n += 1;
-                let ok = ms.iter().any(|m| m.matches(v));
+                let ok = if is_opaque(v) {
+                    deny
+                } else {
+                    ms.iter().any(|m| m.matches(v))
+                };
                 if deny && ok {
                     return true;
                 }
@@ -206,9 +212,13 @@ fn cond_holds(c: &Condition, deny: bool, cx: &Cx<'_>) -> bool {
             !deny && n > 0
         }
         CondKind::NotValues(ms) => {
-            for v in http.header_values(&c.header) {
+            for v in http.header_elements(&c.header) {
                 n += 1;
-                let ok = !ms.iter().any(|m| m.matches(v));
+                let ok = if is_opaque(v) {
+                    deny
+                } else {
+                    !ms.iter().any(|m| m.matches(v))
+                };
                 if deny && ok {
                     return true;
                 }

@@ -70,6 +70,8 @@ pub struct Mesh {
     pub certificate_lifetime: Duration,
     pub max_override_duration: Duration,
     pub outbound: r::OutboundTraffic,
+    /// Request headers with `_` in the name: refused or dropped by the inbound proxy.
+    pub headers_with_underscores: r::HeadersWithUnderscores,
     pub origin: Option<Origin>,
 }
 
@@ -107,7 +109,20 @@ pub struct Service {
     pub hosts: Vec<String>,
     /// Transparent mode: virtual addresses.
     pub addresses: Vec<std::net::IpAddr>,
+    /// The app routes paths case-insensitively (`spec.pathCaseInsensitive`).
+    pub path_case_insensitive: bool,
     pub origin: Origin,
+}
+
+impl Service {
+    /// Whether the service sends traffic to app port `port` of its workloads.
+    pub fn targets_port(&self, port: u16) -> bool {
+        self.ports.is_empty()
+            || self
+                .ports
+                .iter()
+                .any(|p| p.target_port.unwrap_or(p.port) == port)
+    }
 }
 
 /// Which destinations a policy applies to (fields AND, values OR; empty = all).
@@ -304,6 +319,18 @@ pub struct PolicySet {
 static EMPTY_ATTRS: BTreeMap<String, String> = BTreeMap::new();
 
 impl PolicySet {
+    /// Whether app port `port` of `workload` routes paths case-insensitively: some service
+    /// in front of that port says `pathCaseInsensitive` (then the inbound proxy lower-cases
+    /// the path for policy and app alike).
+    pub fn path_case_insensitive(&self, workload: &WorkloadRef, port: u16) -> bool {
+        let Some(w) = self.workloads.iter().position(|x| &x.id == workload) else {
+            return false;
+        };
+        self.services
+            .iter()
+            .any(|s| s.path_case_insensitive && s.workloads.contains(&w) && s.targets_port(port))
+    }
+
     /// Builds a set from already-typed parts (used by generators and tests). Sorts into
     /// evaluation order. Workloads sharing an identity must share attributes.
     pub fn from_parts(
@@ -1101,6 +1128,7 @@ impl Builder {
                 .max_override_duration
                 .map_or(Duration::from_secs(86400), |x| x.0),
             outbound: s.outbound_traffic.clone().unwrap_or_default(),
+            headers_with_underscores: s.headers_with_underscores,
             origin: Some(d.origin.clone()),
         }
     }
@@ -1270,6 +1298,7 @@ impl Builder {
             ports: s.ports,
             hosts: s.hosts,
             addresses,
+            path_case_insensitive: s.path_case_insensitive,
             origin: d.origin,
         }
     }
@@ -1590,6 +1619,38 @@ impl Builder {
                         at,
                         "a condition needs exactly one of `values`, `notValues` or `present`",
                     )
+                    .resource(d.label()),
+            );
+            return None;
+        }
+        // What the proxy never lets a condition see: a header named with `_` (refused or
+        // dropped), a value element with a `,` (values are split at commas).
+        let never = if c.header.contains('_') {
+            Some((
+                PathSeg::Key("header".into()),
+                format!(
+                    "`{}` can never match: the proxy refuses or drops header names with `_` (`Mesh.spec.headersWithUnderscores`)",
+                    c.header
+                ),
+            ))
+        } else {
+            c.values
+                .iter()
+                .chain(&c.not_values)
+                .find(|v| v.contains(','))
+                .map(|v| {
+                    (
+                        PathSeg::Key(if c.values.is_empty() { "notValues" } else { "values" }.into()),
+                        format!("`{v}` can never match: header values are compared element by element, split at commas"),
+                    )
+                })
+        };
+        if let Some((seg, msg)) = never {
+            let mut path = at.to_vec();
+            path.push(seg);
+            self.diags.push(
+                d.origin
+                    .diag("MW108", Severity::Error, &path, msg)
                     .resource(d.label()),
             );
             return None;

@@ -20,6 +20,10 @@ pub enum PathRejection {
     EncodedControl,
     /// `%` not followed by two hex digits.
     BadPercentEncoding,
+    /// A `;` or `%3B`: path parameters, which Java servlet containers and others strip
+    /// before routing (`/admin;x` reaches their `/admin`), so the app would not read the
+    /// path that policy evaluated.
+    PathParameter,
 }
 
 impl PathRejection {
@@ -33,6 +37,7 @@ impl PathRejection {
             PathRejection::Backslash => "path_backslash",
             PathRejection::EncodedControl => "path_encoded_control",
             PathRejection::BadPercentEncoding => "path_bad_percent_encoding",
+            PathRejection::PathParameter => "path_parameter",
         }
     }
 }
@@ -49,6 +54,9 @@ impl fmt::Display for PathRejection {
             PathRejection::Backslash => "the request path has a `\\`",
             PathRejection::EncodedControl => "the request path has an encoded control character",
             PathRejection::BadPercentEncoding => "the request path has a malformed `%` escape",
+            PathRejection::PathParameter => {
+                "the request path has a `;` (path parameters are read differently by apps)"
+            }
         })
     }
 }
@@ -84,10 +92,11 @@ fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
-/// Normalizes a request target: rejects fragments, control characters, backslashes and
-/// encoded `/` or `\`; decodes percent-encoded unreserved characters (upper-casing the hex of
-/// the escapes it keeps); merges repeated slashes; removes dot segments. The query string is
-/// split off and returned unchanged (it is not matched by policy).
+/// Normalizes a request target: rejects fragments, control characters, backslashes,
+/// `;` path parameters and encoded `/`, `\\` or `;`; decodes percent-encoded unreserved
+/// characters and `%2A` (a `*`, matched literally like any other character), upper-casing
+/// the hex of the escapes it keeps; merges repeated slashes; removes dot segments. The query
+/// string is split off and returned unchanged (it is not matched by policy).
 pub fn normalize(target: &str) -> Result<NormalizedPath, PathRejection> {
     let bytes = target.as_bytes();
     if bytes
@@ -114,6 +123,7 @@ pub fn normalize(target: &str) -> Result<NormalizedPath, PathRejection> {
         let b = raw[i];
         match b {
             b'\\' => return Err(PathRejection::Backslash),
+            b';' => return Err(PathRejection::PathParameter),
             b'%' => {
                 let (Some(h), Some(l)) = (
                     raw.get(i + 1).copied().and_then(hex),
@@ -128,7 +138,12 @@ pub fn normalize(target: &str) -> Result<NormalizedPath, PathRejection> {
                 if v < 0x20 || v == 0x7f {
                     return Err(PathRejection::EncodedControl);
                 }
-                if is_unreserved(v) {
+                if v == b';' {
+                    return Err(PathRejection::PathParameter);
+                }
+                // `*` too: it has no special meaning in a path, and an app that decodes
+                // `%2A` must see the same path as one sent `*`.
+                if is_unreserved(v) || v == b'*' {
                     decoded.push(char::from(v));
                 } else {
                     decoded.push('%');
@@ -170,6 +185,26 @@ pub fn normalize(target: &str) -> Result<NormalizedPath, PathRejection> {
     Ok(NormalizedPath { path, query })
 }
 
+/// The path lower-cased for a service that routes case-insensitively: ASCII letters
+/// outside percent escapes (whose hex stays upper-case, as [`normalize`] writes it). The
+/// proxy forwards this path too, so the policy and the app read the same one.
+pub fn lower_case(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    let mut escape = 0;
+    for c in path.chars() {
+        if c == '%' {
+            escape = 2;
+            out.push(c);
+        } else if escape > 0 {
+            escape -= 1;
+            out.push(c);
+        } else {
+            out.push(c.to_ascii_lowercase());
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,7 +231,9 @@ mod tests {
             ("/%7euser", "/~user"),
             ("/a%20b", "/a%20b"),
             ("/a%3fb", "/a%3Fb"),
-            ("/admin/..;/x", "/admin/..;/x"),
+            ("/a/*", "/a/*"),
+            ("/a/%2a/b", "/a/*/b"),
+            ("/a%2Ab", "/a*b"),
         ];
         for (input, want) in cases {
             assert_eq!(n(input).as_deref(), Ok(want), "{input}");
@@ -224,6 +261,10 @@ mod tests {
             ("/a%7F", PathRejection::EncodedControl),
             ("/a%zz", PathRejection::BadPercentEncoding),
             ("/a%2", PathRejection::BadPercentEncoding),
+            ("/admin/..;/x", PathRejection::PathParameter),
+            ("/admin;jsessionid=1", PathRejection::PathParameter),
+            ("/admin%3bx", PathRejection::PathParameter),
+            ("/admin%3B", PathRejection::PathParameter),
             ("a/b", PathRejection::NotOriginForm),
             ("*", PathRejection::NotOriginForm),
             ("", PathRejection::NotOriginForm),
@@ -231,6 +272,11 @@ mod tests {
         for (input, want) in cases {
             assert_eq!(n(input), Err(want), "{input:?}");
         }
+    }
+
+    #[test]
+    fn lower_case_keeps_escapes() {
+        assert_eq!(lower_case("/Admin/%C3%A9/X"), "/admin/%C3%A9/x");
     }
 
     #[test]

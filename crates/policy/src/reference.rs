@@ -123,30 +123,53 @@ pub fn operation_matches(op: &Operation, action: Action, req: &Request) -> bool 
     true
 }
 
-/// Whether a header condition holds. Repeated headers: for DENY a condition matches if any
-/// value matches; for ALLOW and AUDIT it holds only if every value satisfies it. A missing
-/// header never satisfies `values`, and always satisfies `notValues`.
+/// Whether a header condition holds. Every value of the header is split at commas and
+/// each element trimmed; for DENY a condition matches if any element matches; for ALLOW
+/// and AUDIT it holds only if every element satisfies it. A missing header never satisfies
+/// `values`, and always satisfies `notValues`. An element from bytes that are not UTF-8
+/// (holding U+FFFD) satisfies a DENY condition and never an ALLOW one.
 pub fn condition_holds(c: &Condition, action: Action, req: &Request) -> bool {
     let Some(http) = &req.http else {
         return action == Action::Deny;
     };
-    let values: Vec<&str> = http.header_values(&c.header).collect();
+    let mut elements: Vec<&str> = vec![];
+    for (k, v) in &http.headers {
+        if *k == c.header {
+            for e in v.split(',') {
+                elements.push(e.trim_matches(|ch| ch == ' ' || ch == '\t'));
+            }
+        }
+    }
+    let deny = action == Action::Deny;
+    let opaque = |v: &&str| v.contains('\u{fffd}');
     match &c.kind {
-        CondKind::Present(p) => values.is_empty() != *p,
+        CondKind::Present(p) => elements.is_empty() != *p,
         CondKind::Values(ms) => {
-            let ok = |v: &&str| ms.iter().any(|m| m.matches(v));
-            if action == Action::Deny {
-                values.iter().any(ok)
+            let ok = |v: &&str| {
+                if opaque(v) {
+                    deny
+                } else {
+                    ms.iter().any(|m| m.matches(v))
+                }
+            };
+            if deny {
+                elements.iter().any(ok)
             } else {
-                !values.is_empty() && values.iter().all(ok)
+                !elements.is_empty() && elements.iter().all(ok)
             }
         }
         CondKind::NotValues(ms) => {
-            let ok = |v: &&str| !ms.iter().any(|m| m.matches(v));
-            if action == Action::Deny {
-                values.is_empty() || values.iter().any(ok)
+            let ok = |v: &&str| {
+                if opaque(v) {
+                    deny
+                } else {
+                    !ms.iter().any(|m| m.matches(v))
+                }
+            };
+            if deny {
+                elements.is_empty() || elements.iter().any(ok)
             } else {
-                values.iter().all(ok)
+                elements.iter().all(ok)
             }
         }
     }

@@ -173,6 +173,19 @@ pub enum MtlsMode {
     Permissive,
 }
 
+/// What the inbound proxy does with a request header whose name contains `_` (many servers
+/// read `_` as `-`, so `x_role` could reach the app as the `x-role` that policy did not see).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+pub enum HeadersWithUnderscores {
+    /// Answer 400 (`bad_request`, detail `header_underscore`).
+    #[default]
+    #[serde(rename = "REFUSE", alias = "refuse")]
+    Refuse,
+    /// Remove the header before policy and the app see the request.
+    #[serde(rename = "DROP", alias = "drop")]
+    Drop,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 pub enum OutboundMode {
     #[default]
@@ -208,6 +221,9 @@ pub struct MeshSpec {
     pub max_override_duration: Option<Dur>,
     #[serde(default)]
     pub outbound_traffic: Option<OutboundTraffic>,
+    /// Request headers with `_` in their name: refused (default) or dropped.
+    #[serde(default)]
+    pub headers_with_underscores: HeadersWithUnderscores,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -309,6 +325,11 @@ pub struct ServiceSpec {
     /// of them is balanced across the service's workloads.
     #[serde(default)]
     pub addresses: Vec<String>,
+    /// The app routes paths case-insensitively: its sidecar lower-cases the path, and both
+    /// policy and the app see the lower-cased one (so `/Admin` cannot pass a deny on
+    /// `/admin`). Path patterns of policies on its workloads must then be lower-case.
+    #[serde(default)]
+    pub path_case_insensitive: bool,
 }
 
 // ---------------------------------------------------------------------------------------

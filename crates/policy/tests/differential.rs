@@ -318,6 +318,7 @@ fn gen_set(g: &mut Gen) -> PolicySet {
             MtlsMode::Permissive
         },
         certificate_lifetime: Duration::from_secs(3600),
+        headers_with_underscores: Default::default(),
         max_override_duration: Duration::from_secs(86400),
         outbound: Default::default(),
         origin: None,
@@ -368,11 +369,27 @@ fn gen_request(g: &mut Gen) -> Request {
                 Some("other"),
             ])
             .map(String::from),
-        headers: (0..g.below(3))
+        // Repeated fields, comma lists (with spaces and empty elements) and values from
+        // bytes that are not UTF-8 (U+FFFD, as the proxy records them).
+        headers: (0..g.below(4))
             .map(|_| {
                 (
                     "x-h".to_string(),
-                    g.pick(&["v1", "v2", "w", "x1"]).to_string(),
+                    g.pick(&[
+                        "v1",
+                        "v2",
+                        "w",
+                        "x1",
+                        "v1,v2",
+                        "w, v1",
+                        "v1 ,\tx1",
+                        "v1,",
+                        ",",
+                        "",
+                        "v\u{fffd}1",
+                        "v1, \u{fffd}",
+                    ])
+                    .to_string(),
                 )
             })
             .collect(),

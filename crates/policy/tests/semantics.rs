@@ -513,6 +513,45 @@ fn repeated_headers_any_for_deny_every_for_allow() {
 }
 
 #[test]
+fn comma_lists_and_non_utf8_values_are_evaluated_element_by_element() {
+    let s = set(&(allow_api(
+        "    - when: [{header: x-env, values: [prod, \"stag*\"]}, {header: x-tier, notValues: [gold]}]\n",
+    ) + &pol(
+        "deny-admin",
+        "sec",
+        "  tier: baseline\n  action: DENY\n  rules:\n    - to: [{ports: [80]}]\n      when: [{header: x-role, values: [admin]}]\n",
+    )));
+    let w = || Req::from("td/ns/prod/sa/web").header("x-env", "prod");
+    assert_eq!(verdict(&s, w()), ALLOW);
+    // Found in issue #11: `x-role: reader,admin` passed a deny on `admin`.
+    assert_eq!(verdict(&s, w().header("x-role", "reader,admin")), DENY);
+    assert_eq!(verdict(&s, w().header("x-role", "reader , admin")), DENY);
+    assert_eq!(verdict(&s, w().header("x-role", "reader")), ALLOW);
+    // ALLOW `values`: every element must match.
+    assert_eq!(
+        verdict(
+            &s,
+            Req::from("td/ns/prod/sa/web").header("x-env", "prod, dev")
+        ),
+        DENY
+    );
+    assert_eq!(
+        verdict(
+            &s,
+            Req::from("td/ns/prod/sa/web").header("x-env", "prod,staging")
+        ),
+        ALLOW
+    );
+    // ALLOW `notValues`: no element may be excluded.
+    assert_eq!(verdict(&s, w().header("x-tier", "silver,gold")), DENY);
+    // Not UTF-8 (U+FFFD from the proxy): fails the negative ALLOW condition and matches
+    // the DENY, whatever it would decode to.
+    assert_eq!(verdict(&s, w().header("x-tier", "g\u{fffd}ld")), DENY);
+    assert_eq!(verdict(&s, w().header("x-role", "adm\u{fffd}n")), DENY);
+    assert_eq!(verdict(&s, w().header("x-tier", "silver")), ALLOW);
+}
+
+#[test]
 fn http_conditions_on_tcp_allow_never_deny_always() {
     let s = set(&(allow_api(
         "    - to: [{methods: [GET]}]\n    - name: tcp\n      from: [{namespaces: [jobs]}]\n      to: [{ports: [5432]}]\n",

@@ -20,7 +20,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::hygiene::{ChunkedEnd, MAX_HEAD, State0, check_head, head_end};
-use crate::inbound::{Checked, IDENTITY_HEADER, InboundPort, authorize, denial};
+use crate::inbound::{Checked, IDENTITY_HEADER, InboundPort, authorize, denial, refused};
+use crate::interpret::{self, Version, has_token, split_target};
 use crate::state::Shared;
 
 /// The most headers in a request or response head (as the general path's `max_headers`).
@@ -130,29 +131,47 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         else {
             return End::Handoff(buf.into_vec());
         };
-        let (mut host, mut close, mut general) = (None, false, method == "CONNECT");
-        for h in req.headers.iter() {
-            if h.name.eq_ignore_ascii_case("host") {
-                host = std::str::from_utf8(h.value).ok();
-            } else if h.name.eq_ignore_ascii_case("connection") {
-                close |= has_token(h.value, "close");
-                general |= has_token(h.value, "upgrade");
-            } else if h.name.eq_ignore_ascii_case("expect")
-                || h.name.eq_ignore_ascii_case("upgrade")
-            {
-                general = true;
-            }
-        }
-        if general {
+        if method == "CONNECT" {
+            // A tunnel: the general path relays it, when a rule names it.
             return End::Handoff(buf.into_vec());
         }
+        // The same reading of the head as the general path's (crate::interpret); an
+        // absolute-form target's authority must agree with `Host`.
+        let under = crate::inbound::underscores(shared);
+        let (authority, origin) = split_target(target);
+        let facts = match interpret::head(
+            Version::Http11,
+            method,
+            authority,
+            req.headers.iter().map(|h| (h.name, h.value)),
+            under,
+        ) {
+            Ok(f) => f,
+            Err(r) => {
+                let close = req.headers.iter().any(|h| {
+                    h.name.eq_ignore_ascii_case("connection") && has_token(h.value, "close")
+                });
+                let body = refused(shared, port, peer, method, target, r);
+                let ok = respond(stream, "400 Bad Request", &body, close).await;
+                done(shared, 400, t0);
+                buf.consume(end);
+                if close || !ok {
+                    return End::Closed;
+                }
+                continue;
+            }
+        };
+        if facts.expect || facts.upgrade {
+            return End::Handoff(buf.into_vec());
+        }
+        let close = facts.close;
         let checked = authorize(
             shared,
             port,
             peer,
             method,
-            target,
-            host,
+            origin,
+            &facts,
             req.headers.iter().map(|h| (h.name, h.value)),
         );
         let Checked { preq, d, target } = match checked {
@@ -185,7 +204,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         out.extend_from_slice(target.as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
         for h in req.headers.iter() {
-            if !h.name.eq_ignore_ascii_case(IDENTITY_HEADER) {
+            // (Nothing to drop in the common request: one comparison per header.)
+            if !facts.strips || interpret::forwarded(h.name, under) {
                 out.extend_from_slice(h.name.as_bytes());
                 out.extend_from_slice(b": ");
                 out.extend_from_slice(h.value);
@@ -196,8 +216,14 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         out.extend_from_slice(b": ");
         out.extend_from_slice(peer.as_str().as_bytes());
         out.extend_from_slice(b"\r\n");
-        if host.is_none() {
-            out.extend_from_slice(format!("host: {}\r\n", port.app).as_bytes());
+        if !facts.host_header {
+            // An absolute-form target's authority (what policy saw) as `Host`.
+            out.extend_from_slice(b"host: ");
+            match facts.host {
+                Some(h) => out.extend_from_slice(h.as_bytes()),
+                None => out.extend_from_slice(port.app.to_string().as_bytes()),
+            }
+            out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(b"\r\n");
         let head_only = method == "HEAD";
@@ -248,13 +274,6 @@ fn done(shared: &Shared, status: u16, t0: Instant) {
             .metrics
             .request_done("inbound", status, t0.elapsed().as_secs_f64());
     }
-}
-
-/// Whether a comma-separated header value lists `token`.
-fn has_token(value: &[u8], token: &str) -> bool {
-    value
-        .split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// Writes a small JSON response of the proxy's own; false when the peer is gone.

@@ -69,6 +69,9 @@ pub struct Hygiene<S> {
     /// served first.
     prefix: Vec<u8>,
     pub refused: Option<Refusal>,
+    /// Set when a refusal cuts a request body short (the general path then answers 400
+    /// instead of the app's failure).
+    bad_body: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl<S> Hygiene<S> {
@@ -80,7 +83,14 @@ impl<S> Hygiene<S> {
             started: false,
             prefix: vec![],
             refused: None,
+            bad_body: None,
         }
+    }
+
+    /// Sets `flag` when a refusal falls inside a request body.
+    pub fn watch(mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.bad_body = Some(flag);
+        self
     }
 
     /// A reader that first serves `prefix` — bytes already read from `inner` — and then
@@ -389,6 +399,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Hygiene<S> {
             // The refused head and all after it never reach the parser; the bytes before
             // it do, and the next read reports the refusal.
             buf.set_filled(before + pass);
+            let in_body = !matches!(this.state, State::Head | State::Passthrough);
+            if let (true, Some(f)) = (in_body, &this.bad_body) {
+                f.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             this.refused = Some(r);
             this.state = State::Refused;
             if pass == 0 {

@@ -25,8 +25,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::state::{ServerCert, Shared};
 
-/// The header that carries the verified peer SPIFFE ID to the app.
-pub const IDENTITY_HEADER: &str = "x-meshward-peer-identity";
+pub use crate::interpret::IDENTITY_HEADER;
+use crate::interpret::{Facts, Refusal, Version};
 
 /// One inbound port: the app port (as declared) and where the app is reached.
 #[derive(Debug, Clone, Copy)]
@@ -284,9 +284,11 @@ async fn serve_http(
         (stream, vec![])
     };
     let link = Arc::new(AppLink::default());
+    let bad_body = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hygiene = crate::hygiene::Hygiene::with_prefix(stream, prefix).watch(bad_body.clone());
     let svc = hyper::service::service_fn(move |req: HttpRequest<Incoming>| {
         let (shared, peer, client) = (shared.clone(), peer.clone(), client.clone());
-        let (peer_header, link) = (peer_header.clone(), link.clone());
+        let (peer_header, link, bad_body) = (peer_header.clone(), link.clone(), bad_body.clone());
         async move {
             let t0 = std::time::Instant::now();
             let span = meshward_telemetry::trace::RequestSpan::start(
@@ -298,6 +300,7 @@ async fn serve_http(
                 client: &client,
                 link: &link,
                 peer_header,
+                bad_body: &bad_body,
             };
             let r = handle(&shared, port, &peer, app, &span, req).await;
             let status = r.status().as_u16();
@@ -324,10 +327,7 @@ async fn serve_http(
         .max_pending_accept_reset_streams(20)
         .max_local_error_reset_streams(Some(100));
     let _ = b
-        .serve_connection(
-            TokioIo::new(crate::hygiene::Hygiene::with_prefix(stream, prefix)),
-            svc,
-        )
+        .serve_connection_with_upgrades(TokioIo::new(hygiene), svc)
         .await;
 }
 
@@ -337,6 +337,8 @@ struct App<'a> {
     client: &'a AppClient,
     link: &'a AppLink,
     peer_header: hyper::header::HeaderValue,
+    /// Set by the hygiene checker when it refused part of a request body.
+    bad_body: &'a std::sync::atomic::AtomicBool,
 }
 
 /// The app connection of one downstream connection. Requests on an HTTP/1 connection come
@@ -387,7 +389,8 @@ impl AppLink {
             .await
             .map_err(|e| e.to_string())?;
         tokio::spawn(async move {
-            let _ = conn.await;
+            // With upgrades: an allowed WebSocket or `CONNECT` takes the connection over.
+            let _ = conn.with_upgrades().await;
         });
         let resp = s.send_request(req).await.map_err(|e| e.to_string())?;
         self.put(s);
@@ -403,28 +406,114 @@ pub(crate) struct Checked {
     pub target: String,
 }
 
-/// Normalizes the request target and decides with the compiled engine. `Err` carries the
-/// body of the 400 an ambiguous path gets.
+/// What to do with header names with `_` under the current policy (refuse without one).
+pub(crate) fn underscores(shared: &Shared) -> meshward_policy::resource::HeadersWithUnderscores {
+    shared
+        .policy
+        .load()
+        .as_ref()
+        .map(|p| p.underscores())
+        .unwrap_or_default()
+}
+
+/// Records a request refused before policy (reason `bad_request`, the rule's code as
+/// detail) and returns the body of its 400.
+pub(crate) fn refused(
+    shared: &Shared,
+    port: InboundPort,
+    peer: &SpiffeId,
+    method: &str,
+    target: &str,
+    r: Refusal,
+) -> serde_json::Value {
+    let rev = shared
+        .policy
+        .load()
+        .as_ref()
+        .map_or(PolicyRevision(0), |p| PolicyRevision(p.revision));
+    let req = Request {
+        source: Source::Authenticated(peer.clone()),
+        destination: shared.workload.clone(),
+        port: port.app_port,
+        http: Some(HttpAttrs {
+            method: method.to_owned(),
+            path: target.to_owned(),
+            host: None,
+            headers: vec![],
+        }),
+        at: SystemTime::now(),
+    };
+    let d = Decision::bare(Verdict::Deny, Reason::BadRequest, rev);
+    shared.log.record_with(
+        &req,
+        &d,
+        &crate::decision_log::Extra {
+            detail: Some(r.code.to_owned()),
+            address: port.mark.is_some().then_some(port.app),
+            ..Default::default()
+        },
+    );
+    serde_json::json!({"verdict": "deny", "reason": d.reason, "error": r.code, "detail": r.detail, "revision": rev})
+}
+
+/// Normalizes the request target (origin form; ignored for `CONNECT`, which policy sees
+/// as path `/` with its authority as host), lower-cases it for a case-insensitive app,
+/// and decides with the compiled engine, upgrades and `CONNECT` only by a rule that names
+/// them. `facts` come from [`crate::interpret::head`]. `Err` carries the body of the 400
+/// an ambiguous path gets (already recorded).
 pub(crate) fn authorize<'h>(
     shared: &Shared,
     port: InboundPort,
     peer: &SpiffeId,
     method: &str,
     target: &str,
-    host: Option<&str>,
+    facts: &Facts<'_>,
     headers: impl Iterator<Item = (&'h str, &'h [u8])>,
 ) -> Result<Checked, serde_json::Value> {
-    let norm = normalize(target)
-        .map_err(|e| serde_json::json!({"error": e.code(), "reason": e.to_string()}))?;
-    // Only the headers policy conditions read (none, for most policies).
     let policy = shared.policy.load_full();
+    let norm = if facts.connect {
+        Ok(meshward_policy::path::NormalizedPath {
+            path: "/".into(),
+            query: None,
+        })
+    } else {
+        normalize(target)
+    };
+    let mut norm = match norm {
+        Ok(n) => n,
+        Err(e) => {
+            let detail = e.to_string();
+            let mut body = refused(
+                shared,
+                port,
+                peer,
+                method,
+                target,
+                Refusal {
+                    code: e.code(),
+                    detail: "",
+                },
+            );
+            body["detail"] = detail.into();
+            return Err(body);
+        }
+    };
+    if policy
+        .as_ref()
+        .is_some_and(|p| p.lower_paths.contains(&port.app_port))
+    {
+        norm.path = meshward_policy::path::lower_case(&norm.path);
+    }
+    // Only the headers policy conditions read (none, for most policies), as the app gets
+    // them.
     let wanted: &[String] = policy.as_ref().map_or(&[], |p| p.headers.as_slice());
+    let under = policy.as_ref().map(|p| p.underscores()).unwrap_or_default();
     let headers: Vec<(String, String)> = if wanted.is_empty() {
         vec![]
     } else {
         headers
             .filter(|(k, _)| {
-                !k.eq_ignore_ascii_case(IDENTITY_HEADER)
+                crate::interpret::forwarded(k, under)
                     && wanted.iter().any(|w| w.eq_ignore_ascii_case(k))
             })
             .map(|(k, v)| {
@@ -443,13 +532,13 @@ pub(crate) fn authorize<'h>(
         http: Some(HttpAttrs {
             method: method.to_owned(),
             path: norm.path,
-            host: host.map(str::to_owned),
+            host: facts.host.map(str::to_owned),
             headers,
         }),
         at: SystemTime::now(),
     };
     let d = match &policy {
-        Some(p) => p.engine.decide(&preq),
+        Some(p) => crate::interpret::upgrade_allowed(&p.set, facts, p.engine.decide(&preq)),
         None => Decision::bare(Verdict::Deny, Reason::NoPolicy, PolicyRevision(0)),
     };
     Ok(Checked { preq, d, target })
@@ -468,24 +557,51 @@ async fn handle(
     span: &meshward_telemetry::trace::RequestSpan,
     mut req: HttpRequest<Incoming>,
 ) -> Response<Body> {
-    // HTTP/1 `Host`, or HTTP/2 `:authority`.
-    let authority = req.uri().authority().map(|a| a.to_string());
-    let host = req
-        .headers()
-        .get(hyper::header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .or(authority.as_deref());
+    let version = match req.version() {
+        hyper::Version::HTTP_2 => Version::Http2,
+        hyper::Version::HTTP_10 | hyper::Version::HTTP_09 => Version::Http10,
+        _ => Version::Http11,
+    };
+    let under = underscores(shared);
+    let method = req.method().as_str();
+    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    // The absolute-form target's authority (HTTP/1; for `CONNECT` its target), or HTTP/2's
+    // `:authority`: one function reads them for every codec.
+    let facts = crate::interpret::head(
+        version,
+        method,
+        req.uri().authority().map(|a| a.as_str()),
+        req.headers()
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_bytes())),
+        under,
+    );
+    let facts = match facts {
+        Ok(f) => f,
+        Err(r) => {
+            return full(
+                StatusCode::BAD_REQUEST,
+                refused(shared, port, peer, method, target, r),
+            );
+        }
+    };
     let checked = authorize(
         shared,
         port,
         peer,
-        req.method().as_str(),
-        req.uri().path_and_query().map_or("/", |pq| pq.as_str()),
-        host,
+        method,
+        target,
+        &facts,
         req.headers()
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_bytes())),
     );
+    let (host, host_header, strips) = (
+        facts.host.map(str::to_owned),
+        facts.host_header,
+        facts.strips,
+    );
+    let upgrade = facts.upgrade || facts.connect;
     let Checked { preq, d, target } = match checked {
         Ok(c) => c,
         Err(body) => return full(StatusCode::BAD_REQUEST, body),
@@ -533,6 +649,17 @@ async fn handle(
     // the pool (absolute target, the app's protocol whatever the peer proxy spoke).
     let h2_app = matches!(port.protocol, Protocol::Http2 | Protocol::Grpc);
     let own_link = !h2_app && req.version() != hyper::Version::HTTP_2;
+    if upgrade && !own_link {
+        // Tunnels are relayed only between HTTP/1 connections.
+        let r = Refusal {
+            code: "unsupported_upgrade",
+            detail: "upgrades and `CONNECT` are relayed only from HTTP/1 to an HTTP/1 app",
+        };
+        let body = refused(shared, port, peer, preq_method(&preq), &target, r);
+        return full(StatusCode::BAD_REQUEST, body);
+    }
+    // Taken before the request moves on: the peer's side of an allowed tunnel.
+    let down = upgrade.then(|| hyper::upgrade::on(&mut req));
     let uri = if own_link {
         hyper::Uri::try_from(target)
     } else {
@@ -551,10 +678,23 @@ async fn handle(
         hyper::Version::HTTP_11
     };
     let hdrs = req.headers_mut();
+    if strips {
+        // Every spelling of the identity header, XFCC, `_` names under DROP.
+        let gone: Vec<hyper::header::HeaderName> = hdrs
+            .keys()
+            .filter(|k| !crate::interpret::forwarded(k.as_str(), under))
+            .cloned()
+            .collect();
+        for k in gone {
+            hdrs.remove(k);
+        }
+    }
     hdrs.insert(IDENTITY_HEADER, app.peer_header);
-    if own_link && !hdrs.contains_key(hyper::header::HOST) {
-        // As the pool would: the app's address when the peer sent no Host (HTTP/1.0).
-        if let Ok(v) = hyper::header::HeaderValue::from_str(&port.app.to_string()) {
+    if !h2_app && !host_header {
+        // The host policy saw (absolute-form, `:authority`), else the app's address
+        // (HTTP/1.0 without one), as the pool would.
+        let h = host.unwrap_or_else(|| port.app.to_string());
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&h) {
             hdrs.insert(hyper::header::HOST, v);
         }
     }
@@ -576,10 +716,54 @@ async fn handle(
         },
     );
     match r {
-        Ok(resp) => resp.map(|b| b.boxed()),
+        Ok(mut resp) => {
+            let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                || (preq_method(&preq) == "CONNECT" && resp.status().is_success());
+            if switching {
+                // Relayed only for the upgrade policy allowed; then both sides are spliced.
+                let Some(down) = down else {
+                    return full(
+                        StatusCode::BAD_GATEWAY,
+                        serde_json::json!({"error": "the app switched protocols without an upgrade"}),
+                    );
+                };
+                let up = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    if let (Ok(d), Ok(u)) = (down.await, up.await) {
+                        let _ = tokio::io::copy_bidirectional(
+                            &mut TokioIo::new(d),
+                            &mut TokioIo::new(u),
+                        )
+                        .await;
+                    }
+                });
+            }
+            resp.map(|b| b.boxed())
+        }
+        // The hygiene checker cut the request body short (a malformed chunk): the caller's
+        // fault, not the app's.
+        Err(_) if app.bad_body.load(std::sync::atomic::Ordering::Relaxed) => full(
+            StatusCode::BAD_REQUEST,
+            refused(
+                shared,
+                port,
+                peer,
+                preq_method(&preq),
+                preq_path(&preq),
+                crate::interpret::BAD_CHUNK,
+            ),
+        ),
         Err(e) => full(
             StatusCode::BAD_GATEWAY,
             serde_json::json!({"error": "the app did not answer", "detail": e}),
         ),
     }
+}
+
+fn preq_method(r: &Request) -> &str {
+    r.http.as_ref().map_or("", |h| h.method.as_str())
+}
+
+fn preq_path(r: &Request) -> &str {
+    r.http.as_ref().map_or("", |h| h.path.as_str())
 }

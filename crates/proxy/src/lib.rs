@@ -14,6 +14,7 @@ pub mod decision_log;
 pub mod h1;
 pub mod hygiene;
 pub mod inbound;
+pub mod interpret;
 pub mod outbound;
 pub mod pool;
 pub mod run;

@@ -201,6 +201,11 @@ pub async fn serve(
                         UpstreamProtocol::Http2 => hyper::Version::HTTP_2,
                         _ => hyper::Version::HTTP_11,
                     };
+                    if protocol == UpstreamProtocol::Http2 {
+                        // `:authority` names the endpoint (the pool dials by it); a `Host`
+                        // beside it would disagree, which the inbound proxy refuses.
+                        req.headers_mut().remove(hyper::header::HOST);
+                    }
                     span.inject(req.headers_mut());
                     let r = match client.request(req).await {
                         Ok(r) => r.map(|b| b.boxed()),

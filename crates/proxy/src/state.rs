@@ -21,6 +21,16 @@ pub struct Policy {
     /// Lower-case names of the headers some rule's condition reads: only these are copied
     /// out of a request for the decision (and the decision log).
     pub headers: Vec<String>,
+    /// App ports of this workload behind a `pathCaseInsensitive` service: their paths are
+    /// lower-cased for policy and app alike.
+    pub lower_paths: Vec<u16>,
+}
+
+impl Policy {
+    /// What to do with request headers named with `_`.
+    pub fn underscores(&self) -> meshward_policy::resource::HeadersWithUnderscores {
+        self.set.mesh.headers_with_underscores
+    }
 }
 
 /// The workload's current SVID.
@@ -75,11 +85,19 @@ impl Shared {
             .collect();
         headers.sort();
         headers.dedup();
+        let lower_paths = set
+            .workloads
+            .iter()
+            .filter(|w| w.id == self.workload)
+            .flat_map(|w| w.ports.iter().map(|p| p.port))
+            .filter(|&port| set.path_case_insensitive(&self.workload, port))
+            .collect();
         self.policy.store(Some(Arc::new(Policy {
             revision,
             set,
             engine,
             headers,
+            lower_paths,
         })));
     }
 
