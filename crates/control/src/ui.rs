@@ -2,8 +2,10 @@
 //! Prometheus `/metrics`, and the dashboard at `/ui` — a live service graph (Cytoscape.js,
 //! vendored), denials by reason and policy with example requests, the revision timeline
 //! with who applied what, active overrides with time left, and certificate expiry per
-//! workload. The dashboard needs an operator token (entered once, kept in an HttpOnly,
-//! SameSite=Strict cookie); its API is read-only.
+//! workload. Signing in takes an operator token once; the browser then holds only a random
+//! session id (HttpOnly, SameSite=Strict cookie) that expires after 12 hours, is revoked on
+//! sign-out, and dies with its operator; the token itself never goes into a cookie. The
+//! dashboard's API is read-only.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -20,7 +22,70 @@ use crate::service::ControlPlane;
 
 type Cp = Arc<ControlPlane>;
 
-const COOKIE: &str = "meshward_ui";
+const COOKIE: &str = "meshward_session";
+
+/// How long a dashboard session lasts after sign-in.
+pub const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+
+/// Signed-in dashboard sessions: SHA-256 of the session id → operator name and expiry.
+/// In memory: a restart (or another replica) signs everyone out.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    by_hash: std::sync::Mutex<std::collections::HashMap<String, (String, SystemTime)>>,
+}
+
+impl Sessions {
+    /// A new session for `operator`: its id (for the cookie).
+    fn create(&self, operator: &str, now: SystemTime) -> Option<String> {
+        let id = crate::auth::random_secret("mws_");
+        if id.is_empty() {
+            return None;
+        }
+        let mut m = self.by_hash.lock().ok()?;
+        m.retain(|_, (_, exp)| *exp > now);
+        m.insert(
+            crate::auth::sha256_hex(&id),
+            (operator.to_owned(), now + SESSION_LIFETIME),
+        );
+        Some(id)
+    }
+
+    /// The operator name of a live session.
+    fn operator(&self, id: &str, now: SystemTime) -> Option<String> {
+        let m = self.by_hash.lock().ok()?;
+        m.get(&crate::auth::sha256_hex(id))
+            .filter(|(_, exp)| *exp > now)
+            .map(|(name, _)| name.clone())
+    }
+
+    fn revoke(&self, id: &str) {
+        if let Ok(mut m) = self.by_hash.lock() {
+            m.remove(&crate::auth::sha256_hex(id));
+        }
+    }
+
+    /// Live sessions (for tests and status).
+    pub fn len(&self) -> usize {
+        self.by_hash.lock().map_or(0, |m| m.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The listener's state: the control plane and the dashboard's sessions.
+#[derive(Debug, Clone)]
+struct Ui {
+    cp: Cp,
+    sessions: Arc<Sessions>,
+}
+
+impl axum::extract::FromRef<Ui> for Cp {
+    fn from_ref(u: &Ui) -> Cp {
+        u.cp.clone()
+    }
+}
 static CYTOSCAPE: &[u8] = include_bytes!("../assets/cytoscape.min.js");
 static PAGE: &str = include_str!("../assets/dashboard.html");
 
@@ -38,7 +103,10 @@ pub fn router(cp: Cp) -> Router {
         .route("/ui/api/history", get(history))
         .route("/ui/api/overrides", get(overrides))
         .route("/ui/api/certificates", get(certificates))
-        .with_state(cp)
+        .with_state(Ui {
+            cp,
+            sessions: Arc::new(Sessions::default()),
+        })
 }
 
 async fn metrics(State(cp): State<Cp>) -> Response {
@@ -63,19 +131,20 @@ async fn cytoscape() -> Response {
         .into_response()
 }
 
-/// The operator the dashboard cookie names, if any.
-fn operator(cp: &ControlPlane, h: &HeaderMap) -> Option<crate::auth::Operator> {
-    let token = h
-        .get_all(header::COOKIE)
+/// The session id in the request's cookie.
+fn session_id(h: &HeaderMap) -> Option<String> {
+    h.get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
-        .find_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")))?
-        .to_owned();
-    cp.operators()
-        .by_token(&token)
-        .cloned()
-        .or_else(|| cp.operators_reloaded(true).by_token(&token).cloned())
+        .find_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")))
+        .map(str::to_owned)
+}
+
+/// The operator of the request's live session, if it still is an operator.
+fn operator(u: &Ui, h: &HeaderMap) -> Option<crate::auth::Operator> {
+    let name = u.sessions.operator(&session_id(h)?, SystemTime::now())?;
+    u.cp.operators().by_name(&name).cloned()
 }
 
 const LOGIN: &str = r#"<!doctype html><html><head><meta charset="utf-8"><title>Meshward — sign in</title>
@@ -87,8 +156,8 @@ button{padding:.5rem 1rem}.err{color:#f87171}</style></head><body>
 <input id="token" name="token" type="password" autocomplete="off" autofocus>
 ERROR<button id="signin" type="submit">Sign in</button></form></body></html>"#;
 
-async fn page(State(cp): State<Cp>, h: HeaderMap) -> Response {
-    if operator(&cp, &h).is_none() {
+async fn page(State(u): State<Ui>, h: HeaderMap) -> Response {
+    if operator(&u, &h).is_none() {
         return Html(LOGIN.replace("ERROR", "")).into_response();
     }
     (
@@ -106,11 +175,17 @@ struct LoginForm {
     token: String,
 }
 
-async fn login(State(cp): State<Cp>, Form(f): Form<LoginForm>) -> Response {
+async fn login(State(u): State<Ui>, Form(f): Form<LoginForm>) -> Response {
     let token = f.token.trim().to_owned();
-    let known = cp.operators().by_token(&token).is_some()
-        || cp.operators_reloaded(true).by_token(&token).is_some();
-    if !known {
+    let op =
+        u.cp.operators()
+            .by_token(&token)
+            .cloned()
+            .or_else(|| u.cp.operators_reloaded(true).by_token(&token).cloned());
+    let session = op
+        .as_ref()
+        .and_then(|op| u.sessions.create(&op.name, SystemTime::now()));
+    let Some(id) = session else {
         return (
             StatusCode::UNAUTHORIZED,
             Html(LOGIN.replace(
@@ -119,18 +194,24 @@ async fn login(State(cp): State<Cp>, Form(f): Form<LoginForm>) -> Response {
             )),
         )
             .into_response();
-    }
+    };
     (
         [(
             header::SET_COOKIE,
-            format!("{COOKIE}={token}; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=43200"),
+            format!(
+                "{COOKIE}={id}; Path=/ui; HttpOnly; SameSite=Strict; Max-Age={}",
+                SESSION_LIFETIME.as_secs()
+            ),
         )],
         Redirect::to("/ui"),
     )
         .into_response()
 }
 
-async fn logout() -> Response {
+async fn logout(State(u): State<Ui>, h: HeaderMap) -> Response {
+    if let Some(id) = session_id(&h) {
+        u.sessions.revoke(&id);
+    }
     (
         [(
             header::SET_COOKIE,
@@ -154,11 +235,12 @@ fn json_reply<T: serde::Serialize>(r: Result<T, crate::service::Refused>) -> Res
 
 /// Runs a read for a signed-in operator.
 async fn read<T: serde::Serialize + Send + 'static>(
-    cp: Cp,
+    u: Ui,
     h: HeaderMap,
     f: impl FnOnce(&ControlPlane) -> Result<T, crate::service::Refused> + Send + 'static,
 ) -> Response {
-    if operator(&cp, &h).is_none() {
+    let cp = u.cp.clone();
+    if operator(&u, &h).is_none() {
         return (
             StatusCode::UNAUTHORIZED,
             axum::Json(json!({"error": "sign in at /ui"})),
@@ -176,23 +258,23 @@ struct WindowQuery {
     window_secs: Option<u64>,
 }
 
-async fn graph(State(cp): State<Cp>, h: HeaderMap, Query(q): Query<WindowQuery>) -> Response {
+async fn graph(State(u): State<Ui>, h: HeaderMap, Query(q): Query<WindowQuery>) -> Response {
     let window = Duration::from_secs(q.window_secs.unwrap_or(300).max(1));
-    read(cp, h, move |cp| cp.graph(window, SystemTime::now())).await
+    read(u, h, move |cp| cp.graph(window, SystemTime::now())).await
 }
 
-async fn status(State(cp): State<Cp>, h: HeaderMap) -> Response {
-    read(cp, h, |cp| cp.status()).await
+async fn status(State(u): State<Ui>, h: HeaderMap) -> Response {
+    read(u, h, |cp| cp.status()).await
 }
 
-async fn history(State(cp): State<Cp>, h: HeaderMap) -> Response {
-    read(cp, h, |cp| cp.history()).await
+async fn history(State(u): State<Ui>, h: HeaderMap) -> Response {
+    read(u, h, |cp| cp.history()).await
 }
 
-async fn overrides(State(cp): State<Cp>, h: HeaderMap) -> Response {
-    read(cp, h, |cp| cp.overrides()).await
+async fn overrides(State(u): State<Ui>, h: HeaderMap) -> Response {
+    read(u, h, |cp| cp.overrides()).await
 }
 
-async fn certificates(State(cp): State<Cp>, h: HeaderMap) -> Response {
-    read(cp, h, |cp| cp.certificates(SystemTime::now())).await
+async fn certificates(State(u): State<Ui>, h: HeaderMap) -> Response {
+    read(u, h, |cp| cp.certificates(SystemTime::now())).await
 }

@@ -166,6 +166,7 @@ pub fn control(
     proxy_listen: &str,
     controller_interval: Duration,
     http_listen: &str,
+    insecure_remote_http: bool,
 ) -> Result<ExitCode> {
     let td = meshward_identity::TrustDomain::parse(trust_domain)
         .map_err(|e| anyhow::anyhow!("--trust-domain `{trust_domain}`: {e}"))?;
@@ -183,10 +184,17 @@ pub fn control(
         controller_interval,
         http_listen: match http_listen {
             "" | "off" => None,
-            m => Some(
-                m.parse()
-                    .with_context(|| format!("--http-listen `{m}` is not HOST:PORT (or `off`)"))?,
-            ),
+            m => {
+                let a: std::net::SocketAddr = m
+                    .parse()
+                    .with_context(|| format!("--http-listen `{m}` is not HOST:PORT (or `off`)"))?;
+                if !a.ip().is_loopback() && !insecure_remote_http {
+                    bail!(
+                        "--http-listen `{m}` is not a loopback address: the dashboard and /metrics are plain HTTP, so its session cookie would cross the network in clear text; keep it on 127.0.0.1 and put a TLS reverse proxy in front (docs/telemetry.md), or pass --insecure-remote-http"
+                    );
+                }
+                Some(a)
+            }
         },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -49,9 +49,14 @@ enum Command {
         /// How often controllers (override expiry) run.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         controller_interval: std::time::Duration,
-        /// Plain HTTP, keep it on loopback: Prometheus `/metrics` and the dashboard `/ui`.
+        /// Plain HTTP, loopback only: Prometheus `/metrics` and the dashboard `/ui`. Serve
+        /// it to others through a TLS reverse proxy (docs/telemetry.md).
         #[arg(long, default_value = "127.0.0.1:7445")]
         http_listen: String,
+        /// Allow `--http-listen` on a non-loopback address: the dashboard's session cookie
+        /// and metrics then cross the network in plain text. Prefer a TLS reverse proxy.
+        #[arg(long)]
+        insecure_remote_http: bool,
     },
     /// Apply a policy repository as a new revision (validated, tested, permission-checked).
     #[command(
@@ -652,6 +657,7 @@ fn main() -> ExitCode {
             proxy_listen,
             controller_interval,
             http_listen,
+            insecure_remote_http,
         } => control_cmd::control(
             &data,
             &trust_domain,
@@ -659,6 +665,7 @@ fn main() -> ExitCode {
             &proxy_listen,
             controller_interval,
             &http_listen,
+            insecure_remote_http,
         ),
         Command::Status { output } => control_cmd::status(&cli.conn, output),
         Command::Graph { window, output } => control_cmd::graph(&cli.conn, window, output),
