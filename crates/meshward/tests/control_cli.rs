@@ -206,6 +206,13 @@ fn apply_approve_history_rollback_with_permissions() {
         "{}",
         out(&o)
     );
+    // Kinds that are accepted but not enforced yet are named.
+    assert!(
+        out(&o).contains("warning: 4 resource(s) have no effect yet")
+            && out(&o).contains("RateLimitPolicy payments/payments-api"),
+        "{}",
+        out(&o)
+    );
     // Pending changes can be listed: who proposed what, waiting for whom.
     let o = c.cli("bob", &["proposals"]);
     let text = out(&o);
