@@ -6,7 +6,7 @@
 )]
 
 //! The CA and X.509-SVID validation: issued certificates are valid SVIDs (checked by our
-//! validator and by `openssl verify`), every refusal of the CA and every rejection of the
+//! validator, by `openssl verify` and by Python `cryptography`'s strict DER parser), every refusal of the CA and every rejection of the
 //! validator has a case, and rotation keeps old leaves valid.
 
 use std::path::Path;
@@ -117,6 +117,73 @@ fn issued_svids_are_valid_for_us_and_for_openssl() {
         "{text}"
     );
     assert!(text.contains("ASN1 OID: prime256v1"), "{text}");
+}
+
+/// Python `cryptography` (a strict DER parser, the one py-spiffe uses) loads each
+/// certificate, reads every extension and checks each signature by the next certificate
+/// (the last by itself); prints what it read as JSON.
+const STRICT_PARSE: &str = r#"
+import json, sys
+from cryptography import x509
+certs = [x509.load_der_x509_certificate(open(p, "rb").read()) for p in sys.argv[1:]]
+out = []
+for i, c in enumerate(certs):
+    exts = {e.oid.dotted_string: e.critical for e in c.extensions}
+    c.verify_directly_issued_by(certs[min(i + 1, len(certs) - 1)])
+    bc = c.extensions.get_extension_for_class(x509.BasicConstraints).value
+    ku = c.extensions.get_extension_for_class(x509.KeyUsage).value
+    san = c.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    out.append({"extensions": exts, "ca": bc.ca, "path_length": bc.path_length,
+                "digital_signature": ku.digital_signature, "key_cert_sign": ku.key_cert_sign,
+                "uris": san.get_values_for_type(x509.UniformResourceIdentifier)})
+print(json.dumps(out))
+"#;
+
+fn strict_parse(dir: &Path, certs: &[&CertificateDer<'_>]) -> Result<serde_json::Value, String> {
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", STRICT_PARSE]);
+    for (i, c) in certs.iter().enumerate() {
+        let path = dir.join(format!("{i}.der"));
+        std::fs::write(&path, c.as_ref()).unwrap();
+        cmd.arg(path);
+    }
+    let o = cmd
+        .output()
+        .expect("python3 (with `cryptography`: scripts/test.sh installs it)");
+    if !o.status.success() {
+        return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+    }
+    Ok(serde_json::from_slice(&o.stdout).unwrap())
+}
+
+/// rcgen before 0.14.10 wrote the default `cA FALSE` into the leaf's BasicConstraints,
+/// which is not DER: strict parsers refused every SVID.
+#[test]
+fn issued_certificates_are_strict_der() {
+    let ca = ca();
+    let chain = issue(&ca, &id("ns/web/sa/frontend"));
+    let root = &ca.bundle()[0];
+    let dir = tempfile::tempdir().unwrap();
+    let v = strict_parse(dir.path(), &[&chain[0], &chain[1], root])
+        .unwrap_or_else(|e| panic!("python cryptography refused our certificates: {e}"));
+    let (leaf, inter, root) = (&v[0], &v[1], &v[2]);
+    assert_eq!(leaf["ca"], false, "{v}");
+    assert_eq!(leaf["digital_signature"], true, "{v}");
+    assert_eq!(leaf["key_cert_sign"], false, "{v}");
+    assert_eq!(
+        leaf["uris"],
+        serde_json::json!(["spiffe://shop.example/ns/web/sa/frontend"])
+    );
+    assert_eq!(
+        leaf["extensions"]["2.5.29.19"], true,
+        "basic constraints critical: {v}"
+    );
+    assert_eq!(inter["ca"], true, "{v}");
+    assert_eq!(inter["path_length"], 0, "{v}");
+    assert_eq!(inter["key_cert_sign"], true, "{v}");
+    assert_eq!(root["ca"], true, "{v}");
+    assert_eq!(root["path_length"], 1, "{v}");
+    assert_eq!(root["uris"], serde_json::json!(["spiffe://shop.example"]));
 }
 
 #[test]
