@@ -6,8 +6,11 @@
 )]
 
 //! The CA and X.509-SVID validation: issued certificates are valid SVIDs (checked by our
-//! validator, by `openssl verify` and by Python `cryptography`'s strict DER parser), every refusal of the CA and every rejection of the
-//! validator has a case, and rotation keeps old leaves valid.
+//! validator, by `openssl verify` and by Python `cryptography`'s strict DER parser), every
+//! refusal of the CA and every rule of the validator has a case, and rotation keeps old
+//! leaves valid.
+
+mod support;
 
 use std::path::Path;
 use std::process::Command;
@@ -371,7 +374,7 @@ fn validation_rejects_what_the_spec_forbids() {
     });
     assert_eq!(
         validate(&noku, &own, Usage::Client, now),
-        Err(SvidError::BadKeyUsage)
+        Err(SvidError::NoDigitalSignature)
     );
     let (badid, _) = rogue_chain("shop.example", |p| {
         p.subject_alt_names = vec![SanType::URI(
@@ -385,6 +388,238 @@ fn validation_rejects_what_the_spec_forbids() {
     assert_eq!(
         validate(&[], &own, Usage::Client, now),
         Err(SvidError::NoCertificate)
+    );
+}
+
+/// Each X.509-SVID rule (go-spiffe's `x509svid.Verify` and the specification's signing
+/// certificate rules) broken by one forged chain, refused with its own readable reason.
+#[test]
+fn every_x509_svid_rule_has_its_refusal() {
+    use support::forge;
+    let now = SystemTime::now();
+    let leaf_id = "spiffe://shop.example/ns/web/sa/frontend";
+    let keep = |_: &mut CertificateParams| {};
+    let ku = |k: Vec<KeyUsagePurpose>| move |p: &mut CertificateParams| p.key_usages = k;
+    let uri = |u: &'static str| {
+        move |p: &mut CertificateParams| {
+            p.subject_alt_names = vec![SanType::URI(u.try_into().unwrap())]
+        }
+    };
+    type Case = (
+        &'static str,
+        support::Forged,
+        fn(&SvidError) -> bool,
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "valid",
+            forge("shop.example", leaf_id, keep, keep, keep),
+            |_| false,
+            "",
+        ),
+        (
+            "leaf without a path",
+            forge(
+                "shop.example",
+                leaf_id,
+                keep,
+                keep,
+                uri("spiffe://shop.example"),
+            ),
+            |e| matches!(e, SvidError::LeafWithoutPath(_)),
+            "has no path",
+        ),
+        (
+            "leaf with another scheme",
+            forge(
+                "shop.example",
+                leaf_id,
+                keep,
+                keep,
+                uri("https://shop.example/ns/a"),
+            ),
+            |e| {
+                matches!(
+                    e,
+                    SvidError::BadSpiffeId(meshward_identity::IdError::WrongScheme)
+                )
+            },
+            "spiffe://",
+        ),
+        (
+            "leaf with two URI SANs",
+            forge("shop.example", leaf_id, keep, keep, |p| {
+                p.subject_alt_names.push(SanType::URI(
+                    "spiffe://shop.example/ns/b/sa/b".try_into().unwrap(),
+                ))
+            }),
+            |e| *e == SvidError::UriSanCount(2),
+            "exactly one",
+        ),
+        (
+            "leaf is a CA",
+            forge("shop.example", leaf_id, keep, keep, |p| {
+                p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained)
+            }),
+            |e| *e == SvidError::LeafIsCa,
+            "is a CA certificate",
+        ),
+        (
+            "leaf without key usage",
+            forge("shop.example", leaf_id, keep, keep, ku(vec![])),
+            |e| *e == SvidError::NoKeyUsage,
+            "no key usage",
+        ),
+        (
+            "leaf without digitalSignature",
+            forge(
+                "shop.example",
+                leaf_id,
+                keep,
+                keep,
+                ku(vec![KeyUsagePurpose::KeyEncipherment]),
+            ),
+            |e| *e == SvidError::NoDigitalSignature,
+            "lacks `digitalSignature`",
+        ),
+        (
+            "leaf with keyCertSign",
+            forge(
+                "shop.example",
+                leaf_id,
+                keep,
+                keep,
+                ku(vec![
+                    KeyUsagePurpose::DigitalSignature,
+                    KeyUsagePurpose::KeyCertSign,
+                ]),
+            ),
+            |e| *e == SvidError::LeafKeyCertSign,
+            "allows `keyCertSign`",
+        ),
+        (
+            "leaf with cRLSign",
+            forge(
+                "shop.example",
+                leaf_id,
+                keep,
+                keep,
+                ku(vec![
+                    KeyUsagePurpose::DigitalSignature,
+                    KeyUsagePurpose::CrlSign,
+                ]),
+            ),
+            |e| *e == SvidError::LeafCrlSign,
+            "allows `cRLSign`",
+        ),
+        (
+            "intermediate is not a CA",
+            forge(
+                "shop.example",
+                leaf_id,
+                keep,
+                |p| p.is_ca = IsCa::ExplicitNoCa,
+                keep,
+            ),
+            |e| matches!(e, SvidError::SignerNotCa { which } if which.contains("forged intermediate")),
+            "is not a CA",
+        ),
+        (
+            "intermediate without keyCertSign",
+            forge(
+                "shop.example",
+                leaf_id,
+                keep,
+                ku(vec![KeyUsagePurpose::CrlSign]),
+                keep,
+            ),
+            |e| matches!(e, SvidError::SignerNoKeyCertSign { which } if which.contains("forged intermediate")),
+            "does not allow `keyCertSign`",
+        ),
+        (
+            "root without keyCertSign",
+            forge(
+                "shop.example",
+                leaf_id,
+                ku(vec![KeyUsagePurpose::CrlSign]),
+                keep,
+                keep,
+            ),
+            |e| matches!(e, SvidError::SignerNoKeyCertSign { which } if which.starts_with("root")),
+            "root `CN=forged root` does not allow `keyCertSign`",
+        ),
+        (
+            "root without key usage",
+            forge("shop.example", leaf_id, ku(vec![]), keep, keep),
+            |e| matches!(e, SvidError::SignerNoKeyCertSign { which } if which.starts_with("root")),
+            "does not allow `keyCertSign`",
+        ),
+    ];
+    for (name, f, want, words) in cases {
+        let mut b = TrustBundles::new();
+        b.set(td(), vec![f.root.clone()]);
+        for usage in [Usage::Client, Usage::Server] {
+            match validate(&f.chain, &b, usage, now) {
+                Ok(got) if name == "valid" => assert_eq!(got.as_str(), leaf_id),
+                Ok(got) => panic!("{name}: accepted as `{got}`"),
+                Err(e) => {
+                    assert!(want(&e), "{name}: refused for the wrong reason: {e:?}");
+                    assert!(
+                        e.to_string().contains(words),
+                        "{name}: `{e}` lacks `{words}`"
+                    );
+                    assert_eq!(e.code(), "bad_svid", "{name}");
+                }
+            }
+        }
+    }
+}
+
+/// The chain must lead to the bundle of the leaf's own trust domain: a partner's CA cannot
+/// vouch for our IDs, nor ours for the partner's.
+#[test]
+fn a_chain_must_lead_to_the_bundle_of_its_own_trust_domain() {
+    use support::forge;
+    let keep = |_: &mut CertificateParams| {};
+    let ours = forge(
+        "shop.example",
+        "spiffe://shop.example/ns/a/sa/a",
+        keep,
+        keep,
+        keep,
+    );
+    let partner = TrustDomain::parse("partner.example").unwrap();
+    // Our CA signs a leaf claiming the partner's trust domain.
+    let claim = forge(
+        "shop.example",
+        "spiffe://partner.example/ns/a/sa/a",
+        keep,
+        keep,
+        keep,
+    );
+    let mut b = TrustBundles::new();
+    b.set(td(), vec![ours.root.clone(), claim.root.clone()]);
+    let partner_ca = forge(
+        "partner.example",
+        "spiffe://partner.example/x",
+        keep,
+        keep,
+        keep,
+    );
+    b.set(partner.clone(), vec![partner_ca.root.clone()]);
+    let now = SystemTime::now();
+    validate(&ours.chain, &b, Usage::Client, now).unwrap();
+    validate(&partner_ca.chain, &b, Usage::Client, now).unwrap();
+    let e = validate(&claim.chain, &b, Usage::Client, now).unwrap_err();
+    assert!(
+        matches!(&e, SvidError::UnknownIssuer { td, .. } if td == "partner.example"),
+        "{e:?}"
+    );
+    assert_eq!(e.code(), "unknown_ca");
+    assert!(
+        e.to_string().contains("trust bundle of `partner.example`"),
+        "{e}"
     );
 }
 
