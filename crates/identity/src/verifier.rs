@@ -100,9 +100,19 @@ pub fn refusal_code(err: &rustls::Error) -> Option<&'static str> {
     }
 }
 
+/// The rustls error inside the I/O error a tokio-rustls handshake returns.
+fn rustls_error(err: &std::io::Error) -> Option<&rustls::Error> {
+    err.get_ref()?.downcast_ref::<rustls::Error>()
+}
+
+/// [`refusal`] of the I/O error a tokio-rustls handshake returns.
+pub fn io_refusal(err: &std::io::Error) -> Option<&SvidError> {
+    refusal(rustls_error(err)?)
+}
+
 /// [`refusal_code`] of the I/O error a tokio-rustls handshake returns.
 pub fn io_refusal_code(err: &std::io::Error) -> Option<&'static str> {
-    refusal_code(err.get_ref()?.downcast_ref::<rustls::Error>()?)
+    refusal_code(rustls_error(err)?)
 }
 
 fn system_time(t: UnixTime) -> SystemTime {
