@@ -246,15 +246,17 @@ pub fn validate(
     let algs = rustls::crypto::ring::default_provider()
         .signature_verification_algorithms
         .all;
-    // The root the verified path ends at, for the signing-certificate rules.
+    // The root certificates of the anchor the verified path ends at (one, unless the
+    // bundle holds two certificates of the same name and key), for the signing rules.
     let root_of = |path: &webpki::VerifiedPath<'_>| {
         let a = path.anchor();
         anchors
             .iter()
-            .find(|(t, _)| {
+            .filter(|(t, _)| {
                 t.subject == a.subject && t.subject_public_key_info == a.subject_public_key_info
             })
             .map(|(_, der)| (*der).clone())
+            .collect::<Vec<_>>()
     };
     let verify = |t: SystemTime| {
         ee.verify_for_usage(algs, &trust, &chain[1..], unix(t), eku, None, None)
@@ -267,14 +269,19 @@ pub fn validate(
         r => r,
     };
     match result {
-        Ok(Some(root)) => {
-            check_signer(&parse(&root)?, "root")?;
-            Ok(id)
+        Ok(roots) => {
+            let mut refusal = SvidError::UnknownIssuer {
+                td,
+                reason: "the verified path ends at no root of the bundle".into(),
+            };
+            for root in roots {
+                match check_signer(&parse(&root)?, "root") {
+                    Ok(()) => return Ok(id),
+                    Err(e) => refusal = e,
+                }
+            }
+            Err(refusal)
         }
-        Ok(None) => Err(SvidError::UnknownIssuer {
-            td,
-            reason: "the verified path ends at no root of the bundle".into(),
-        }),
         Err(webpki::Error::CertExpired { .. }) => Err(SvidError::Expired),
         Err(webpki::Error::CertNotValidYet { .. }) => Err(SvidError::NotYetValid),
         Err(e) => Err(SvidError::UnknownIssuer {
