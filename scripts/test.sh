@@ -12,6 +12,13 @@ if ! python3 -c 'import jsonschema' >/dev/null 2>&1; then
   pip install --quiet jsonschema 2>/dev/null \
     || { [ "$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq python3-jsonschema; }
 fi
+# The identity tests parse every certificate the CA issues with Python `cryptography`, a
+# strict DER parser (the one py-spiffe uses).
+if ! python3 -c 'import cryptography' >/dev/null 2>&1; then
+  log "installing python3 cryptography"
+  pip install --quiet cryptography 2>/dev/null \
+    || { [ "$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq python3-cryptography; }
+fi
 
 # Real clients the end-to-end tests drive, and for the transparent-mode suite
 # (tests/transparent.rs: network namespaces, root) iproute2 and iptables.

@@ -282,6 +282,8 @@ impl Ca {
             vec![SanType::URI(proven.as_str().try_into().map_err(|_| {
                 CaError::BadCsr("identity is not IA5".into())
             })?)];
+        // A critical BasicConstraints without `cA` (DER omits the default FALSE; rcgen
+        // before 0.14.10 wrote it, and strict parsers refused the certificate).
         p.is_ca = IsCa::ExplicitNoCa;
         p.use_authority_key_identifier_extension = true;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -432,11 +434,7 @@ fn save_pair(dir: &Path, root: &CaCert, inter: &CaCert) -> Result<(), CaError> {
         false,
     )?;
     if let Some(i) = &root.issuer {
-        write_atomic(
-            &dir.join("root.key"),
-            i.key().serialize_pem().as_bytes(),
-            true,
-        )?;
+        write_atomic(&dir.join("root.key"), key_pem(i.key()).as_bytes(), true)?;
     }
     write_atomic(
         &dir.join("intermediate.pem"),
@@ -446,7 +444,7 @@ fn save_pair(dir: &Path, root: &CaCert, inter: &CaCert) -> Result<(), CaError> {
     if let Some(i) = &inter.issuer {
         write_atomic(
             &dir.join("intermediate.key"),
-            i.key().serialize_pem().as_bytes(),
+            key_pem(i.key()).as_bytes(),
             true,
         )?;
     }
@@ -498,9 +496,9 @@ fn load_ca_cert(cert: &Path, key: &Path) -> Result<CaCert, CaError> {
         source,
     })?;
     let key = match std::fs::read_to_string(key) {
-        Ok(k) => Some(KeyPair::from_pem(&k).map_err(|e| CaError::BadFile {
+        Ok(k) => Some(key_from_pem(&k).map_err(|why| CaError::BadFile {
             path: key.to_owned(),
-            why: e.to_string(),
+            why,
         })?),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(source) => {
@@ -529,14 +527,31 @@ fn load_ca_cert(cert: &Path, key: &Path) -> Result<CaCert, CaError> {
 }
 
 fn pem_decode(text: &str) -> Option<Vec<u8>> {
+    pem_block(text, "CERTIFICATE")
+}
+
+/// The DER of the first PEM block labelled `label` in `text`.
+fn pem_block(text: &str, label: &str) -> Option<Vec<u8>> {
     use base64::Engine as _;
-    let start = text.find("-----BEGIN CERTIFICATE-----")? + "-----BEGIN CERTIFICATE-----".len();
-    let end = text[start..].find("-----END CERTIFICATE-----")? + start;
+    let begin = format!("-----BEGIN {label}-----");
+    let start = text.find(&begin)? + begin.len();
+    let end = text[start..].find(&format!("-----END {label}-----"))? + start;
     let b64: String = text[start..end]
         .chars()
         .filter(|c| !c.is_whitespace())
         .collect();
     base64::engine::general_purpose::STANDARD.decode(b64).ok()
+}
+
+/// A key pair as PEM (`PRIVATE KEY`, PKCS#8), as written to `*.key` files.
+pub fn key_pem(key: &KeyPair) -> String {
+    pem("PRIVATE KEY", &key.serialize_der())
+}
+
+/// Reads a PKCS#8 `PRIVATE KEY` PEM (as [`key_pem`] writes and `openssl genpkey` makes).
+pub fn key_from_pem(text: &str) -> Result<KeyPair, String> {
+    let der = pem_block(text, "PRIVATE KEY").ok_or("no PEM PRIVATE KEY (PKCS#8) block")?;
+    KeyPair::try_from(der).map_err(|e| e.to_string())
 }
 
 /// Writes a file atomically (temporary file, fsync, rename); `secret` files get mode 0600.

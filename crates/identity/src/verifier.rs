@@ -54,16 +54,65 @@ pub enum Accept {
     Only(Vec<SpiffeId>),
 }
 
+/// Our refusal as a rustls error. Expiry and unknown issuers keep their own rustls kinds
+/// (so the peer gets the matching TLS alert); every other refusal carries the
+/// [`SvidError`] itself, which [`refusal_code`] and [`refusal`] read back.
 fn to_rustls(e: SvidError) -> rustls::Error {
     rustls::Error::InvalidCertificate(match e {
         SvidError::Expired => CertificateError::Expired,
         SvidError::NotYetValid => CertificateError::NotValidYet,
-        SvidError::UnknownIssuer { .. } | SvidError::UnknownTrustDomain(_) => {
-            CertificateError::UnknownIssuer
-        }
-        SvidError::WrongIdentity { .. } => CertificateError::Other(OtherError(Arc::new(e))),
+        SvidError::UnknownIssuer { .. } => CertificateError::UnknownIssuer,
         other => CertificateError::Other(OtherError(Arc::new(other))),
     })
+}
+
+/// The [`SvidError`] a verifier of this module refused the peer's certificate with, when the
+/// error carries it (see [`refusal_code`] for every refusal's kind).
+pub fn refusal(err: &rustls::Error) -> Option<&SvidError> {
+    match err {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(e))) => {
+            e.downcast_ref::<SvidError>()
+        }
+        _ => None,
+    }
+}
+
+/// The stable kind ([`SvidError::code`]) of a handshake this side refused because of the
+/// peer's certificate, read from the rustls error the handshake ended with; `None` when the
+/// handshake failed for another reason (not TLS, the peer refused us, a timeout).
+pub fn refusal_code(err: &rustls::Error) -> Option<&'static str> {
+    if let Some(e) = refusal(err) {
+        return Some(e.code());
+    }
+    match err {
+        rustls::Error::NoCertificatesPresented => Some(SvidError::NoCertificate.code()),
+        rustls::Error::InvalidCertificate(c) => Some(match c {
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                SvidError::Expired.code()
+            }
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                SvidError::NotYetValid.code()
+            }
+            CertificateError::UnknownIssuer => "unknown_ca",
+            _ => "bad_svid",
+        }),
+        _ => None,
+    }
+}
+
+/// The rustls error inside the I/O error a tokio-rustls handshake returns.
+fn rustls_error(err: &std::io::Error) -> Option<&rustls::Error> {
+    err.get_ref()?.downcast_ref::<rustls::Error>()
+}
+
+/// [`refusal`] of the I/O error a tokio-rustls handshake returns.
+pub fn io_refusal(err: &std::io::Error) -> Option<&SvidError> {
+    refusal(rustls_error(err)?)
+}
+
+/// [`refusal_code`] of the I/O error a tokio-rustls handshake returns.
+pub fn io_refusal_code(err: &std::io::Error) -> Option<&'static str> {
+    refusal_code(rustls_error(err)?)
 }
 
 fn system_time(t: UnixTime) -> SystemTime {

@@ -6,8 +6,11 @@
 )]
 
 //! The CA and X.509-SVID validation: issued certificates are valid SVIDs (checked by our
-//! validator and by `openssl verify`), every refusal of the CA and every rejection of the
-//! validator has a case, and rotation keeps old leaves valid.
+//! validator, by `openssl verify` and by Python `cryptography`'s strict DER parser), every
+//! refusal of the CA and every rule of the validator has a case, and rotation keeps old
+//! leaves valid.
+
+mod support;
 
 use std::path::Path;
 use std::process::Command;
@@ -117,6 +120,73 @@ fn issued_svids_are_valid_for_us_and_for_openssl() {
         "{text}"
     );
     assert!(text.contains("ASN1 OID: prime256v1"), "{text}");
+}
+
+/// Python `cryptography` (a strict DER parser, the one py-spiffe uses) loads each
+/// certificate, reads every extension and checks each signature by the next certificate
+/// (the last by itself); prints what it read as JSON.
+const STRICT_PARSE: &str = r#"
+import json, sys
+from cryptography import x509
+certs = [x509.load_der_x509_certificate(open(p, "rb").read()) for p in sys.argv[1:]]
+out = []
+for i, c in enumerate(certs):
+    exts = {e.oid.dotted_string: e.critical for e in c.extensions}
+    c.verify_directly_issued_by(certs[min(i + 1, len(certs) - 1)])
+    bc = c.extensions.get_extension_for_class(x509.BasicConstraints).value
+    ku = c.extensions.get_extension_for_class(x509.KeyUsage).value
+    san = c.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    out.append({"extensions": exts, "ca": bc.ca, "path_length": bc.path_length,
+                "digital_signature": ku.digital_signature, "key_cert_sign": ku.key_cert_sign,
+                "uris": san.get_values_for_type(x509.UniformResourceIdentifier)})
+print(json.dumps(out))
+"#;
+
+fn strict_parse(dir: &Path, certs: &[&CertificateDer<'_>]) -> Result<serde_json::Value, String> {
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", STRICT_PARSE]);
+    for (i, c) in certs.iter().enumerate() {
+        let path = dir.join(format!("{i}.der"));
+        std::fs::write(&path, c.as_ref()).unwrap();
+        cmd.arg(path);
+    }
+    let o = cmd
+        .output()
+        .expect("python3 (with `cryptography`: scripts/test.sh installs it)");
+    if !o.status.success() {
+        return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+    }
+    Ok(serde_json::from_slice(&o.stdout).unwrap())
+}
+
+/// rcgen before 0.14.10 wrote the default `cA FALSE` into the leaf's BasicConstraints,
+/// which is not DER: strict parsers refused every SVID.
+#[test]
+fn issued_certificates_are_strict_der() {
+    let ca = ca();
+    let chain = issue(&ca, &id("ns/web/sa/frontend"));
+    let root = &ca.bundle()[0];
+    let dir = tempfile::tempdir().unwrap();
+    let v = strict_parse(dir.path(), &[&chain[0], &chain[1], root])
+        .unwrap_or_else(|e| panic!("python cryptography refused our certificates: {e}"));
+    let (leaf, inter, root) = (&v[0], &v[1], &v[2]);
+    assert_eq!(leaf["ca"], false, "{v}");
+    assert_eq!(leaf["digital_signature"], true, "{v}");
+    assert_eq!(leaf["key_cert_sign"], false, "{v}");
+    assert_eq!(
+        leaf["uris"],
+        serde_json::json!(["spiffe://shop.example/ns/web/sa/frontend"])
+    );
+    assert_eq!(
+        leaf["extensions"]["2.5.29.19"], true,
+        "basic constraints critical: {v}"
+    );
+    assert_eq!(inter["ca"], true, "{v}");
+    assert_eq!(inter["path_length"], 0, "{v}");
+    assert_eq!(inter["key_cert_sign"], true, "{v}");
+    assert_eq!(root["ca"], true, "{v}");
+    assert_eq!(root["path_length"], 1, "{v}");
+    assert_eq!(root["uris"], serde_json::json!(["spiffe://shop.example"]));
 }
 
 #[test]
@@ -304,7 +374,7 @@ fn validation_rejects_what_the_spec_forbids() {
     });
     assert_eq!(
         validate(&noku, &own, Usage::Client, now),
-        Err(SvidError::BadKeyUsage)
+        Err(SvidError::NoDigitalSignature)
     );
     let (badid, _) = rogue_chain("shop.example", |p| {
         p.subject_alt_names = vec![SanType::URI(
@@ -318,6 +388,238 @@ fn validation_rejects_what_the_spec_forbids() {
     assert_eq!(
         validate(&[], &own, Usage::Client, now),
         Err(SvidError::NoCertificate)
+    );
+}
+
+/// Each X.509-SVID rule (go-spiffe's `x509svid.Verify` and the specification's signing
+/// certificate rules) broken by one forged chain, refused with its own readable reason.
+#[test]
+fn every_x509_svid_rule_has_its_refusal() {
+    use support::forge;
+    let now = SystemTime::now();
+    let leaf_id = "spiffe://shop.example/ns/web/sa/frontend";
+    let keep = |_: &mut CertificateParams| {};
+    let ku = |k: Vec<KeyUsagePurpose>| move |p: &mut CertificateParams| p.key_usages = k;
+    let uri = |u: &'static str| {
+        move |p: &mut CertificateParams| {
+            p.subject_alt_names = vec![SanType::URI(u.try_into().unwrap())]
+        }
+    };
+    type Case = (
+        &'static str,
+        support::Forged,
+        fn(&SvidError) -> bool,
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "valid",
+            forge("shop.example", leaf_id, keep, keep, keep),
+            |_| false,
+            "",
+        ),
+        (
+            "leaf without a path",
+            forge(
+                "shop.example",
+                leaf_id,
+                keep,
+                keep,
+                uri("spiffe://shop.example"),
+            ),
+            |e| matches!(e, SvidError::LeafWithoutPath(_)),
+            "has no path",
+        ),
+        (
+            "leaf with another scheme",
+            forge(
+                "shop.example",
+                leaf_id,
+                keep,
+                keep,
+                uri("https://shop.example/ns/a"),
+            ),
+            |e| {
+                matches!(
+                    e,
+                    SvidError::BadSpiffeId(meshward_identity::IdError::WrongScheme)
+                )
+            },
+            "spiffe://",
+        ),
+        (
+            "leaf with two URI SANs",
+            forge("shop.example", leaf_id, keep, keep, |p| {
+                p.subject_alt_names.push(SanType::URI(
+                    "spiffe://shop.example/ns/b/sa/b".try_into().unwrap(),
+                ))
+            }),
+            |e| *e == SvidError::UriSanCount(2),
+            "exactly one",
+        ),
+        (
+            "leaf is a CA",
+            forge("shop.example", leaf_id, keep, keep, |p| {
+                p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained)
+            }),
+            |e| *e == SvidError::LeafIsCa,
+            "is a CA certificate",
+        ),
+        (
+            "leaf without key usage",
+            forge("shop.example", leaf_id, keep, keep, ku(vec![])),
+            |e| *e == SvidError::NoKeyUsage,
+            "no key usage",
+        ),
+        (
+            "leaf without digitalSignature",
+            forge(
+                "shop.example",
+                leaf_id,
+                keep,
+                keep,
+                ku(vec![KeyUsagePurpose::KeyEncipherment]),
+            ),
+            |e| *e == SvidError::NoDigitalSignature,
+            "lacks `digitalSignature`",
+        ),
+        (
+            "leaf with keyCertSign",
+            forge(
+                "shop.example",
+                leaf_id,
+                keep,
+                keep,
+                ku(vec![
+                    KeyUsagePurpose::DigitalSignature,
+                    KeyUsagePurpose::KeyCertSign,
+                ]),
+            ),
+            |e| *e == SvidError::LeafKeyCertSign,
+            "allows `keyCertSign`",
+        ),
+        (
+            "leaf with cRLSign",
+            forge(
+                "shop.example",
+                leaf_id,
+                keep,
+                keep,
+                ku(vec![
+                    KeyUsagePurpose::DigitalSignature,
+                    KeyUsagePurpose::CrlSign,
+                ]),
+            ),
+            |e| *e == SvidError::LeafCrlSign,
+            "allows `cRLSign`",
+        ),
+        (
+            "intermediate is not a CA",
+            forge(
+                "shop.example",
+                leaf_id,
+                keep,
+                |p| p.is_ca = IsCa::ExplicitNoCa,
+                keep,
+            ),
+            |e| matches!(e, SvidError::SignerNotCa { which } if which.contains("forged intermediate")),
+            "is not a CA",
+        ),
+        (
+            "intermediate without keyCertSign",
+            forge(
+                "shop.example",
+                leaf_id,
+                keep,
+                ku(vec![KeyUsagePurpose::CrlSign]),
+                keep,
+            ),
+            |e| matches!(e, SvidError::SignerNoKeyCertSign { which } if which.contains("forged intermediate")),
+            "does not allow `keyCertSign`",
+        ),
+        (
+            "root without keyCertSign",
+            forge(
+                "shop.example",
+                leaf_id,
+                ku(vec![KeyUsagePurpose::CrlSign]),
+                keep,
+                keep,
+            ),
+            |e| matches!(e, SvidError::SignerNoKeyCertSign { which } if which.starts_with("root")),
+            "root `CN=forged root` does not allow `keyCertSign`",
+        ),
+        (
+            "root without key usage",
+            forge("shop.example", leaf_id, ku(vec![]), keep, keep),
+            |e| matches!(e, SvidError::SignerNoKeyCertSign { which } if which.starts_with("root")),
+            "does not allow `keyCertSign`",
+        ),
+    ];
+    for (name, f, want, words) in cases {
+        let mut b = TrustBundles::new();
+        b.set(td(), vec![f.root.clone()]);
+        for usage in [Usage::Client, Usage::Server] {
+            match validate(&f.chain, &b, usage, now) {
+                Ok(got) if name == "valid" => assert_eq!(got.as_str(), leaf_id),
+                Ok(got) => panic!("{name}: accepted as `{got}`"),
+                Err(e) => {
+                    assert!(want(&e), "{name}: refused for the wrong reason: {e:?}");
+                    assert!(
+                        e.to_string().contains(words),
+                        "{name}: `{e}` lacks `{words}`"
+                    );
+                    assert_eq!(e.code(), "bad_svid", "{name}");
+                }
+            }
+        }
+    }
+}
+
+/// The chain must lead to the bundle of the leaf's own trust domain: a partner's CA cannot
+/// vouch for our IDs, nor ours for the partner's.
+#[test]
+fn a_chain_must_lead_to_the_bundle_of_its_own_trust_domain() {
+    use support::forge;
+    let keep = |_: &mut CertificateParams| {};
+    let ours = forge(
+        "shop.example",
+        "spiffe://shop.example/ns/a/sa/a",
+        keep,
+        keep,
+        keep,
+    );
+    let partner = TrustDomain::parse("partner.example").unwrap();
+    // Our CA signs a leaf claiming the partner's trust domain.
+    let claim = forge(
+        "shop.example",
+        "spiffe://partner.example/ns/a/sa/a",
+        keep,
+        keep,
+        keep,
+    );
+    let mut b = TrustBundles::new();
+    b.set(td(), vec![ours.root.clone(), claim.root.clone()]);
+    let partner_ca = forge(
+        "partner.example",
+        "spiffe://partner.example/x",
+        keep,
+        keep,
+        keep,
+    );
+    b.set(partner.clone(), vec![partner_ca.root.clone()]);
+    let now = SystemTime::now();
+    validate(&ours.chain, &b, Usage::Client, now).unwrap();
+    validate(&partner_ca.chain, &b, Usage::Client, now).unwrap();
+    let e = validate(&claim.chain, &b, Usage::Client, now).unwrap_err();
+    assert!(
+        matches!(&e, SvidError::UnknownIssuer { td, .. } if td == "partner.example"),
+        "{e:?}"
+    );
+    assert_eq!(e.code(), "unknown_ca");
+    assert!(
+        e.to_string().contains("trust bundle of `partner.example`"),
+        "{e}"
     );
 }
 

@@ -7,7 +7,11 @@
 
 //! Real TLS 1.3 handshakes over loopback with the SVID verifiers on both ends, and the
 //! refusals a mesh must make: no client certificate (also from `openssl s_client`), a
-//! certificate from another CA, a server that is not the expected identity.
+//! certificate from another CA, a server that is not the expected identity, certificates
+//! that break the X.509-SVID rules (the same refusals as `svid::validate`, readable back
+//! from the handshake's error).
+
+mod support;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -16,12 +20,17 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use meshward_identity::ca::{Ca, CaLifetimes, new_workload_key};
+use meshward_identity::svid::SvidError;
 use meshward_identity::svid::TrustBundles;
 use meshward_identity::verifier::{
-    Accept, SharedBundles, SvidClientVerifier, SvidServerVerifier, peer_identity,
+    Accept, SharedBundles, SvidClientVerifier, SvidServerVerifier, io_refusal_code, peer_identity,
+    refusal, refusal_code,
 };
 use meshward_identity::{SpiffeId, TrustDomain};
+use rustls::client::danger::ServerCertVerifier as _;
+use rustls::pki_types::UnixTime;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::server::danger::ClientCertVerifier as _;
 use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection, StreamOwned};
 
 fn id(s: &str) -> SpiffeId {
@@ -214,4 +223,150 @@ fn openssl_s_client_without_a_certificate_gets_no_session() {
     );
     let e = server.join().unwrap().unwrap_err();
     assert!(e.contains("certificate"), "{e}");
+}
+
+/// Both rustls verifiers refuse what `svid::validate` refuses, and the error says which rule
+/// (`refusal`) and its stable kind (`refusal_code`).
+#[test]
+fn the_verifiers_apply_every_svid_rule() {
+    use rcgen::{CertificateParams, KeyUsagePurpose, SanType};
+    use support::forge;
+    let leaf_id = "spiffe://shop.example/ns/web/sa/frontend";
+    let keep = |_: &mut CertificateParams| {};
+    let no_path = forge("shop.example", leaf_id, keep, keep, |p| {
+        p.subject_alt_names = vec![SanType::URI("spiffe://shop.example".try_into().unwrap())]
+    });
+    let signing_leaf = forge("shop.example", leaf_id, keep, keep, |p| {
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyCertSign,
+        ]
+    });
+    let weak_inter = forge(
+        "shop.example",
+        leaf_id,
+        keep,
+        |p| p.key_usages = vec![KeyUsagePurpose::DigitalSignature],
+        keep,
+    );
+    let good = forge("shop.example", leaf_id, keep, keep, |p| {
+        p.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(1)
+    });
+    let now = UnixTime::now();
+    for (f, want) in [
+        (&no_path, "has no path"),
+        (&signing_leaf, "allows `keyCertSign`"),
+        (&weak_inter, "does not allow `keyCertSign`"),
+    ] {
+        let mut b = TrustBundles::new();
+        b.set(
+            TrustDomain::parse("shop.example").unwrap(),
+            vec![f.root.clone()],
+        );
+        let b = SharedBundles::new(b);
+        let server = SvidServerVerifier::new(b.clone(), Accept::AnyTrusted);
+        let client = SvidClientVerifier::new(b, Accept::AnyTrusted);
+        let name = ServerName::try_from("mesh.invalid").unwrap();
+        let errs = [
+            server
+                .verify_server_cert(&f.chain[0], &f.chain[1..], &name, &[], now)
+                .unwrap_err(),
+            client
+                .verify_client_cert(&f.chain[0], &f.chain[1..], now)
+                .unwrap_err(),
+        ];
+        for e in errs {
+            let svid = refusal(&e).unwrap_or_else(|| panic!("no SVID error in {e:?}"));
+            assert!(svid.to_string().contains(want), "{svid}");
+            assert_eq!(refusal_code(&e), Some("bad_svid"), "{e}");
+        }
+    }
+    // Another CA's chain, and the kinds rustls carries itself.
+    let mut b = TrustBundles::new();
+    b.set(
+        TrustDomain::parse("shop.example").unwrap(),
+        vec![good.root.clone()],
+    );
+    let client = SvidClientVerifier::new(SharedBundles::new(b), Accept::AnyTrusted);
+    let e = client
+        .verify_client_cert(&no_path.chain[0], &no_path.chain[1..], now)
+        .unwrap_err();
+    assert_eq!(refusal_code(&e), Some("bad_svid"), "{e}");
+    let e = client
+        .verify_client_cert(&weak_inter.chain[0], &[], now)
+        .unwrap_err();
+    assert_eq!(refusal_code(&e), Some("unknown_ca"), "{e}");
+    let later = UnixTime::since_unix_epoch(Duration::from_secs(now.as_secs() + 400 * 86400));
+    let e = client
+        .verify_client_cert(&good.chain[0], &good.chain[1..], later)
+        .unwrap_err();
+    assert_eq!(refusal_code(&e), Some("expired"), "{e}");
+    client
+        .verify_client_cert(&good.chain[0], &good.chain[1..], now)
+        .unwrap();
+}
+
+/// A real handshake with a server whose leaf names only the trust domain: the client
+/// refuses it, and the I/O error the handshake returns carries the rule it broke.
+#[test]
+fn a_server_leaf_without_a_path_is_refused_in_the_handshake() {
+    use support::forge;
+    let keep = |_: &mut rcgen::CertificateParams| {};
+    let f = forge("shop.example", "spiffe://shop.example", keep, keep, keep);
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(f.key.serialize_der()));
+    let cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(f.chain.clone(), key)
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut tcp, _) = listener.accept().unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        let mut conn = ServerConnection::new(Arc::new(cfg)).unwrap();
+        while conn.is_handshaking() {
+            if conn.complete_io(&mut tcp).is_err() {
+                break;
+            }
+        }
+    });
+    let mut b = TrustBundles::new();
+    b.set(
+        TrustDomain::parse("shop.example").unwrap(),
+        vec![f.root.clone()],
+    );
+    let cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(SvidServerVerifier::new(
+            SharedBundles::new(b),
+            Accept::AnyTrusted,
+        ))
+        .with_no_client_auth();
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let mut conn =
+        ClientConnection::new(Arc::new(cfg), ServerName::try_from("mesh.invalid").unwrap())
+            .unwrap();
+    let e = loop {
+        match conn.complete_io(&mut tcp) {
+            Ok(_) if conn.is_handshaking() => continue,
+            Ok(_) => panic!("the handshake completed with a leaf without a path"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(io_refusal_code(&e), Some("bad_svid"), "{e}");
+    let inner = e
+        .get_ref()
+        .unwrap()
+        .downcast_ref::<rustls::Error>()
+        .unwrap();
+    assert!(
+        matches!(refusal(inner), Some(SvidError::LeafWithoutPath(id)) if id.as_str() == "spiffe://shop.example"),
+        "{e}"
+    );
+    server.join().unwrap();
 }

@@ -11,7 +11,9 @@ use meshward_api::v1::config_client::ConfigClient;
 use meshward_api::v1::identity_client::IdentityClient;
 use meshward_api::v1::telemetry_client::TelemetryClient;
 use meshward_api::v1::{ConfigAck, DecisionBatch, SignRequest};
-use meshward_identity::ca::{cert_pem, certs_from_pem, new_workload_key, write_atomic};
+use meshward_identity::ca::{
+    cert_pem, certs_from_pem, key_from_pem, key_pem, new_workload_key, write_atomic,
+};
 use meshward_identity::svid::TrustBundles;
 use meshward_identity::verifier::{Accept, SharedBundles, SvidServerVerifier};
 use meshward_identity::{SpiffeId, TrustDomain};
@@ -62,7 +64,7 @@ pub fn restore(shared: &Shared, dir: &Path, td: &TrustDomain) {
         std::fs::read_to_string(dir.join("svid.pem")),
         std::fs::read_to_string(dir.join("svid.key")),
     ) {
-        if let Ok(k) = rcgen::KeyPair::from_pem(&key) {
+        if let Ok(k) = key_from_pem(&key) {
             match certified(certs_from_pem(&chain), k.serialize_der()) {
                 Ok(s) => {
                     log(&format!(
@@ -190,7 +192,7 @@ async fn sign(
     let not_after = svid.not_after;
     let dir = &cfg.state_dir;
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-    write_atomic(&dir.join("svid.key"), key.serialize_pem().as_bytes(), true)
+    write_atomic(&dir.join("svid.key"), key_pem(&key).as_bytes(), true)
         .map_err(|e| e.to_string())?;
     write_atomic(
         &dir.join("svid.pem"),

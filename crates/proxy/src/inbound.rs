@@ -176,11 +176,18 @@ pub async fn connection(
     let _ = tcp.set_nodelay(true);
     let stream = match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return handshake_failed(&shared, port, &e.to_string()),
-        Err(_) => return handshake_failed(&shared, port, "no handshake within 10s"),
+        Ok(Err(e)) => {
+            let why = crate::handshake::Failure::of_io(&e);
+            return handshake_failed(&shared, port, why);
+        }
+        Err(_) => {
+            let why = crate::handshake::Failure::of_message("no handshake within 10s");
+            return handshake_failed(&shared, port, why);
+        }
     };
     let Some(peer) = peer_identity(stream.get_ref().1) else {
-        return handshake_failed(&shared, port, "the peer presented no SPIFFE ID");
+        let why = crate::handshake::Failure::of_message("the peer presented no SPIFFE ID");
+        return handshake_failed(&shared, port, why);
     };
     if port.protocol.is_http() {
         serve_http(shared, port, peer, stream, client).await;
@@ -190,7 +197,7 @@ pub async fn connection(
 }
 
 /// Logs a refused handshake as a deny (`handshake_failed`, source unknown).
-fn handshake_failed(shared: &Shared, port: InboundPort, why: &str) {
+fn handshake_failed(shared: &Shared, port: InboundPort, why: crate::handshake::Failure) {
     let rev = shared
         .policy
         .load()
@@ -204,34 +211,16 @@ fn handshake_failed(shared: &Shared, port: InboundPort, why: &str) {
         at: SystemTime::now(),
     };
     let d = Decision::bare(Verdict::Deny, Reason::HandshakeFailed, rev);
-    let (kind, detail) = handshake_detail(why);
-    shared.log.metrics.handshake_failed("inbound", kind);
+    shared.log.metrics.handshake_failed("inbound", why.kind);
     shared.log.record_with(
         &req,
         &d,
         &crate::decision_log::Extra {
-            detail: Some(detail),
+            detail: Some(why.detail),
             address: (port.mark.is_some()).then_some(port.app),
             ..Default::default()
         },
     );
-}
-
-/// A short, stable description of why a handshake failed, and its kind for metrics.
-fn handshake_detail(err: &str) -> (meshward_telemetry::HandshakeFailure, String) {
-    use meshward_telemetry::HandshakeFailure as H;
-    let kind = H::classify(err);
-    let what = match kind {
-        H::NotTls => "not TLS (plaintext?)",
-        H::NoCertificate => "no client certificate",
-        H::UnknownCa => "certificate from an unknown CA",
-        H::Expired => "expired certificate",
-        H::WrongIdentity => "wrong identity",
-        H::NoOwnCertificate => "this proxy has no valid certificate (fail closed)",
-        H::Timeout => "no handshake in time",
-        H::Other => "handshake failed",
-    };
-    (kind, format!("{what}: {err}"))
 }
 
 async fn serve_tcp(

@@ -12,6 +12,7 @@ pub mod admin;
 pub mod agent;
 pub mod decision_log;
 pub mod h1;
+pub mod handshake;
 pub mod hygiene;
 pub mod inbound;
 pub mod interpret;

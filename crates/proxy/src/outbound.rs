@@ -7,13 +7,18 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use meshward_identity::SpiffeId;
+use meshward_identity::svid::spiffe_id_of;
 use meshward_identity::verifier::{Accept, SvidServerVerifier};
-use meshward_policy::decision::WorkloadRef;
+use meshward_policy::decision::{
+    Decision, PolicyRevision, Reason, Request, Source, Verdict, WorkloadRef,
+};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::decision_log::Extra;
+use crate::handshake::Failure;
 use crate::state::{ClientCert, Shared};
 
 /// One upstream: a service and its port.
@@ -64,10 +69,12 @@ pub fn endpoints_with<T>(
         .collect()
 }
 
-/// Opens mutual TLS to `addr` with the workload's SVID, accepting only a server whose
-/// SPIFFE ID is in `allowed` (a misrouted or impersonating endpoint is refused).
+/// Opens mutual TLS to `addr`, an endpoint of `to`, with the workload's SVID, accepting
+/// only a server whose SPIFFE ID is in `allowed` (a misrouted or impersonating endpoint is
+/// refused, counted and recorded: [`handshake_refused`]).
 pub async fn dial(
     shared: &Arc<Shared>,
+    to: &WorkloadRef,
     addr: SocketAddr,
     allowed: Vec<SpiffeId>,
     mark: Option<u32>,
@@ -96,13 +103,45 @@ pub async fn dial(
         .connect(name, tcp)
         .await
         .map_err(|e| {
-            let e = e.to_string();
-            shared.log.metrics.handshake_failed(
-                "outbound",
-                meshward_telemetry::HandshakeFailure::classify(&e),
-            );
-            format!("mTLS with {addr} failed: {e}")
+            let why = Failure::of_io(&e);
+            let msg = format!("mTLS with {addr} failed: {}", why.detail);
+            handshake_refused(shared, to, addr, why);
+            msg
         })
+}
+
+/// Counts a failed outbound handshake (`direction="outbound"`) and logs it as a deny
+/// (`handshake_failed`, outbound, from this workload's identity to `to` at `addr`).
+fn handshake_refused(shared: &Shared, to: &WorkloadRef, addr: SocketAddr, why: Failure) {
+    shared.log.metrics.handshake_failed("outbound", why.kind);
+    let own = shared
+        .svid
+        .load()
+        .as_ref()
+        .and_then(|s| spiffe_id_of(s.key.end_entity_cert().ok()?).ok());
+    let req = Request {
+        source: own.map_or(Source::Unauthenticated, Source::Authenticated),
+        destination: to.clone(),
+        port: addr.port(),
+        http: None,
+        at: SystemTime::now(),
+    };
+    let rev = shared
+        .policy
+        .load()
+        .as_ref()
+        .map_or(PolicyRevision(0), |p| PolicyRevision(p.revision));
+    let d = Decision::bare(Verdict::Deny, Reason::HandshakeFailed, rev);
+    shared.log.record_with(
+        &req,
+        &d,
+        &Extra {
+            outbound: true,
+            detail: Some(why.detail),
+            address: Some(addr),
+            duration: None,
+        },
+    );
 }
 
 /// Serves one upstream until the listener fails.
@@ -123,7 +162,7 @@ pub async fn serve(shared: Arc<Shared>, up: Upstream, listener: TcpListener) -> 
             }
             let (addr, _) = eps[next.fetch_add(1, Ordering::Relaxed) % eps.len()].clone();
             let allowed: Vec<SpiffeId> = eps.iter().map(|(_, id)| id.clone()).collect();
-            match dial(&shared, addr, allowed, None).await {
+            match dial(&shared, &up.service, addr, allowed, None).await {
                 Ok(mut tls) => {
                     let _ = tokio::io::copy_bidirectional(&mut app, &mut tls).await;
                 }

@@ -130,7 +130,7 @@ impl tower::Service<Uri> for MtlsConnector {
                     up.service
                 )));
             }
-            dial(&shared, addr, allowed, None)
+            dial(&shared, &up.service, addr, allowed, None)
                 .await
                 .map(|tls| MtlsIo(TokioIo::new(tls)))
                 .map_err(std::io::Error::other)

@@ -303,7 +303,7 @@ async fn outbound_connection(
             let (addr, _) =
                 endpoints[next.fetch_add(1, Ordering::Relaxed) % endpoints.len()].clone();
             let allowed = endpoints.iter().map(|(_, id)| id.clone()).collect();
-            match crate::outbound::dial(&shared, addr, allowed, Some(mark)).await {
+            match crate::outbound::dial(&shared, &destination, addr, allowed, Some(mark)).await {
                 Ok(mut tls) => {
                     let _ = tokio::io::copy_bidirectional(&mut app, &mut tls).await;
                 }

@@ -103,7 +103,7 @@ async fn mesh_as(orders_id: &str, frontend_ca: Option<&Ca>) -> Mesh {
         "web/frontend",
         "spiffe://shop.example/ns/web/sa/frontend",
         set,
-        DecisionLog::disabled(),
+        DecisionLog::to_file(dir.path().join("frontend.jsonl"), 1 << 20, 1).unwrap(),
     );
     tokio::spawn(inbound::serve(
         orders.clone(),
@@ -126,6 +126,59 @@ async fn mesh_as(orders_id: &str, frontend_ca: Option<&Ca>) -> Mesh {
         ca,
         dir,
     }
+}
+
+/// The first record in a proxy's decision log (`decisions.jsonl` for orders,
+/// `frontend.jsonl` for the frontend) that `want` accepts, waiting up to 5 s for it.
+async fn record(
+    m: &Mesh,
+    file: &str,
+    want: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let path = m.dir.path().join(file);
+    for _ in 0..50 {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let found = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|v| want(v));
+        if let Some(v) = found {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "no such record in {file}: {}",
+        std::fs::read_to_string(&path).unwrap_or_default()
+    );
+}
+
+/// An impostor endpoint seen by the frontend's proxy: counted as `wrong_identity` on the
+/// outbound side and recorded as an outbound `handshake_failed` deny naming the identity.
+async fn assert_impostor_refused(m: &Mesh) {
+    let rec = record(m, "frontend.jsonl", |v| v["reason"] == "handshake_failed").await;
+    assert_eq!(rec["verdict"], "deny", "{rec}");
+    assert_eq!(rec["direction"], "outbound", "{rec}");
+    assert_eq!(
+        rec["source"], "spiffe://shop.example/ns/web/sa/frontend",
+        "{rec}"
+    );
+    assert_eq!(rec["destination"], "orders/orders", "{rec}");
+    assert_eq!(rec["address"], m.inbound.to_string(), "{rec}");
+    let detail = rec["detail"].as_str().unwrap();
+    assert!(
+        detail
+            .starts_with("wrong identity: the peer is `spiffe://shop.example/ns/evil/sa/impostor`"),
+        "{detail}"
+    );
+    let metrics = m.frontend.log.metrics.encode();
+    assert!(
+        metrics.contains(
+            r#"meshward_tls_handshake_failures_total{direction="outbound",reason="wrong_identity"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(!metrics.contains(r#"reason="other""#), "{metrics}");
 }
 
 /// A raw HTTP/1.1 exchange (so nothing rewrites what we send).
@@ -313,6 +366,7 @@ async fn an_endpoint_that_is_not_the_service_is_refused() {
         !r.contains("HTTP/1.1"),
         "an impersonating endpoint must never be talked to: {r}"
     );
+    assert_impostor_refused(&m).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,6 +382,20 @@ async fn a_client_certificate_from_another_ca_is_refused() {
         .await
         .unwrap();
     assert!(!r.contains("HTTP/1.1"), "{r}");
+    // The orders proxy refused it by kind, not `other`, and recorded why.
+    let rec = record(&m, "decisions.jsonl", |v| v["reason"] == "handshake_failed").await;
+    let detail = rec["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("certificate from an unknown CA"),
+        "{rec}"
+    );
+    let metrics = m.orders.log.metrics.encode();
+    assert!(
+        metrics.contains(
+            r#"meshward_tls_handshake_failures_total{direction="inbound",reason="unknown_ca"} 1"#
+        ),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -463,4 +531,5 @@ async fn pooled_upstream_refuses_an_impostor() {
         !r.contains("target"),
         "the impostor's app must not be reached: {r}"
     );
+    assert_impostor_refused(&m).await;
 }

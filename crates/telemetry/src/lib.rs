@@ -112,8 +112,14 @@ pub struct ShadowLabels {
 pub enum HandshakeFailure {
     NotTls,
     NoCertificate,
+    /// The peer's certificates break the X.509-SVID rules (no or several URI SANs, no
+    /// path, a CA or signing leaf, a signing certificate without `keyCertSign`, ...).
+    BadSvid,
     UnknownCa,
     Expired,
+    NotYetValid,
+    /// A valid SVID of another identity than expected: on the outbound side, an endpoint
+    /// impersonating the service.
     WrongIdentity,
     /// The proxy had no valid certificate of its own to present (fail closed).
     NoOwnCertificate,
@@ -126,8 +132,10 @@ impl HandshakeFailure {
         match self {
             HandshakeFailure::NotTls => "not_tls",
             HandshakeFailure::NoCertificate => "no_certificate",
+            HandshakeFailure::BadSvid => "bad_svid",
             HandshakeFailure::UnknownCa => "unknown_ca",
             HandshakeFailure::Expired => "expired",
+            HandshakeFailure::NotYetValid => "not_yet_valid",
             HandshakeFailure::WrongIdentity => "wrong_identity",
             HandshakeFailure::NoOwnCertificate => "no_own_certificate",
             HandshakeFailure::Timeout => "timeout",
@@ -135,7 +143,22 @@ impl HandshakeFailure {
         }
     }
 
-    /// Classifies a rustls (or I/O) error message.
+    /// The kind of a stable refusal code (`meshward_identity::svid::SvidError::code`, the
+    /// same words as [`HandshakeFailure::as_str`]); `None` for an unknown code.
+    pub fn from_code(code: &str) -> Option<Self> {
+        Some(match code {
+            "no_certificate" => HandshakeFailure::NoCertificate,
+            "bad_svid" => HandshakeFailure::BadSvid,
+            "unknown_ca" => HandshakeFailure::UnknownCa,
+            "expired" => HandshakeFailure::Expired,
+            "not_yet_valid" => HandshakeFailure::NotYetValid,
+            "wrong_identity" => HandshakeFailure::WrongIdentity,
+            _ => return None,
+        })
+    }
+
+    /// Classifies a rustls (or I/O) error message: for failures that carry no refusal code
+    /// (not TLS, the peer's alerts, timeouts).
     pub fn classify(err: &str) -> Self {
         let e = err.to_ascii_lowercase();
         if e.contains("corrupt message") || e.contains("invalidcontenttype") {
@@ -520,5 +543,16 @@ mod tests {
         ] {
             assert_eq!(H::classify(msg), want, "{msg}");
         }
+        for k in [
+            H::NoCertificate,
+            H::BadSvid,
+            H::UnknownCa,
+            H::Expired,
+            H::NotYetValid,
+            H::WrongIdentity,
+        ] {
+            assert_eq!(H::from_code(k.as_str()), Some(k));
+        }
+        assert_eq!(H::from_code("other"), None);
     }
 }
