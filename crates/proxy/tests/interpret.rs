@@ -480,11 +480,21 @@ async fn a_malformed_chunk_is_400_and_refusals_are_recorded() {
     .await;
     assert!(r.starts_with("HTTP/1.1 400"), "{r}");
     assert!(r.contains(r#""error":"bad_chunk""#), "{r}");
-    let log = std::fs::read_to_string(m.dir.path().join("decisions.jsonl")).unwrap();
-    let rec = log
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .find(|v| v["reason"] == "bad_request")
-        .unwrap_or_else(|| panic!("no bad_request record: {log}"));
+    // The log is written by its own task: wait for the record (a line may be half written).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let rec = loop {
+        let log = std::fs::read_to_string(m.dir.path().join("decisions.jsonl")).unwrap_or_default();
+        let found = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["reason"] == "bad_request");
+        match found {
+            Some(r) => break r,
+            None if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            None => panic!("no bad_request record: {log}"),
+        }
+    };
     assert_eq!(rec["detail"], "bad_chunk", "{rec}");
 }
