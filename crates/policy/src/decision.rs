@@ -73,6 +73,9 @@ pub enum Reason {
     OutsideMesh,
     /// Set by the outbound proxy: a destination outside the mesh on the allow-list.
     AllowedExternal,
+    /// Set by the inbound proxy: the listener's connection cap (total, handshaking, or
+    /// this source identity's) was reached; the connection was closed.
+    ConnectionLimit,
 }
 
 impl Reason {
@@ -94,6 +97,7 @@ impl Reason {
             Reason::HandshakeFailed => "handshake_failed",
             Reason::OutsideMesh => "outside_mesh",
             Reason::AllowedExternal => "allowed_external",
+            Reason::ConnectionLimit => "connection_limit",
         }
     }
 
@@ -107,6 +111,7 @@ impl Reason {
                 | Reason::HandshakeFailed
                 | Reason::OutsideMesh
                 | Reason::AllowedExternal
+                | Reason::ConnectionLimit
         )
     }
 }

@@ -302,6 +302,7 @@ fn gen_set(g: &mut Gen) -> PolicySet {
             }],
             address: None,
             interception: Default::default(),
+            connection_limits: Default::default(),
             origin: None,
         })
         .collect();
@@ -320,6 +321,7 @@ fn gen_set(g: &mut Gen) -> PolicySet {
         certificate_lifetime: Duration::from_secs(3600),
         max_override_duration: Duration::from_secs(86400),
         outbound: Default::default(),
+        connection_limits: Default::default(),
         origin: None,
     };
     let policies = (0..g.below(9)).map(|i| gen_policy(g, i)).collect();
