@@ -1142,7 +1142,7 @@ impl Builder {
         };
         let mut count = |field: &str, v: Option<u64>| {
             v.filter(|&n| {
-                let ok = (1..=1_000_000).contains(&n);
+                let ok = r::ConnectionLimits::COUNTS.contains(&n);
                 if !ok {
                     bad(
                         field,
@@ -1154,9 +1154,10 @@ impl Builder {
         };
         let per_identity = count("perIdentity", l.per_identity);
         let total = count("total", l.total);
-        let mut time = |field: &str, v: Option<r::Dur>, min: Duration, max: Duration| {
+        let mut time = |field: &str, v: Option<r::Dur>, range: std::ops::RangeInclusive<Duration>| {
+            let (min, max) = (*range.start(), *range.end());
             v.filter(|t| {
-                let ok = (min..=max).contains(&t.0);
+                let ok = range.contains(&t.0);
                 if !ok {
                     bad(
                         field,
@@ -1174,14 +1175,12 @@ impl Builder {
         let header_read_timeout = time(
             "headerReadTimeout",
             l.header_read_timeout,
-            Duration::from_millis(100),
-            Duration::from_secs(600),
+            r::ConnectionLimits::HEADER_READ,
         );
         let idle_timeout = time(
             "idleTimeout",
             l.idle_timeout,
-            Duration::from_secs(1),
-            Duration::from_secs(86400),
+            r::ConnectionLimits::IDLE,
         );
         r::ConnectionLimits {
             per_identity,

@@ -235,6 +235,15 @@ pub struct ConnectionLimits {
 }
 
 impl ConnectionLimits {
+    /// The values `perIdentity` and `total` may take.
+    pub const COUNTS: std::ops::RangeInclusive<u64> = 1..=1_000_000;
+    /// The values `headerReadTimeout` may take.
+    pub const HEADER_READ: std::ops::RangeInclusive<Duration> =
+        Duration::from_millis(100)..=Duration::from_secs(600);
+    /// The values `idleTimeout` may take.
+    pub const IDLE: std::ops::RangeInclusive<Duration> =
+        Duration::from_secs(1)..=Duration::from_secs(86400);
+
     /// Each field of `self`, or `other`'s where `self` has none.
     pub fn or(self, other: ConnectionLimits) -> ConnectionLimits {
         ConnectionLimits {
