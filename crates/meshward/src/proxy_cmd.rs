@@ -155,7 +155,9 @@ fn limits(a: &ProxyArgs) -> Result<meshward_proxy::listener::Limits> {
                 None
             }
             Err(e) => {
-                errors.push(format!("{flag} `{s}` is not a duration ({e}); write e.g. `10s`"));
+                errors.push(format!(
+                    "{flag} `{s}` is not a duration ({e}); write e.g. `10s`"
+                ));
                 None
             }
         }

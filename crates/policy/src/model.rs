@@ -1154,34 +1154,31 @@ impl Builder {
         };
         let per_identity = count("perIdentity", l.per_identity);
         let total = count("total", l.total);
-        let mut time = |field: &str, v: Option<r::Dur>, range: std::ops::RangeInclusive<Duration>| {
-            let (min, max) = (*range.start(), *range.end());
-            v.filter(|t| {
-                let ok = range.contains(&t.0);
-                if !ok {
-                    bad(
-                        field,
-                        format!(
-                            "`{field}` must be between {} and {}, not {}",
-                            humantime::format_duration(min),
-                            humantime::format_duration(max),
-                            humantime::format_duration(t.0)
-                        ),
-                    );
-                }
-                ok
-            })
-        };
+        let mut time =
+            |field: &str, v: Option<r::Dur>, range: std::ops::RangeInclusive<Duration>| {
+                let (min, max) = (*range.start(), *range.end());
+                v.filter(|t| {
+                    let ok = range.contains(&t.0);
+                    if !ok {
+                        bad(
+                            field,
+                            format!(
+                                "`{field}` must be between {} and {}, not {}",
+                                humantime::format_duration(min),
+                                humantime::format_duration(max),
+                                humantime::format_duration(t.0)
+                            ),
+                        );
+                    }
+                    ok
+                })
+            };
         let header_read_timeout = time(
             "headerReadTimeout",
             l.header_read_timeout,
             r::ConnectionLimits::HEADER_READ,
         );
-        let idle_timeout = time(
-            "idleTimeout",
-            l.idle_timeout,
-            r::ConnectionLimits::IDLE,
-        );
+        let idle_timeout = time("idleTimeout", l.idle_timeout, r::ConnectionLimits::IDLE);
         r::ConnectionLimits {
             per_identity,
             total,

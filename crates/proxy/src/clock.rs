@@ -12,8 +12,8 @@
 //! selects on.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -243,10 +243,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Clocked<S> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 
@@ -279,7 +276,10 @@ mod tests {
 
     /// `f` took about `want` (timers fire late, never early).
     fn about(took: Duration, want: Duration) {
-        assert!(took >= want && took < want + 400 * MS, "{took:?}, not {want:?}");
+        assert!(
+            took >= want && took < want + 400 * MS,
+            "{took:?}, not {want:?}"
+        );
     }
 
     #[tokio::test]

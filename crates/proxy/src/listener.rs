@@ -125,9 +125,9 @@ impl Refused {
             Refused::Total(n) => {
                 format!("connection limit: {listener} holds its total of {n} connections")
             }
-            Refused::Handshaking(n) => format!(
-                "connection limit: {n} connections are still handshaking on {listener}"
-            ),
+            Refused::Handshaking(n) => {
+                format!("connection limit: {n} connections are still handshaking on {listener}")
+            }
             Refused::PerIdentity(n) => {
                 format!("connection limit: this identity holds {n} connections on {listener}")
             }
@@ -324,7 +324,10 @@ fn transient(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),
         K::ConnectionAborted | K::ConnectionReset | K::Interrupted | K::WouldBlock
-    ) || matches!(e.raw_os_error(), Some(71 /* EPROTO */) | Some(1 /* EPERM */))
+    ) || matches!(
+        e.raw_os_error(),
+        Some(71 /* EPROTO */) | Some(1 /* EPERM */)
+    )
 }
 
 /// The first backoff after an accept error, and the longest.

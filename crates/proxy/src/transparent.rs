@@ -258,7 +258,9 @@ pub async fn serve_outbound(
 ) -> Result<(), String> {
     let next = Arc::new(AtomicUsize::new(0));
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let me = shared.listeners.register(format!("outbound capture {addr}"));
+    let me = shared
+        .listeners
+        .register(format!("outbound capture {addr}"));
     crate::listener::accept_loop(&shared, &me, listener, None, |app, _| {
         tokio::spawn(outbound_connection(
             shared.clone(),

@@ -148,12 +148,10 @@ async fn dial(s: &Setup, from: &Arc<Shared>) -> Tls {
 async fn closed_within(c: &mut Tls, max: Duration) -> Duration {
     let t0 = Instant::now();
     let mut buf = [0u8; 1024];
-    loop {
-        match tokio::time::timeout(max, c.read(&mut buf)).await {
-            Err(_) => panic!("still open after {max:?}"),
-            Ok(Ok(0) | Err(_)) => return t0.elapsed(),
-            Ok(Ok(n)) => panic!("unexpected bytes: {:?}", String::from_utf8_lossy(&buf[..n])),
-        }
+    match tokio::time::timeout(max, c.read(&mut buf)).await {
+        Err(_) => panic!("still open after {max:?}"),
+        Ok(Ok(0) | Err(_)) => t0.elapsed(),
+        Ok(Ok(n)) => panic!("unexpected bytes: {:?}", String::from_utf8_lossy(&buf[..n])),
     }
 }
 
@@ -170,7 +168,11 @@ async fn request(c: &mut Tls, req: &str) {
         assert!(n > 0, "closed after {}", String::from_utf8_lossy(&got));
         got.extend_from_slice(&tmp[..n]);
     }
-    assert!(got.starts_with(b"HTTP/1.1 200 OK\r\n"), "{}", String::from_utf8_lossy(&got));
+    assert!(
+        got.starts_with(b"HTTP/1.1 200 OK\r\n"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
 }
 
 fn metric(s: &Shared, series: &str) -> u64 {
@@ -185,7 +187,9 @@ async fn a_half_sent_head_is_closed_after_the_header_read_timeout() {
     let s = setup("{headerReadTimeout: 1s, idleTimeout: 30s}").await;
     // Fast path, first request: half a head, then nothing.
     let mut c = dial(&s, &s.frontend).await;
-    c.write_all(b"GET /orders/1 HTTP/1.1\r\nHost: ord").await.unwrap();
+    c.write_all(b"GET /orders/1 HTTP/1.1\r\nHost: ord")
+        .await
+        .unwrap();
     let took = closed_within(&mut c, Duration::from_secs(5)).await;
     assert!(took >= Duration::from_millis(900), "{took:?}");
     // Nothing at all after the handshake: the same.
@@ -240,7 +244,10 @@ async fn a_kept_alive_connection_is_closed_after_the_idle_timeout() {
         assert!(took >= Duration::from_millis(1900), "{took:?}");
     }
     assert_eq!(
-        metric(&s.orders, r#"meshward_connection_timeouts_total{kind="idle"}"#),
+        metric(
+            &s.orders,
+            r#"meshward_connection_timeouts_total{kind="idle"}"#
+        ),
         2
     );
 }
@@ -289,7 +296,8 @@ async fn one_identity_over_its_cap_is_closed_after_the_handshake_others_are_serv
     // The refusal is in the decision log, with the identity and the reason.
     let t0 = Instant::now();
     let line = loop {
-        let log = std::fs::read_to_string(s._dir.path().join("decisions.jsonl")).unwrap_or_default();
+        let log =
+            std::fs::read_to_string(s._dir.path().join("decisions.jsonl")).unwrap_or_default();
         if let Some(l) = log.lines().find(|l| l.contains("\"connection_limit\"")) {
             break l.to_owned();
         }
