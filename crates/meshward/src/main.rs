@@ -253,7 +253,8 @@ struct ProxyArgs {
     #[arg(long, value_name = "N")]
     max_connections: Option<u64>,
     /// Connections one source identity holds at most on each inbound listener, where the
-    /// policy's `connectionLimits.perIdentity` sets none (default 1024).
+    /// policy's `connectionLimits.perIdentity` sets none (default: an eighth of the total,
+    /// at most 1024).
     #[arg(long, value_name = "N")]
     max_connections_per_identity: Option<u64>,
     /// How long a request head may take (the first from the handshake, later ones from

@@ -23,8 +23,9 @@ use tokio::net::{TcpListener, TcpStream};
 pub struct Limits {
     /// Connections one listener holds at most, handshaking or established.
     pub total: usize,
-    /// Connections one source identity holds at most on one listener.
-    pub per_identity: usize,
+    /// Connections one source identity holds at most on one listener; `None`: derived
+    /// from `total` ([`Limits::per_identity`]).
+    pub per_identity: Option<usize>,
     /// How long a request head may take: from the handshake to the end of the first head,
     /// from the first byte to the end of a later one.
     pub header_read: Duration,
@@ -36,8 +37,8 @@ pub struct Limits {
 impl Limits {
     /// The largest default `total`.
     pub const MAX_DEFAULT_TOTAL: usize = 8192;
-    /// The default `per_identity`.
-    pub const DEFAULT_PER_IDENTITY: usize = 1024;
+    /// The largest default `per_identity`.
+    pub const MAX_DEFAULT_PER_IDENTITY: usize = 1024;
     /// The default `header_read`.
     pub const DEFAULT_HEADER_READ: Duration = Duration::from_secs(10);
     /// The default `idle`.
@@ -50,7 +51,7 @@ impl Limits {
     pub fn defaults() -> Self {
         Limits {
             total: Self::default_total(open_file_limit()),
-            per_identity: Self::DEFAULT_PER_IDENTITY,
+            per_identity: None,
             header_read: Self::DEFAULT_HEADER_READ,
             idle: Self::DEFAULT_IDLE,
         }
@@ -74,10 +75,21 @@ impl Limits {
         let n = |v: Option<u64>, d: usize| v.map_or(d, |v| usize::try_from(v).unwrap_or(d));
         Limits {
             total: n(c.total, self.total),
-            per_identity: n(c.per_identity, self.per_identity),
+            per_identity: c
+                .per_identity
+                .and_then(|v| usize::try_from(v).ok())
+                .or(self.per_identity),
             header_read: c.header_read_timeout.map_or(self.header_read, |d| d.0),
             idle: c.idle_timeout.map_or(self.idle, |d| d.0),
         }
+    }
+
+    /// Connections one source identity may hold: as set, or by default an eighth of
+    /// `total` (so at least eight identities must fill the table together), at most 1024,
+    /// at least one.
+    pub fn per_identity(&self) -> usize {
+        self.per_identity
+            .unwrap_or((self.total / 8).clamp(1, Self::MAX_DEFAULT_PER_IDENTITY))
     }
 
     /// How many of `total` may be still handshaking (their identity unknown): a quarter, at
@@ -229,8 +241,8 @@ impl Slot {
             return Ok(());
         };
         let n = map.entry(id.clone()).or_insert(0);
-        if *n >= l.per_identity {
-            return Err(Refused::PerIdentity(l.per_identity));
+        if *n >= l.per_identity() {
+            return Err(Refused::PerIdentity(l.per_identity()));
         }
         *n += 1;
         self.identity = Some(id.clone());
@@ -405,7 +417,7 @@ mod tests {
     fn limits(total: usize, per_identity: usize) -> Limits {
         Limits {
             total,
-            per_identity,
+            per_identity: Some(per_identity),
             ..Limits::defaults()
         }
     }
@@ -464,7 +476,20 @@ mod tests {
             ..Default::default()
         };
         let l = limits(100, 10).with(&c);
-        assert_eq!((l.total, l.per_identity), (20, 10));
+        assert_eq!((l.total, l.per_identity()), (20, 10));
+        // Unset: an eighth of the total, at most 1024.
+        let d = Limits::defaults().with(&c);
+        assert_eq!(d.per_identity(), 2);
+        let big = Limits {
+            total: 8192,
+            ..Limits::defaults()
+        };
+        assert_eq!(big.per_identity(), 1024);
+        let small = Limits {
+            total: 448,
+            ..Limits::defaults()
+        };
+        assert_eq!(small.per_identity(), 56);
         assert_eq!(l.header_read, Duration::from_secs(1));
         assert_eq!(l.idle, Limits::DEFAULT_IDLE);
         assert_eq!(l.handshaking(), 5);
