@@ -307,3 +307,49 @@ async fn one_identity_over_its_cap_is_closed_after_the_handshake_others_are_serv
     assert!(line.contains(FRONTEND), "{line}");
     assert!(line.contains("this identity holds 5 connections"), "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_without_streams_is_closed_after_the_idle_timeout() {
+    let s = setup("{headerReadTimeout: 1s, idleTimeout: 2s}").await;
+    let tls = dial(&s, &s.frontend).await;
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    let t0 = Instant::now();
+    let driver = tokio::spawn(conn);
+    // Two requests, the second after longer than the header-read timeout: HTTP/2 has
+    // only the idle timeout once it is serving.
+    for path in ["/a", "/b"] {
+        let req = hyper::Request::get(format!("http://orders{path}"))
+            .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap();
+        assert_eq!(&body.to_bytes()[..], b"ok");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let since_last = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), driver)
+        .await
+        .expect("still open after the idle timeout")
+        .unwrap()
+        .ok();
+    assert!(
+        since_last.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        metric(
+            &s.orders,
+            r#"meshward_connection_timeouts_total{kind="idle"}"#
+        ),
+        1
+    );
+}
