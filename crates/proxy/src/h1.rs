@@ -19,6 +19,7 @@ use meshward_policy::decision::Verdict;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::clock::Expired;
 use crate::hygiene::{ChunkedEnd, MAX_HEAD, State0, check_head, head_end};
 use crate::inbound::{Checked, IDENTITY_HEADER, InboundPort, authorize, denial};
 use crate::state::Shared;
@@ -109,9 +110,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         // the idle timeout for its first byte, then has the header-read timeout.
         let waiting = tokio::time::Instant::now();
         let mut deadline = if first {
-            (waiting + limits.header_read, "header_read")
+            (waiting + limits.header_read, Expired::HeaderRead)
         } else {
-            (waiting + limits.idle, "idle")
+            (waiting + limits.idle, Expired::Idle)
         };
         let end = loop {
             if let Some(e) = buf.head_end() {
@@ -122,15 +123,13 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 // Too large or ambiguous: the general path answers (431) or refuses it.
                 return End::Handoff(buf.into_vec());
             }
-            if !first && deadline.1 == "idle" && !pending.is_empty() {
-                deadline = (
-                    tokio::time::Instant::now() + limits.header_read,
-                    "header_read",
-                );
+            if deadline.1 == Expired::Idle && !pending.is_empty() {
+                let now = tokio::time::Instant::now();
+                deadline = (now + limits.header_read, Expired::HeaderRead);
             }
             match tokio::time::timeout_at(deadline.0, buf.fill(stream)).await {
                 Err(_) => {
-                    shared.log.metrics.connection_timeout(deadline.1);
+                    shared.log.metrics.connection_timeout(deadline.1.as_str());
                     return End::Closed;
                 }
                 Ok(Ok(0) | Err(_)) => return End::Closed,
