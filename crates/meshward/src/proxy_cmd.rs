@@ -20,6 +20,7 @@ pub fn run(a: ProxyArgs, conn: &crate::control_cmd::Conn) -> Result<ExitCode> {
         bail!("--workload, --control and --state-dir are required");
     };
     let workload = WorkloadRef::parse(workload).map_err(|e| anyhow!("--workload: {e}"))?;
+    let limits = limits(&a)?;
     let ca_file = conn.ca_file.clone().or_else(|| std::env::var_os("MESHWARD_CA_FILE").map(std::path::PathBuf::from)).context("pass --ca-file DATA/bundle.pem (the control plane's trust bundle) or set MESHWARD_CA_FILE")?;
     let pem = std::fs::read_to_string(&ca_file)
         .with_context(|| format!("cannot read `{}`", ca_file.display()))?;
@@ -62,7 +63,6 @@ pub fn run(a: ProxyArgs, conn: &crate::control_cmd::Conn) -> Result<ExitCode> {
     if a.sample_allows == 0 {
         bail!("--sample-allows must be at least 1");
     }
-    let limits = limits(&a)?;
     let opts = meshward_proxy::run::Options {
         workload: workload.clone(),
         agent: AgentConfig {

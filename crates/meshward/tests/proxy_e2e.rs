@@ -887,3 +887,40 @@ fn out_of_file_descriptors_the_proxy_backs_off_fails_ready_and_recovers() {
     assert_eq!(get(&format!("http://{orders_admin}/ready")).0, "200");
     assert!(orders.0.try_wait().unwrap().is_none(), "the proxy exited");
 }
+
+#[test]
+fn bad_limit_flags_are_refused_together_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = Command::new(bin())
+        .args([
+            "proxy",
+            "--workload",
+            "web/frontend",
+            "--control",
+            "127.0.0.1:1",
+        ])
+        .arg("--state-dir")
+        .arg(tmp.path())
+        .args([
+            "--max-connections",
+            "0",
+            "--max-connections-per-identity",
+            "2000000",
+            "--header-read-timeout",
+            "1ms",
+            "--idle-timeout",
+            "soon",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let text = out(&o);
+    for want in [
+        "--max-connections must be between 1 and 1000000, not 0",
+        "--max-connections-per-identity must be between 1 and 1000000, not 2000000",
+        "--header-read-timeout must be between 100ms and 10m, not `1ms`",
+        "--idle-timeout `soon` is not a duration",
+    ] {
+        assert!(text.contains(want), "no `{want}` in {text}");
+    }
+}
