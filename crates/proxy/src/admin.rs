@@ -84,7 +84,7 @@ fn route(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
                 m.config_age
                     .set((unix(now) - m.config_updated.get()).max(0.0));
             }
-            for l in shared.listeners.all() {
+            for l in shared.listeners.all().iter().filter(|l| l.is_inbound()) {
                 let (open, handshaking) = l.counts();
                 for (state, n) in [("open", open), ("handshaking", handshaking)] {
                     m.listener_connections

@@ -147,8 +147,9 @@ impl Refused {
     }
 }
 
-/// One listener: its name (`inbound 127.0.0.1:15006`), whether it is accepting, and its
-/// connection table.
+/// One listener: its name, starting with its direction (`inbound 127.0.0.1:15006`,
+/// `outbound capture 127.0.0.1:15001`), whether it is accepting, and its connection table
+/// (used by inbound listeners).
 #[derive(Debug)]
 pub struct Listener {
     pub name: String,
@@ -190,6 +191,11 @@ impl Listener {
 
     fn accepting(&self) -> bool {
         self.backoff.lock().map_or(true, |g| g.is_none())
+    }
+
+    /// Whether it is an inbound listener (whose table caps connections).
+    pub fn is_inbound(&self) -> bool {
+        self.name.starts_with("inbound")
     }
 
     /// `(open, handshaking)` connections now.
