@@ -259,6 +259,25 @@ struct ProxyArgs {
     /// init-netns).
     #[arg(long, default_value_t = meshward_proxy::transparent::DEFAULT_MARK)]
     mark: u32,
+    /// Connections each inbound listener holds at most, handshaking or established, where
+    /// the policy's `connectionLimits.total` sets none (default: 8192, or fewer if the
+    /// open-file limit leaves room for fewer; docs/proxy.md, "Resource limits").
+    #[arg(long, value_name = "N")]
+    max_connections: Option<u64>,
+    /// Connections one source identity holds at most on each inbound listener, where the
+    /// policy's `connectionLimits.perIdentity` sets none (default: an eighth of the total,
+    /// at most 1024).
+    #[arg(long, value_name = "N")]
+    max_connections_per_identity: Option<u64>,
+    /// How long a request head may take (the first from the handshake, later ones from
+    /// their first byte), where the policy's `connectionLimits.headerReadTimeout` sets
+    /// none (default 10s).
+    #[arg(long, value_name = "DURATION")]
+    header_read_timeout: Option<String>,
+    /// How long an inbound connection may sit with no request in progress, where the
+    /// policy's `connectionLimits.idleTimeout` sets none (default 2m).
+    #[arg(long, value_name = "DURATION")]
+    idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -20,6 +20,7 @@ pub fn run(a: ProxyArgs, conn: &crate::control_cmd::Conn) -> Result<ExitCode> {
         bail!("--workload, --control and --state-dir are required");
     };
     let workload = WorkloadRef::parse(workload).map_err(|e| anyhow!("--workload: {e}"))?;
+    let limits = limits(&a)?;
     let ca_file = conn.ca_file.clone().or_else(|| std::env::var_os("MESHWARD_CA_FILE").map(std::path::PathBuf::from)).context("pass --ca-file DATA/bundle.pem (the control plane's trust bundle) or set MESHWARD_CA_FILE")?;
     let pem = std::fs::read_to_string(&ca_file)
         .with_context(|| format!("cannot read `{}`", ca_file.display()))?;
@@ -99,6 +100,7 @@ pub fn run(a: ProxyArgs, conn: &crate::control_cmd::Conn) -> Result<ExitCode> {
         } else {
             None
         },
+        limits,
     };
     // One worker: a current-thread runtime (PERFORMANCE.md: faster than a one-worker
     // multi-thread runtime).
@@ -121,6 +123,69 @@ pub fn run(a: ProxyArgs, conn: &crate::control_cmd::Conn) -> Result<ExitCode> {
     }))
     .map_err(anyhow::Error::msg)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The inbound connection limits from the flags over the built-in defaults (the same
+/// ranges as the policy's `connectionLimits`); every bad flag is reported together.
+fn limits(a: &ProxyArgs) -> Result<meshward_proxy::listener::Limits> {
+    use meshward_policy::resource::{ConnectionLimits, Dur};
+    let mut errors = vec![];
+    let count = |flag: &str, v: Option<u64>, errors: &mut Vec<String>| {
+        v.filter(|n| {
+            let ok = ConnectionLimits::COUNTS.contains(n);
+            if !ok {
+                errors.push(format!("{flag} must be between 1 and 1000000, not {n}"));
+            }
+            ok
+        })
+    };
+    let time = |flag: &str,
+                v: &Option<String>,
+                range: std::ops::RangeInclusive<std::time::Duration>,
+                errors: &mut Vec<String>| {
+        let s = v.as_deref()?;
+        match humantime::parse_duration(s) {
+            Ok(d) if range.contains(&d) => Some(Dur(d)),
+            Ok(_) => {
+                errors.push(format!(
+                    "{flag} must be between {} and {}, not `{s}`",
+                    humantime::format_duration(*range.start()),
+                    humantime::format_duration(*range.end())
+                ));
+                None
+            }
+            Err(e) => {
+                errors.push(format!(
+                    "{flag} `{s}` is not a duration ({e}); write e.g. `10s`"
+                ));
+                None
+            }
+        }
+    };
+    let c = ConnectionLimits {
+        total: count("--max-connections", a.max_connections, &mut errors),
+        per_identity: count(
+            "--max-connections-per-identity",
+            a.max_connections_per_identity,
+            &mut errors,
+        ),
+        header_read_timeout: time(
+            "--header-read-timeout",
+            &a.header_read_timeout,
+            ConnectionLimits::HEADER_READ,
+            &mut errors,
+        ),
+        idle_timeout: time(
+            "--idle-timeout",
+            &a.idle_timeout,
+            ConnectionLimits::IDLE,
+            &mut errors,
+        ),
+    };
+    if !errors.is_empty() {
+        bail!("{}", errors.join("; "));
+    }
+    Ok(meshward_proxy::listener::Limits::defaults().with(&c))
 }
 
 /// Runs a command, optionally inside a named network namespace, feeding it `input`.

@@ -445,6 +445,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
                 telemetry: true,
                 upstream_protocol: meshward_proxy::pool::UpstreamProtocol::Tunnel,
                 transparent: None,
+                limits: meshward_proxy::listener::Limits::defaults(),
             };
             let (tx, name) = (ready_tx.clone(), p.id.to_string());
             tokio::spawn(async move {

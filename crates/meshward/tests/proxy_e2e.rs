@@ -116,7 +116,27 @@ impl Env {
         token: Option<&Path>,
         extra: &[&str],
     ) -> (Proc, Vec<String>) {
-        let mut c = Command::new(bin());
+        self.proxy_under(&[], workload, state, token, extra)
+    }
+
+    /// A proxy started by `launcher` (e.g. `prlimit --nofile=64:64`, which runs it in
+    /// its own process with that limit).
+    fn proxy_under(
+        &self,
+        launcher: &[&str],
+        workload: &str,
+        state: &Path,
+        token: Option<&Path>,
+        extra: &[&str],
+    ) -> (Proc, Vec<String>) {
+        let mut c = match launcher {
+            [] => Command::new(bin()),
+            [prog, args @ ..] => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(bin());
+                c
+            }
+        };
         c.args([
             "proxy",
             "--workload",
@@ -157,10 +177,19 @@ fn start_control(data: &Path, api: u16, proxy_api: u16, metrics: u16) -> Proc {
     spawn_until(&mut c, "listening").0
 }
 
-#[test]
-fn two_sidecars_enforce_locally_and_survive_the_control_plane() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
+/// A running control plane with two platform operators (alice applies, bob approves),
+/// `repo` (YAML) applied and approved as revision 1, and a join token file for each of
+/// `identities`.
+struct Mesh {
+    control: Proc,
+    env: Env,
+    data: PathBuf,
+    ports: (u16, u16, u16),
+    tokens: Vec<PathBuf>,
+}
+
+fn start_mesh(tmp: &Path, repo: &str, identities: &[&str]) -> Mesh {
+    let data = tmp.join("data");
     std::fs::create_dir_all(&data).unwrap();
     let ops = Operators {
         operators: ["alice", "bob"]
@@ -182,13 +211,46 @@ fn two_sidecars_enforce_locally_and_survive_the_control_plane() {
         std::fs::write(data.join(format!("{n}.token")), format!("t-{n}")).unwrap();
     }
     let (api, proxy_api, cp_metrics) = (free_port(), free_port(), free_port());
-    let mut control = start_control(&data, api, proxy_api, cp_metrics);
+    let control = start_control(&data, api, proxy_api, cp_metrics);
     let env = Env {
         data: data.clone(),
         api: format!("127.0.0.1:{api}"),
         proxy_api: format!("127.0.0.1:{proxy_api}"),
     };
+    let dir = tmp.join("repo");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("mesh.yaml"), repo).unwrap();
+    let o = env.cli(
+        "alice",
+        &["apply", "-f", dir.to_str().unwrap(), "--reason", "initial"],
+    );
+    assert!(
+        out(&o).contains("pending approval: change 1"),
+        "{}",
+        out(&o)
+    );
+    let o = env.cli("bob", &["approve", "1"]);
+    assert!(out(&o).contains("approved: revision 1"), "{}", out(&o));
+    let mut tokens = vec![];
+    for id in identities {
+        let o = env.cli("alice", &["workload", "token", "--identity", id]);
+        assert!(o.status.success(), "{}", out(&o));
+        let f = tmp.join(format!("{}.jointoken", tokens.len()));
+        std::fs::write(&f, String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+        tokens.push(f);
+    }
+    Mesh {
+        control,
+        env,
+        data,
+        ports: (api, proxy_api, cp_metrics),
+        tokens,
+    }
+}
 
+#[test]
+fn two_sidecars_enforce_locally_and_survive_the_control_plane() {
+    let tmp = tempfile::tempdir().unwrap();
     // The app: an unmodified python3 http.server with a file at /orders/1.
     let (app_port, inbound, outbound) = (free_port(), free_port(), free_port());
     let www = tmp.path().join("www");
@@ -211,12 +273,8 @@ fn two_sidecars_enforce_locally_and_survive_the_control_plane() {
             .unwrap(),
     );
 
-    let repo = tmp.path().join("repo");
-    std::fs::create_dir_all(&repo).unwrap();
-    std::fs::write(
-        repo.join("mesh.yaml"),
-        format!(
-            r#"apiVersion: meshward.io/v1alpha1
+    let repo = format!(
+        r#"apiVersion: meshward.io/v1alpha1
 kind: Mesh
 metadata: {{name: shop}}
 spec: {{trustDomain: shop.example}}
@@ -260,32 +318,21 @@ spec:
     - name: no-order-two
       to: [{{paths: ["/orders/2"]}}]
 "#
-        ),
-    )
-    .unwrap();
-    let o = env.cli(
-        "alice",
-        &["apply", "-f", repo.to_str().unwrap(), "--reason", "initial"],
     );
-    assert!(
-        out(&o).contains("pending approval: change 1"),
-        "{}",
-        out(&o)
+    let Mesh {
+        mut control,
+        env,
+        data,
+        ports: (api, proxy_api, cp_metrics),
+        tokens,
+    } = start_mesh(
+        tmp.path(),
+        &repo,
+        &[
+            "spiffe://shop.example/ns/orders/sa/orders-api",
+            "spiffe://shop.example/ns/web/sa/frontend",
+        ],
     );
-    let o = env.cli("bob", &["approve", "1"]);
-    assert!(out(&o).contains("approved: revision 1"), "{}", out(&o));
-
-    let mut tokens = vec![];
-    for id in [
-        "spiffe://shop.example/ns/orders/sa/orders-api",
-        "spiffe://shop.example/ns/web/sa/frontend",
-    ] {
-        let o = env.cli("alice", &["workload", "token", "--identity", id]);
-        assert!(o.status.success(), "{}", out(&o));
-        let f = tmp.path().join(format!("{}.jointoken", tokens.len()));
-        std::fs::write(&f, String::from_utf8_lossy(&o.stdout).trim()).unwrap();
-        tokens.push(f);
-    }
     let orders_state = tmp.path().join("state-orders");
     let orders_admin = format!("127.0.0.1:{}", free_port());
     let (orders, lines) = env.proxy(
@@ -503,4 +550,380 @@ spec:
         std::thread::sleep(Duration::from_millis(300));
     }
     drop(control);
+}
+
+const ORDERS_ID: &str = "spiffe://shop.example/ns/orders/sa/orders-api";
+const FRONTEND_ID: &str = "spiffe://shop.example/ns/web/sa/frontend";
+const ADMIN_ID: &str = "spiffe://shop.example/ns/web/sa/admin";
+
+/// `python3 -m http.server` on `port`, serving `order one` at `/orders/1`.
+fn orders_app(www: &Path, port: u16) -> Proc {
+    std::fs::create_dir_all(www.join("orders")).unwrap();
+    std::fs::write(www.join("orders/1"), "order one").unwrap();
+    Proc(
+        Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .current_dir(www)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// orders-api (its sidecar on `inbound`) behind the `orders/orders` service, callable by
+/// the `web` namespace (frontend and admin), with `limits` as the Mesh's
+/// `connectionLimits`.
+fn limits_repo(app_port: u16, inbound: u16, limits: &str) -> String {
+    format!(
+        r#"apiVersion: meshward.io/v1alpha1
+kind: Mesh
+metadata: {{name: shop}}
+spec:
+  trustDomain: shop.example
+  connectionLimits: {limits}
+---
+apiVersion: meshward.io/v1alpha1
+kind: Workload
+metadata: {{name: frontend, namespace: web}}
+spec: {{}}
+---
+apiVersion: meshward.io/v1alpha1
+kind: Workload
+metadata: {{name: admin, namespace: web}}
+spec: {{}}
+---
+apiVersion: meshward.io/v1alpha1
+kind: Workload
+metadata: {{name: orders-api, namespace: orders, labels: {{app: orders-api}}}}
+spec: {{ports: [{{port: {app_port}, protocol: HTTP, inbound: "127.0.0.1:{inbound}"}}]}}
+---
+apiVersion: meshward.io/v1alpha1
+kind: Service
+metadata: {{name: orders, namespace: orders}}
+spec: {{selector: {{app: orders-api}}, ports: [{{port: 80, targetPort: {app_port}}}]}}
+---
+apiVersion: meshward.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: orders-api, namespace: orders}}
+spec:
+  tier: service
+  action: ALLOW
+  target: {{workloads: [orders-api]}}
+  rules:
+    - name: web-reads-orders
+      from: [{{namespaces: [web]}}]
+      to: [{{methods: [GET], paths: ["/orders/*"]}}]
+"#
+    )
+}
+
+/// `(status, body)` of a GET on `url` (status `000` when there was no response).
+fn get(url: &str) -> (String, String) {
+    let o = Command::new("curl")
+        .args(["-s", "-m", "5", "-w", "\n%{http_code}", url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
+    (code.to_owned(), body.to_owned())
+}
+
+/// Polls `check` every 200 ms until it is `Ok`; fails after `secs` seconds with its last
+/// `Err`.
+fn eventually(secs: u64, mut check: impl FnMut() -> Result<(), String>) {
+    let start = Instant::now();
+    while let Err(e) = check() {
+        assert!(start.elapsed() < Duration::from_secs(secs), "{e}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `Ok` when `ok`, else `Err(what())`.
+fn hold(ok: bool, what: impl FnOnce() -> String) -> Result<(), String> {
+    if ok { Ok(()) } else { Err(what()) }
+}
+
+/// `(status, body)` of a GET on a kept-alive HTTP/1.1 connection.
+fn ask(s: &mut std::net::TcpStream, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 65536];
+    let (head, len) = loop {
+        let n = s.read(&mut tmp).unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&tmp[..n]);
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..p]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            break (p + 4, len);
+        }
+    };
+    while buf.len() < head + len {
+        let n = s.read(&mut tmp).unwrap();
+        assert!(n > 0, "closed mid-body");
+        buf.extend_from_slice(&tmp[..n]);
+    }
+    let status = String::from_utf8_lossy(&buf[9..12]).parse().unwrap();
+    let body = String::from_utf8_lossy(&buf[head..head + len]).into_owned();
+    (status, body)
+}
+
+/// Idle connections to a sidecar's upstream listener: each becomes one mTLS connection,
+/// with that sidecar's identity, to the destination's inbound port.
+fn idle_connections(port: u16, n: usize) -> Vec<std::net::TcpStream> {
+    (0..n)
+        .map(|_| {
+            let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            s
+        })
+        .collect()
+}
+
+/// How many of `conns` the other side has closed.
+fn closed(conns: &[std::net::TcpStream]) -> usize {
+    use std::io::Read as _;
+    conns
+        .iter()
+        .filter(|s| {
+            let mut b = [0u8; 16];
+            let mut r: &std::net::TcpStream = s;
+            match r.read(&mut b) {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(e) => !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+            }
+        })
+        .count()
+}
+
+#[test]
+fn one_identity_cannot_take_the_inbound_port_from_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (app_port, inbound, front_out, admin_out) =
+        (free_port(), free_port(), free_port(), free_port());
+    let _app = orders_app(&tmp.path().join("www"), app_port);
+    let m = start_mesh(
+        tmp.path(),
+        &limits_repo(
+            app_port,
+            inbound,
+            "{perIdentity: 20, total: 200, headerReadTimeout: 60s}",
+        ),
+        &[ORDERS_ID, FRONTEND_ID, ADMIN_ID],
+    );
+    let orders_admin = format!("127.0.0.1:{}", free_port());
+    let log = tmp.path().join("orders-decisions.jsonl");
+    let (mut orders, _) = m.env.proxy(
+        "orders/orders-api",
+        &tmp.path().join("state-orders"),
+        Some(&m.tokens[0]),
+        &[
+            "--decision-log",
+            log.to_str().unwrap(),
+            "--admin",
+            &orders_admin,
+        ],
+    );
+    let upstream = |port: u16| format!("127.0.0.1:{port}=orders/orders:80");
+    let (_frontend, _) = m.env.proxy(
+        "web/frontend",
+        &tmp.path().join("state-frontend"),
+        Some(&m.tokens[1]),
+        &["--upstream", &upstream(front_out)],
+    );
+    let (_admin, _) = m.env.proxy(
+        "web/admin",
+        &tmp.path().join("state-admin"),
+        Some(&m.tokens[2]),
+        &["--upstream", &upstream(admin_out)],
+    );
+    assert_eq!(curl(front_out, "/orders/1").0, "200");
+    assert_eq!(curl(admin_out, "/orders/1").0, "200");
+
+    // The frontend identity opens 30 idle mTLS connections: 20 are held, the other 10 are
+    // closed right after their handshake.
+    let flood = idle_connections(front_out, 30);
+    let metrics = format!("http://{orders_admin}/metrics");
+    let refused =
+        r#"meshward_connections_refused_total{direction="inbound",limit="per_identity"} "#;
+    eventually(15, || {
+        let n = closed(&flood);
+        hold(n == 10, || format!("{n} closed: {}", get(&metrics).1))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(closed(&flood), 10, "the 20 under the cap stay open");
+    let text = get(&metrics).1;
+    assert!(text.contains(&format!("{refused}10")), "{text}");
+    assert!(
+        text.contains(&format!(
+            r#"meshward_listener_connections{{listener="inbound 127.0.0.1:{inbound}",state="open"}} 20"#
+        )),
+        "{text}"
+    );
+    // Another identity is still served; the flooding one is refused.
+    assert_eq!(
+        curl(admin_out, "/orders/1"),
+        ("200".into(), "order one".into())
+    );
+    assert_ne!(curl(front_out, "/orders/1").0, "200");
+    // The refusals are decisions: reason connection_limit, with the identity.
+    eventually(10, || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let found = text.lines().any(|l| {
+            l.contains(r#""reason":"connection_limit""#)
+                && l.contains(FRONTEND_ID)
+                && l.contains("this identity holds 20 connections")
+        });
+        hold(found, || text)
+    });
+    // A cap is not a failure of the proxy.
+    assert_eq!(get(&format!("http://{orders_admin}/ready")).0, "200");
+
+    // The flood ends: the port serves everyone again.
+    drop(flood);
+    eventually(10, || {
+        hold(curl(front_out, "/orders/1").0 == "200", || get(&metrics).1)
+    });
+    assert_eq!(curl(admin_out, "/orders/1").0, "200");
+    assert!(orders.0.try_wait().unwrap().is_none(), "the proxy exited");
+}
+
+#[test]
+fn out_of_file_descriptors_the_proxy_backs_off_fails_ready_and_recovers() {
+    const NOFILE: usize = 64;
+    let tmp = tempfile::tempdir().unwrap();
+    let (app_port, inbound, front_out) = (free_port(), free_port(), free_port());
+    let _app = orders_app(&tmp.path().join("www"), app_port);
+    // Caps set high on purpose: the derived default would keep the proxy below its
+    // descriptor limit, and this test is about running out of descriptors anyway.
+    let m = start_mesh(
+        tmp.path(),
+        &limits_repo(
+            app_port,
+            inbound,
+            "{perIdentity: 1000, total: 1000, headerReadTimeout: 60s}",
+        ),
+        &[ORDERS_ID, FRONTEND_ID],
+    );
+    let orders_admin = format!("127.0.0.1:{}", free_port());
+    let nofile = format!("--nofile={NOFILE}:{NOFILE}");
+    let (mut orders, _) = m.env.proxy_under(
+        &["prlimit", &nofile],
+        "orders/orders-api",
+        &tmp.path().join("state-orders"),
+        Some(&m.tokens[0]),
+        &["--admin", &orders_admin],
+    );
+    let (_frontend, _) = m.env.proxy(
+        "web/frontend",
+        &tmp.path().join("state-frontend"),
+        Some(&m.tokens[1]),
+        &[
+            "--upstream",
+            &format!("127.0.0.1:{front_out}=orders/orders:80"),
+        ],
+    );
+    assert_eq!(curl(front_out, "/orders/1").0, "200");
+    // A monitoring connection opened beforehand (kept alive: it needs no new descriptor);
+    // probes on new connections are answered too while the spare descriptor lasts.
+    let mut probe = std::net::TcpStream::connect(&orders_admin).unwrap();
+    assert_eq!(ask(&mut probe, "/ready").0, 200);
+
+    // More idle connections than the proxy has descriptors left.
+    let pid = orders.0.id();
+    let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    assert!(open_fds < NOFILE - 8, "{open_fds} descriptors at rest");
+    let flood = idle_connections(front_out, NOFILE - open_fds + 16);
+    let mut last = (0, String::new());
+    eventually(15, || {
+        last = ask(&mut probe, "/ready");
+        hold(
+            last.0 == 503 && last.1.contains("is not accepting connections"),
+            || format!("{last:?}"),
+        )
+    });
+    assert!(
+        last.1.contains(&format!("inbound 127.0.0.1:{inbound}"))
+            && last.1.contains("Too many open files"),
+        "{last:?}"
+    );
+    assert_eq!(get(&format!("http://{orders_admin}/ready")).0, "503");
+    assert!(orders.0.try_wait().unwrap().is_none(), "the proxy exited");
+    let metrics = ask(&mut probe, "/metrics").1;
+    assert!(
+        metrics.contains(r#"meshward_accept_errors_total{kind="emfile"} "#),
+        "{metrics}"
+    );
+
+    // The connections close: the listener accepts again by itself, and is ready.
+    let t0 = Instant::now();
+    drop(flood);
+    eventually(20, || {
+        let r = ask(&mut probe, "/ready");
+        hold(
+            r.0 == 200 && curl(front_out, "/orders/1").0 == "200",
+            || format!("{r:?}"),
+        )
+    });
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "recovered only by the timeouts"
+    );
+    assert_eq!(get(&format!("http://{orders_admin}/ready")).0, "200");
+    assert!(orders.0.try_wait().unwrap().is_none(), "the proxy exited");
+}
+
+#[test]
+fn bad_limit_flags_are_refused_together_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = Command::new(bin())
+        .args([
+            "proxy",
+            "--workload",
+            "web/frontend",
+            "--control",
+            "127.0.0.1:1",
+        ])
+        .arg("--state-dir")
+        .arg(tmp.path())
+        .args([
+            "--max-connections",
+            "0",
+            "--max-connections-per-identity",
+            "2000000",
+            "--header-read-timeout",
+            "1ms",
+            "--idle-timeout",
+            "soon",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let text = out(&o);
+    for want in [
+        "--max-connections must be between 1 and 1000000, not 0",
+        "--max-connections-per-identity must be between 1 and 1000000, not 2000000",
+        "--header-read-timeout must be between 100ms and 10m, not `1ms`",
+        "--idle-timeout `soon` is not a duration",
+    ] {
+        assert!(text.contains(want), "no `{want}` in {text}");
+    }
 }

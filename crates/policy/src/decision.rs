@@ -80,6 +80,9 @@ pub enum Reason {
     /// Set by the inbound proxy: an upgrade (WebSocket, `CONNECT`) that no rule allows by
     /// name was refused with 403, although the request itself was allowed.
     UpgradeRefused,
+    /// Set by the inbound proxy: the listener's connection cap (total, handshaking, or
+    /// this source identity's) was reached; the connection was closed.
+    ConnectionLimit,
 }
 
 impl Reason {
@@ -103,6 +106,7 @@ impl Reason {
             Reason::AllowedExternal => "allowed_external",
             Reason::BadRequest => "bad_request",
             Reason::UpgradeRefused => "upgrade_refused",
+            Reason::ConnectionLimit => "connection_limit",
         }
     }
 
@@ -118,6 +122,7 @@ impl Reason {
                 | Reason::AllowedExternal
                 | Reason::BadRequest
                 | Reason::UpgradeRefused
+                | Reason::ConnectionLimit
         )
     }
 }

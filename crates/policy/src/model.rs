@@ -72,6 +72,9 @@ pub struct Mesh {
     pub outbound: r::OutboundTraffic,
     /// Request headers with `_` in the name: refused or dropped by the inbound proxy.
     pub headers_with_underscores: r::HeadersWithUnderscores,
+    /// Inbound connection caps and timeouts for every sidecar (validated; fields unset
+    /// fall back to the proxy's flags).
+    pub connection_limits: r::ConnectionLimits,
     pub origin: Option<Origin>,
 }
 
@@ -86,6 +89,8 @@ pub struct Workload {
     /// Transparent mode: the workload's address.
     pub address: Option<std::net::IpAddr>,
     pub interception: r::Interception,
+    /// This workload's own connection caps and timeouts (validated), over the `Mesh`'s.
+    pub connection_limits: r::ConnectionLimits,
     pub origin: Option<Origin>,
 }
 
@@ -376,6 +381,16 @@ impl PolicySet {
 
     pub fn workload(&self, r: &WorkloadRef) -> Option<&Workload> {
         self.by_ref.get(r).map(|&i| &self.workloads[i])
+    }
+
+    /// The connection limits the sidecar of `w` enforces: the workload's fields, then the
+    /// `Mesh`'s (unset ones fall back to the proxy's flags).
+    pub fn connection_limits(&self, w: &WorkloadRef) -> r::ConnectionLimits {
+        let own = self
+            .workload(w)
+            .map(|x| x.connection_limits)
+            .unwrap_or_default();
+        own.or(self.mesh.connection_limits)
     }
 
     pub fn workload_index(&self, r: &WorkloadRef) -> Option<usize> {
@@ -1129,7 +1144,77 @@ impl Builder {
                 .map_or(Duration::from_secs(86400), |x| x.0),
             outbound: s.outbound_traffic.clone().unwrap_or_default(),
             headers_with_underscores: s.headers_with_underscores,
+            connection_limits: self.connection_limits(d, s.connection_limits),
             origin: Some(d.origin.clone()),
+        }
+    }
+
+    /// Checks `spec.connectionLimits` (a `Mesh`'s or a `Workload`'s): a value out of range
+    /// is reported at its field and left unset.
+    fn connection_limits(
+        &mut self,
+        d: &Doc,
+        limits: Option<r::ConnectionLimits>,
+    ) -> r::ConnectionLimits {
+        let Some(l) = limits else {
+            return r::ConnectionLimits::default();
+        };
+        let mut bad = |field: &str, msg: String| {
+            self.diags.push(
+                d.origin
+                    .diag(
+                        "MW103",
+                        Severity::Error,
+                        &p!["spec", "connectionLimits", field],
+                        msg,
+                    )
+                    .resource(d.label()),
+            );
+        };
+        let mut count = |field: &str, v: Option<u64>| {
+            v.filter(|&n| {
+                let ok = r::ConnectionLimits::COUNTS.contains(&n);
+                if !ok {
+                    bad(
+                        field,
+                        format!("`{field}` must be between 1 and 1000000 connections, not {n}"),
+                    );
+                }
+                ok
+            })
+        };
+        let per_identity = count("perIdentity", l.per_identity);
+        let total = count("total", l.total);
+        let mut time =
+            |field: &str, v: Option<r::Dur>, range: std::ops::RangeInclusive<Duration>| {
+                let (min, max) = (*range.start(), *range.end());
+                v.filter(|t| {
+                    let ok = range.contains(&t.0);
+                    if !ok {
+                        bad(
+                            field,
+                            format!(
+                                "`{field}` must be between {} and {}, not {}",
+                                humantime::format_duration(min),
+                                humantime::format_duration(max),
+                                humantime::format_duration(t.0)
+                            ),
+                        );
+                    }
+                    ok
+                })
+            };
+        let header_read_timeout = time(
+            "headerReadTimeout",
+            l.header_read_timeout,
+            r::ConnectionLimits::HEADER_READ,
+        );
+        let idle_timeout = time("idleTimeout", l.idle_timeout, r::ConnectionLimits::IDLE);
+        r::ConnectionLimits {
+            per_identity,
+            total,
+            header_read_timeout,
+            idle_timeout,
         }
     }
 
@@ -1199,6 +1284,7 @@ impl Builder {
                 None
             }
         });
+        let connection_limits = self.connection_limits(&d, s.connection_limits);
         Some(Workload {
             id: WorkloadRef {
                 namespace: d.namespace.clone(),
@@ -1210,6 +1296,7 @@ impl Builder {
             ports: s.ports,
             address,
             interception: s.interception.unwrap_or_default(),
+            connection_limits,
             origin: Some(d.origin),
         })
     }

@@ -224,6 +224,51 @@ pub struct MeshSpec {
     /// Request headers with `_` in their name: refused (default) or dropped.
     #[serde(default)]
     pub headers_with_underscores: HeadersWithUnderscores,
+    /// Connection caps and timeouts of every sidecar's inbound listeners (each field can
+    /// be overridden per workload).
+    #[serde(default)]
+    pub connection_limits: Option<ConnectionLimits>,
+}
+
+/// Caps and timeouts of a sidecar's inbound listeners (docs/proxy.md, "Resource limits").
+/// A field left out falls back to the `Mesh`'s, then to the proxy's command-line flag.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConnectionLimits {
+    /// Connections one source identity may hold open on one listener, 1 to 1,000,000.
+    #[serde(default)]
+    pub per_identity: Option<u64>,
+    /// Connections (handshaking or established) one listener holds at most, 1 to 1,000,000.
+    #[serde(default)]
+    pub total: Option<u64>,
+    /// How long a request head may take: from the handshake (first request) or from its
+    /// first byte (later requests) to its end, 100ms to 10m.
+    #[serde(default)]
+    pub header_read_timeout: Option<Dur>,
+    /// How long a connection may sit with no request in progress, 1s to 24h.
+    #[serde(default)]
+    pub idle_timeout: Option<Dur>,
+}
+
+impl ConnectionLimits {
+    /// The values `perIdentity` and `total` may take.
+    pub const COUNTS: std::ops::RangeInclusive<u64> = 1..=1_000_000;
+    /// The values `headerReadTimeout` may take.
+    pub const HEADER_READ: std::ops::RangeInclusive<Duration> =
+        Duration::from_millis(100)..=Duration::from_secs(600);
+    /// The values `idleTimeout` may take.
+    pub const IDLE: std::ops::RangeInclusive<Duration> =
+        Duration::from_secs(1)..=Duration::from_secs(86400);
+
+    /// Each field of `self`, or `other`'s where `self` has none.
+    pub fn or(self, other: ConnectionLimits) -> ConnectionLimits {
+        ConnectionLimits {
+            per_identity: self.per_identity.or(other.per_identity),
+            total: self.total.or(other.total),
+            header_read_timeout: self.header_read_timeout.or(other.header_read_timeout),
+            idle_timeout: self.idle_timeout.or(other.idle_timeout),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -280,6 +325,10 @@ pub struct WorkloadSpec {
     /// Transparent mode: ports that bypass interception.
     #[serde(default)]
     pub interception: Option<Interception>,
+    /// This workload's sidecar: connection caps and timeouts, field by field over the
+    /// `Mesh`'s.
+    #[serde(default)]
+    pub connection_limits: Option<ConnectionLimits>,
 }
 
 /// Transparent mode: what `meshward proxy init-netns` leaves uncaptured.

@@ -302,6 +302,7 @@ fn gen_set(g: &mut Gen) -> PolicySet {
             }],
             address: None,
             interception: Default::default(),
+            connection_limits: Default::default(),
             origin: None,
         })
         .collect();
@@ -321,6 +322,7 @@ fn gen_set(g: &mut Gen) -> PolicySet {
         headers_with_underscores: Default::default(),
         max_override_duration: Duration::from_secs(86400),
         outbound: Default::default(),
+        connection_limits: Default::default(),
         origin: None,
     };
     let policies = (0..g.below(9)).map(|i| gen_policy(g, i)).collect();

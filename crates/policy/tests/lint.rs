@@ -452,3 +452,78 @@ fn mw315_kinds_not_enforced_yet() {
     assert_eq!((d.line, d.field.as_deref()), (2, Some("kind")));
     assert!(d.message.contains("not enforced yet"), "{}", d.message);
 }
+
+#[test]
+fn mw103_connection_limits_out_of_range_name_file_line_and_field() {
+    let mesh = "apiVersion: meshward.io/v1alpha1\nkind: Mesh\nmetadata: {name: m}\nspec:\n  trustDomain: td.example\n  connectionLimits:\n    perIdentity: 0\n    total: 5000000\n    headerReadTimeout: 1ms\n    idleTimeout: 30d\n";
+    let loaded = load_sources(vec![(Arc::from("mesh.yaml"), Arc::from(mesh))]);
+    let d: Vec<&Diagnostic> = loaded
+        .diagnostics
+        .iter()
+        .filter(|x| x.code == "MW103")
+        .collect();
+    let at = |field: &str| {
+        d.iter()
+            .find(|x| x.field.as_deref() == Some(field))
+            .unwrap_or_else(|| panic!("no MW103 at {field}: {d:#?}"))
+    };
+    for (field, line, words) in [
+        (
+            "spec.connectionLimits.perIdentity",
+            7,
+            "between 1 and 1000000 connections, not 0",
+        ),
+        ("spec.connectionLimits.total", 8, "not 5000000"),
+        (
+            "spec.connectionLimits.headerReadTimeout",
+            9,
+            "between 100ms and 10m, not 1ms",
+        ),
+        (
+            "spec.connectionLimits.idleTimeout",
+            10,
+            "between 1s and 1day, not 30days",
+        ),
+    ] {
+        let x = at(field);
+        assert_eq!((&*x.file, x.line), ("mesh.yaml", line), "{x:#?}");
+        assert!(x.message.contains(words), "{}", x.message);
+        assert_eq!(x.severity, Severity::Error);
+    }
+    assert!(loaded.into_valid().is_err());
+    // On a workload too, and an unknown field is named with a suggestion.
+    let d = only(
+        "apiVersion: meshward.io/v1alpha1\nkind: Workload\nmetadata: {name: x, namespace: shop}\nspec:\n  connectionLimits: {total: 0}\n",
+        "MW103",
+    );
+    assert_eq!(d.field.as_deref(), Some("spec.connectionLimits.total"));
+    assert_eq!(d.line, 5);
+    let d = only(
+        "apiVersion: meshward.io/v1alpha1\nkind: Workload\nmetadata: {name: x, namespace: shop}\nspec:\n  connectionLimits: {perIdentty: 3}\n",
+        "MW102",
+    );
+    assert_eq!(d.help.as_deref(), Some("did you mean `perIdentity`?"));
+}
+
+#[test]
+fn connection_limits_workload_fields_override_the_mesh() {
+    let yaml = "apiVersion: meshward.io/v1alpha1\nkind: Mesh\nmetadata: {name: m}\nspec:\n  trustDomain: td.example\n  connectionLimits: {perIdentity: 50, total: 400, idleTimeout: 2m}\n---\napiVersion: meshward.io/v1alpha1\nkind: Workload\nmetadata: {name: web, namespace: shop}\nspec:\n  connectionLimits: {perIdentity: 20, headerReadTimeout: 3s}\n---\napiVersion: meshward.io/v1alpha1\nkind: Workload\nmetadata: {name: db, namespace: shop}\nspec: {}\n";
+    let set = load_sources(vec![(Arc::from("m.yaml"), Arc::from(yaml))])
+        .into_valid()
+        .unwrap_or_else(|l| panic!("{:#?}", l.diagnostics));
+    let web =
+        set.connection_limits(&meshward_policy::decision::WorkloadRef::parse("shop/web").unwrap());
+    assert_eq!(web.per_identity, Some(20));
+    assert_eq!(web.total, Some(400));
+    assert_eq!(
+        web.header_read_timeout.map(|d| d.0),
+        Some(Duration::from_secs(3))
+    );
+    assert_eq!(
+        web.idle_timeout.map(|d| d.0),
+        Some(Duration::from_secs(120))
+    );
+    let db =
+        set.connection_limits(&meshward_policy::decision::WorkloadRef::parse("shop/db").unwrap());
+    assert_eq!((db.per_identity, db.header_read_timeout), (Some(50), None));
+}

@@ -9,6 +9,7 @@ use hyper::body::Bytes;
 use hyper::{Response, StatusCode};
 use tokio::net::TcpListener;
 
+use crate::listener::{Listener, Reserve};
 use crate::state::Shared;
 
 fn resp(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
@@ -30,6 +31,16 @@ fn route(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
             let svid_ok = svid
                 .as_ref()
                 .is_some_and(|s| s.not_after > SystemTime::now());
+            let stalled = shared.listeners.not_accepting();
+            if let Some((name, why)) = stalled.first() {
+                // A listener backing off after accept errors (e.g. out of file
+                // descriptors): not serving its port until it recovers by itself.
+                return resp(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("not ready: {name} is not accepting connections ({why})\n"),
+                );
+            }
             match (policy.is_some(), svid_ok) {
                 (true, true) => resp(StatusCode::OK, "text/plain", "ready\n".into()),
                 (false, _) => resp(
@@ -73,6 +84,17 @@ fn route(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
                 m.config_age
                     .set((unix(now) - m.config_updated.get()).max(0.0));
             }
+            for l in shared.listeners.all().iter().filter(|l| l.is_inbound()) {
+                let (open, handshaking) = l.counts();
+                for (state, n) in [("open", open), ("handshaking", handshaking)] {
+                    m.listener_connections
+                        .get_or_create(&meshward_telemetry::ListenerLabels {
+                            listener: l.name.clone(),
+                            state,
+                        })
+                        .set(i64::try_from(n).unwrap_or(i64::MAX));
+                }
+            }
             m.overrides_active.set(policy.as_ref().map_or(0, |p| {
                 let n = p.set.overrides.iter().filter(|o| o.active_at(now)).count();
                 i64::try_from(n).unwrap_or(i64::MAX)
@@ -87,13 +109,17 @@ fn route(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
     }
 }
 
-/// Serves the admin endpoint.
+/// Serves the admin endpoint for ever. It keeps a spare file descriptor, so that even when
+/// the process has run out of them it can accept a probe and answer that `/ready` fails.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
-    loop {
-        let Ok((s, _)) = listener.accept().await else {
-            continue;
-        };
-        let shared = shared.clone();
+    let reserve = Arc::new(Reserve::default());
+    let name = listener
+        .local_addr()
+        .map_or_else(|_| "admin".into(), |a| format!("admin {a}"));
+    // Not in `shared.listeners`: `/ready` is answered here, so it can only report others.
+    let me = Listener::unlisted(name);
+    crate::listener::accept_loop(&shared, &me, listener, Some(&reserve), |s, _| {
+        let (shared, reserve) = (shared.clone(), reserve.clone());
         tokio::spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
@@ -103,6 +129,9 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
                 .await;
+            // The connection's descriptor is closed: take the spare one back, if given up.
+            reserve.refill();
         });
-    }
+    })
+    .await;
 }

@@ -19,6 +19,7 @@ use meshward_policy::decision::Verdict;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::clock::Expired;
 use crate::hygiene::{ChunkedEnd, MAX_HEAD, State0, check_head, head_end};
 use crate::inbound::{Checked, IDENTITY_HEADER, InboundPort, authorize, denial, refused};
 use crate::interpret::{self, Version, has_token, split_target};
@@ -102,8 +103,18 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut buf = Buf::default();
     let mut app: Option<AppConn> = None;
     let mut out: Vec<u8> = Vec::with_capacity(1024);
+    let limits = shared.limits();
+    let mut first = true;
     loop {
-        // A request head.
+        // A request head, in time (crate::clock has the same rules for the general path):
+        // the first within the header-read timeout of the handshake; a later one may wait
+        // the idle timeout for its first byte, then has the header-read timeout.
+        let waiting = tokio::time::Instant::now();
+        let mut deadline = if first {
+            (waiting + limits.header_read, Expired::HeaderRead)
+        } else {
+            (waiting + limits.idle, Expired::Idle)
+        };
         let end = loop {
             if let Some(e) = buf.head_end() {
                 break e;
@@ -113,11 +124,20 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 // Too large or ambiguous: the general path answers (431) or refuses it.
                 return End::Handoff(buf.into_vec());
             }
-            match buf.fill(stream).await {
-                Ok(0) | Err(_) => return End::Closed,
-                Ok(_) => {}
+            if deadline.1 == Expired::Idle && !pending.is_empty() {
+                let now = tokio::time::Instant::now();
+                deadline = (now + limits.header_read, Expired::HeaderRead);
+            }
+            match tokio::time::timeout_at(deadline.0, buf.fill(stream)).await {
+                Err(_) => {
+                    shared.log.metrics.connection_timeout(deadline.1.as_str());
+                    return End::Closed;
+                }
+                Ok(Ok(0) | Err(_)) => return End::Closed,
+                Ok(Ok(_)) => {}
             }
         };
+        first = false;
         let t0 = Instant::now();
         let head = &buf.bytes()[..end];
         if end > MAX_HEAD || !matches!(check_head(head), Ok(State0::Length(0))) {

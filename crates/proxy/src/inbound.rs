@@ -23,6 +23,8 @@ use meshward_policy::path::normalize;
 use meshward_policy::resource::Protocol;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::clock::{Clocked, ConnClock, Tracked};
+use crate::listener::{Listener, Refused, Slot};
 use crate::state::{ServerCert, Shared};
 
 pub use crate::interpret::IDENTITY_HEADER;
@@ -142,7 +144,8 @@ fn decide(shared: &Shared, req: &Request) -> Decision {
     }
 }
 
-/// Serves one inbound port until the listener fails.
+/// Serves one inbound port for ever: the accept loop never exits ([`crate::listener`]),
+/// and each connection takes a slot in the listener's table or is refused.
 pub async fn serve(
     shared: Arc<Shared>,
     port: InboundPort,
@@ -152,26 +155,80 @@ pub async fn serve(
     // HTTP/2 and gRPC apps get HTTP/2 (prior knowledge) from their sidecar; HTTP/1 apps
     // get HTTP/1.1.
     let client = app_client(port.protocol, port.mark);
-    loop {
-        let (tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
-        tokio::spawn(connection(
-            shared.clone(),
-            port,
-            tcp,
-            tls.clone(),
-            client.clone(),
-        ));
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let me = shared.listeners.register(format!("inbound {addr}"));
+    crate::listener::accept_loop(&shared, &me, listener, None, |tcp, _| {
+        if let Some(slot) = admit(&shared, &me, port) {
+            tokio::spawn(connection(
+                shared.clone(),
+                port,
+                tcp,
+                tls.clone(),
+                client.clone(),
+                slot,
+            ));
+        }
+    })
+    .await;
+    Ok(())
+}
+
+/// A slot in `listener`'s table for a connection just accepted, or none when the listener
+/// holds its total or its handshaking connections: then the refusal is counted and logged
+/// and the connection closes unanswered.
+pub fn admit(shared: &Shared, listener: &Arc<Listener>, port: InboundPort) -> Option<Slot> {
+    match listener.admit(&shared.limits()) {
+        Ok(s) => Some(s),
+        Err(r) => {
+            connection_refused(shared, listener, port, Source::Unauthenticated, r);
+            None
+        }
     }
 }
 
-/// One inbound connection: the mTLS handshake (a failure is logged as a decision), then
-/// TCP or HTTP authorization and forwarding.
+/// Counts and logs a connection a cap refused (`connection_limit`).
+fn connection_refused(
+    shared: &Shared,
+    listener: &Listener,
+    port: InboundPort,
+    source: Source,
+    r: Refused,
+) {
+    shared.log.metrics.connection_refused("inbound", r.as_str());
+    let rev = shared
+        .policy
+        .load()
+        .as_ref()
+        .map_or(PolicyRevision(0), |p| PolicyRevision(p.revision));
+    let req = Request {
+        source,
+        destination: shared.workload.clone(),
+        port: port.app_port,
+        http: None,
+        at: SystemTime::now(),
+    };
+    let d = Decision::bare(Verdict::Deny, Reason::ConnectionLimit, rev);
+    shared.log.record_with(
+        &req,
+        &d,
+        &crate::decision_log::Extra {
+            detail: Some(r.detail(&listener.name)),
+            address: (port.mark.is_some()).then_some(port.app),
+            ..Default::default()
+        },
+    );
+}
+
+/// One inbound connection: the mTLS handshake (a failure is logged as a decision), the
+/// peer identity's connection cap, then TCP or HTTP authorization and forwarding. `slot`,
+/// its place in the listener's table, is given back when it ends.
 pub async fn connection(
     shared: Arc<Shared>,
     port: InboundPort,
     tcp: TcpStream,
     tls: tokio_rustls::TlsAcceptor,
     client: AppClient,
+    mut slot: Slot,
 ) {
     let _ = tcp.set_nodelay(true);
     let stream = match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await {
@@ -189,6 +246,16 @@ pub async fn connection(
         let why = crate::handshake::Failure::of_message("the peer presented no SPIFFE ID");
         return handshake_failed(&shared, port, why);
     };
+    // The identity is known only now: over its cap, the connection closes at once.
+    if let Err(r) = slot.authenticated(&peer, &shared.limits()) {
+        return connection_refused(
+            &shared,
+            slot.listener(),
+            port,
+            Source::Authenticated(peer),
+            r,
+        );
+    }
     if port.protocol.is_http() {
         serve_http(shared, port, peer, stream, client).await;
     } else {
@@ -274,10 +341,15 @@ async fn serve_http(
     };
     let link = Arc::new(AppLink::default());
     let bad_body = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The header-read and idle timeouts (crate::clock), as on the fast path.
+    let (limits, watchdog) = (shared.limits(), shared.clone());
+    let clock = ConnClock::new(false);
+    let svc_clock = clock.clone();
     let hygiene = crate::hygiene::Hygiene::with_prefix(stream, prefix).watch(bad_body.clone());
     let svc = hyper::service::service_fn(move |req: HttpRequest<Incoming>| {
         let (shared, peer, client) = (shared.clone(), peer.clone(), client.clone());
         let (peer_header, link, bad_body) = (peer_header.clone(), link.clone(), bad_body.clone());
+        let in_flight = svc_clock.request();
         async move {
             let t0 = std::time::Instant::now();
             let span = meshward_telemetry::trace::RequestSpan::start(
@@ -300,7 +372,7 @@ async fn serve_http(
                     .request_done("inbound", status, t0.elapsed().as_secs_f64());
             }
             span.finish(status);
-            Ok::<_, Infallible>(r)
+            Ok::<_, Infallible>(r.map(|b| Tracked::new(b, in_flight).boxed()))
         }
     });
     // HTTP/1.1 or HTTP/2 (by the connection preface), with bounded headers, streams and
@@ -315,9 +387,18 @@ async fn serve_http(
         .max_header_list_size(64 * 1024)
         .max_pending_accept_reset_streams(20)
         .max_local_error_reset_streams(Some(100));
-    let _ = b
-        .serve_connection_with_upgrades(TokioIo::new(hygiene), svc)
-        .await;
+    let conn =
+        b.serve_connection_with_upgrades(TokioIo::new(Clocked::new(hygiene, clock.clone())), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        why = clock.expired(&limits) => {
+            // Nothing in progress: close (HTTP/2: GOAWAY first).
+            watchdog.log.metrics.connection_timeout(why.as_str());
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+        }
+    }
 }
 
 /// Where an allowed request goes: the connection's own app link (HTTP/1 to an HTTP/1 app)

@@ -10,12 +10,14 @@
 
 pub mod admin;
 pub mod agent;
+pub mod clock;
 pub mod decision_log;
 pub mod h1;
 pub mod handshake;
 pub mod hygiene;
 pub mod inbound;
 pub mod interpret;
+pub mod listener;
 pub mod outbound;
 pub mod pool;
 pub mod run;

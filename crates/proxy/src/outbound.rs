@@ -144,11 +144,12 @@ fn handshake_refused(shared: &Shared, to: &WorkloadRef, addr: SocketAddr, why: F
     );
 }
 
-/// Serves one upstream until the listener fails.
+/// Serves one upstream for ever (the accept loop never exits: [`crate::listener`]).
 pub async fn serve(shared: Arc<Shared>, up: Upstream, listener: TcpListener) -> Result<(), String> {
     let next = Arc::new(AtomicUsize::new(0));
-    loop {
-        let (mut app, _) = listener.accept().await.map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let me = shared.listeners.register(format!("outbound {addr}"));
+    crate::listener::accept_loop(&shared, &me, listener, None, |mut app, _| {
         let (shared, up, next) = (shared.clone(), up.clone(), next.clone());
         tokio::spawn(async move {
             let _ = app.set_nodelay(true);
@@ -169,5 +170,7 @@ pub async fn serve(shared: Arc<Shared>, up: Upstream, listener: TcpListener) -> 
                 Err(e) => eprintln!("meshward-proxy: refusing endpoint of {}: {e}", up.service),
             }
         });
-    }
+    })
+    .await;
+    Ok(())
 }

@@ -150,7 +150,8 @@ fn error(status: StatusCode, msg: String) -> Response<Body> {
     r
 }
 
-/// Serves one upstream as pooled HTTP until the listener fails.
+/// Serves one upstream as pooled HTTP for ever (the accept loop never exits:
+/// [`crate::listener`]).
 pub async fn serve(
     shared: Arc<Shared>,
     up: Upstream,
@@ -165,8 +166,9 @@ pub async fn serve(
             up: up.clone(),
         });
     let next = Arc::new(AtomicUsize::new(0));
-    loop {
-        let (app, _) = listener.accept().await.map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let me = shared.listeners.register(format!("outbound {addr}"));
+    crate::listener::accept_loop(&shared, &me, listener, None, |app, _| {
         let _ = app.set_nodelay(true);
         let (shared, up, client, next) = (shared.clone(), up.clone(), client.clone(), next.clone());
         tokio::spawn(async move {
@@ -222,5 +224,7 @@ pub async fn serve(
             b.http1().max_buf_size(64 * 1024);
             let _ = b.serve_connection(TokioIo::new(app), svc).await;
         });
-    }
+    })
+    .await;
+    Ok(())
 }

@@ -38,6 +38,9 @@ pub struct Options {
     pub upstream_protocol: crate::pool::UpstreamProtocol,
     /// Transparent mode: capture listeners instead of the ports' `inbound` addresses.
     pub transparent: Option<crate::transparent::Options>,
+    /// The inbound listeners' connection caps and timeouts where the policy's
+    /// `connectionLimits` sets none.
+    pub limits: crate::listener::Limits,
 }
 
 /// Runs the proxy until the process ends; `ready` is called with the bound addresses once
@@ -68,7 +71,12 @@ pub async fn run(opts: Options, ready: impl FnOnce(&[(SocketAddr, u16)])) -> Res
         opts.agent.trust_domain.clone(),
         opts.agent.control_roots.clone(),
     );
-    let shared = Shared::new(opts.workload.clone(), SharedBundles::new(tb), log);
+    let shared = Shared::with_limits(
+        opts.workload.clone(),
+        SharedBundles::new(tb),
+        log,
+        opts.limits,
+    );
     agent::restore(&shared, &opts.agent.state_dir, &opts.agent.trust_domain);
     let admin = tokio::net::TcpListener::bind(opts.admin)
         .await

@@ -21,6 +21,8 @@ pub struct Policy {
     /// Lower-case names of the headers some rule's condition reads: only these are copied
     /// out of a request for the decision (and the decision log).
     pub headers: Vec<String>,
+    /// This workload's `connectionLimits` over the `Mesh`'s (unset fields: the flags).
+    pub limits: meshward_policy::resource::ConnectionLimits,
     /// App ports of this workload behind a `pathCaseInsensitive` service: their paths are
     /// lower-cased for policy and app alike.
     pub lower_paths: Vec<u16>,
@@ -48,13 +50,29 @@ pub struct Shared {
     pub svid: ArcSwapOption<Svid>,
     pub bundles: SharedBundles,
     pub log: crate::decision_log::DecisionLog,
+    /// Every listener: whether it accepts, what it holds.
+    pub listeners: crate::listener::Listeners,
+    /// The limits where the policy sets none (the proxy's flags over the built-in
+    /// defaults).
+    pub default_limits: crate::listener::Limits,
 }
 
 impl Shared {
+    /// The state of a proxy with the built-in connection limits.
     pub fn new(
         workload: WorkloadRef,
         bundles: SharedBundles,
         log: crate::decision_log::DecisionLog,
+    ) -> Arc<Self> {
+        Self::with_limits(workload, bundles, log, crate::listener::Limits::defaults())
+    }
+
+    /// The state of a proxy whose inbound listeners default to `limits`.
+    pub fn with_limits(
+        workload: WorkloadRef,
+        bundles: SharedBundles,
+        log: crate::decision_log::DecisionLog,
+        default_limits: crate::listener::Limits,
     ) -> Arc<Self> {
         Arc::new(Shared {
             workload,
@@ -62,7 +80,17 @@ impl Shared {
             svid: ArcSwapOption::empty(),
             bundles,
             log,
+            listeners: crate::listener::Listeners::default(),
+            default_limits,
         })
+    }
+
+    /// The connection limits in force now: the policy's, then the defaults.
+    pub fn limits(&self) -> crate::listener::Limits {
+        match self.policy.load().as_ref() {
+            Some(p) => self.default_limits.with(&p.limits),
+            None => self.default_limits,
+        }
     }
 
     /// Compiles and swaps in a policy set.
@@ -92,12 +120,14 @@ impl Shared {
             .flat_map(|w| w.ports.iter().map(|p| p.port))
             .filter(|&port| set.path_case_insensitive(&self.workload, port))
             .collect();
+        let limits = set.connection_limits(&self.workload);
         self.policy.store(Some(Arc::new(Policy {
             revision,
             set,
             engine,
             headers,
             lower_paths,
+            limits,
         })));
     }
 

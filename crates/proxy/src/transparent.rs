@@ -257,8 +257,11 @@ pub async fn serve_outbound(
     listener: TcpListener,
 ) -> Result<(), String> {
     let next = Arc::new(AtomicUsize::new(0));
-    loop {
-        let (app, _) = listener.accept().await.map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let me = shared
+        .listeners
+        .register(format!("outbound capture {addr}"));
+    crate::listener::accept_loop(&shared, &me, listener, None, |app, _| {
         tokio::spawn(outbound_connection(
             shared.clone(),
             identity.clone(),
@@ -266,7 +269,9 @@ pub async fn serve_outbound(
             app,
             next.clone(),
         ));
-    }
+    })
+    .await;
+    Ok(())
 }
 
 async fn outbound_connection(
@@ -352,10 +357,11 @@ pub async fn serve_inbound(
     let tls_tcp = tokio_rustls::TlsAcceptor::from(inbound::server_tls(&shared, Protocol::Tcp)?);
     let h1: AppClient = inbound::app_client(Protocol::Http, Some(mark));
     let h2: AppClient = inbound::app_client(Protocol::Http2, Some(mark));
-    loop {
-        let (tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let me = shared.listeners.register(format!("inbound capture {addr}"));
+    crate::listener::accept_loop(&shared, &me, listener, None, |tcp, _| {
         let Ok(dst) = original_dst(&tcp) else {
-            continue;
+            return;
         };
         let declared = shared.policy.load().as_ref().map(|p| {
             p.set
@@ -383,7 +389,7 @@ pub async fn serve_inbound(
                     Reason::UndeclaredPort,
                     why,
                 );
-                continue;
+                return;
             }
             None => {
                 let why = "no configuration yet: inbound traffic is refused (fail closed)".into();
@@ -393,7 +399,7 @@ pub async fn serve_inbound(
                     Reason::NoPolicy,
                     why,
                 );
-                continue;
+                return;
             }
         };
         let port = InboundPort {
@@ -407,8 +413,20 @@ pub async fn serve_inbound(
             Protocol::Http => (tls_http.clone(), h1.clone()),
             Protocol::Http2 | Protocol::Grpc => (tls_http.clone(), h2.clone()),
         };
-        tokio::spawn(inbound::connection(shared.clone(), port, tcp, tls, client));
-    }
+        let Some(slot) = inbound::admit(&shared, &me, port) else {
+            return;
+        };
+        tokio::spawn(inbound::connection(
+            shared.clone(),
+            port,
+            tcp,
+            tls,
+            client,
+            slot,
+        ));
+    })
+    .await;
+    Ok(())
 }
 
 /// What `meshward proxy init-netns` installs.

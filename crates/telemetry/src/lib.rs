@@ -101,6 +101,26 @@ pub struct HandshakeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub direction: &'static str,
+    /// The cap that refused: `total`, `handshaking` or `per_identity`.
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// The listener, e.g. `inbound 127.0.0.1:15006`.
+    pub listener: String,
+    /// `open` (all) or `handshaking`.
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ShadowLabels {
     /// The dry-run policy whose shadow verdict this is.
     pub policy: String,
@@ -199,6 +219,11 @@ pub struct ProxyMetrics {
     pub decision_time: Histogram,
     pub request_duration: Family<LatencyLabels, Histogram>,
     pub handshake_failures: Family<HandshakeLabels, Counter>,
+    pub connections_refused: Family<RefusedLabels, Counter>,
+    pub connection_timeouts: Family<KindLabels, Counter>,
+    pub accept_errors: Family<KindLabels, Counter>,
+    /// Set when scraped.
+    pub listener_connections: Family<ListenerLabels, Gauge>,
     pub shadow: Family<ShadowLabels, Counter>,
     pub decision_log_dropped: Counter,
     pub decision_ship_dropped: Counter,
@@ -230,6 +255,10 @@ impl ProxyMetrics {
             Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS));
         let handshake_failures = Family::<HandshakeLabels, Counter>::default();
         let shadow = Family::<ShadowLabels, Counter>::default();
+        let connections_refused = Family::<RefusedLabels, Counter>::default();
+        let connection_timeouts = Family::<KindLabels, Counter>::default();
+        let accept_errors = Family::<KindLabels, Counter>::default();
+        let listener_connections = Family::<ListenerLabels, Gauge>::default();
         let decision_log_dropped = Counter::default();
         let decision_ship_dropped = Counter::default();
         let certificate_expiry = FGauge::default();
@@ -256,6 +285,26 @@ impl ProxyMetrics {
             "meshward_tls_handshake_failures",
             "mTLS handshakes refused or failed, by kind",
             handshake_failures.clone(),
+        );
+        registry.register(
+            "meshward_connections_refused",
+            "Connections closed because a listener's cap was reached (total, handshaking, per_identity)",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "meshward_connection_timeouts",
+            "Inbound connections closed for a timeout (header_read: a request head too slow; idle: no request in progress for too long)",
+            connection_timeouts.clone(),
+        );
+        registry.register(
+            "meshward_accept_errors",
+            "Accept errors that made a listener back off (emfile, enfile, enomem, enobufs, other)",
+            accept_errors.clone(),
+        );
+        registry.register(
+            "meshward_listener_connections",
+            "Connections an inbound listener holds now (open: all, handshaking: identity not yet known)",
+            listener_connections.clone(),
         );
         registry.register(
             "meshward_shadow_decisions",
@@ -303,6 +352,10 @@ impl ProxyMetrics {
             decision_time,
             request_duration,
             handshake_failures,
+            connections_refused,
+            connection_timeouts,
+            accept_errors,
+            listener_connections,
             shadow,
             decision_log_dropped,
             decision_ship_dropped,
@@ -329,6 +382,26 @@ impl ProxyMetrics {
                 reason: kind.as_str(),
             })
             .inc();
+    }
+
+    /// Counts a connection refused by a listener's cap (`total`, `handshaking`,
+    /// `per_identity`).
+    pub fn connection_refused(&self, direction: &'static str, limit: &'static str) {
+        self.connections_refused
+            .get_or_create(&RefusedLabels { direction, limit })
+            .inc();
+    }
+
+    /// Counts a connection closed for a timeout (`header_read`, `idle`).
+    pub fn connection_timeout(&self, kind: &'static str) {
+        self.connection_timeouts
+            .get_or_create(&KindLabels { kind })
+            .inc();
+    }
+
+    /// Counts an accept error that made a listener back off.
+    pub fn accept_error(&self, kind: &'static str) {
+        self.accept_errors.get_or_create(&KindLabels { kind }).inc();
     }
 
     /// Observes the latency of an HTTP request answered with `status`.
