@@ -96,12 +96,12 @@ pub struct ProxyApi {
 impl Identity for ProxyApi {
     async fn sign(&self, req: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
         let p = peer(&req);
-        if peer_expired(&req) {
-            if let Some(id) = &p {
-                eprintln!(
-                    "meshward-control: renewing the expired SVID of {id} (within the renewal grace)"
-                );
-            }
+        if peer_expired(&req)
+            && let Some(id) = &p
+        {
+            eprintln!(
+                "meshward-control: renewing the expired SVID of {id} (within the renewal grace)"
+            );
         }
         let r = req.into_inner();
         let cp = self.cp.clone();
@@ -237,13 +237,13 @@ impl Config for ProxyApi {
         // Receiver: acknowledgements; the stream's end is the proxy's disconnection.
         tokio::spawn(async move {
             while let Some(Ok(ack)) = acks.next().await {
-                if let Ok(mut p) = pending.lock() {
-                    if let Some((r, at)) = *p {
-                        if ack.accepted && ack.revision == r {
-                            cp.metrics.push_duration.observe(at.elapsed().as_secs_f64());
-                            *p = None;
-                        }
-                    }
+                if let Ok(mut p) = pending.lock()
+                    && let Some((r, at)) = *p
+                    && ack.accepted
+                    && ack.revision == r
+                {
+                    cp.metrics.push_duration.observe(at.elapsed().as_secs_f64());
+                    *p = None;
                 }
                 let now = crate::store::ms(SystemTime::now());
                 cp.proxy_update(conn, |s| {

@@ -281,10 +281,10 @@ pub async fn run(
                 c.expire_overrides(now)
             })
             .await;
-            if let Ok(Ok(names)) = r {
-                if !names.is_empty() {
-                    eprintln!("controller: expired overrides {}", names.join(", "));
-                }
+            if let Ok(Ok(names)) = r
+                && !names.is_empty()
+            {
+                eprintln!("controller: expired overrides {}", names.join(", "));
             }
         }
     });

@@ -197,10 +197,10 @@ impl ControlPlane {
             let now = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
             (force || now != seen).then_some((path, now))
         });
-        if let Some((path, mtime)) = stale {
-            if let (Ok(ops), Ok(mut g)) = (Operators::load(&path), self.operators.write()) {
-                *g = (ops, Some((path, mtime)));
-            }
+        if let Some((path, mtime)) = stale
+            && let (Ok(ops), Ok(mut g)) = (Operators::load(&path), self.operators.write())
+        {
+            *g = (ops, Some((path, mtime)));
         }
         self.operators
             .read()
@@ -1129,12 +1129,11 @@ impl ControlPlane {
     /// `(revision, its workloads, files)`.
     pub fn snapshot_for(&self, identity: &SpiffeId) -> Result<Arc<Snapshot>, Refused> {
         let rev = *self.head.borrow();
-        if let Ok(c) = self.snapshots.lock() {
-            if c.0 == rev {
-                if let Some(s) = c.1.get(identity) {
-                    return Ok(s.clone());
-                }
-            }
+        if let Ok(c) = self.snapshots.lock()
+            && c.0 == rev
+            && let Some(s) = c.1.get(identity)
+        {
+            return Ok(s.clone());
         }
         // Built once per (revision, identity) and shared by every proxy of that identity.
         let (rev, files) = self.head_files()?;
@@ -1213,10 +1212,10 @@ impl ControlPlane {
 
     /// Records what was sent to, or answered by, a proxy.
     pub fn proxy_update(&self, id: u64, f: impl FnOnce(&mut ProxyState)) {
-        if let Ok(mut p) = self.proxies.lock() {
-            if let Some(s) = p.get_mut(&id) {
-                f(s);
-            }
+        if let Ok(mut p) = self.proxies.lock()
+            && let Some(s) = p.get_mut(&id)
+        {
+            f(s);
         }
     }
 

@@ -398,13 +398,14 @@ impl Store for SqliteStore {
                     },
                 )
                 .optional()?;
-            if let Some(r) = &rec {
-                if r.used_ms.is_none() && r.expires_ms > ms(now) {
-                    tx.execute(
-                        "UPDATE tokens SET used_ms = ?1 WHERE hash = ?2",
-                        params![ms(now), hash],
-                    )?;
-                }
+            if let Some(r) = &rec
+                && r.used_ms.is_none()
+                && r.expires_ms > ms(now)
+            {
+                tx.execute(
+                    "UPDATE tokens SET used_ms = ?1 WHERE hash = ?2",
+                    params![ms(now), hash],
+                )?;
             }
             tx.commit()?;
             Ok(rec)

@@ -600,13 +600,13 @@ fn csr_public_key(csr_der: &[u8], proven: &SpiffeId) -> Result<SubjectPublicKeyI
         for ext in exts {
             if let ParsedExtension::SubjectAlternativeName(san) = ext {
                 for n in &san.general_names {
-                    if let GeneralName::URI(u) = n {
-                        if *u != proven.as_str() {
-                            return Err(CaError::IdentityMismatch {
-                                requested: (*u).to_owned(),
-                                proven: proven.clone(),
-                            });
-                        }
+                    if let GeneralName::URI(u) = n
+                        && *u != proven.as_str()
+                    {
+                        return Err(CaError::IdentityMismatch {
+                            requested: (*u).to_owned(),
+                            proven: proven.clone(),
+                        });
                     }
                 }
             }

@@ -392,7 +392,7 @@ pub fn impact(
         |line, bytes, rec| {
             replay.add(line, rec);
             n += 1;
-            if n % 4096 == 0 {
+            if n.is_multiple_of(4096) {
                 pb.set_position(bytes);
                 pb.set_message(format!("{n} records"));
             }

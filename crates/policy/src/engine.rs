@@ -168,10 +168,10 @@ fn src_matches(m: &SourceMatch, cx: &Cx<'_>) -> bool {
     {
         return false;
     }
-    if let Some(ns) = cx.own_ns {
-        if m.not_namespaces.iter().any(|n| n == ns) {
-            return false;
-        }
+    if let Some(ns) = cx.own_ns
+        && m.not_namespaces.iter().any(|n| n == ns)
+    {
+        return false;
     }
     if !m.trust_domains.is_empty() && !m.trust_domains.iter().any(|t| t == td) {
         return false;
@@ -428,12 +428,11 @@ impl Group {
             return;
         };
         let s = id.as_str();
-        if !ix.exact.is_empty() {
-            if let Some(v) = ix.exact.get(s) {
-                if !f(v) {
-                    return;
-                }
-            }
+        if !ix.exact.is_empty()
+            && let Some(v) = ix.exact.get(s)
+            && !f(v)
+        {
+            return;
         }
         if !ix.prefix.is_empty() {
             // Every segment boundary of the ID, from the trust domain on, but not the end.
@@ -446,33 +445,31 @@ impl Group {
                 bounds.push(s.len());
             }
             for b in bounds {
-                if let Some(v) = ix.prefix.get(&s[..b]) {
-                    if !f(v) {
-                        return;
-                    }
-                }
-            }
-        }
-        if let (Some(ns), false) = (cx.own_ns, ix.namespace.is_empty()) {
-            if let Some(v) = ix.namespace.get(ns) {
-                if !f(v) {
+                if let Some(v) = ix.prefix.get(&s[..b])
+                    && !f(v)
+                {
                     return;
                 }
             }
         }
-        if !ix.trust_domain.is_empty() {
-            if let Some(v) = ix.trust_domain.get(id.trust_domain_name()) {
-                if !f(v) {
-                    return;
-                }
-            }
+        if let (Some(ns), false) = (cx.own_ns, ix.namespace.is_empty())
+            && let Some(v) = ix.namespace.get(ns)
+            && !f(v)
+        {
+            return;
+        }
+        if !ix.trust_domain.is_empty()
+            && let Some(v) = ix.trust_domain.get(id.trust_domain_name())
+            && !f(v)
+        {
+            return;
         }
         if !ix.attr.is_empty() {
             for (k, v) in cx.src_attrs {
-                if let Some(v) = ix.attr.get(k.as_str()).and_then(|m| m.get(v.as_str())) {
-                    if !f(v) {
-                        return;
-                    }
+                if let Some(v) = ix.attr.get(k.as_str()).and_then(|m| m.get(v.as_str()))
+                    && !f(v)
+                {
+                    return;
                 }
             }
         }
@@ -599,10 +596,10 @@ impl Engine {
         for p in &set.policies {
             if let Some(named) = &p.target.named {
                 for r in named {
-                    if let Some(i) = set.workload_index(r) {
-                        if p.target.matches(&set.workloads[i]) {
-                            per_dest[i].push(p);
-                        }
+                    if let Some(i) = set.workload_index(r)
+                        && p.target.matches(&set.workloads[i])
+                    {
+                        per_dest[i].push(p);
                     }
                 }
             } else {

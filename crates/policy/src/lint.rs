@@ -288,13 +288,13 @@ impl<'a> Linter<'a> {
     }
 
     fn mesh(&mut self) {
-        if self.set.mesh.default_action == crate::resource::DefaultAction::Allow {
-            if let Some(o) = &self.set.mesh.origin {
-                self.out.push(
+        if self.set.mesh.default_action == crate::resource::DefaultAction::Allow
+            && let Some(o) = &self.set.mesh.origin
+        {
+            self.out.push(
                     o.diag("MW310", Severity::Warning, &p!["spec", "defaultAction"], "the mesh default action is ALLOW: destinations without ALLOW policies accept every caller")
                         .help("use `defaultAction: DENY` and write ALLOW policies"),
                 );
-            }
         }
     }
 
@@ -352,10 +352,10 @@ impl<'a> Linter<'a> {
         let set = self.set;
         let mut items: Vec<(&str, &str, &crate::model::Origin)> = vec![];
         for p in &set.policies {
-            if p.tier != Tier::Baseline {
-                if let Some(o) = &p.origin {
-                    items.push(("AuthorizationPolicy", &p.id, o));
-                }
+            if p.tier != Tier::Baseline
+                && let Some(o) = &p.origin
+            {
+                items.push(("AuthorizationPolicy", &p.id, o));
             }
         }
         for o in &set.overrides {
@@ -530,17 +530,17 @@ impl<'a> Linter<'a> {
                         }
                     };
                     if ptd == td {
-                        if let Some(id) = exact {
-                            if self.set.workload_by_identity(id).is_none() {
-                                self.emit(
-                                    p,
-                                    "MW205",
-                                    Severity::Warning,
-                                    &path,
-                                    format!("no workload has the identity `{id}`"),
-                                    &suggest_identity(id, self.set),
-                                );
-                            }
+                        if let Some(id) = exact
+                            && self.set.workload_by_identity(id).is_none()
+                        {
+                            self.emit(
+                                p,
+                                "MW205",
+                                Severity::Warning,
+                                &path,
+                                format!("no workload has the identity `{id}`"),
+                                &suggest_identity(id, self.set),
+                            );
                         }
                     } else if !federated.contains(ptd.as_str()) {
                         self.emit(
@@ -618,10 +618,11 @@ impl<'a> Linter<'a> {
             }
         }
         for (j, c) in r.when.iter().enumerate() {
-            if let CondKind::NotValues(ms) = &c.kind {
-                if ms.contains(&crate::matcher::StringMatch::Any) && p.action != Action::Deny {
-                    self.emit(p, "MW301", Severity::Error, &rule_path(i, &p!["when", j]), "`notValues: [\"*\"]` excludes every value; it only holds when the header is absent".into(), "use `present: false`");
-                }
+            if let CondKind::NotValues(ms) = &c.kind
+                && ms.contains(&crate::matcher::StringMatch::Any)
+                && p.action != Action::Deny
+            {
+                self.emit(p, "MW301", Severity::Error, &rule_path(i, &p!["when", j]), "`notValues: [\"*\"]` excludes every value; it only holds when the header is absent".into(), "use `present: false`");
             }
         }
     }
@@ -796,10 +797,10 @@ fn suggest_identity(id: &SpiffeId, set: &PolicySet) -> String {
 /// Why a source entry can never match, if it cannot.
 fn source_contradiction(m: &SourceMatch) -> Option<String> {
     for (k, vs) in &m.attributes {
-        if let Some((_, nvs)) = m.not_attributes.iter().find(|(nk, _)| nk == k) {
-            if vs.iter().all(|v| nvs.contains(v)) {
-                return Some(format!("attribute `{k}` is both required and excluded"));
-            }
+        if let Some((_, nvs)) = m.not_attributes.iter().find(|(nk, _)| nk == k)
+            && vs.iter().all(|v| nvs.contains(v))
+        {
+            return Some(format!("attribute `{k}` is both required and excluded"));
         }
     }
     if let Some(k) = m

@@ -862,15 +862,15 @@ impl Builder {
         // would be ambiguous.
         let mut by_id: HashMap<&SpiffeId, &Workload> = HashMap::new();
         for w in &workloads {
-            if let Some(prev) = by_id.insert(&w.identity, w) {
-                if prev.attributes != w.attributes {
-                    let Some(origin) = &w.origin else { continue };
-                    self.diags.push(
+            if let Some(prev) = by_id.insert(&w.identity, w)
+                && prev.attributes != w.attributes
+            {
+                let Some(origin) = &w.origin else { continue };
+                self.diags.push(
                         origin
                             .diag("MW313", Severity::Error, &p!["spec", "attributes"], format!("workloads `{}` and `{}` share the identity `{}` but declare different attributes", prev.id, w.id, w.identity))
                             .help("give each workload its own service account, or the same attributes"),
                     );
-                }
             }
         }
         let by_ref: HashMap<WorkloadRef, usize> = workloads
@@ -955,19 +955,19 @@ impl Builder {
             traffic,
             |b: &mut Builder, ctx: &Ctx<'_>, d: &Doc, s: &r::TrafficPolicySpec| {
                 b.target(ctx, d, &s.target, &p!["spec", "target"]);
-                if let Some(o) = &s.outlier_detection {
-                    if o.max_ejection_percent.is_some_and(|p| p > 100) {
-                        b.diags.push(
-                            d.origin
-                                .diag(
-                                    "MW103",
-                                    Severity::Error,
-                                    &p!["spec", "outlierDetection", "maxEjectionPercent"],
-                                    "`maxEjectionPercent` is a percentage (0-100)",
-                                )
-                                .resource(d.label()),
-                        );
-                    }
+                if let Some(o) = &s.outlier_detection
+                    && o.max_ejection_percent.is_some_and(|p| p > 100)
+                {
+                    b.diags.push(
+                        d.origin
+                            .diag(
+                                "MW103",
+                                Severity::Error,
+                                &p!["spec", "outlierDetection", "maxEjectionPercent"],
+                                "`maxEjectionPercent` is a percentage (0-100)",
+                            )
+                            .resource(d.label()),
+                    );
                 }
                 if let Some(fb) = &s.fallback {
                     let found = WorkloadRef::parse(fb)
@@ -1093,12 +1093,20 @@ impl Builder {
                         );
                     }
                 }
-                if let Some(bundle) = &s.bundle {
-                    if !serde_json::from_str::<serde_json::Value>(bundle)
+                if let Some(bundle) = &s.bundle
+                    && !serde_json::from_str::<serde_json::Value>(bundle)
                         .is_ok_and(|v| v.get("keys").is_some())
-                    {
-                        b.diags.push(d.origin.diag("MW103", Severity::Error, &p!["spec", "bundle"], "the inline bundle is not a SPIFFE bundle (JWKS JSON with `keys`)").resource(d.label()));
-                    }
+                {
+                    b.diags.push(
+                        d.origin
+                            .diag(
+                                "MW103",
+                                Severity::Error,
+                                &p!["spec", "bundle"],
+                                "the inline bundle is not a SPIFFE bundle (JWKS JSON with `keys`)",
+                            )
+                            .resource(d.label()),
+                    );
                 }
             }
         );
@@ -1241,19 +1249,19 @@ impl Builder {
         };
         let mut seen = BTreeSet::new();
         for (i, port) in s.ports.iter().enumerate() {
-            if let Some(a) = &port.inbound {
-                if a.parse::<std::net::SocketAddr>().is_err() {
-                    self.diags.push(
-                        d.origin
-                            .diag(
-                                "MW103",
-                                Severity::Error,
-                                &p!["spec", "ports", i, "inbound"],
-                                format!("`{a}` is not an `ip:port` address"),
-                            )
-                            .resource(d.label()),
-                    );
-                }
+            if let Some(a) = &port.inbound
+                && a.parse::<std::net::SocketAddr>().is_err()
+            {
+                self.diags.push(
+                    d.origin
+                        .diag(
+                            "MW103",
+                            Severity::Error,
+                            &p!["spec", "ports", i, "inbound"],
+                            format!("`{a}` is not an `ip:port` address"),
+                        )
+                        .resource(d.label()),
+                );
             }
             if port.port == 0 || !seen.insert(port.port) {
                 self.diags.push(
@@ -1836,11 +1844,11 @@ impl Builder {
                             .resource(d.label()),
                     );
                 }
-                if let Some(named) = &target.named {
-                    if let Some(other) = named.iter().find(|w| w.namespace != d.namespace) {
-                        ok = false;
-                        self.diags.push(d.origin.diag("MW312", Severity::Error, &p!["spec", "target"], format!("a service-tier policy in namespace `{}` targets `{other}` in another namespace", d.namespace)).help("service policies belong to the namespace of the workloads they protect").resource(d.label()));
-                    }
+                if let Some(named) = &target.named
+                    && let Some(other) = named.iter().find(|w| w.namespace != d.namespace)
+                {
+                    ok = false;
+                    self.diags.push(d.origin.diag("MW312", Severity::Error, &p!["spec", "target"], format!("a service-tier policy in namespace `{}` targets `{other}` in another namespace", d.namespace)).help("service policies belong to the namespace of the workloads they protect").resource(d.label()));
                 }
             }
             Tier::Domain => {
@@ -1936,20 +1944,20 @@ impl Builder {
                     .resource(d.label()),
             );
         }
-        if let (Some(a), Some(b)) = (s.starts_at, s.expires_at) {
-            if b <= a {
-                ok = false;
-                self.diags.push(
-                    d.origin
-                        .diag(
-                            "MW103",
-                            Severity::Error,
-                            &p!["spec", "expiresAt"],
-                            "`expiresAt` is not after `startsAt`",
-                        )
-                        .resource(d.label()),
-                );
-            }
+        if let (Some(a), Some(b)) = (s.starts_at, s.expires_at)
+            && b <= a
+        {
+            ok = false;
+            self.diags.push(
+                d.origin
+                    .diag(
+                        "MW103",
+                        Severity::Error,
+                        &p!["spec", "expiresAt"],
+                        "`expiresAt` is not after `startsAt`",
+                    )
+                    .resource(d.label()),
+            );
         }
         ok.then(|| Override {
             id: d.id(),
@@ -1991,28 +1999,28 @@ impl Builder {
                         .resource(d.label()),
                 ),
             }
-            if let Some(m) = &sc.request.method {
-                if let Err(e) = parse_method(m) {
-                    self.diags.push(
-                        d.origin
-                            .diag("MW108", Severity::Error, &at("method"), e)
-                            .resource(d.label()),
-                    );
-                }
+            if let Some(m) = &sc.request.method
+                && let Err(e) = parse_method(m)
+            {
+                self.diags.push(
+                    d.origin
+                        .diag("MW108", Severity::Error, &at("method"), e)
+                        .resource(d.label()),
+                );
             }
-            if let Some(path) = &sc.request.path {
-                if !path.starts_with('/') {
-                    self.diags.push(
-                        d.origin
-                            .diag(
-                                "MW108",
-                                Severity::Error,
-                                &at("path"),
-                                format!("`{path}` is not a request path"),
-                            )
-                            .resource(d.label()),
-                    );
-                }
+            if let Some(path) = &sc.request.path
+                && !path.starts_with('/')
+            {
+                self.diags.push(
+                    d.origin
+                        .diag(
+                            "MW108",
+                            Severity::Error,
+                            &at("path"),
+                            format!("`{path}` is not a request path"),
+                        )
+                        .resource(d.label()),
+                );
             }
         }
     }

@@ -89,30 +89,30 @@ fn check(s: &Scenario, d: &Decision) -> Vec<String> {
             s.expect.verdict, d.verdict
         ));
     }
-    if let Some(r) = s.expect.reason {
-        if r != d.reason {
-            f.push(format!("expected reason {r}, got {}", d.reason));
-        }
+    if let Some(r) = s.expect.reason
+        && r != d.reason
+    {
+        f.push(format!("expected reason {r}, got {}", d.reason));
     }
-    if let Some(p) = &s.expect.policy {
-        if d.policy.as_deref() != Some(p.as_str()) {
-            f.push(format!(
-                "expected deciding policy `{p}`, got {}",
-                d.policy
-                    .as_deref()
-                    .map_or("none".into(), |x| format!("`{x}`"))
-            ));
-        }
+    if let Some(p) = &s.expect.policy
+        && d.policy.as_deref() != Some(p.as_str())
+    {
+        f.push(format!(
+            "expected deciding policy `{p}`, got {}",
+            d.policy
+                .as_deref()
+                .map_or("none".into(), |x| format!("`{x}`"))
+        ));
     }
-    if let Some(r) = &s.expect.rule {
-        if d.rule.as_deref() != Some(r.as_str()) {
-            f.push(format!(
-                "expected deciding rule `{r}`, got {}",
-                d.rule
-                    .as_deref()
-                    .map_or("none".into(), |x| format!("`{x}`"))
-            ));
-        }
+    if let Some(r) = &s.expect.rule
+        && d.rule.as_deref() != Some(r.as_str())
+    {
+        f.push(format!(
+            "expected deciding rule `{r}`, got {}",
+            d.rule
+                .as_deref()
+                .map_or("none".into(), |x| format!("`{x}`"))
+        ));
     }
     f
 }

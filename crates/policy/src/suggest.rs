@@ -49,10 +49,10 @@ impl Observed {
             .or_default()
             .entry(r.method.clone().unwrap_or_default())
             .or_default();
-        if let Some(p) = &r.path {
-            if let Ok(n) = crate::path::normalize(p) {
-                paths.insert(n.path);
-            }
+        if let Some(p) = &r.path
+            && let Ok(n) = crate::path::normalize(p)
+        {
+            paths.insert(n.path);
         }
     }
 }

@@ -63,19 +63,18 @@ pub fn restore(shared: &Shared, dir: &Path, td: &TrustDomain) {
     if let (Ok(chain), Ok(key)) = (
         std::fs::read_to_string(dir.join("svid.pem")),
         std::fs::read_to_string(dir.join("svid.key")),
-    ) {
-        if let Ok(k) = key_from_pem(&key) {
-            match certified(certs_from_pem(&chain), k.serialize_der()) {
-                Ok(s) => {
-                    log(&format!(
-                        "restored the SVID from {} (valid until {})",
-                        dir.display(),
-                        humantime::format_rfc3339_seconds(s.not_after)
-                    ));
-                    shared.svid.store(Some(Arc::new(s)));
-                }
-                Err(e) => log(&format!("the stored SVID is unusable: {e}")),
+    ) && let Ok(k) = key_from_pem(&key)
+    {
+        match certified(certs_from_pem(&chain), k.serialize_der()) {
+            Ok(s) => {
+                log(&format!(
+                    "restored the SVID from {} (valid until {})",
+                    dir.display(),
+                    humantime::format_rfc3339_seconds(s.not_after)
+                ));
+                shared.svid.store(Some(Arc::new(s)));
             }
+            Err(e) => log(&format!("the stored SVID is unusable: {e}")),
         }
     }
     if let Ok(b) = std::fs::read_to_string(dir.join("bundle.pem")) {
@@ -83,18 +82,18 @@ pub fn restore(shared: &Shared, dir: &Path, td: &TrustDomain) {
         tb.set(td.clone(), certs_from_pem(&b));
         shared.bundles.store(tb);
     }
-    if let Ok(text) = std::fs::read_to_string(dir.join("snapshot.json")) {
-        if let Ok((rev, files)) = serde_json::from_str::<(u64, Vec<(String, String)>)>(&text) {
-            match compile(&files) {
-                Ok(set) => {
-                    shared.set_policy(rev, set);
-                    log(&format!(
-                        "enforcing last-known-good revision {rev} from {}",
-                        dir.display()
-                    ));
-                }
-                Err(e) => log(&format!("the stored snapshot is invalid, ignoring it: {e}")),
+    if let Ok(text) = std::fs::read_to_string(dir.join("snapshot.json"))
+        && let Ok((rev, files)) = serde_json::from_str::<(u64, Vec<(String, String)>)>(&text)
+    {
+        match compile(&files) {
+            Ok(set) => {
+                shared.set_policy(rev, set);
+                log(&format!(
+                    "enforcing last-known-good revision {rev} from {}",
+                    dir.display()
+                ));
             }
+            Err(e) => log(&format!("the stored snapshot is invalid, ignoring it: {e}")),
         }
     }
 }

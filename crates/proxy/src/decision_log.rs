@@ -88,15 +88,15 @@ impl ShipQueue {
     fn ship_allow(&self) -> Option<u64> {
         let n = self.sampled.fetch_add(1, Ordering::Relaxed);
         let every = self.every.load(Ordering::Relaxed).max(1);
-        (n % every == 0).then_some(every)
+        n.is_multiple_of(every).then_some(every)
     }
 
     fn push(&self, line: String) {
-        if let Ok(mut q) = self.q.lock() {
-            if q.len() < self.cap {
-                q.push_back(line);
-                return;
-            }
+        if let Ok(mut q) = self.q.lock()
+            && q.len() < self.cap
+        {
+            q.push_back(line);
+            return;
         }
         self.lost(1);
     }
@@ -230,7 +230,11 @@ impl DecisionLog {
             }
             Verdict::Allow => {
                 self.allowed.fetch_add(1, Ordering::Relaxed);
-                if self.seen_allows.fetch_add(1, Ordering::Relaxed) % self.sample_allows != 0 {
+                if !self
+                    .seen_allows
+                    .fetch_add(1, Ordering::Relaxed)
+                    .is_multiple_of(self.sample_allows)
+                {
                     return;
                 }
                 self.sample_allows

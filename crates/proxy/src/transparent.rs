@@ -178,10 +178,11 @@ pub async fn external_allowed(set: &PolicySet, dst: SocketAddr) -> bool {
     let entries: Vec<AllowEntry> = ob.allowed.iter().filter_map(|e| parse_entry(e)).collect();
     let port_ok = |p: &Option<u16>| p.is_none_or(|p| p == dst.port());
     for e in &entries {
-        if let AllowEntry::Net { net, prefix, port } = e {
-            if port_ok(port) && in_net(dst.ip(), *net, *prefix) {
-                return true;
-            }
+        if let AllowEntry::Net { net, prefix, port } = e
+            && port_ok(port)
+            && in_net(dst.ip(), *net, *prefix)
+        {
+            return true;
         }
     }
     for e in &entries {
@@ -192,10 +193,9 @@ pub async fn external_allowed(set: &PolicySet, dst: SocketAddr) -> bool {
             let lookup = tokio::net::lookup_host((host.as_str(), dst.port()));
             if let Ok(Ok(addrs)) =
                 tokio::time::timeout(std::time::Duration::from_secs(2), lookup).await
+                && addrs.into_iter().any(|a| a.ip() == dst.ip())
             {
-                if addrs.into_iter().any(|a| a.ip() == dst.ip()) {
-                    return true;
-                }
+                return true;
             }
         }
     }
