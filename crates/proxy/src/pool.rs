@@ -93,12 +93,13 @@ impl Connection for MtlsIo {
     }
 }
 
-/// Dials the endpoint a pooled request's URI names, accepting only the identity the
-/// configuration gives that endpoint.
+/// Dials the endpoint a pooled request's URI names (or, for HTTP/2, the one endpoint its
+/// client is for), accepting only the identity the configuration gives that endpoint.
 #[derive(Debug, Clone)]
 struct MtlsConnector {
     shared: Arc<Shared>,
     up: Upstream,
+    endpoint: Option<SocketAddr>,
 }
 
 impl tower::Service<Uri> for MtlsConnector {
@@ -111,14 +112,17 @@ impl tower::Service<Uri> for MtlsConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let (shared, up) = (self.shared.clone(), self.up.clone());
+        let (shared, up, endpoint) = (self.shared.clone(), self.up.clone(), self.endpoint);
         Box::pin(async move {
-            let addr: SocketAddr = uri
-                .authority()
-                .map(|a| a.as_str())
-                .unwrap_or("")
-                .parse()
-                .map_err(|_| std::io::Error::other(format!("`{uri}` names no endpoint")))?;
+            let addr: SocketAddr = match endpoint {
+                Some(a) => a,
+                None => uri
+                    .authority()
+                    .map(|a| a.as_str())
+                    .unwrap_or("")
+                    .parse()
+                    .map_err(|_| std::io::Error::other(format!("`{uri}` names no endpoint")))?,
+            };
             let allowed: Vec<_> =
                 endpoints_with(&shared, &up, |a, id| (a == addr).then(|| id.clone()))
                     .into_iter()
@@ -150,6 +154,45 @@ fn error(status: StatusCode, msg: String) -> Response<Body> {
     r
 }
 
+type PoolClient = Client<MtlsConnector, Incoming>;
+
+fn client(
+    shared: &Arc<Shared>,
+    up: &Upstream,
+    protocol: UpstreamProtocol,
+    endpoint: Option<SocketAddr>,
+) -> PoolClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(protocol == UpstreamProtocol::Http2)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(MtlsConnector {
+            shared: shared.clone(),
+            up: up.clone(),
+            endpoint,
+        })
+}
+
+/// HTTP/2: one client per endpoint, so that a request's `:authority` carries the app's host
+/// (the host policy evaluates at the next proxy) while the client still dials that endpoint.
+/// Copy-on-write: the request path only loads the map.
+#[derive(Debug, Default)]
+struct H2Clients(arc_swap::ArcSwap<std::collections::HashMap<SocketAddr, PoolClient>>);
+
+impl H2Clients {
+    fn get(&self, shared: &Arc<Shared>, up: &Upstream, addr: SocketAddr) -> PoolClient {
+        if let Some(c) = self.0.load().get(&addr) {
+            return c.clone();
+        }
+        let new = client(shared, up, UpstreamProtocol::Http2, Some(addr));
+        self.0.rcu(|m| {
+            let mut m = std::collections::HashMap::clone(m);
+            m.entry(addr).or_insert_with(|| new.clone());
+            m
+        });
+        self.0.load().get(&addr).cloned().unwrap_or(new)
+    }
+}
+
 /// Serves one upstream as pooled HTTP for ever (the accept loop never exits:
 /// [`crate::listener`]).
 pub async fn serve(
@@ -158,23 +201,20 @@ pub async fn serve(
     listener: TcpListener,
     protocol: UpstreamProtocol,
 ) -> Result<(), String> {
-    let client: Client<MtlsConnector, Incoming> = Client::builder(TokioExecutor::new())
-        .http2_only(protocol == UpstreamProtocol::Http2)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .build(MtlsConnector {
-            shared: shared.clone(),
-            up: up.clone(),
-        });
+    let client = client(&shared, &up, protocol, None);
+    let h2 = Arc::new(H2Clients::default());
     let next = Arc::new(AtomicUsize::new(0));
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let me = shared.listeners.register(format!("outbound {addr}"));
     crate::listener::accept_loop(&shared, &me, listener, None, |app, _| {
         let _ = app.set_nodelay(true);
         let (shared, up, client, next) = (shared.clone(), up.clone(), client.clone(), next.clone());
+        let h2 = h2.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 let (shared, up, client, next) =
                     (shared.clone(), up.clone(), client.clone(), next.clone());
+                let h2 = h2.clone();
                 async move {
                     let eps = endpoints_with(&shared, &up, |a, _| a);
                     if eps.is_empty() {
@@ -183,9 +223,28 @@ pub async fn serve(
                             format!("no endpoint for {}:{}", up.service, up.port),
                         ));
                     }
-                    let addr = &eps[next.fetch_add(1, Ordering::Relaxed) % eps.len()];
-                    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-                    let Ok(uri) = format!("http://{addr}{pq}").parse::<Uri>() else {
+                    let addr = eps[next.fetch_add(1, Ordering::Relaxed) % eps.len()];
+                    let pq = req
+                        .uri()
+                        .path_and_query()
+                        .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+                    // HTTP/1.1 dials by the URI and sends the app's `Host` as it is. HTTP/2
+                    // carries the app's host in `:authority` (RFC 9113 §8.3.1), with no
+                    // `Host` beside it, on a client bound to the chosen endpoint.
+                    let (authority, client) = match protocol {
+                        UpstreamProtocol::Http2 => {
+                            let host = req
+                                .headers()
+                                .get(hyper::header::HOST)
+                                .and_then(|v| v.to_str().ok())
+                                .or_else(|| req.uri().authority().map(|a| a.as_str()))
+                                .map_or_else(|| up.service.name.clone(), str::to_owned);
+                            req.headers_mut().remove(hyper::header::HOST);
+                            (host, h2.get(&shared, &up, addr))
+                        }
+                        _ => (addr.to_string(), client),
+                    };
+                    let Ok(uri) = format!("http://{authority}{pq}").parse::<Uri>() else {
                         return Ok(error(StatusCode::BAD_REQUEST, "bad request target".into()));
                     };
                     let span = if meshward_telemetry::trace::enabled() {
@@ -203,11 +262,6 @@ pub async fn serve(
                         UpstreamProtocol::Http2 => hyper::Version::HTTP_2,
                         _ => hyper::Version::HTTP_11,
                     };
-                    if protocol == UpstreamProtocol::Http2 {
-                        // `:authority` names the endpoint (the pool dials by it); a `Host`
-                        // beside it would disagree, which the inbound proxy refuses.
-                        req.headers_mut().remove(hyper::header::HOST);
-                    }
                     span.inject(req.headers_mut());
                     let r = match client.request(req).await {
                         Ok(r) => r.map(|b| b.boxed()),
