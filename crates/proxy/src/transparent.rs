@@ -1,11 +1,11 @@
-//! Transparent mode, the capture listeners (inbound and outbound stage "accept"): the
-//! workload's network namespace sends all its TCP through the
-//! sidecar (rules installed by `meshward proxy init-netns`, see [`rules`]). Inbound
-//! connections arrive on the inbound capture port, outbound ones on the outbound capture
-//! port; the proxy reads the original destination (`SO_ORIGINAL_DST`), maps it to a
-//! workload or service of the mesh ([`crate::discovery::Discovery::capture`]), and applies
-//! the same stages as explicit mode ([`crate::outbound::connect`]). The
-//! proxy's own connections carry a socket mark the rules let through.
+//! Transparent mode, the capture listeners (the "accept" stage of both directions): the
+//! workload's network namespace sends all its TCP through the sidecar (rules installed by
+//! `meshward proxy init-netns`, see [`rules`]). Inbound connections arrive on the inbound
+//! capture port, outbound ones on the outbound capture port; the proxy reads the original
+//! destination (`SO_ORIGINAL_DST`), maps it to a workload or service of the mesh
+//! ([`crate::discovery::Discovery::capture`]), and applies the same stages as explicit
+//! mode ([`crate::outbound::connect`]). The proxy's own connections carry a socket mark the
+//! rules let through.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
