@@ -10,8 +10,11 @@
 
 pub mod admin;
 pub mod agent;
+pub mod balance;
 pub mod clock;
 pub mod decision_log;
+pub mod discovery;
+pub mod endpoint_state;
 pub mod h1;
 pub mod handshake;
 pub mod hygiene;
@@ -19,7 +22,9 @@ pub mod inbound;
 pub mod interpret;
 pub mod listener;
 pub mod outbound;
+pub mod peer;
 pub mod pool;
 pub mod run;
 pub mod state;
 pub mod transparent;
+pub mod view;

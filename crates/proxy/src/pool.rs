@@ -1,7 +1,7 @@
-//! Pooled L7 outbound: the app's HTTP requests are forwarded over a pool of mutual-TLS
-//! connections to the upstream's endpoints — HTTP/1.1 (a pool of connections, one request
+//! Outbound stage 3 for pooled HTTP, per-endpoint connections and pools: the app's HTTP
+//! requests are forwarded over a pool of mutual-TLS connections to the upstream's endpoints — HTTP/1.1 (a pool of connections, one request
 //! at a time on each) or HTTP/2 (requests multiplexed on one connection per endpoint).
-//! Each request picks an endpoint (round robin); connections are reused across the app's
+//! Each request picks an endpoint ([`crate::balance`]); connections are reused across the app's
 //! connections and requests. The alternative, [`crate::outbound::serve`], tunnels each app
 //! connection as bytes. Which is the default, and why: docs/proxy.md.
 
@@ -9,7 +9,6 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -22,7 +21,8 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::outbound::{Upstream, dial, endpoints_with};
+use crate::balance::RoundRobin;
+use crate::outbound::{Upstream, dial, endpoints};
 use crate::state::Shared;
 
 /// How the outbound side carries an upstream's traffic to the next proxy.
@@ -123,17 +123,16 @@ impl tower::Service<Uri> for MtlsConnector {
                     .parse()
                     .map_err(|_| std::io::Error::other(format!("`{uri}` names no endpoint")))?,
             };
-            let allowed: Vec<_> =
-                endpoints_with(&shared, &up, |a, id| (a == addr).then(|| id.clone()))
-                    .into_iter()
-                    .flatten()
-                    .collect();
-            if allowed.is_empty() {
+            let Some(identity) = endpoints(&shared, &up)
+                .get(addr)
+                .map(|e| e.identity.clone())
+            else {
                 return Err(std::io::Error::other(format!(
                     "{addr} is no longer an endpoint of {}",
                     up.service
                 )));
-            }
+            };
+            let allowed = vec![identity];
             dial(&shared, &up.service, addr, allowed, None)
                 .await
                 .map(|tls| MtlsIo(TokioIo::new(tls)))
@@ -203,27 +202,28 @@ pub async fn serve(
 ) -> Result<(), String> {
     let client = client(&shared, &up, protocol, None);
     let h2 = Arc::new(H2Clients::default());
-    let next = Arc::new(AtomicUsize::new(0));
+    let balancer = Arc::new(RoundRobin::default());
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let me = shared.listeners.register(format!("outbound {addr}"));
     crate::listener::accept_loop(&shared, &me, listener, None, |app, _| {
         let _ = app.set_nodelay(true);
-        let (shared, up, client, next) = (shared.clone(), up.clone(), client.clone(), next.clone());
-        let h2 = h2.clone();
+        let (shared, up, client) = (shared.clone(), up.clone(), client.clone());
+        let (h2, balancer) = (h2.clone(), balancer.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                let (shared, up, client, next) =
-                    (shared.clone(), up.clone(), client.clone(), next.clone());
-                let h2 = h2.clone();
+                let (shared, up, client) = (shared.clone(), up.clone(), client.clone());
+                let (h2, balancer) = (h2.clone(), balancer.clone());
                 async move {
-                    let eps = endpoints_with(&shared, &up, |a, _| a);
-                    if eps.is_empty() {
+                    // Discovery, then balancing. Seam (issue 14) — failover and ejection
+                    // choose the candidate set here, before the pick.
+                    let eps = endpoints(&shared, &up);
+                    let Some(ep) = balancer.pick(&eps) else {
                         return Ok::<_, Infallible>(error(
                             StatusCode::SERVICE_UNAVAILABLE,
                             format!("no endpoint for {}:{}", up.service, up.port),
                         ));
-                    }
-                    let addr = eps[next.fetch_add(1, Ordering::Relaxed) % eps.len()];
+                    };
+                    let (addr, state) = (ep.addr(), ep.state.clone());
                     let pq = req
                         .uri()
                         .path_and_query()
@@ -263,12 +263,18 @@ pub async fn serve(
                         _ => hyper::Version::HTTP_11,
                     };
                     span.inject(req.headers_mut());
+                    // Seams — the breaker admits the request here; per-try and overall
+                    // timeouts and the retry budget wrap this one attempt.
+                    state.started();
                     let r = match client.request(req).await {
                         Ok(r) => r.map(|b| b.boxed()),
-                        Err(e) => error(
-                            StatusCode::BAD_GATEWAY,
-                            format!("{} ({addr}) did not answer: {e}", up.service),
-                        ),
+                        Err(e) => {
+                            state.failed();
+                            error(
+                                StatusCode::BAD_GATEWAY,
+                                format!("{} ({addr}) did not answer: {e}", up.service),
+                            )
+                        }
                     };
                     span.finish(r.status().as_u16());
                     Ok(r)

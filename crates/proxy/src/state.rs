@@ -1,6 +1,7 @@
-//! What the data path reads: the compiled policy and the workload's certificate, each an
-//! immutable snapshot behind an `ArcSwap` — built off to the side, swapped in, never locked
-//! on the request path.
+//! What the data path reads: the compiled policy with its data-plane view
+//! ([`crate::view`]) and the workload's certificate, each an immutable snapshot behind an
+//! `ArcSwap` — built off to the side, swapped in, never locked on the request path — and,
+//! beside them, the long-lived state a new revision keeps ([`crate::endpoint_state`]).
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -26,6 +27,9 @@ pub struct Policy {
     /// App ports of this workload behind a `pathCaseInsensitive` service: their paths are
     /// lower-cased for policy and app alike.
     pub lower_paths: Vec<u16>,
+    /// The data-plane view compiled from the same revision (endpoint tables, resolved
+    /// settings, header lists).
+    pub view: crate::view::View,
 }
 
 impl Policy {
@@ -55,6 +59,8 @@ pub struct Shared {
     /// The limits where the policy sets none (the proxy's flags over the built-in
     /// defaults).
     pub default_limits: crate::listener::Limits,
+    /// Per-endpoint state that outlives revisions (the views hand it out).
+    pub endpoints: crate::endpoint_state::EndpointStates,
 }
 
 impl Shared {
@@ -82,6 +88,7 @@ impl Shared {
             log,
             listeners: crate::listener::Listeners::default(),
             default_limits,
+            endpoints: crate::endpoint_state::EndpointStates::default(),
         })
     }
 
@@ -104,15 +111,8 @@ impl Shared {
             &set.clone()
                 .with_revision(meshward_policy::PolicyRevision(revision)),
         );
-        let mut headers: Vec<String> = set
-            .policies
-            .iter()
-            .flat_map(|p| p.rules.iter())
-            .flat_map(|r| r.when.iter())
-            .map(|c| c.header.clone())
-            .collect();
-        headers.sort();
-        headers.dedup();
+        let view = crate::view::View::build(revision, &set, &self.workload, &self.endpoints);
+        let headers = view.headers.clone();
         let lower_paths = set
             .workloads
             .iter()
@@ -128,6 +128,7 @@ impl Shared {
             headers,
             lower_paths,
             limits,
+            view,
         })));
     }
 

@@ -1,13 +1,14 @@
-//! Transparent mode: the workload's network namespace sends all its TCP through the
-//! sidecar (rules installed by `meshward proxy init-netns`, see [`rules`]). Inbound
-//! connections arrive on the inbound capture port, outbound ones on the outbound capture
-//! port; the proxy reads the original destination (`SO_ORIGINAL_DST`), maps it to a
-//! workload or service of the mesh, and applies the same logic as explicit mode. The
-//! proxy's own connections carry a socket mark the rules let through.
+//! Transparent mode, the capture listeners (the "accept" stage of both directions): the
+//! workload's network namespace sends all its TCP through the sidecar (rules installed by
+//! `meshward proxy init-netns`, see [`rules`]). Inbound connections arrive on the inbound
+//! capture port, outbound ones on the outbound capture port; the proxy reads the original
+//! destination (`SO_ORIGINAL_DST`), maps it to a workload or service of the mesh
+//! ([`crate::discovery::Discovery::capture`]), and applies the same stages as explicit
+//! mode ([`crate::outbound::connect`]). The proxy's own connections carry a socket mark the
+//! rules let through.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::SystemTime;
 
 use meshward_identity::SpiffeId;
@@ -18,7 +19,9 @@ use meshward_policy::model::PolicySet;
 use meshward_policy::resource::{OutboundMode, Protocol};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::balance::RoundRobin;
 use crate::decision_log::Extra;
+pub use crate::discovery::Target;
 use crate::inbound::{self, AppClient, InboundPort};
 use crate::state::Shared;
 
@@ -60,58 +63,6 @@ pub fn original_dst(tcp: &TcpStream) -> std::io::Result<SocketAddr> {
     };
     a.as_socket()
         .ok_or_else(|| std::io::Error::other("the original destination is not an IP address"))
-}
-
-/// Where a captured outbound connection goes.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Target {
-    /// A workload or service of the mesh: dial one of `endpoints` with mTLS, accepting
-    /// only the identities listed there.
-    Mesh {
-        destination: WorkloadRef,
-        endpoints: Vec<(SocketAddr, SpiffeId)>,
-    },
-    /// A mesh address, on a port the workload or service does not declare.
-    UndeclaredPort { destination: WorkloadRef },
-    /// Outside the mesh.
-    External,
-}
-
-/// Maps an original destination to the mesh: a service's virtual address (balanced over
-/// its workloads), or a workload's own address.
-pub fn resolve(set: &PolicySet, dst: SocketAddr) -> Target {
-    let ip = dst.ip();
-    if let Some(svc) = set.services.iter().find(|s| s.addresses.contains(&ip)) {
-        let Some(sp) = svc.ports.iter().find(|p| p.port == dst.port()) else {
-            return Target::UndeclaredPort {
-                destination: svc.id.clone(),
-            };
-        };
-        let target_port = sp.target_port.unwrap_or(sp.port);
-        let endpoints = svc
-            .workloads
-            .iter()
-            .filter_map(|&i| set.workloads.get(i))
-            .filter(|w| w.ports.iter().any(|p| p.port == target_port))
-            .filter_map(|w| Some((SocketAddr::new(w.address?, target_port), w.identity.clone())))
-            .collect();
-        return Target::Mesh {
-            destination: svc.id.clone(),
-            endpoints,
-        };
-    }
-    if let Some(w) = set.workloads.iter().find(|w| w.address == Some(ip)) {
-        if !w.ports.iter().any(|p| p.port == dst.port()) {
-            return Target::UndeclaredPort {
-                destination: w.id.clone(),
-            };
-        }
-        return Target::Mesh {
-            destination: w.id.clone(),
-            endpoints: vec![(dst, w.identity.clone())],
-        };
-    }
-    Target::External
 }
 
 /// One entry of `outboundTraffic.allowed`: `IP:PORT`, `CIDR:PORT` or `HOST:PORT`, with
@@ -256,7 +207,7 @@ pub async fn serve_outbound(
     mark: u32,
     listener: TcpListener,
 ) -> Result<(), String> {
-    let next = Arc::new(AtomicUsize::new(0));
+    let balancer = Arc::new(RoundRobin::default());
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let me = shared
         .listeners
@@ -267,7 +218,7 @@ pub async fn serve_outbound(
             identity.clone(),
             mark,
             app,
-            next.clone(),
+            balancer.clone(),
         ));
     })
     .await;
@@ -279,7 +230,7 @@ async fn outbound_connection(
     identity: SpiffeId,
     mark: u32,
     mut app: TcpStream,
-    next: Arc<AtomicUsize>,
+    balancer: Arc<RoundRobin>,
 ) {
     let _ = app.set_nodelay(true);
     let Ok(dst) = original_dst(&app) else {
@@ -296,23 +247,24 @@ async fn outbound_connection(
         let why = "no configuration yet: outbound traffic is refused (fail closed)".into();
         return out.log(external_ref(dst), Verdict::Deny, Reason::NoPolicy, why);
     };
-    match resolve(&policy.set, dst) {
+    match policy.view.discovery.capture(dst) {
         Target::Mesh {
             destination,
             endpoints,
         } => {
-            if endpoints.is_empty() {
-                let why = format!("{destination} has no endpoint with an address");
-                return out.log(destination, Verdict::Deny, Reason::UnknownDestination, why);
-            }
-            let (addr, _) =
-                endpoints[next.fetch_add(1, Ordering::Relaxed) % endpoints.len()].clone();
-            let allowed = endpoints.iter().map(|(_, id)| id.clone()).collect();
-            match crate::outbound::dial(&shared, &destination, addr, allowed, Some(mark)).await {
+            let conn =
+                crate::outbound::connect(&shared, &destination, &endpoints, &balancer, Some(mark));
+            match conn.await {
                 Ok(mut tls) => {
                     let _ = tokio::io::copy_bidirectional(&mut app, &mut tls).await;
                 }
-                Err(e) => eprintln!("meshward-proxy: {destination} ({dst}): {e}"),
+                Err(crate::outbound::ConnectError::NoEndpoint) => {
+                    let why = format!("{destination} has no endpoint with an address");
+                    out.log(destination, Verdict::Deny, Reason::UnknownDestination, why);
+                }
+                Err(crate::outbound::ConnectError::Refused(e)) => {
+                    eprintln!("meshward-proxy: {destination} ({dst}): {e}")
+                }
             }
         }
         Target::UndeclaredPort { destination } => {

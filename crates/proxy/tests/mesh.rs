@@ -526,3 +526,79 @@ async fn pooled_upstream_refuses_an_impostor() {
     );
     assert_impostor_refused(&m).await;
 }
+
+/// Every outbound path counts on the endpoint's long-lived state — tunnel connections and
+/// pooled requests as requests, a refused impostor as a failure — and a new revision that
+/// keeps the endpoint keeps the counts (one that drops it drops them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_state_counts_and_survives_a_revision() {
+    use meshward_proxy::endpoint_state::EndpointKey;
+    use meshward_proxy::pool::{self, UpstreamProtocol};
+    let m = mesh().await;
+    let key = EndpointKey {
+        service: WorkloadRef::parse("orders/orders").unwrap(),
+        addr: m.inbound,
+    };
+    let out = m.outbound;
+    let rs = tokio::task::spawn_blocking(move || {
+        (0..3)
+            .map(|_| get(out, "/orders/1", ""))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert!(rs.iter().all(|r| r.starts_with("HTTP/1.1 200")), "{rs:?}");
+    let state = m.frontend.endpoints.get(&key).unwrap();
+    assert_eq!((state.requests(), state.failures()), (3, 0));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let pooled = l.local_addr().unwrap();
+    tokio::spawn(pool::serve(
+        m.frontend.clone(),
+        Upstream {
+            service: key.service.clone(),
+            port: 80,
+        },
+        l,
+        UpstreamProtocol::Http1,
+    ));
+    let rs = tokio::task::spawn_blocking(move || {
+        (0..5)
+            .map(|_| get(pooled, "/orders/1", ""))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert!(rs.iter().all(|r| r.starts_with("HTTP/1.1 200")), "{rs:?}");
+    assert_eq!((state.requests(), state.failures()), (8, 0));
+    // Revision 2, same endpoints: the same state, still counting.
+    let set = m.frontend.policy.load_full().unwrap().set.clone();
+    m.frontend.set_policy(2, set.clone());
+    let again = m.frontend.endpoints.get(&key).unwrap();
+    assert!(Arc::ptr_eq(&state, &again));
+    tokio::task::spawn_blocking(move || get(out, "/orders/1", ""))
+        .await
+        .unwrap();
+    assert_eq!(again.requests(), 9);
+    // Revision 3 without the service's workloads: the endpoint and its state are gone.
+    let mut empty = set;
+    empty.services.iter_mut().for_each(|s| s.workloads.clear());
+    m.frontend.set_policy(3, empty);
+    assert!(m.frontend.endpoints.get(&key).is_none());
+    let r = tokio::task::spawn_blocking(move || get(pooled, "/orders/1", ""))
+        .await
+        .unwrap();
+    assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+
+    // A refused handshake is a failure of that endpoint.
+    let m = mesh_as("spiffe://shop.example/ns/evil/sa/impostor", None).await;
+    let out = m.outbound;
+    tokio::task::spawn_blocking(move || raw(out, "GET / HTTP/1.1\r\nHost: orders\r\n\r\n"))
+        .await
+        .unwrap();
+    let key = EndpointKey {
+        addr: m.inbound,
+        ..key
+    };
+    let state = m.frontend.endpoints.get(&key).unwrap();
+    assert_eq!((state.requests(), state.failures()), (1, 1));
+}
