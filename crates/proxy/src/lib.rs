@@ -23,3 +23,4 @@ pub mod pool;
 pub mod run;
 pub mod state;
 pub mod transparent;
+pub mod transport;

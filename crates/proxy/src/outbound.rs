@@ -20,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::decision_log::Extra;
 use crate::handshake::Failure;
 use crate::state::{ClientCert, Shared};
+use crate::transport::Connector;
 
 /// One upstream: a service and its port.
 #[derive(Debug, Clone)]
@@ -90,13 +91,10 @@ pub async fn dial(
         Accept::Only(allowed),
     ))
     .with_client_cert_resolver(Arc::new(ClientCert(shared.clone())));
-    let tcp = tokio::time::timeout(
-        Duration::from_secs(5),
-        meshward_control::grpc::tcp_connect(addr, mark),
-    )
-    .await
-    .map_err(|_| format!("no connection to {addr} within 5s"))?
-    .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let tcp = tokio::time::timeout(Duration::from_secs(5), Connector::new(mark).connect(addr))
+        .await
+        .map_err(|_| format!("no connection to {addr} within 5s"))?
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
     let name = rustls::pki_types::ServerName::try_from("mesh.meshward.invalid")
         .map_err(|e| e.to_string())?;
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
