@@ -67,6 +67,19 @@ if [ ! -d tests/ui/node_modules/playwright-core ]; then
   (cd tests/ui && npm ci --no-audit --no-fund --silent)
 fi
 
+# The data plane stands on the wire protocol only (ARCHITECTURE §10, docs/proxy.md "Crate
+# graph"): the proxy's normal dependencies must never pull in the control plane, its store
+# (rusqlite, bundled SQLite) or its HTTP stack (axum, via tonic's `router` feature).
+log "crate graph of meshward-proxy"
+proxy_deps=$(cargo tree -p meshward-proxy -e normal --prefix none --locked)
+forbidden=$(printf '%s\n' "$proxy_deps" | grep -E '^(meshward-control|rusqlite|libsqlite3-sys|axum|axum-core) ' | sort -u || true)
+if [ -n "$forbidden" ]; then
+  echo "meshward-proxy must not depend on these (cargo tree -p meshward-proxy -e normal -i NAME shows the path):" >&2
+  printf '%s\n' "$forbidden" | sed 's/ (\*)$//; s/^/  /' | sort -u >&2
+  exit 1
+fi
+echo "ok: $(printf '%s\n' "$proxy_deps" | sed 's/ (\*)$//' | sort -u | wc -l) crates, none of meshward-control, rusqlite, axum"
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -6,6 +6,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // No `XClient::connect(url)`: every caller dials with its own connector, so this
+        // crate needs tonic's `codegen` feature only (no transport, no axum).
+        .build_transport(false)
         .compile_fds(fds)?;
     Ok(())
 }

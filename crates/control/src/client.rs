@@ -7,7 +7,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use meshward_identity::svid::TrustBundles;
 use meshward_identity::verifier::{Accept, SharedBundles, SvidServerVerifier};
-use meshward_identity::{SpiffeId, TrustDomain};
+use meshward_identity::{TrustDomain, control_identity};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::Value;
 
@@ -24,11 +24,6 @@ pub enum ClientError {
         message: String,
         body: Value,
     },
-}
-
-/// The SPIFFE ID the control plane serves its API as.
-pub fn control_identity(td: &TrustDomain) -> Option<SpiffeId> {
-    SpiffeId::parse(&format!("spiffe://{td}/meshward/control")).ok()
 }
 
 /// A connection recipe: address, how to check the server, how to authenticate.

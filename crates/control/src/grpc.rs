@@ -309,54 +309,11 @@ pub async fn serve(
         .map_err(|e| e.to_string())
 }
 
-/// A gRPC channel to the proxy API over mutual TLS (for proxies and tests).
+/// A gRPC channel to the proxy API over mutual TLS (for tests and tools; proxies dial
+/// with their own `meshward_proxy::transport::Connector`).
 pub async fn connect(
     addr: &str,
-    tls: rustls::ClientConfig,
-) -> Result<tonic::transport::Channel, String> {
-    connect_marked(addr, tls, None).await
-}
-
-/// Opens a TCP connection, with the socket mark `mark` set before connecting: transparent
-/// mode's iptables rules let marked packets (the sidecar's own) through uncaptured.
-pub async fn tcp_connect(
-    addr: impl tokio::net::ToSocketAddrs + std::fmt::Display,
-    mark: Option<u32>,
-) -> std::io::Result<TcpStream> {
-    let mut last = std::io::Error::new(
-        std::io::ErrorKind::NotFound,
-        format!("`{addr}` resolves to no address"),
-    );
-    for a in tokio::net::lookup_host(addr).await? {
-        let sock = if a.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        if let Some(m) = mark {
-            socket2::SockRef::from(&sock).set_mark(m).map_err(|e| {
-                std::io::Error::new(
-                    e.kind(),
-                    format!("cannot set the socket mark {m} (needs CAP_NET_ADMIN): {e}"),
-                )
-            })?;
-        }
-        match sock.connect(a).await {
-            Ok(s) => {
-                let _ = s.set_nodelay(true);
-                return Ok(s);
-            }
-            Err(e) => last = e,
-        }
-    }
-    Err(last)
-}
-
-/// [`connect`], with the sidecar's socket mark on the connection (transparent mode).
-pub async fn connect_marked(
-    addr: &str,
     mut tls: rustls::ClientConfig,
-    mark: Option<u32>,
 ) -> Result<tonic::transport::Channel, String> {
     tls.alpn_protocols = vec![b"h2".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
@@ -365,7 +322,8 @@ pub async fn connect_marked(
         .connect_with_connector(tower::service_fn(move |_| {
             let (connector, addr) = (connector.clone(), addr.clone());
             async move {
-                let tcp = tcp_connect(addr.as_str(), mark).await?;
+                let tcp = TcpStream::connect(addr.as_str()).await?;
+                let _ = tcp.set_nodelay(true);
                 let name = rustls::pki_types::ServerName::try_from("control.meshward.invalid")
                     .map_err(std::io::Error::other)?;
                 let tls = connector.connect(name, tcp).await?;

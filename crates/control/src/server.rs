@@ -13,9 +13,9 @@ use meshward_identity::verifier::{Accept, SharedBundles, SvidClientVerifier};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::auth::{Operator, Operators, PLATFORM_SECURITY, random_secret, sha256_hex};
-use crate::client::control_identity;
 use crate::service::{Config, ControlPlane};
 use crate::store::SqliteStore;
+use meshward_identity::control_identity;
 
 /// Settings of `meshward control`.
 #[derive(Debug, Clone)]

@@ -18,6 +18,12 @@ pub mod verifier;
 
 pub use spiffe::{IdError, SpiffeId, TrustDomain, WorkloadName};
 
+/// The SPIFFE ID the control plane serves its API as ([`SpiffeId::control`]), if the
+/// trust domain forms a valid ID.
+pub fn control_identity(td: &TrustDomain) -> Option<SpiffeId> {
+    SpiffeId::control(td).ok()
+}
+
 /// Installs ring as the process-wide rustls crypto provider; harmless if already done.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();

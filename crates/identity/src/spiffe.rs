@@ -134,6 +134,12 @@ impl SpiffeId {
         ))
     }
 
+    /// The identity the control plane serves its API as, `spiffe://TD/meshward/control`:
+    /// proxies, the CLI and the control plane itself agree on it here.
+    pub fn control(trust_domain: &TrustDomain) -> Result<Self, IdError> {
+        Self::parse(&format!("{SCHEME}{trust_domain}/meshward/control"))
+    }
+
     /// The whole ID as a URI string.
     pub fn as_str(&self) -> &str {
         &self.uri

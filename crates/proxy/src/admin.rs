@@ -41,6 +41,20 @@ fn route(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
                     format!("not ready: {name} is not accepting connections ({why})\n"),
                 );
             }
+            if let Some(p) = &policy
+                && shared.listeners.bound() != Some(p.revision)
+            {
+                // The current revision's inbound ports are not all listening yet (just
+                // started, or a new revision opened a port): a request now could fail.
+                return resp(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!(
+                        "not ready: the inbound listeners of revision {} are not all bound\n",
+                        p.revision
+                    ),
+                );
+            }
             match (policy.is_some(), svid_ok) {
                 (true, true) => resp(StatusCode::OK, "text/plain", "ready\n".into()),
                 (false, _) => resp(

@@ -21,6 +21,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio_stream::StreamExt as _;
 
 use crate::state::{Shared, Svid};
+use crate::transport::Connector;
 
 /// How to reach the control plane and where to keep state.
 #[derive(Debug, Clone)]
@@ -120,8 +121,8 @@ fn compile(files: &[(String, String)]) -> Result<meshward_policy::model::PolicyS
 fn tls(cfg: &AgentConfig, shared: Option<&Arc<Shared>>) -> Result<rustls::ClientConfig, String> {
     let mut b = TrustBundles::new();
     b.set(cfg.trust_domain.clone(), cfg.control_roots.clone());
-    let control = meshward_control::client::control_identity(&cfg.trust_domain)
-        .ok_or("invalid trust domain")?;
+    let control =
+        meshward_identity::control_identity(&cfg.trust_domain).ok_or("invalid trust domain")?;
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -167,7 +168,9 @@ async fn sign(
 ) -> Result<SystemTime, String> {
     let (key, csr) = new_workload_key(&cfg.identity).map_err(|e| e.to_string())?;
     let tls = tls(cfg, if token.is_some() { None } else { Some(shared) })?;
-    let ch = meshward_control::grpc::connect_marked(&cfg.control, tls, cfg.mark).await?;
+    let ch = Connector::new(cfg.mark)
+        .grpc_channel(&cfg.control, tls)
+        .await?;
     let resp = IdentityClient::new(ch)
         .sign(SignRequest {
             join_token: token.unwrap_or_default().to_owned(),
@@ -297,9 +300,9 @@ pub async fn config_loop(shared: Arc<Shared>, cfg: AgentConfig) {
 }
 
 async fn stream_once(shared: &Arc<Shared>, cfg: &AgentConfig) -> Result<(), String> {
-    let ch =
-        meshward_control::grpc::connect_marked(&cfg.control, tls(cfg, Some(shared))?, cfg.mark)
-            .await?;
+    let ch = Connector::new(cfg.mark)
+        .grpc_channel(&cfg.control, tls(cfg, Some(shared))?)
+        .await?;
     // Decision records go to the control plane over the same connection, for as long as
     // it lasts.
     struct AbortOnDrop(tokio::task::JoinHandle<()>);

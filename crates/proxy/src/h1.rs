@@ -24,6 +24,7 @@ use crate::hygiene::{ChunkedEnd, MAX_HEAD, State0, check_head, head_end};
 use crate::inbound::{Checked, IDENTITY_HEADER, InboundPort, authorize, denial, refused};
 use crate::interpret::{self, Version, has_token, split_target};
 use crate::state::Shared;
+use crate::transport::Connector;
 
 /// The most headers in a request or response head (as the general path's `max_headers`).
 const MAX_HEADERS: usize = 100;
@@ -420,7 +421,8 @@ async fn relay<S: AsyncWrite + Unpin>(
 }
 
 async fn connect(addr: SocketAddr, mark: Option<u32>) -> Result<TcpStream, String> {
-    meshward_control::grpc::tcp_connect(addr, mark)
+    Connector::new(mark)
+        .connect(addr)
         .await
         .map_err(|e| format!("cannot connect to the app at {addr}: {e}"))
 }

@@ -29,6 +29,7 @@ use crate::state::{ServerCert, Shared};
 
 pub use crate::interpret::IDENTITY_HEADER;
 use crate::interpret::{Facts, Refusal, Version};
+use crate::transport::Connector;
 
 /// One inbound port: the app port (as declared) and where the app is reached.
 #[derive(Debug, Clone, Copy)]
@@ -82,9 +83,7 @@ impl tower::Service<hyper::Uri> for AppConnector {
                     .parse()
                     .map_err(|_| std::io::Error::other(format!("`{host}` is not an IP address")))?;
             let addr = SocketAddr::new(ip, uri.port_u16().unwrap_or(80));
-            meshward_control::grpc::tcp_connect(addr, mark)
-                .await
-                .map(TokioIo::new)
+            Connector::new(mark).connect(addr).await.map(TokioIo::new)
         })
     }
 }
@@ -308,7 +307,7 @@ async fn serve_tcp(
     if d.verdict != Verdict::Allow {
         return; // dropped: the connection closes
     }
-    let Ok(mut app) = meshward_control::grpc::tcp_connect(port.app, port.mark).await else {
+    let Ok(mut app) = Connector::new(port.mark).connect(port.app).await else {
         return;
     };
     let _ = tokio::io::copy_bidirectional(&mut stream, &mut app).await;
@@ -452,7 +451,8 @@ impl AppLink {
                 },
             }
         }
-        let tcp = meshward_control::grpc::tcp_connect(port.app, port.mark)
+        let tcp = Connector::new(port.mark)
+            .connect(port.app)
             .await
             .map_err(|e| format!("cannot connect to the app at {}: {e}", port.app))?;
         let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))

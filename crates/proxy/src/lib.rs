@@ -27,4 +27,5 @@ pub mod pool;
 pub mod run;
 pub mod state;
 pub mod transparent;
+pub mod transport;
 pub mod view;

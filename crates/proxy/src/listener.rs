@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -278,23 +278,35 @@ impl Drop for Slot {
     }
 }
 
-/// Every listener of the proxy, for `/ready` and `/metrics`.
+/// Every listener of the proxy, for `/ready` and `/metrics`, and the policy revision whose
+/// inbound listeners are all bound (`/ready` answers 200 only for the current one).
 #[derive(Debug, Default)]
-pub struct Listeners(Mutex<Vec<Arc<Listener>>>);
+pub struct Listeners {
+    list: Mutex<Vec<Arc<Listener>>>,
+    /// The revision whose listeners are all bound, plus one (0: none yet).
+    bound: AtomicU64,
+}
 
 impl Listeners {
     /// Adds a listener named `name` (e.g. `inbound 127.0.0.1:15006`).
     pub fn register(&self, name: String) -> Arc<Listener> {
         let l = Arc::new(Listener::new(name));
-        if let Ok(mut v) = self.0.lock() {
+        if let Ok(mut v) = self.list.lock() {
             v.push(l.clone());
         }
         l
     }
 
+    /// Removes the listener named `name` (a port a new revision no longer declares).
+    pub fn deregister(&self, name: &str) {
+        if let Ok(mut v) = self.list.lock() {
+            v.retain(|l| l.name != name);
+        }
+    }
+
     /// Every listener.
     pub fn all(&self) -> Vec<Arc<Listener>> {
-        self.0.lock().map(|v| v.clone()).unwrap_or_default()
+        self.list.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
     /// The listeners that are not accepting now, with why.
@@ -303,6 +315,18 @@ impl Listeners {
             .iter()
             .filter_map(|l| l.not_accepting().map(|why| (l.name.clone(), why)))
             .collect()
+    }
+
+    /// Records that every inbound listener `revision` declares is bound (listening: a
+    /// connection from now on waits in the backlog for its accept loop).
+    pub fn set_bound(&self, revision: u64) {
+        self.bound
+            .store(revision.saturating_add(1), Ordering::Release);
+    }
+
+    /// The revision whose inbound listeners are all bound, if any.
+    pub fn bound(&self) -> Option<u64> {
+        self.bound.load(Ordering::Acquire).checked_sub(1)
     }
 }
 

@@ -43,7 +43,7 @@ pub async fn dial(
     .with_client_cert_resolver(Arc::new(ClientCert(shared.clone())));
     let tcp = tokio::time::timeout(
         Duration::from_secs(5),
-        meshward_control::grpc::tcp_connect(addr, mark),
+        crate::transport::Connector::new(mark).connect(addr),
     )
     .await
     .map_err(|_| format!("no connection to {addr} within 5s"))?

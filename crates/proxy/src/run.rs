@@ -1,13 +1,16 @@
 //! `meshward proxy`: restore state, join or renew, follow the config stream, and serve the
 //! inbound ports of the workload, its upstreams and the admin endpoint.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use meshward_identity::svid::TrustBundles;
 use meshward_identity::verifier::SharedBundles;
 use meshward_policy::decision::WorkloadRef;
+use meshward_policy::resource::Protocol;
 
 use crate::agent::{self, AgentConfig};
 use crate::decision_log::DecisionLog;
@@ -46,6 +49,16 @@ pub struct Options {
 /// Runs the proxy until the process ends; `ready` is called with the bound addresses once
 /// the inbound listeners are up.
 pub async fn run(opts: Options, ready: impl FnOnce(&[(SocketAddr, u16)])) -> Result<(), String> {
+    run_with_state(opts, |_| {}, ready).await
+}
+
+/// [`run`], handing `state` the proxy's state as soon as it exists (in-process embedding
+/// and tests: a policy set there arrives as from the config stream).
+pub async fn run_with_state(
+    opts: Options,
+    state: impl FnOnce(&Arc<Shared>),
+    ready: impl FnOnce(&[(SocketAddr, u16)]),
+) -> Result<(), String> {
     meshward_identity::install_crypto_provider();
     if let Some(e) = &opts.otlp_endpoint {
         meshward_telemetry::trace::init_otlp(e, &format!("meshward-proxy {}", opts.workload))?;
@@ -78,6 +91,7 @@ pub async fn run(opts: Options, ready: impl FnOnce(&[(SocketAddr, u16)])) -> Res
         opts.limits,
     );
     agent::restore(&shared, &opts.agent.state_dir, &opts.agent.trust_domain);
+    state(&shared);
     let admin = tokio::net::TcpListener::bind(opts.admin)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", opts.admin))?;
@@ -112,45 +126,103 @@ pub async fn run(opts: Options, ready: impl FnOnce(&[(SocketAddr, u16)])) -> Res
             }
         }
     }
-    // The inbound ports come from the workload's declaration: wait for a policy.
-    let ports = loop {
-        if let Some(p) = shared.policy.load_full() {
-            match p.set.workload(&opts.workload) {
-                Some(w) => break w.ports.clone(),
-                None => {
-                    return Err(format!(
-                        "workload `{}` is not declared in revision {}",
-                        opts.workload, p.revision
-                    ));
-                }
+    // The inbound ports come from the workload's declaration: wait for a policy, open its
+    // ports, then follow every revision (ports added, moved or removed).
+    let mut open = Inbound::default();
+    let bound = loop {
+        if shared.policy.load().is_some() {
+            break open.reconcile(&shared, opts.transparent.as_ref()).await?;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    ready(&bound);
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let current = shared.policy.load().as_ref().map(|p| p.revision);
+        if current.is_some() && current != shared.listeners.bound() {
+            // Not fatal after start: `/ready` stays 503 and the next tick tries again.
+            if let Err(e) = open.reconcile(&shared, opts.transparent.as_ref()).await {
+                eprintln!("meshward-proxy: {e}; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let mut bound = vec![];
-    if let Some(t) = &opts.transparent {
-        // Every declared port is captured on the inbound capture port.
-        bound.extend(ports.iter().map(|p| (t.inbound, p.port)));
     }
-    for p in ports.into_iter().filter(|_| opts.transparent.is_none()) {
-        let Some(addr) = p
-            .inbound
-            .as_deref()
-            .and_then(|a| a.parse::<SocketAddr>().ok())
-        else {
-            continue;
+}
+
+/// The inbound listeners open now (explicit mode), by address.
+#[derive(Debug, Default)]
+struct Inbound(HashMap<SocketAddr, (u16, Protocol, tokio::task::JoinHandle<()>)>);
+
+impl Inbound {
+    /// Opens the ports the current revision declares and closes those it no longer does
+    /// (established connections go on); then marks the revision bound, for `/ready`.
+    /// Returns `(listen address, app port)` of every declared port.
+    async fn reconcile(
+        &mut self,
+        shared: &Arc<Shared>,
+        transparent: Option<&crate::transparent::Options>,
+    ) -> Result<Vec<(SocketAddr, u16)>, String> {
+        let Some(p) = shared.policy.load_full() else {
+            return Ok(vec![]);
         };
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        bound.push((addr, p.port));
-        tokio::spawn(inbound::serve(
-            shared.clone(),
-            InboundPort::explicit(p.port, p.protocol),
-            l,
-        ));
+        let ports = p
+            .set
+            .workload(&shared.workload)
+            .map(|w| w.ports.clone())
+            .ok_or_else(|| {
+                format!(
+                    "workload `{}` is not declared in revision {}",
+                    shared.workload, p.revision
+                )
+            })?;
+        if let Some(t) = transparent {
+            // Every declared port is captured on the inbound capture port.
+            shared.listeners.set_bound(p.revision);
+            return Ok(ports.iter().map(|q| (t.inbound, q.port)).collect());
+        }
+        let want: HashMap<SocketAddr, (u16, Protocol)> = ports
+            .iter()
+            .filter_map(|q| {
+                let a = q.inbound.as_deref()?.parse::<SocketAddr>().ok()?;
+                Some((a, (q.port, q.protocol)))
+            })
+            .collect();
+        let stale: Vec<SocketAddr> = self
+            .0
+            .iter()
+            .filter(|(a, (port, proto, _))| want.get(a) != Some(&(*port, *proto)))
+            .map(|(a, _)| *a)
+            .collect();
+        for a in stale {
+            if let Some((port, _, task)) = self.0.remove(&a) {
+                task.abort();
+                let _ = task.await; // the listening socket is closed once this returns
+                shared.listeners.deregister(&format!("inbound {a}"));
+                eprintln!(
+                    "meshward-proxy: closed inbound {a} (port {port}, revision {})",
+                    p.revision
+                );
+            }
+        }
+        let mut bound = vec![];
+        for (addr, (port, protocol)) in want {
+            bound.push((addr, port));
+            if self.0.contains_key(&addr) {
+                continue;
+            }
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            let (shared, ip) = (shared.clone(), InboundPort::explicit(port, protocol));
+            let task = tokio::spawn(async move {
+                if let Err(e) = inbound::serve(shared, ip, l).await {
+                    eprintln!("meshward-proxy: inbound {addr}: {e}");
+                }
+            });
+            self.0.insert(addr, (port, protocol, task));
+        }
+        bound.sort();
+        shared.listeners.set_bound(p.revision);
+        Ok(bound)
     }
-    ready(&bound);
-    std::future::pending::<()>().await;
-    Ok(())
 }

@@ -24,6 +24,7 @@ use crate::decision_log::Extra;
 pub use crate::discovery::Target;
 use crate::inbound::{self, AppClient, InboundPort};
 use crate::state::Shared;
+use crate::transport::Connector;
 
 /// The mark on the proxy's own sockets (the value Istio uses for its proxy UID).
 pub const DEFAULT_MARK: u32 = 1337;
@@ -292,7 +293,7 @@ async fn outbound_connection(
                 Reason::AllowedExternal,
                 "on outboundTraffic.allowed".into(),
             );
-            if let Ok(mut up) = meshward_control::grpc::tcp_connect(dst, Some(mark)).await {
+            if let Ok(mut up) = Connector::new(Some(mark)).connect(dst).await {
                 let _ = tokio::io::copy_bidirectional(&mut app, &mut up).await;
             }
         }

@@ -124,9 +124,12 @@ async fn grpc_through_two_sidecars() {
         out,
     ));
 
-    let mut client = IdentityClient::connect(format!("http://{outbound}"))
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{outbound}"))
+        .unwrap()
+        .connect()
         .await
         .unwrap();
+    let mut client = IdentityClient::new(ch);
     let r = client
         .sign(SignRequest::default())
         .await

@@ -1,0 +1,130 @@
+//! Stage: the wire under every other stage. Every connection the proxy opens — to the
+//! app, to a peer proxy, to an external destination, to the control plane — is dialled
+//! through a [`Connector`], which knows whether the proxy's own sockets carry a mark
+//! (transparent mode: the iptables rules let marked packets through uncaptured). A stage
+//! never decides that itself (ztunnel's `SocketFactory`, docs/proxy.md "Crate graph").
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Opens the proxy's outgoing TCP connections (`TCP_NODELAY` on, the socket mark set
+/// before connecting when there is one). Cheap to copy: pass it by value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Connector {
+    mark: Option<u32>,
+}
+
+impl Connector {
+    /// A connector whose sockets carry `mark` (when set).
+    pub fn new(mark: Option<u32>) -> Self {
+        Connector { mark }
+    }
+
+    /// The socket mark on the connections it opens.
+    pub fn mark(&self) -> Option<u32> {
+        self.mark
+    }
+
+    /// A socket for `addr`'s family, marked.
+    fn socket(&self, addr: SocketAddr) -> std::io::Result<TcpSocket> {
+        let sock = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if let Some(m) = self.mark {
+            socket2::SockRef::from(&sock).set_mark(m).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot set the socket mark {m} (needs CAP_NET_ADMIN): {e}"),
+                )
+            })?;
+        }
+        Ok(sock)
+    }
+
+    /// Connects to `addr`.
+    pub async fn connect(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+        let s = self.socket(addr)?.connect(addr).await?;
+        let _ = s.set_nodelay(true);
+        Ok(s)
+    }
+
+    /// Resolves `host:port` and connects to the first address that answers.
+    pub async fn connect_host(&self, addr: &str) -> std::io::Result<TcpStream> {
+        let mut last = std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("`{addr}` resolves to no address"),
+        );
+        for a in tokio::net::lookup_host(addr).await? {
+            match self.connect(a).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// A gRPC channel over TLS (ALPN `h2`) to `addr` (`host:port`), every connection it
+    /// makes dialled by this connector: the proxy's channel to the control plane.
+    pub async fn grpc_channel(
+        self,
+        addr: &str,
+        mut tls: rustls::ClientConfig,
+    ) -> Result<tonic::transport::Channel, String> {
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(tls));
+        let addr = addr.to_owned();
+        tonic::transport::Endpoint::from_static("http://control.meshward.invalid")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let (tls, addr) = (tls.clone(), addr.clone());
+                async move {
+                    let tcp = self.connect_host(&addr).await?;
+                    let name = rustls::pki_types::ServerName::try_from("control.meshward.invalid")
+                        .map_err(std::io::Error::other)?;
+                    let tls = tls.connect(name, tcp).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+                }
+            }))
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connects_with_nodelay_and_reports_refusals() -> std::io::Result<()> {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = l.local_addr()?;
+        let s = Connector::default().connect(addr).await?;
+        assert!(s.nodelay()?);
+        let s = Connector::default()
+            .connect_host(&format!("localhost:{}", addr.port()))
+            .await;
+        // `localhost` may resolve to ::1 first: the loop goes on to 127.0.0.1.
+        assert!(s.is_ok(), "{s:?}");
+        drop(l);
+        let e = Connector::default().connect(addr).await;
+        assert_eq!(
+            e.err().map(|e| e.kind()),
+            Some(std::io::ErrorKind::ConnectionRefused)
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn marks_its_sockets_or_says_why_not() -> std::io::Result<()> {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        match Connector::new(Some(1337)).connect(l.local_addr()?).await {
+            // With CAP_NET_ADMIN (root in the test container): the mark is on the socket.
+            Ok(s) => assert_eq!(socket2::SockRef::from(&s).mark()?, 1337),
+            Err(e) => assert!(e.to_string().contains("socket mark 1337"), "{e}"),
+        }
+        Ok(())
+    }
+}
