@@ -15,93 +15,18 @@ pub fn run(a: ProxyArgs, conn: &crate::control_cmd::Conn) -> Result<ExitCode> {
     if let Some(ProxyCommand::InitNetns(i)) = a.command {
         return init_netns(&i);
     }
-    let (Some(workload), Some(control), Some(state_dir)) = (&a.workload, &a.control, &a.state_dir)
-    else {
-        bail!("--workload, --control and --state-dir are required");
-    };
-    let workload = WorkloadRef::parse(workload).map_err(|e| anyhow!("--workload: {e}"))?;
-    let limits = limits(&a)?;
-    let ca_file = conn.ca_file.clone().or_else(|| std::env::var_os("MESHWARD_CA_FILE").map(std::path::PathBuf::from)).context("pass --ca-file DATA/bundle.pem (the control plane's trust bundle) or set MESHWARD_CA_FILE")?;
-    let pem = std::fs::read_to_string(&ca_file)
-        .with_context(|| format!("cannot read `{}`", ca_file.display()))?;
-    let roots = certs_from_pem(&pem);
-    let td = roots
-        .first()
-        .and_then(|c| trust_domain_of(c))
-        .with_context(|| format!("`{}` holds no Meshward root certificate", ca_file.display()))?;
-    let identity = match &a.identity {
-        Some(i) => SpiffeId::parse(i).map_err(|e| anyhow!("--identity `{i}`: {e}"))?,
-        None => SpiffeId::workload(&td, &workload.namespace, &workload.name)
-            .map_err(|e| anyhow!("cannot form the identity: {e}"))?,
-    };
-    let join_token = match &a.join_token_file {
-        Some(f) => Some(
-            std::fs::read_to_string(f)
-                .with_context(|| format!("cannot read `{}`", f.display()))?
-                .trim()
-                .to_owned(),
+    let opts = match options(&a, conn).and_then(|o| {
+        let e = o.validate();
+        if e.is_empty() { Ok(o) } else { Err(e) }
+    }) {
+        Ok(o) => o,
+        Err(errors) => bail!(
+            "{} problem(s) with the flags:\n  - {}",
+            errors.len(),
+            errors.join("\n  - ")
         ),
-        None => None,
     };
-    let mut upstreams = vec![];
-    for u in &a.upstreams {
-        let (listen, target) = u
-            .split_once('=')
-            .with_context(|| format!("--upstream `{u}`: write LISTEN=NAMESPACE/SERVICE:PORT"))?;
-        let (svc, port) = target
-            .rsplit_once(':')
-            .with_context(|| format!("--upstream `{u}`: the service needs a port"))?;
-        let listen = listen
-            .parse()
-            .with_context(|| format!("--upstream `{u}`: `{listen}` is not ip:port"))?;
-        let service = WorkloadRef::parse(svc).map_err(|e| anyhow!("--upstream `{u}`: {e}"))?;
-        let port = port
-            .parse()
-            .with_context(|| format!("--upstream `{u}`: `{port}` is not a port"))?;
-        upstreams.push((listen, Upstream { service, port }));
-    }
-    if a.sample_allows == 0 {
-        bail!("--sample-allows must be at least 1");
-    }
-    let opts = meshward_proxy::run::Options {
-        workload: workload.clone(),
-        agent: AgentConfig {
-            control: control.clone(),
-            trust_domain: td,
-            control_roots: roots,
-            identity: identity.clone(),
-            join_token,
-            state_dir: state_dir.clone(),
-            mark: a.transparent.then_some(a.mark),
-        },
-        upstreams,
-        admin: a
-            .admin
-            .parse()
-            .with_context(|| format!("--admin `{}` is not ip:port", a.admin))?,
-        decision_log: a.decision_log.clone(),
-        sample_allows: a.sample_allows,
-        ship_queue: a.ship_queue,
-        ship_allows_per_second: a.ship_allows_per_second,
-        otlp_endpoint: a.otlp_endpoint.clone(),
-        telemetry: a.telemetry == "on",
-        upstream_protocol: meshward_proxy::pool::UpstreamProtocol::parse(&a.upstream_protocol)
-            .map_err(|e| anyhow!("--upstream-protocol {e}"))?,
-        transparent: if a.transparent {
-            Some(meshward_proxy::transparent::Options {
-                inbound: a.inbound_capture.parse().with_context(|| {
-                    format!("--inbound-capture `{}` is not ip:port", a.inbound_capture)
-                })?,
-                outbound: a.outbound_capture.parse().with_context(|| {
-                    format!("--outbound-capture `{}` is not ip:port", a.outbound_capture)
-                })?,
-                mark: a.mark,
-            })
-        } else {
-            None
-        },
-        limits,
-    };
+    let (workload, identity) = (opts.workload.clone(), opts.agent.identity.clone());
     // One worker: a current-thread runtime (PERFORMANCE.md: faster than a one-worker
     // multi-thread runtime).
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -123,6 +48,182 @@ pub fn run(a: ProxyArgs, conn: &crate::control_cmd::Conn) -> Result<ExitCode> {
     }))
     .map_err(anyhow::Error::msg)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Parses every flag into the proxy's typed configuration, collecting every error (each
+/// names its flag) instead of stopping at the first; cross-field rules are checked after,
+/// by [`meshward_proxy::run::Options::validate`].
+fn options(
+    a: &ProxyArgs,
+    conn: &crate::control_cmd::Conn,
+) -> std::result::Result<meshward_proxy::run::Options, Vec<String>> {
+    let mut errors: Vec<String> = vec![];
+    let mut need = |flag: &str, v: &Option<String>| {
+        if v.is_none() {
+            errors.push(format!("{flag} is required"));
+        }
+        v.clone()
+    };
+    let (workload, control) = (
+        need("--workload", &a.workload),
+        need("--control", &a.control),
+    );
+    if a.state_dir.is_none() {
+        errors.push("--state-dir is required".into());
+    }
+    let workload = workload.and_then(|w| {
+        WorkloadRef::parse(&w)
+            .map_err(|e| errors.push(format!("--workload `{w}`: {e}")))
+            .ok()
+    });
+    let limits = limits(a)
+        .map_err(|e| {
+            errors.extend(e.to_string().split("; ").map(str::to_owned));
+        })
+        .ok();
+    // The trust domain and roots come from the control plane's bundle.
+    let bundle = conn
+        .ca_file
+        .clone()
+        .or_else(|| std::env::var_os("MESHWARD_CA_FILE").map(std::path::PathBuf::from))
+        .ok_or_else(|| "--ca-file: pass DATA/bundle.pem (the control plane's trust bundle) or set MESHWARD_CA_FILE".to_owned())
+        .and_then(|f| {
+            let pem = std::fs::read_to_string(&f)
+                .map_err(|e| format!("--ca-file: cannot read `{}`: {e}", f.display()))?;
+            let roots = certs_from_pem(&pem);
+            let td = roots.first().and_then(|c| trust_domain_of(c)).ok_or_else(|| {
+                format!("--ca-file: `{}` holds no Meshward root certificate", f.display())
+            })?;
+            Ok((td, roots))
+        })
+        .map_err(|e| errors.push(e))
+        .ok();
+    let identity = match (&a.identity, &bundle, &workload) {
+        (Some(i), _, _) => SpiffeId::parse(i)
+            .map_err(|e| errors.push(format!("--identity `{i}`: {e}")))
+            .ok(),
+        (None, Some((td, _)), Some(w)) => SpiffeId::workload(td, &w.namespace, &w.name)
+            .map_err(|e| errors.push(format!("--workload: cannot form the identity: {e}")))
+            .ok(),
+        _ => None,
+    };
+    let join_token = a.join_token_file.as_ref().and_then(|f| {
+        std::fs::read_to_string(f)
+            .map(|t| t.trim().to_owned())
+            .map_err(|e| {
+                errors.push(format!(
+                    "--join-token-file: cannot read `{}`: {e}",
+                    f.display()
+                ))
+            })
+            .ok()
+    });
+    let mut upstreams = vec![];
+    for u in &a.upstreams {
+        match upstream(u) {
+            Ok(x) => upstreams.push(x),
+            Err(e) => errors.push(format!("--upstream `{u}`: {e}")),
+        }
+    }
+    if a.sample_allows == 0 {
+        errors.push("--sample-allows must be at least 1".into());
+    }
+    let mut addr = |flag: &str, v: &str| {
+        v.parse::<std::net::SocketAddr>()
+            .map_err(|_| errors.push(format!("{flag} `{v}` is not ip:port")))
+            .ok()
+    };
+    let admin = addr("--admin", &a.admin);
+    let captures = if a.transparent {
+        (
+            addr("--inbound-capture", &a.inbound_capture),
+            addr("--outbound-capture", &a.outbound_capture),
+        )
+    } else {
+        (None, None)
+    };
+    let telemetry = match a.telemetry.as_str() {
+        "on" => true,
+        "off" => false,
+        other => {
+            errors.push(format!("--telemetry `{other}`: use on or off"));
+            true
+        }
+    };
+    let upstream_protocol = meshward_proxy::pool::UpstreamProtocol::parse(&a.upstream_protocol)
+        .map_err(|e| errors.push(format!("--upstream-protocol {e}")))
+        .ok();
+    let (
+        Some(workload),
+        Some(control),
+        Some(state_dir),
+        Some(limits),
+        Some((td, roots)),
+        Some(identity),
+        Some(admin),
+        Some(upstream_protocol),
+        true,
+    ) = (
+        workload,
+        control,
+        a.state_dir.clone(),
+        limits,
+        bundle,
+        identity,
+        admin,
+        upstream_protocol,
+        errors.is_empty(),
+    )
+    else {
+        return Err(errors);
+    };
+    let transparent = match captures {
+        (Some(inbound), Some(outbound)) => Some(meshward_proxy::transparent::Options {
+            inbound,
+            outbound,
+            mark: a.mark,
+        }),
+        _ => None,
+    };
+    Ok(meshward_proxy::run::Options {
+        workload,
+        agent: AgentConfig {
+            control,
+            trust_domain: td,
+            control_roots: roots,
+            identity,
+            join_token,
+            state_dir,
+            mark: a.transparent.then_some(a.mark),
+        },
+        upstreams,
+        admin,
+        decision_log: a.decision_log.clone(),
+        sample_allows: a.sample_allows,
+        ship_queue: a.ship_queue,
+        ship_allows_per_second: a.ship_allows_per_second,
+        otlp_endpoint: a.otlp_endpoint.clone(),
+        telemetry,
+        upstream_protocol,
+        transparent,
+        limits,
+    })
+}
+
+/// `LISTEN=NAMESPACE/SERVICE:PORT`.
+fn upstream(u: &str) -> std::result::Result<(std::net::SocketAddr, Upstream), String> {
+    let (listen, target) = u
+        .split_once('=')
+        .ok_or("write LISTEN=NAMESPACE/SERVICE:PORT")?;
+    let (svc, port) = target.rsplit_once(':').ok_or("the service needs a port")?;
+    let listen = listen
+        .parse()
+        .map_err(|_| format!("`{listen}` is not ip:port"))?;
+    let service = WorkloadRef::parse(svc)?;
+    let port = port
+        .parse()
+        .map_err(|_| format!("`{port}` is not a port"))?;
+    Ok((listen, Upstream { service, port }))
 }
 
 /// The inbound connection limits from the flags over the built-in defaults (the same

@@ -927,3 +927,70 @@ fn bad_limit_flags_are_refused_together_by_name() {
         assert!(text.contains(want), "no `{want}` in {text}");
     }
 }
+
+#[test]
+fn every_bad_proxy_flag_is_reported_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A real bundle, so that cross-field rules (identity vs trust domain) are reached.
+    let data = tmp.path().join("data");
+    let _control = start_control(&data, free_port(), free_port(), free_port());
+    let o = Command::new(bin())
+        .args(["proxy", "--workload", "web", "--control", "127.0.0.1:1"])
+        .arg("--state-dir")
+        .arg(tmp.path().join("state"))
+        .arg("--ca-file")
+        .arg(data.join("bundle.pem"))
+        .args([
+            "--upstream",
+            "127.0.0.1:9=orders",
+            "--admin",
+            "nowhere",
+            "--max-connections",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let text = out(&o);
+    for want in [
+        "problem(s) with the flags",
+        "--workload `web`",
+        "--upstream `127.0.0.1:9=orders`: the service needs a port",
+        "--admin `nowhere` is not ip:port",
+        "--max-connections must be between 1 and 1000000, not 0",
+    ] {
+        assert!(text.contains(want), "no `{want}` in {text}");
+    }
+    // Every field parses; the cross-field rules then speak, all of them.
+    let o = Command::new(bin())
+        .args([
+            "proxy",
+            "--workload",
+            "web/frontend",
+            "--control",
+            "127.0.0.1:1",
+        ])
+        .arg("--state-dir")
+        .arg(tmp.path().join("state"))
+        .arg("--ca-file")
+        .arg(data.join("bundle.pem"))
+        .args([
+            "--identity",
+            "spiffe://other.example/ns/orders/sa/x",
+            "--admin",
+            "127.0.0.1:18999",
+            "--upstream",
+            "127.0.0.1:18999=orders/orders:80",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let text = out(&o);
+    for want in [
+        "--upstream 127.0.0.1:18999=orders/orders:80 and --admin both listen on 127.0.0.1:18999",
+        "is not of the bundle's trust domain `shop.example`",
+        "is in namespace `orders`, --workload `web/frontend` in `web`",
+    ] {
+        assert!(text.contains(want), "no `{want}` in {text}");
+    }
+}

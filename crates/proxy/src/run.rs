@@ -46,6 +46,48 @@ pub struct Options {
     pub limits: crate::listener::Limits,
 }
 
+impl Options {
+    /// Cross-field rules, checked once every field parsed (each error names its flags):
+    /// every listener has its own address; the identity belongs to the bundle's trust
+    /// domain and, for a workload identity, to the workload's namespace.
+    pub fn validate(&self) -> Vec<String> {
+        let mut errors = vec![];
+        let mut seen: Vec<(SocketAddr, String)> = vec![(self.admin, "--admin".into())];
+        for (listen, up) in &self.upstreams {
+            seen.push((
+                *listen,
+                format!("--upstream {listen}={}:{}", up.service, up.port),
+            ));
+        }
+        if let Some(t) = &self.transparent {
+            seen.push((t.inbound, "--inbound-capture".into()));
+            seen.push((t.outbound, "--outbound-capture".into()));
+        }
+        for (i, (a, who)) in seen.iter().enumerate() {
+            if let Some((_, first)) = seen[..i].iter().find(|(b, _)| b == a && a.port() != 0) {
+                errors.push(format!("{who} and {first} both listen on {a}"));
+            }
+        }
+        let id = &self.agent.identity;
+        if id.trust_domain_name() != self.agent.trust_domain.as_str() {
+            errors.push(format!(
+                "--identity `{id}` is not of the bundle's trust domain `{}`",
+                self.agent.trust_domain
+            ));
+        }
+        let segs: Vec<&str> = id.segments().collect();
+        if let ["ns", ns, ..] = segs.as_slice() {
+            if *ns != self.workload.namespace {
+                errors.push(format!(
+                    "--identity `{id}` is in namespace `{ns}`, --workload `{}` in `{}`",
+                    self.workload, self.workload.namespace
+                ));
+            }
+        }
+        errors
+    }
+}
+
 /// Runs the proxy until the process ends; `ready` is called with the bound addresses once
 /// the inbound listeners are up.
 pub async fn run(opts: Options, ready: impl FnOnce(&[(SocketAddr, u16)])) -> Result<(), String> {
