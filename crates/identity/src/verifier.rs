@@ -1,10 +1,14 @@
 //! rustls certificate verifiers that accept exactly X.509-SVIDs (see [`crate::svid`]) and
 //! tell the caller who the peer is.
 //!
-//! Trust bundles sit behind an `ArcSwap`-like `RwLock` snapshot: a handshake clones an
-//! `Arc` of the current bundles and never holds a lock while it verifies.
+//! Trust bundles sit behind an `ArcSwap`: a handshake loads the current snapshot without a
+//! lock (no reader waits on another connection's handshake, nor on a bundle update), and
+//! an update builds the next snapshot aside and swaps it in whole.
+#![deny(clippy::disallowed_types)]
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, SystemTime};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -20,28 +24,21 @@ use crate::svid::{self, SvidError, TrustBundles, Usage};
 
 /// The trust bundles a verifier uses, replaceable while connections run.
 #[derive(Debug, Clone, Default)]
-pub struct SharedBundles(Arc<RwLock<Arc<TrustBundles>>>);
+pub struct SharedBundles(Arc<ArcSwap<TrustBundles>>);
 
 impl SharedBundles {
     pub fn new(b: TrustBundles) -> Self {
-        SharedBundles(Arc::new(RwLock::new(Arc::new(b))))
+        SharedBundles(Arc::new(ArcSwap::from_pointee(b)))
     }
 
-    /// The current bundles.
+    /// The current bundles (lock-free).
     pub fn load(&self) -> Arc<TrustBundles> {
-        match self.0.read() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        self.0.load_full()
     }
 
     /// Replaces the bundles for every later handshake.
     pub fn store(&self, b: TrustBundles) {
-        let next = Arc::new(b);
-        match self.0.write() {
-            Ok(mut g) => *g = next,
-            Err(p) => *p.into_inner() = next,
-        }
+        self.0.store(Arc::new(b));
     }
 }
 

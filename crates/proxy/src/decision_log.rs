@@ -1,6 +1,12 @@
 //! The decision log writer: every deny and a sample of allows, as JSON lines in the
 //! format of `docs/decision-log.md`, written by a background thread so the request path
 //! never waits on the disk. When the queue is full, records are dropped and counted.
+//!
+//! Stage: the end of the inbound request gate ([`crate::gate`] is its one caller on the
+//! inbound side). Nothing here takes a lock shared across connections: the metric series
+//! and the destination label are cached per connection ([`Series`]) or in lock-free
+//! snapshots, and both queues are bounded channels whose senders never block.
+#![deny(clippy::disallowed_types)]
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -26,6 +32,15 @@ pub struct Extra {
 /// A destination and its metric label.
 type Labelled = (WorkloadRef, Arc<str>);
 
+/// One connection's cache of what its records are counted under: the `meshward_requests`
+/// series and the destination's label, reused while they stay the same (they mostly do:
+/// one peer, one workload).
+#[derive(Debug, Default)]
+pub struct Series {
+    requests: meshward_telemetry::RequestSeries,
+    destination: Option<Labelled>,
+}
+
 /// Where decisions go.
 #[derive(Debug, Clone)]
 pub struct DecisionLog {
@@ -43,15 +58,18 @@ pub struct DecisionLog {
     /// Per-request metrics (off: only the decision log, for the overhead benchmark and
     /// the leanest deployments).
     pub metrics_on: bool,
-    last_destination: Arc<std::sync::Mutex<Option<Labelled>>>,
+    /// The last destination labelled for a caller without a [`Series`] (lock-free).
+    last_destination: Arc<arc_swap::ArcSwapOption<Labelled>>,
 }
 
 /// The bounded queue of records for the control plane: when it is full (the control plane
 /// unreachable, say) new records are dropped and counted, never waited for.
 #[derive(Debug)]
 pub struct ShipQueue {
-    q: std::sync::Mutex<std::collections::VecDeque<String>>,
-    cap: usize,
+    /// Bounded: `try_send` never waits and never locks.
+    tx: tokio::sync::mpsc::Sender<String>,
+    /// Only the shipper takes records; a second taker at the same moment gets none.
+    rx: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<String>>,
     /// Dropped since the last batch (reported with it).
     dropped: AtomicU64,
     metrics: Arc<meshward_telemetry::ProxyMetrics>,
@@ -92,13 +110,9 @@ impl ShipQueue {
     }
 
     fn push(&self, line: String) {
-        if let Ok(mut q) = self.q.lock()
-            && q.len() < self.cap
-        {
-            q.push_back(line);
-            return;
+        if self.tx.try_send(line).is_err() {
+            self.lost(1);
         }
-        self.lost(1);
     }
 
     /// Counts records that will never reach the control plane.
@@ -109,13 +123,17 @@ impl ShipQueue {
 
     /// Takes up to `n` records, oldest first.
     pub fn take(&self, n: usize) -> Vec<String> {
-        match self.q.lock() {
-            Ok(mut q) => {
-                let k = n.min(q.len());
-                q.drain(..k).collect()
+        let Ok(mut rx) = self.rx.try_lock() else {
+            return vec![];
+        };
+        let mut out = Vec::with_capacity(n.min(rx.len()));
+        while out.len() < n {
+            match rx.try_recv() {
+                Ok(line) => out.push(line),
+                Err(_) => break,
             }
-            Err(_) => vec![],
         }
+        out
     }
 
     /// Records dropped since the last call.
@@ -124,7 +142,7 @@ impl ShipQueue {
     }
 
     pub fn len(&self) -> usize {
-        self.q.lock().map_or(0, |q| q.len())
+        self.tx.max_capacity() - self.tx.capacity()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -143,9 +161,11 @@ impl DecisionLog {
     /// deny, and sampled allows — at most `allows_per_second` of them (0: all), weighted.
     pub fn with_shipping(mut self, cap: usize, allows_per_second: u64) -> Self {
         self.ship = (cap > 0).then(|| {
+            // (tokio refuses a bound above `usize::MAX >> 3`.)
+            let (tx, rx) = tokio::sync::mpsc::channel(cap.min(usize::MAX >> 4));
             Arc::new(ShipQueue {
-                q: std::sync::Mutex::default(),
-                cap,
+                tx,
+                rx: tokio::sync::Mutex::new(rx),
                 dropped: AtomicU64::new(0),
                 metrics: self.metrics.clone(),
                 allows_per_second,
@@ -222,7 +242,19 @@ impl DecisionLog {
 
     /// Records a decision with the proxy's own context (direction, detail, address).
     pub fn record_with(&self, req: &Request, d: &Decision, extra: &Extra) {
-        self.count(req, d, extra.outbound);
+        self.record_in(None, req, d, extra);
+    }
+
+    /// [`DecisionLog::record_with`], counted under the connection's own `series` when it
+    /// has one.
+    pub fn record_in(
+        &self,
+        series: Option<&mut Series>,
+        req: &Request,
+        d: &Decision,
+        extra: &Extra,
+    ) {
+        self.count(series, req, d, extra.outbound);
         let weight = match d.verdict {
             Verdict::Deny => {
                 self.denied.fetch_add(1, Ordering::Relaxed);
@@ -280,32 +312,40 @@ impl DecisionLog {
 
     /// The destination's metric label, `external` for every address outside the mesh; the
     /// last one is kept (a proxy's records mostly name its own workload).
-    fn destination_label(&self, dest: &WorkloadRef) -> Arc<str> {
+    fn destination_label(&self, series: Option<&mut Series>, dest: &WorkloadRef) -> Arc<str> {
         if dest.namespace == "external" {
             return Arc::from("external");
         }
-        let Ok(mut last) = self.last_destination.lock() else {
-            return Arc::from(dest.to_string());
-        };
-        match &*last {
-            Some((w, label)) if w == dest => label.clone(),
-            _ => {
-                let label: Arc<str> = Arc::from(dest.to_string());
-                *last = Some((dest.clone(), label.clone()));
-                label
-            }
+        if let Some(s) = series {
+            return match &s.destination {
+                Some((w, label)) if w == dest => label.clone(),
+                _ => {
+                    let label: Arc<str> = Arc::from(dest.to_string());
+                    s.destination = Some((dest.clone(), label.clone()));
+                    label
+                }
+            };
         }
+        if let Some(last) = self.last_destination.load().as_ref()
+            && last.0 == *dest
+        {
+            return last.1.clone();
+        }
+        let label: Arc<str> = Arc::from(dest.to_string());
+        self.last_destination
+            .store(Some(Arc::new((dest.clone(), label.clone()))));
+        label
     }
 
     /// The metrics of a decision: the request counter (bounded labels: identities,
     /// workload names, codes), the decision time, shadow verdicts.
-    fn count(&self, req: &Request, d: &Decision, outbound: bool) {
+    fn count(&self, mut series: Option<&mut Series>, req: &Request, d: &Decision, outbound: bool) {
         if !self.metrics_on {
             return;
         }
         let m = &self.metrics;
-        let destination = self.destination_label(&req.destination);
-        m.count_request(meshward_telemetry::RequestLabels {
+        let destination = self.destination_label(series.as_deref_mut(), &req.destination);
+        let labels = meshward_telemetry::RequestLabels {
             direction: if outbound { "outbound" } else { "inbound" },
             source: req
                 .source
@@ -314,7 +354,11 @@ impl DecisionLog {
             destination,
             verdict: d.verdict.as_str(),
             reason: d.reason.as_str(),
-        });
+        };
+        match series {
+            Some(s) => m.count_request_in(&mut s.requests, labels),
+            None => m.count_request(labels),
+        }
         if d.reason.is_policy() {
             m.decision_time.observe(d.elapsed.as_secs_f64());
         }

@@ -1,28 +1,32 @@
-//! The inbound HTTP/1.1 fast path: the common request — HTTP/1.1, no body, no upgrade —
-//! relayed between the peer's TLS stream and one app connection in a single task, the
-//! request head checked ([`crate::hygiene::check_head`]), parsed (httparse), authorized and
-//! rewritten (normalized target, verified identity) and the response relayed as it comes.
-//! Everything else — a request with a body, `Expect`, `Upgrade`, HTTP/1.0, a head too large
-//! — hands the connection, with the bytes read so far, to the general path (hyper), which
-//! serves it from then on. Tracing uses the general path too (the span per request lives
-//! there).
+//! Inbound stage 3b, a codec: the HTTP/1.1 fast path. The common request — HTTP/1.1, no
+//! body, no upgrade — relayed between the peer's TLS stream and one app connection in a
+//! single task, the request head checked ([`crate::hygiene::check_head`]), parsed
+//! (httparse), passed through the request gate ([`crate::gate`]), rewritten (normalized
+//! target, verified identity) and the response relayed as it comes. Everything else — a
+//! request with a body, `Expect`, `Upgrade`, HTTP/1.0, a head too large — hands the
+//! connection, with the bytes read so far, to the general path (hyper), which serves it
+//! from then on. With tracing on, the fast path carries the request's span itself, so
+//! tracing never changes the path a request takes.
 //!
 //! Why: at 1,000 requests per second the general path's server and client tasks, header
 //! maps and channels were most of the inbound proxy's user-space time (docs/proxy.md has
 //! the measurements).
+#![deny(clippy::disallowed_types)]
 
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use meshward_identity::SpiffeId;
-use meshward_policy::decision::Verdict;
+use meshward_telemetry::trace::RequestSpan;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::clock::Expired;
+use crate::gate::{Admitted, Gate, Head, Stop};
 use crate::hygiene::{ChunkedEnd, MAX_HEAD, State0, check_head, head_end};
-use crate::inbound::{Checked, IDENTITY_HEADER, InboundPort, authorize, denial, refused};
+use crate::inbound::{IDENTITY_HEADER, InboundPort};
 use crate::interpret::{self, Version, has_token, split_target};
+use crate::rescue::{Refused, Status};
 use crate::state::Shared;
 use crate::transport::Connector;
 
@@ -105,6 +109,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut app: Option<AppConn> = None;
     let mut out: Vec<u8> = Vec::with_capacity(1024);
     let limits = shared.limits();
+    let mut gate = Gate::new(shared, port, peer, true);
     let mut first = true;
     loop {
         // A request head, in time (crate::clock has the same rules for the general path):
@@ -156,25 +161,43 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             // A tunnel: the general path relays it, when a rule names it.
             return End::Handoff(buf.into_vec());
         }
-        // The same reading of the head as the general path's (crate::interpret); an
-        // absolute-form target's authority must agree with `Host`.
-        let under = crate::inbound::underscores(shared);
+        // The request gate, as for every codec (crate::gate): the same reading of the
+        // head as the general path's, the path normalized, the decision, the record of a
+        // refusal. The span (tracing on) is the general path's too.
         let (authority, origin) = split_target(target);
-        let facts = match interpret::head(
-            Version::Http11,
-            method,
-            authority,
+        let span = RequestSpan::start_raw(
             req.headers.iter().map(|h| (h.name, h.value)),
+            method,
+            origin.split('?').next().unwrap_or(origin),
+        );
+        let checked = gate.check(
+            Head {
+                version: Version::Http11,
+                method,
+                target: origin,
+                authority,
+                headers: || req.headers.iter().map(|h| (h.name, h.value)),
+                fast: true,
+            },
+            &span,
+        );
+        let Admitted {
+            preq,
+            d,
+            target,
+            facts,
             under,
-        ) {
-            Ok(f) => f,
-            Err(r) => {
+        } = match checked {
+            Ok(a) => a,
+            Err(Stop::Handoff) => return End::Handoff(buf.into_vec()),
+            Err(Stop::Refused(r)) => {
                 let close = req.headers.iter().any(|h| {
                     h.name.eq_ignore_ascii_case("connection") && has_token(h.value, "close")
                 });
-                let body = refused(shared, port, peer, method, target, r);
-                let ok = respond(stream, "400 Bad Request", &body, close).await;
-                done(shared, 400, t0);
+                let ok = r.write_h1(stream, close).await;
+                let status = r.status.http().as_u16();
+                done(shared, status, t0);
+                span.finish(status);
                 buf.consume(end);
                 if close || !ok {
                     return End::Closed;
@@ -182,43 +205,11 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 continue;
             }
         };
-        if facts.expect || facts.upgrade {
-            return End::Handoff(buf.into_vec());
-        }
         let close = facts.close;
-        let checked = authorize(
-            shared,
-            port,
-            peer,
-            method,
-            origin,
-            &facts,
-            req.headers.iter().map(|h| (h.name, h.value)),
-        );
-        let Checked { preq, d, target } = match checked {
-            Ok(c) => c,
-            Err(body) => {
-                let ok = respond(stream, "400 Bad Request", &body, close).await;
-                done(shared, 400, t0);
-                buf.consume(end);
-                if close || !ok {
-                    return End::Closed;
-                }
-                continue;
-            }
-        };
-        if d.verdict != Verdict::Allow {
-            shared.log.record(&preq, &d);
-            let ok = respond(stream, "403 Forbidden", &denial(&d), close).await;
-            done(shared, 403, t0);
-            buf.consume(end);
-            if close || !ok {
-                return End::Closed;
-            }
-            continue;
-        }
         // The head for the app: the normalized target, the verified identity (any copy
-        // the peer sent is dropped), everything else as sent.
+        // the peer sent is dropped), this proxy's span (tracing on), everything else as
+        // sent.
+        let traced = span.is_recording();
         out.clear();
         out.extend_from_slice(method.as_bytes());
         out.push(b' ');
@@ -226,7 +217,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         out.extend_from_slice(b" HTTP/1.1\r\n");
         for h in req.headers.iter() {
             // (Nothing to drop in the common request: one comparison per header.)
-            if !facts.strips || interpret::forwarded(h.name, under) {
+            if (!facts.strips || interpret::forwarded(h.name, under))
+                && !(traced && RequestSpan::is_context_header(h.name))
+            {
                 out.extend_from_slice(h.name.as_bytes());
                 out.extend_from_slice(b": ");
                 out.extend_from_slice(h.value);
@@ -246,6 +239,12 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
             out.extend_from_slice(b"\r\n");
         }
+        span.inject_with(|k, v| {
+            out.extend_from_slice(k.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(v.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        });
         out.extend_from_slice(b"\r\n");
         let head_only = method == "HEAD";
         let idempotent = matches!(
@@ -256,18 +255,11 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 
         let t_app = Instant::now();
         let relayed = relay(stream, &mut app, port, &out, head_only, idempotent).await;
-        shared.log.record_with(
-            &preq,
-            &d,
-            &crate::decision_log::Extra {
-                duration: Some(t_app.elapsed()),
-                address: port.mark.is_some().then_some(port.app),
-                ..Default::default()
-            },
-        );
+        gate.forwarded(&preq, &d, t_app.elapsed());
         match relayed {
             Ok(r) => {
                 done(shared, r.status, t0);
+                span.finish(r.status);
                 if close || r.close {
                     let _ = stream.shutdown().await;
                     return End::Closed;
@@ -276,13 +268,19 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             // (`relay` has dropped the app connection.)
             Err(Failure::App(e)) => {
                 let body = serde_json::json!({"error": "the app did not answer", "detail": e});
-                let ok = respond(stream, "502 Bad Gateway", &body, close).await;
+                let ok = Refused::new(Status::BadGateway, body)
+                    .write_h1(stream, close)
+                    .await;
                 done(shared, 502, t0);
+                span.finish(502);
                 if close || !ok {
                     return End::Closed;
                 }
             }
-            Err(Failure::Peer) => return End::Closed,
+            Err(Failure::Peer) => {
+                span.finish(499);
+                return End::Closed;
+            }
         }
     }
 }
@@ -295,24 +293,6 @@ fn done(shared: &Shared, status: u16, t0: Instant) {
             .metrics
             .request_done("inbound", status, t0.elapsed().as_secs_f64());
     }
-}
-
-/// Writes a small JSON response of the proxy's own; false when the peer is gone.
-async fn respond<S: AsyncWrite + Unpin>(
-    stream: &mut S,
-    status: &str,
-    body: &serde_json::Value,
-    close: bool,
-) -> bool {
-    let body = body.to_string();
-    let head = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n",
-        body.len(),
-        if close { "connection: close\r\n" } else { "" }
-    );
-    let mut msg = head.into_bytes();
-    msg.extend_from_slice(body.as_bytes());
-    stream.write_all(&msg).await.is_ok() && stream.flush().await.is_ok()
 }
 
 #[derive(Debug)]

@@ -17,6 +17,9 @@
 //! still pass. It follows request bodies (by length or chunk by chunk) to find the next
 //! head on a keep-alive connection. HTTP/2 connections (the `PRI` preface) pass through
 //! untouched.
+//!
+//! Stage: under every HTTP/1 codec, between detection and the request gate ([`crate::gate`]).
+#![deny(clippy::disallowed_types)]
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};

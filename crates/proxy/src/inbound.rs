@@ -1,34 +1,35 @@
-//! Inbound: accepts only mutual TLS with a valid SVID, decides per connection (TCP) or per
-//! request (HTTP/1.1) with the compiled engine, and forwards what is allowed to the app on
-//! loopback — the normalized path, with the verified peer identity in a header the app can
-//! trust (any incoming copy is stripped).
+//! Inbound stages 1–3 and 6, and the general codec: accept (the listener's table,
+//! [`crate::listener`]) → handshake (mTLS, an SVID required) → protocol detection (TCP, the
+//! HTTP/1.1 fast path [`crate::h1`], or hyper for HTTP/1 and HTTP/2 and gRPC) → the request
+//! gate ([`crate::gate`], which every codec calls) → the app on loopback: the normalized
+//! path, with the verified peer identity in a header the app can trust (any incoming copy
+//! is stripped). A refusal at any stage is answered by [`crate::rescue`].
+#![deny(clippy::disallowed_types)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use hyper::{Request as HttpRequest, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshward_identity::SpiffeId;
 use meshward_identity::verifier::{Accept, SvidClientVerifier, peer_identity};
-use meshward_policy::decision::{
-    Decision, HttpAttrs, PolicyRevision, Reason, Request, Source, Verdict,
-};
-use meshward_policy::path::normalize;
+use meshward_policy::decision::{Reason, Source};
 use meshward_policy::resource::Protocol;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::clock::{Clocked, ConnClock, Tracked};
+use crate::gate::{Admitted, Gate, Head, Stop};
 use crate::listener::{Listener, Refused, Slot};
+use crate::rescue::{Body, Status};
 use crate::state::{ServerCert, Shared};
 
 pub use crate::interpret::IDENTITY_HEADER;
-use crate::interpret::{Facts, Refusal, Version};
+use crate::interpret::Version;
 use crate::transport::Connector;
 
 /// One inbound port: the app port (as declared) and where the app is reached.
@@ -98,22 +99,6 @@ pub fn app_client(protocol: Protocol, mark: Option<u32>) -> AppClient {
         .build(AppConnector { mark })
 }
 
-type Body = BoxBody<Bytes, hyper::Error>;
-
-fn full(status: StatusCode, json: serde_json::Value) -> Response<Body> {
-    let mut r = Response::new(
-        Full::new(Bytes::from(json.to_string()))
-            .map_err(|never: Infallible| match never {})
-            .boxed(),
-    );
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        "content-type",
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
 /// The TLS server configuration: SVIDs required from every client.
 pub fn server_tls(
     shared: &Arc<Shared>,
@@ -133,14 +118,6 @@ pub fn server_tls(
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     }
     Ok(Arc::new(cfg))
-}
-
-fn decide(shared: &Shared, req: &Request) -> Decision {
-    match shared.policy.load().as_ref() {
-        Some(p) => p.engine.decide(req),
-        // No configuration at all: fail closed.
-        None => Decision::bare(Verdict::Deny, Reason::NoPolicy, PolicyRevision(0)),
-    }
 }
 
 /// Serves one inbound port for ever: the accept loop never exits ([`crate::listener`]),
@@ -194,28 +171,8 @@ fn connection_refused(
     r: Refused,
 ) {
     shared.log.metrics.connection_refused("inbound", r.as_str());
-    let rev = shared
-        .policy
-        .load()
-        .as_ref()
-        .map_or(PolicyRevision(0), |p| PolicyRevision(p.revision));
-    let req = Request {
-        source,
-        destination: shared.workload.clone(),
-        port: port.app_port,
-        http: None,
-        at: SystemTime::now(),
-    };
-    let d = Decision::bare(Verdict::Deny, Reason::ConnectionLimit, rev);
-    shared.log.record_with(
-        &req,
-        &d,
-        &crate::decision_log::Extra {
-            detail: Some(r.detail(&listener.name)),
-            address: (port.mark.is_some()).then_some(port.app),
-            ..Default::default()
-        },
-    );
+    let detail = r.detail(&listener.name);
+    crate::gate::connection(shared, port, source, Reason::ConnectionLimit, detail);
 }
 
 /// One inbound connection: the mTLS handshake (a failure is logged as a decision), the
@@ -264,48 +221,20 @@ pub async fn connection(
 
 /// Logs a refused handshake as a deny (`handshake_failed`, source unknown).
 fn handshake_failed(shared: &Shared, port: InboundPort, why: crate::handshake::Failure) {
-    let rev = shared
-        .policy
-        .load()
-        .as_ref()
-        .map_or(PolicyRevision(0), |p| PolicyRevision(p.revision));
-    let req = Request {
-        source: Source::Unauthenticated,
-        destination: shared.workload.clone(),
-        port: port.app_port,
-        http: None,
-        at: SystemTime::now(),
-    };
-    let d = Decision::bare(Verdict::Deny, Reason::HandshakeFailed, rev);
     shared.log.metrics.handshake_failed("inbound", why.kind);
-    shared.log.record_with(
-        &req,
-        &d,
-        &crate::decision_log::Extra {
-            detail: Some(why.detail),
-            address: (port.mark.is_some()).then_some(port.app),
-            ..Default::default()
-        },
-    );
+    let source = Source::Unauthenticated;
+    crate::gate::connection(shared, port, source, Reason::HandshakeFailed, why.detail);
 }
 
+/// The TCP codec: the gate decides once for the connection; a refusal closes it.
 async fn serve_tcp(
     shared: Arc<Shared>,
     port: InboundPort,
     peer: SpiffeId,
     mut stream: tokio_rustls::server::TlsStream<TcpStream>,
 ) {
-    let req = Request {
-        source: Source::Authenticated(peer),
-        destination: shared.workload.clone(),
-        port: port.app_port,
-        http: None,
-        at: SystemTime::now(),
-    };
-    let d = decide(&shared, &req);
-    shared.log.record(&req, &d);
-    if d.verdict != Verdict::Allow {
-        return; // dropped: the connection closes
+    if crate::gate::tcp(&shared, port, peer).is_err() {
+        return; // refused: the connection closes
     }
     let Ok(mut app) = Connector::new(port.mark).connect(port.app).await else {
         return;
@@ -324,20 +253,19 @@ async fn serve_http(
     let Ok(peer_header) = hyper::header::HeaderValue::from_str(peer.as_str()) else {
         return;
     };
-    // The common HTTP/1.1 request takes the fast path; the rest of the connection moves to
-    // the general path (below) at the first request that needs it.
-    let (stream, prefix) = if port.protocol == Protocol::Http
-        && stream.get_ref().1.alpn_protocol() != Some(b"h2")
-        && !meshward_telemetry::trace::enabled()
-    {
-        let mut stream = stream;
-        match crate::h1::serve(&shared, port, &peer, &mut stream).await {
-            crate::h1::End::Closed => return,
-            crate::h1::End::Handoff(bytes) => (stream, bytes),
-        }
-    } else {
-        (stream, vec![])
-    };
+    // Protocol detection. The common HTTP/1.1 request takes the fast path; the rest of
+    // the connection moves to the general path (below) at the first request that needs it.
+    // Tracing on or off, the same path: both carry the request's span.
+    let (stream, prefix) =
+        if port.protocol == Protocol::Http && stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+            let mut stream = stream;
+            match crate::h1::serve(&shared, port, &peer, &mut stream).await {
+                crate::h1::End::Closed => return,
+                crate::h1::End::Handoff(bytes) => (stream, bytes),
+            }
+        } else {
+            (stream, vec![])
+        };
     let link = Arc::new(AppLink::default());
     let bad_body = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // The header-read and idle timeouts (crate::clock), as on the fast path.
@@ -415,6 +343,10 @@ struct App<'a> {
 /// task per request to hand the connection back (measured in docs/proxy.md). HTTP/2
 /// streams, which run concurrently, and HTTP/2 apps use the shared pool.
 #[derive(Default)]
+#[expect(
+    clippy::disallowed_types,
+    reason = "one downstream connection's own app link, never shared with another connection"
+)]
 struct AppLink(std::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<Incoming>>>);
 
 impl AppLink {
@@ -468,157 +400,8 @@ impl AppLink {
     }
 }
 
-/// An HTTP request checked against policy: what was decided on, the decision, and the
-/// normalized target to forward.
-pub(crate) struct Checked {
-    pub preq: Request,
-    pub d: Decision,
-    pub target: String,
-}
-
-/// What to do with header names with `_` under the current policy (refuse without one).
-pub(crate) fn underscores(shared: &Shared) -> meshward_policy::resource::HeadersWithUnderscores {
-    shared
-        .policy
-        .load()
-        .as_ref()
-        .map(|p| p.underscores())
-        .unwrap_or_default()
-}
-
-/// Records a request refused before policy (reason `bad_request`, the rule's code as
-/// detail) and returns the body of its 400.
-pub(crate) fn refused(
-    shared: &Shared,
-    port: InboundPort,
-    peer: &SpiffeId,
-    method: &str,
-    target: &str,
-    r: Refusal,
-) -> serde_json::Value {
-    let rev = shared
-        .policy
-        .load()
-        .as_ref()
-        .map_or(PolicyRevision(0), |p| PolicyRevision(p.revision));
-    let req = Request {
-        source: Source::Authenticated(peer.clone()),
-        destination: shared.workload.clone(),
-        port: port.app_port,
-        http: Some(HttpAttrs {
-            method: method.to_owned(),
-            path: target.to_owned(),
-            host: None,
-            headers: vec![],
-        }),
-        at: SystemTime::now(),
-    };
-    let d = Decision::bare(Verdict::Deny, Reason::BadRequest, rev);
-    shared.log.record_with(
-        &req,
-        &d,
-        &crate::decision_log::Extra {
-            detail: Some(r.code.to_owned()),
-            address: port.mark.is_some().then_some(port.app),
-            ..Default::default()
-        },
-    );
-    serde_json::json!({"verdict": "deny", "reason": d.reason, "error": r.code, "detail": r.detail, "revision": rev})
-}
-
-/// Normalizes the request target (origin form; ignored for `CONNECT`, which policy sees
-/// as path `/` with its authority as host), lower-cases it for a case-insensitive app,
-/// and decides with the compiled engine, upgrades and `CONNECT` only by a rule that names
-/// them. `facts` come from [`crate::interpret::head`]. `Err` carries the body of the 400
-/// an ambiguous path gets (already recorded).
-pub(crate) fn authorize<'h>(
-    shared: &Shared,
-    port: InboundPort,
-    peer: &SpiffeId,
-    method: &str,
-    target: &str,
-    facts: &Facts<'_>,
-    headers: impl Iterator<Item = (&'h str, &'h [u8])>,
-) -> Result<Checked, serde_json::Value> {
-    let policy = shared.policy.load_full();
-    let norm = if facts.connect {
-        Ok(meshward_policy::path::NormalizedPath {
-            path: "/".into(),
-            query: None,
-        })
-    } else {
-        normalize(target)
-    };
-    let mut norm = match norm {
-        Ok(n) => n,
-        Err(e) => {
-            let detail = e.to_string();
-            let mut body = refused(
-                shared,
-                port,
-                peer,
-                method,
-                target,
-                Refusal {
-                    code: e.code(),
-                    detail: "",
-                },
-            );
-            body["detail"] = detail.into();
-            return Err(body);
-        }
-    };
-    if policy
-        .as_ref()
-        .is_some_and(|p| p.lower_paths.contains(&port.app_port))
-    {
-        norm.path = meshward_policy::path::lower_case(&norm.path);
-    }
-    // Only the headers policy conditions read (none, for most policies), as the app gets
-    // them.
-    let wanted: &[String] = policy.as_ref().map_or(&[], |p| p.headers.as_slice());
-    let under = policy.as_ref().map(|p| p.underscores()).unwrap_or_default();
-    let headers: Vec<(String, String)> = if wanted.is_empty() {
-        vec![]
-    } else {
-        headers
-            .filter(|(k, _)| {
-                crate::interpret::forwarded(k, under)
-                    && wanted.iter().any(|w| w.eq_ignore_ascii_case(k))
-            })
-            .map(|(k, v)| {
-                (
-                    k.to_ascii_lowercase(),
-                    String::from_utf8_lossy(v).into_owned(),
-                )
-            })
-            .collect()
-    };
-    let target = norm.target();
-    let preq = Request {
-        source: Source::Authenticated(peer.clone()),
-        destination: shared.workload.clone(),
-        port: port.app_port,
-        http: Some(HttpAttrs {
-            method: method.to_owned(),
-            path: norm.path,
-            host: facts.host.map(str::to_owned),
-            headers,
-        }),
-        at: SystemTime::now(),
-    };
-    let d = match &policy {
-        Some(p) => crate::interpret::upgrade_allowed(&p.set, facts, p.engine.decide(&preq)),
-        None => Decision::bare(Verdict::Deny, Reason::NoPolicy, PolicyRevision(0)),
-    };
-    Ok(Checked { preq, d, target })
-}
-
-/// The JSON body of a 403: the reason code and the deciding policy.
-pub(crate) fn denial(d: &Decision) -> serde_json::Value {
-    serde_json::json!({"verdict": "deny", "reason": d.reason, "policy": d.policy, "rule": d.rule, "revision": d.revision})
-}
-
+/// The general codec's request: detected version → the gate → forwarding; every refusal,
+/// the gate's or the forwarding's, is answered by the rescue ([`crate::rescue`]).
 async fn handle(
     shared: &Shared,
     port: InboundPort,
@@ -627,93 +410,49 @@ async fn handle(
     span: &meshward_telemetry::trace::RequestSpan,
     mut req: HttpRequest<Incoming>,
 ) -> Response<Body> {
+    let grpc = crate::rescue::is_grpc(req.headers());
+    let mut gate = Gate::new(shared, port, peer, false);
     let version = match req.version() {
         hyper::Version::HTTP_2 => Version::Http2,
         hyper::Version::HTTP_10 | hyper::Version::HTTP_09 => Version::Http10,
         _ => Version::Http11,
     };
-    let under = underscores(shared);
-    let method = req.method().as_str();
-    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
     // The absolute-form target's authority (HTTP/1; for `CONNECT` its target), or HTTP/2's
     // `:authority`: one function reads them for every codec.
-    let facts = crate::interpret::head(
+    let head = Head {
         version,
-        method,
-        req.uri().authority().map(|a| a.as_str()),
-        req.headers()
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_bytes())),
-        under,
-    );
-    let facts = match facts {
-        Ok(f) => f,
-        Err(r) => {
-            return full(
-                StatusCode::BAD_REQUEST,
-                refused(shared, port, peer, method, target, r),
-            );
+        method: req.method().as_str(),
+        target: req.uri().path_and_query().map_or("/", |pq| pq.as_str()),
+        authority: req.uri().authority().map(|a| a.as_str()),
+        headers: || {
+            req.headers()
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_bytes()))
+        },
+        fast: false,
+    };
+    let admitted = match gate.check(head, span) {
+        Ok(a) => a,
+        Err(Stop::Refused(r)) => return r.answer(grpc),
+        // (Only the fast path hands requests over.)
+        Err(Stop::Handoff) => {
+            let r = gate.bad_request("", "", "unsupported_request", String::new());
+            return r.answer(grpc);
         }
     };
-    let checked = authorize(
-        shared,
-        port,
-        peer,
-        method,
+    let Admitted {
+        preq,
+        d,
         target,
-        &facts,
-        req.headers()
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_bytes())),
-    );
+        facts,
+        under,
+    } = admitted;
     let (host, host_header, strips) = (
         facts.host.map(str::to_owned),
         facts.host_header,
         facts.strips,
     );
     let upgrade = facts.upgrade || facts.connect;
-    let Checked { preq, d, target } = match checked {
-        Ok(c) => c,
-        Err(body) => return full(StatusCode::BAD_REQUEST, body),
-    };
-    if span.is_recording() {
-        span.decision(meshward_telemetry::trace::DecisionAttrs {
-            source: peer.as_str(),
-            destination: &preq.destination.to_string(),
-            verdict: d.verdict.as_str(),
-            reason: d.reason.as_str(),
-            policy: d.policy.as_deref(),
-            decision_ns: u64::try_from(d.elapsed.as_nanos()).unwrap_or(u64::MAX),
-        });
-    }
-    if d.verdict != Verdict::Allow {
-        shared.log.record(&preq, &d);
-        let grpc = req
-            .headers()
-            .get(hyper::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.starts_with("application/grpc"));
-        if grpc {
-            // gRPC: a trailers-only response with PERMISSION_DENIED (7).
-            let mut r = full(StatusCode::OK, serde_json::Value::Null);
-            let h = r.headers_mut();
-            h.insert(
-                "content-type",
-                hyper::header::HeaderValue::from_static("application/grpc"),
-            );
-            h.insert("grpc-status", hyper::header::HeaderValue::from_static("7"));
-            if let Ok(v) =
-                hyper::header::HeaderValue::from_str(&format!("denied by policy: {}", d.reason))
-            {
-                h.insert("grpc-message", v);
-            }
-            *r.body_mut() = Full::new(Bytes::new())
-                .map_err(|never: Infallible| match never {})
-                .boxed();
-            return r;
-        }
-        return full(StatusCode::FORBIDDEN, denial(&d));
-    }
     // Forward: the normalized target, the verified identity. An HTTP/1 request to an
     // HTTP/1 app goes on the connection's own link (origin-form target); the rest through
     // the pool (absolute target, the app's protocol whatever the peer proxy spoke).
@@ -721,25 +460,26 @@ async fn handle(
     let own_link = !h2_app && req.version() != hyper::Version::HTTP_2;
     if upgrade && !own_link {
         // Tunnels are relayed only between HTTP/1 connections.
-        let r = Refusal {
-            code: "unsupported_upgrade",
-            detail: "upgrades and `CONNECT` are relayed only from HTTP/1 to an HTTP/1 app",
-        };
-        let body = refused(shared, port, peer, preq_method(&preq), &target, r);
-        return full(StatusCode::BAD_REQUEST, body);
+        let r = gate.refusal(
+            preq_method(&preq),
+            &target,
+            crate::interpret::Refusal {
+                code: "unsupported_upgrade",
+                detail: "upgrades and `CONNECT` are relayed only from HTTP/1 to an HTTP/1 app",
+            },
+        );
+        return r.answer(grpc);
     }
     // Taken before the request moves on: the peer's side of an allowed tunnel.
     let down = upgrade.then(|| hyper::upgrade::on(&mut req));
     let uri = if own_link {
-        hyper::Uri::try_from(target)
+        hyper::Uri::try_from(target.as_str())
     } else {
-        hyper::Uri::try_from(format!("http://{}{target}", port.app))
+        hyper::Uri::try_from(format!("http://{}{}", port.app, target))
     };
     let Ok(uri) = uri else {
-        return full(
-            StatusCode::BAD_REQUEST,
-            serde_json::json!({"error": "bad target"}),
-        );
+        let r = gate.bad_request(preq_method(&preq), &target, "bad_target", String::new());
+        return r.answer(grpc);
     };
     *req.uri_mut() = uri;
     *req.version_mut() = if h2_app {
@@ -769,22 +509,24 @@ async fn handle(
         }
     }
     span.inject(hdrs);
-    // Allowed requests are recorded once the app's response has started, with the time.
     let t0 = std::time::Instant::now();
     let r = if own_link {
         app.link.send(port, req).await
     } else {
         app.client.request(req).await.map_err(|e| e.to_string())
     };
-    shared.log.record_with(
-        &preq,
-        &d,
-        &crate::decision_log::Extra {
-            duration: Some(t0.elapsed()),
-            address: port.mark.is_some().then_some(port.app),
-            ..Default::default()
-        },
-    );
+    let r = match r {
+        // The hygiene checker cut the request body short (a malformed chunk): the caller's
+        // fault, not the app's — recorded as that instead of the allow.
+        Err(_) if app.bad_body.load(std::sync::atomic::Ordering::Relaxed) => {
+            let (method, path) = (preq_method(&preq), preq_path(&preq));
+            let r = gate.refusal(method, path, crate::interpret::BAD_CHUNK);
+            return r.answer(grpc);
+        }
+        r => r,
+    };
+    // Allowed requests are recorded once the app's response has started, with the time.
+    gate.forwarded(&preq, &d, t0.elapsed());
     match r {
         Ok(mut resp) => {
             let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -792,10 +534,8 @@ async fn handle(
             if switching {
                 // Relayed only for the upgrade policy allowed; then both sides are spliced.
                 let Some(down) = down else {
-                    return full(
-                        StatusCode::BAD_GATEWAY,
-                        serde_json::json!({"error": "the app switched protocols without an upgrade"}),
-                    );
+                    let body = serde_json::json!({"error": "the app switched protocols without an upgrade"});
+                    return crate::rescue::Refused::new(Status::BadGateway, body).answer(grpc);
                 };
                 let up = hyper::upgrade::on(&mut resp);
                 tokio::spawn(async move {
@@ -810,30 +550,17 @@ async fn handle(
             }
             resp.map(|b| b.boxed())
         }
-        // The hygiene checker cut the request body short (a malformed chunk): the caller's
-        // fault, not the app's.
-        Err(_) if app.bad_body.load(std::sync::atomic::Ordering::Relaxed) => full(
-            StatusCode::BAD_REQUEST,
-            refused(
-                shared,
-                port,
-                peer,
-                preq_method(&preq),
-                preq_path(&preq),
-                crate::interpret::BAD_CHUNK,
-            ),
-        ),
-        Err(e) => full(
-            StatusCode::BAD_GATEWAY,
-            serde_json::json!({"error": "the app did not answer", "detail": e}),
-        ),
+        Err(e) => {
+            let body = serde_json::json!({"error": "the app did not answer", "detail": e});
+            crate::rescue::Refused::new(Status::BadGateway, body).answer(grpc)
+        }
     }
 }
 
-fn preq_method(r: &Request) -> &str {
+fn preq_method(r: &meshward_policy::decision::Request) -> &str {
     r.http.as_ref().map_or("", |h| h.method.as_str())
 }
 
-fn preq_path(r: &Request) -> &str {
+fn preq_path(r: &meshward_policy::decision::Request) -> &str {
     r.http.as_ref().map_or("", |h| h.path.as_str())
 }

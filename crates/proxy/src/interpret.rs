@@ -15,6 +15,9 @@
 //!
 //! Paths are normalized by [`meshward_policy::path::normalize`] (which refuses `;`).
 //! The common request (one `Host`, nothing odd) is read in one pass without allocating.
+//!
+//! Stage: step 1 of the request gate ([`crate::gate`]).
+#![deny(clippy::disallowed_types)]
 
 use meshward_policy::decision::{Decision, Reason, Verdict};
 use meshward_policy::model::PolicySet;

@@ -76,13 +76,13 @@ impl Options {
             ));
         }
         let segs: Vec<&str> = id.segments().collect();
-        if let ["ns", ns, ..] = segs.as_slice() {
-            if *ns != self.workload.namespace {
-                errors.push(format!(
-                    "--identity `{id}` is in namespace `{ns}`, --workload `{}` in `{}`",
-                    self.workload, self.workload.namespace
-                ));
-            }
+        if let ["ns", ns, ..] = segs.as_slice()
+            && *ns != self.workload.namespace
+        {
+            errors.push(format!(
+                "--identity `{id}` is in namespace `{ns}`, --workload `{}` in `{}`",
+                self.workload, self.workload.namespace
+            ));
         }
         errors
     }

@@ -5,6 +5,9 @@
 //! `unauthenticated`), workload and service names (`namespace/name`, or `external`),
 //! verdicts, reason codes, directions, response classes (`2xx` ... `5xx`), handshake
 //! failure kinds, policy names, revisions. Never a raw path, address or header.
+//!
+//! Counted on the request path: no lock shared across connections (lint below).
+#![deny(clippy::disallowed_types)]
 
 pub mod trace;
 
@@ -233,9 +236,10 @@ pub struct ProxyMetrics {
     pub config_updated: FGauge,
     pub config_age: FGauge,
     pub overrides_active: Gauge,
-    /// The series of the last request counted, reused while the labels stay the same (a
-    /// proxy mostly counts one source, destination and verdict over and over).
-    last_request: std::sync::Mutex<Option<(RequestLabels, Counter)>>,
+    /// The series of the last request counted by a caller without a [`RequestSeries`] of
+    /// its own, reused while the labels stay the same (a proxy mostly counts one source,
+    /// destination and verdict over and over). Lock-free: a snapshot swapped on a change.
+    last_request: arc_swap::ArcSwapOption<(RequestLabels, Counter)>,
     /// The latency series by direction (inbound, outbound) and status class, once created.
     latency: [std::sync::OnceLock<Histogram>; 10],
 }
@@ -364,7 +368,7 @@ impl ProxyMetrics {
             config_updated,
             config_age,
             overrides_active,
-            last_request: std::sync::Mutex::default(),
+            last_request: arc_swap::ArcSwapOption::empty(),
             latency: Default::default(),
         }
     }
@@ -423,24 +427,41 @@ impl ProxyMetrics {
             .observe(seconds);
     }
 
-    /// Counts one decision in `meshward_requests`.
+    /// Counts one decision in `meshward_requests` (the process-wide, lock-free cache of the
+    /// last series).
     pub fn count_request(&self, labels: RequestLabels) {
-        let Ok(mut last) = self.last_request.lock() else {
-            self.requests.get_or_create(&labels).inc();
+        if let Some(last) = self.last_request.load().as_ref()
+            && last.0 == labels
+        {
+            last.1.inc();
             return;
-        };
-        match &*last {
+        }
+        let c = self.requests.get_or_create(&labels).clone();
+        c.inc();
+        self.last_request.store(Some(Arc::new((labels, c))));
+    }
+
+    /// Counts one decision in `meshward_requests` with the caller's own cache of the last
+    /// series (one per connection: nothing shared with any other connection while the
+    /// labels stay the same).
+    pub fn count_request_in(&self, cache: &mut RequestSeries, labels: RequestLabels) {
+        match &cache.0 {
             Some((l, c)) if *l == labels => {
                 c.inc();
             }
             _ => {
                 let c = self.requests.get_or_create(&labels).clone();
                 c.inc();
-                *last = Some((labels, c));
+                cache.0 = Some((labels, c));
             }
         }
     }
 }
+
+/// A caller's cache of the `meshward_requests` series it counted last (see
+/// [`ProxyMetrics::count_request_in`]).
+#[derive(Debug, Default)]
+pub struct RequestSeries(Option<(RequestLabels, Counter)>);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RevisionLabels {

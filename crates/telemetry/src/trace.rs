@@ -75,6 +75,29 @@ impl Extractor for Headers<'_> {
     }
 }
 
+/// Raw header pairs as a codec without a header map (the HTTP/1.1 fast path) read them.
+struct Pairs<'a>(Vec<(&'a str, &'a str)>);
+
+impl Extractor for Pairs<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| *v)
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(k, _)| *k).collect()
+    }
+}
+
+struct Setter<F>(F);
+
+impl<F: FnMut(&str, &str)> Injector for Setter<F> {
+    fn set(&mut self, key: &str, value: String) {
+        (self.0)(key, &value);
+    }
+}
+
 struct HeadersMut<'a>(&'a mut http::HeaderMap);
 
 impl Injector for HeadersMut<'_> {
@@ -120,6 +143,49 @@ impl RequestSpan {
             ])
             .start_with_context(&t.tracer, &parent);
         RequestSpan(Some(parent.with_span(span)))
+    }
+
+    /// [`RequestSpan::start`] for a codec that reads raw header pairs (name, value): the
+    /// same span, so a request is traced alike whichever codec serves it. Nothing is
+    /// read or allocated when tracing is off.
+    pub fn start_raw<'a>(
+        headers: impl Iterator<Item = (&'a str, &'a [u8])>,
+        method: &str,
+        path: &str,
+    ) -> Self {
+        let Some(t) = TRACING.get() else {
+            return RequestSpan(None);
+        };
+        let pairs = Pairs(
+            headers
+                .filter_map(|(k, v)| Some((k, std::str::from_utf8(v).ok()?)))
+                .collect(),
+        );
+        let parent = t.propagator.extract(&pairs);
+        let span = t
+            .tracer
+            .span_builder(format!("meshward inbound {method}"))
+            .with_kind(SpanKind::Server)
+            .with_attributes([
+                KeyValue::new("http.request.method", method.to_owned()),
+                KeyValue::new("url.path", path.to_owned()),
+            ])
+            .start_with_context(&t.tracer, &parent);
+        RequestSpan(Some(parent.with_span(span)))
+    }
+
+    /// Whether `name` is a trace-context header [`RequestSpan::inject_with`] replaces.
+    pub fn is_context_header(name: &str) -> bool {
+        name.eq_ignore_ascii_case("traceparent") || name.eq_ignore_ascii_case("tracestate")
+    }
+
+    /// [`RequestSpan::inject`] for a codec that writes raw headers: `set(name, value)` for
+    /// each trace-context header of this span.
+    pub fn inject_with(&self, set: impl FnMut(&str, &str)) {
+        let (Some(cx), Some(t)) = (&self.0, TRACING.get()) else {
+            return;
+        };
+        t.propagator.inject_context(cx, &mut Setter(set));
     }
 
     /// Starts a client span for a request the outbound proxy forwards (pooled HTTP),

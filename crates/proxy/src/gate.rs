@@ -1,0 +1,341 @@
+//! Inbound stage 4, the request gate: what every codec (the HTTP/1.1 fast path in
+//! [`crate::h1`], the general HTTP/1 and HTTP/2 path and gRPC in [`crate::inbound`], TCP)
+//! calls before anything reaches the app. [`Gate::check`] reads top to bottom as the list
+//! of checks; a refusal leaves as a [`Refused`] for the rescue ([`crate::rescue`]).
+//!
+//! This module is also the one place the inbound side writes decision records
+//! ([`write`]): connection refusals, failed handshakes, TCP decisions, requests refused
+//! before or by policy, and allowed requests once the app has answered. Every request
+//! gets exactly one record.
+#![deny(clippy::disallowed_types)]
+
+use std::time::{Duration, SystemTime};
+
+use meshward_identity::SpiffeId;
+use meshward_policy::decision::{
+    Decision, HttpAttrs, PolicyRevision, Reason, Request, Source, Verdict,
+};
+use meshward_policy::path::{NormalizedPath, normalize};
+use meshward_policy::resource::HeadersWithUnderscores;
+use meshward_telemetry::trace::{DecisionAttrs, RequestSpan};
+
+use crate::decision_log::{Extra, Series};
+use crate::inbound::InboundPort;
+use crate::interpret::{self, Facts, Refusal, Version};
+use crate::rescue::{Refused, Status};
+use crate::state::Shared;
+
+/// A request head as a codec read it.
+#[derive(Debug)]
+pub(crate) struct Head<'h, H> {
+    pub version: Version,
+    pub method: &'h str,
+    /// The target as sent (origin form; for `CONNECT`, its authority).
+    pub target: &'h str,
+    /// An absolute-form target's authority, or HTTP/2's `:authority`.
+    pub authority: Option<&'h str>,
+    /// Name and value of each header, as sent (read more than once, so a maker of the
+    /// iterator).
+    pub headers: H,
+    /// The codec is the fast path: what it cannot carry (a body with `Expect`, an upgrade)
+    /// is handed to the general path before any decision.
+    pub fast: bool,
+}
+
+/// A request the gate let through, with what the forwarding needs.
+#[derive(Debug)]
+pub(crate) struct Admitted<'h> {
+    /// What policy decided on (and what is recorded).
+    pub preq: Request,
+    pub d: Decision,
+    /// The normalized target to forward.
+    pub target: String,
+    pub facts: Facts<'h>,
+    pub under: HeadersWithUnderscores,
+}
+
+/// Why the gate stopped a request.
+#[derive(Debug)]
+pub(crate) enum Stop {
+    /// Answer this (already recorded).
+    Refused(Refused),
+    /// The fast path cannot carry this request: the general path serves it (nothing was
+    /// decided or recorded).
+    Handoff,
+}
+
+/// The gate of one connection (fast path) or one request (general path).
+#[derive(Debug)]
+pub(crate) struct Gate<'a> {
+    pub shared: &'a Shared,
+    pub port: InboundPort,
+    pub peer: &'a SpiffeId,
+    /// The connection's own metric series (the fast path keeps one per connection); none:
+    /// the log's lock-free shared snapshot.
+    series: Option<Series>,
+}
+
+impl<'a> Gate<'a> {
+    /// A gate for `peer`'s requests on `port`; `per_connection`: with a series cache of its
+    /// own (a gate that lives as long as its connection).
+    pub fn new(
+        shared: &'a Shared,
+        port: InboundPort,
+        peer: &'a SpiffeId,
+        per_connection: bool,
+    ) -> Self {
+        Gate {
+            shared,
+            port,
+            peer,
+            series: per_connection.then(Series::default),
+        }
+    }
+
+    /// The request gate, in order. Every refusal is recorded here and returned for the
+    /// rescue; an admitted request is recorded by [`Gate::forwarded`] once the app answers.
+    pub fn check<'h, H, I>(
+        &mut self,
+        head: Head<'h, H>,
+        span: &RequestSpan,
+    ) -> Result<Admitted<'h>, Stop>
+    where
+        H: Fn() -> I,
+        I: Iterator<Item = (&'h str, &'h [u8])>,
+    {
+        let policy = self.shared.policy.load();
+        let under = policy.as_ref().map(|p| p.underscores()).unwrap_or_default();
+        // 1. Interpret: one reading of method, Host and headers for every codec.
+        let facts = interpret::head(
+            head.version,
+            head.method,
+            head.authority,
+            (head.headers)(),
+            under,
+        )
+        .map_err(|r| {
+            Stop::Refused(self.bad_request(head.method, head.target, r.code, r.detail.into()))
+        })?;
+        // 2. What the codec cannot carry moves to the one that can, undecided.
+        if head.fast && (facts.expect || facts.upgrade) {
+            return Err(Stop::Handoff);
+        }
+        // 3. Normalize the path (`CONNECT`: `/`, its authority as host), lower-cased for a
+        //    case-insensitive app.
+        let mut norm = if facts.connect {
+            NormalizedPath {
+                path: "/".into(),
+                query: None,
+            }
+        } else {
+            normalize(head.target).map_err(|e| {
+                Stop::Refused(self.bad_request(head.method, head.target, e.code(), e.to_string()))
+            })?
+        };
+        if policy
+            .as_ref()
+            .is_some_and(|p| p.lower_paths.contains(&self.port.app_port))
+        {
+            norm.path = meshward_policy::path::lower_case(&norm.path);
+        }
+        // 4. Authorize: only the headers some rule reads (none, for most policies), as the
+        //    app gets them; upgrades and `CONNECT` only by a rule that names them.
+        let wanted: &[String] = policy.as_ref().map_or(&[], |p| p.headers.as_slice());
+        let headers = if wanted.is_empty() {
+            vec![]
+        } else {
+            (head.headers)()
+                .filter(|(k, _)| {
+                    interpret::forwarded(k, under)
+                        && wanted.iter().any(|w| w.eq_ignore_ascii_case(k))
+                })
+                .map(|(k, v)| {
+                    (
+                        k.to_ascii_lowercase(),
+                        String::from_utf8_lossy(v).into_owned(),
+                    )
+                })
+                .collect()
+        };
+        let target = norm.target();
+        let preq = Request {
+            source: Source::Authenticated(self.peer.clone()),
+            destination: self.shared.workload.clone(),
+            port: self.port.app_port,
+            http: Some(HttpAttrs {
+                method: head.method.to_owned(),
+                path: norm.path,
+                host: facts.host.map(str::to_owned),
+                headers,
+            }),
+            at: SystemTime::now(),
+        };
+        let d = match policy.as_ref() {
+            Some(p) => interpret::upgrade_allowed(&p.set, &facts, p.engine.decide(&preq)),
+            None => Decision::bare(Verdict::Deny, Reason::NoPolicy, PolicyRevision(0)),
+        };
+        drop(policy);
+        if span.is_recording() {
+            span.decision(DecisionAttrs {
+                source: self.peer.as_str(),
+                destination: &preq.destination.to_string(),
+                verdict: d.verdict.as_str(),
+                reason: d.reason.as_str(),
+                policy: d.policy.as_deref(),
+                decision_ns: u64::try_from(d.elapsed.as_nanos()).unwrap_or(u64::MAX),
+            });
+        }
+        // 5. Deny: recorded, answered 403 (gRPC: PERMISSION_DENIED).
+        if d.verdict != Verdict::Allow {
+            self.record(&preq, &d, Extra::default());
+            return Err(Stop::Refused(Refused::new(Status::Forbidden, denial(&d))));
+        }
+        // 6. Limits: rate limits and load shedding (the containment issue) refuse here with
+        //    429 or 503; nothing yet.
+        self.limits(&preq)?;
+        Ok(Admitted {
+            preq,
+            d,
+            target,
+            facts,
+            under,
+        })
+    }
+
+    /// The containment hook: a refusal here is recorded and answered 429/503.
+    fn limits(&mut self, _req: &Request) -> Result<(), Stop> {
+        Ok(())
+    }
+
+    /// Records an admitted request once the app's response has started (`duration`: the
+    /// time to it).
+    pub fn forwarded(&mut self, preq: &Request, d: &Decision, duration: Duration) {
+        self.record(
+            preq,
+            d,
+            Extra {
+                duration: Some(duration),
+                ..Default::default()
+            },
+        );
+    }
+
+    /// Records a request refused as malformed (reason `bad_request`, `code` as detail) and
+    /// returns its 400.
+    pub fn bad_request(
+        &mut self,
+        method: &str,
+        target: &str,
+        code: &'static str,
+        detail: String,
+    ) -> Refused {
+        let rev = revision(self.shared);
+        let req = Request {
+            source: Source::Authenticated(self.peer.clone()),
+            destination: self.shared.workload.clone(),
+            port: self.port.app_port,
+            http: Some(HttpAttrs {
+                method: method.to_owned(),
+                path: target.to_owned(),
+                host: None,
+                headers: vec![],
+            }),
+            at: SystemTime::now(),
+        };
+        let d = Decision::bare(Verdict::Deny, Reason::BadRequest, rev);
+        self.record(
+            &req,
+            &d,
+            Extra {
+                detail: Some(code.to_owned()),
+                ..Default::default()
+            },
+        );
+        Refused::new(
+            Status::BadRequest,
+            serde_json::json!({"verdict": "deny", "reason": d.reason, "error": code, "detail": detail, "revision": rev}),
+        )
+    }
+
+    /// [`Gate::bad_request`] for a rule of [`crate::interpret`] or [`crate::hygiene`].
+    pub fn refusal(&mut self, method: &str, target: &str, r: Refusal) -> Refused {
+        self.bad_request(method, target, r.code, r.detail.to_owned())
+    }
+
+    fn record(&mut self, req: &Request, d: &Decision, extra: Extra) {
+        write(self.shared, self.port, self.series.as_mut(), req, d, extra);
+    }
+}
+
+/// The TCP codec's gate: one decision per connection, recorded; a refusal closes it.
+pub(crate) fn tcp(shared: &Shared, port: InboundPort, peer: SpiffeId) -> Result<(), ()> {
+    let req = Request {
+        source: Source::Authenticated(peer),
+        destination: shared.workload.clone(),
+        port: port.app_port,
+        http: None,
+        at: SystemTime::now(),
+    };
+    let d = match shared.policy.load().as_ref() {
+        Some(p) => p.engine.decide(&req),
+        // No configuration at all: fail closed.
+        None => Decision::bare(Verdict::Deny, Reason::NoPolicy, PolicyRevision(0)),
+    };
+    write(shared, port, None, &req, &d, Extra::default());
+    if d.verdict == Verdict::Allow {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+/// Records a connection refused before any request (`connection_limit`,
+/// `handshake_failed`), with what happened as detail.
+pub(crate) fn connection(
+    shared: &Shared,
+    port: InboundPort,
+    source: Source,
+    reason: Reason,
+    detail: String,
+) {
+    let req = Request {
+        source,
+        destination: shared.workload.clone(),
+        port: port.app_port,
+        http: None,
+        at: SystemTime::now(),
+    };
+    let d = Decision::bare(Verdict::Deny, reason, revision(shared));
+    let extra = Extra {
+        detail: Some(detail),
+        ..Default::default()
+    };
+    write(shared, port, None, &req, &d, extra);
+}
+
+/// The one place the inbound side writes a decision record.
+fn write(
+    shared: &Shared,
+    port: InboundPort,
+    series: Option<&mut Series>,
+    req: &Request,
+    d: &Decision,
+    mut extra: Extra,
+) {
+    extra.address = port.mark.is_some().then_some(port.app);
+    shared.log.record_in(series, req, d, &extra);
+}
+
+/// The revision in force (0: none).
+fn revision(shared: &Shared) -> PolicyRevision {
+    shared
+        .policy
+        .load()
+        .as_ref()
+        .map_or(PolicyRevision(0), |p| PolicyRevision(p.revision))
+}
+
+/// The JSON body of a 403: the reason code and the deciding policy.
+pub(crate) fn denial(d: &Decision) -> serde_json::Value {
+    serde_json::json!({"verdict": "deny", "reason": d.reason, "policy": d.policy, "rule": d.rule, "revision": d.revision})
+}
