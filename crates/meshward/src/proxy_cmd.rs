@@ -27,11 +27,8 @@ pub fn run(a: ProxyArgs, conn: &crate::control_cmd::Conn) -> Result<ExitCode> {
         ),
     };
     let (workload, identity) = (opts.workload.clone(), opts.agent.identity.clone());
-    // One worker: a current-thread runtime (PERFORMANCE.md: faster than a one-worker
-    // multi-thread runtime).
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    // One worker (the default): a current-thread runtime; more: one multi-thread runtime.
+    let rt = meshward_proxy::run::runtime(opts.workers)?;
     rt.block_on(meshward_proxy::run::run(opts, |bound| {
         for (addr, port) in bound {
             if a.transparent {
@@ -207,6 +204,7 @@ fn options(
         upstream_protocol,
         transparent,
         limits,
+        workers: a.workers,
     })
 }
 
