@@ -68,6 +68,13 @@ fn options(
     if a.state_dir.is_none() {
         errors.push("--state-dir is required".into());
     }
+    if !(1..=meshward_proxy::run::MAX_WORKERS).contains(&a.workers) {
+        errors.push(format!(
+            "--workers {}: must be between 1 and {}",
+            a.workers,
+            meshward_proxy::run::MAX_WORKERS
+        ));
+    }
     let workload = workload.and_then(|w| {
         WorkloadRef::parse(&w)
             .map_err(|e| errors.push(format!("--workload `{w}`: {e}")))
