@@ -207,6 +207,11 @@ struct ProxyArgs {
     /// The identity to run as (default `spiffe://TD/ns/NAMESPACE/sa/NAME`).
     #[arg(long)]
     identity: Option<String>,
+    /// Worker threads serving connections, 1 to 64. 1 (a current-thread runtime) is what
+    /// a sidecar beside one app needs; more for a proxy that is CPU-bound
+    /// (docs/proxy.md#workers).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
     /// A file with a single-use join token (needed until the state directory holds an SVID).
     #[arg(long)]
     join_token_file: Option<PathBuf>,

@@ -27,11 +27,8 @@ pub fn run(a: ProxyArgs, conn: &crate::control_cmd::Conn) -> Result<ExitCode> {
         ),
     };
     let (workload, identity) = (opts.workload.clone(), opts.agent.identity.clone());
-    // One worker: a current-thread runtime (PERFORMANCE.md: faster than a one-worker
-    // multi-thread runtime).
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    // One worker (the default): a current-thread runtime; more: one multi-thread runtime.
+    let rt = meshward_proxy::run::runtime(opts.workers)?;
     rt.block_on(meshward_proxy::run::run(opts, |bound| {
         for (addr, port) in bound {
             if a.transparent {
@@ -70,6 +67,13 @@ fn options(
     );
     if a.state_dir.is_none() {
         errors.push("--state-dir is required".into());
+    }
+    if !(1..=meshward_proxy::run::MAX_WORKERS).contains(&a.workers) {
+        errors.push(format!(
+            "--workers {}: must be between 1 and {}",
+            a.workers,
+            meshward_proxy::run::MAX_WORKERS
+        ));
     }
     let workload = workload.and_then(|w| {
         WorkloadRef::parse(&w)
@@ -207,6 +211,7 @@ fn options(
         upstream_protocol,
         transparent,
         limits,
+        workers: a.workers,
     })
 }
 

@@ -446,6 +446,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
                 upstream_protocol: meshward_proxy::pool::UpstreamProtocol::Tunnel,
                 transparent: None,
                 limits: meshward_proxy::listener::Limits::defaults(),
+        workers: 1,
             };
             let (tx, name) = (ready_tx.clone(), p.id.to_string());
             tokio::spawn(async move {

@@ -31,7 +31,7 @@ use crate::state::Shared;
 use crate::transport::Connector;
 
 /// The most headers in a request or response head (as the general path's `max_headers`).
-const MAX_HEADERS: usize = 100;
+pub(crate) const MAX_HEADERS: usize = 100;
 
 /// How a connection left the fast path.
 #[derive(Debug)]

@@ -202,7 +202,7 @@ impl State {
 impl<S> Hygiene<S> {
     /// Scans bytes read from the peer, in order. On a refusal, returns how many of them may
     /// still pass (those before the refused head) and why.
-    fn feed(&mut self, data: &[u8]) -> Result<(), (usize, Refusal)> {
+    pub(crate) fn feed(&mut self, data: &[u8]) -> Result<(), (usize, Refusal)> {
         self.scan(data, false).map(|_| ())
     }
 
@@ -210,9 +210,21 @@ impl<S> Hygiene<S> {
     /// would start) and returns that offset.
     fn scan(&mut self, data: &[u8], stop_at_head: bool) -> Result<Option<usize>, (usize, Refusal)> {
         if !self.started {
-            self.started = true;
-            if data.starts_with(b"PRI ") {
-                self.state = State::Passthrough;
+            // HTTP/2 by its preface, decided on the first four bytes however the reads
+            // split them: until then a prefix of `PRI ` (no line end in it) is the start
+            // of a head as far as HTTP/1 is concerned, kept in `head`.
+            let mut first = [0u8; 4];
+            let mut n = 0;
+            for (slot, &b) in first.iter_mut().zip(self.head.iter().chain(data)) {
+                *slot = b;
+                n += 1;
+            }
+            if n == 4 || !b"PRI ".starts_with(&first[..n]) {
+                self.started = true;
+                if first == *b"PRI " {
+                    self.state = State::Passthrough;
+                    self.head.clear();
+                }
             }
         }
         let mut i = 0;
@@ -318,7 +330,9 @@ impl<S> Hygiene<S> {
                         self.state = if size == 0 {
                             State::Trailers(vec![])
                         } else {
-                            State::ChunkData(size + 2)
+                            // The data and its CRLF; a size that leaves no room for them
+                            // is refused (it overflowed here before).
+                            State::ChunkData(size.checked_add(2).ok_or((i, Refusal::BadChunk))?)
                         };
                     }
                     i += 1;
@@ -549,8 +563,36 @@ mod tests {
     }
 
     #[test]
+    fn a_chunk_size_at_the_limit_is_refused_not_wrapped() {
+        let head: &[u8] = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let input = [head, b"ffffffffffffffff\r\nx"].concat();
+        assert_eq!(run(&input).1, Some(Refusal::BadChunk));
+        let input = [head, b"fffffffffffffffd\r\nx"].concat();
+        assert_eq!(run(&input), (input.clone(), None));
+    }
+
+    #[test]
     fn http2_passes_through() {
         let pre = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04";
         assert_eq!(run(pre), (pre.to_vec(), None));
+    }
+
+    /// Found by the `http1_hygiene` fuzz target: a preface whose first read was shorter
+    /// than `PRI ` was taken for HTTP/1 and the frames after it refused (bare LF).
+    #[test]
+    fn http2_passes_through_however_the_preface_is_split() {
+        let pre: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\x0a\x0a";
+        for cut in 1..pre.len() {
+            let (a, b) = pre.split_at(cut);
+            assert_eq!(run_pieces(&[a, b]), (pre.to_vec(), None), "cut at {cut}");
+        }
+        let bytes: Vec<&[u8]> = pre.chunks(1).collect();
+        assert_eq!(run_pieces(&bytes), (pre.to_vec(), None));
+        // An HTTP/1 request that starts like the preface is still checked as HTTP/1.
+        let h1: &[u8] = b"PR / HTTP/1.1\nHost: a\r\n\r\n";
+        for cut in 1..h1.len() {
+            let (a, b) = h1.split_at(cut);
+            assert_eq!(run_pieces(&[a, b]).1, Some(Refusal::BareLf), "cut at {cut}");
+        }
     }
 }

@@ -15,6 +15,8 @@ pub mod clock;
 pub mod decision_log;
 pub mod discovery;
 pub mod endpoint_state;
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod gate;
 pub mod h1;
 pub mod handshake;

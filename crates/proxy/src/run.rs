@@ -44,6 +44,31 @@ pub struct Options {
     /// The inbound listeners' connection caps and timeouts where the policy's
     /// `connectionLimits` sets none.
     pub limits: crate::listener::Limits,
+    /// Worker threads that serve connections (1..=[`MAX_WORKERS`]; [`runtime`] builds them).
+    pub workers: usize,
+}
+
+/// The most worker threads `--workers` accepts.
+pub const MAX_WORKERS: usize = 64;
+
+/// The runtime of a proxy with `workers` worker threads. One worker is a current-thread
+/// runtime (`PERFORMANCE.md`: ~7% more max rate and less CPU per request than a
+/// multi-thread runtime with one worker), the sidecar default; more is one multi-thread
+/// runtime whose workers take connections from the same listeners (work stealing). Every
+/// connection's state is its own and the request path takes no lock shared across
+/// connections (docs/proxy.md), so the workers do not contend.
+pub fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .thread_name("meshward-proxy-worker")
+            .enable_all()
+            .build()
+    }
 }
 
 impl Options {
@@ -52,6 +77,12 @@ impl Options {
     /// domain and, for a workload identity, to the workload's namespace.
     pub fn validate(&self) -> Vec<String> {
         let mut errors = vec![];
+        if !(1..=MAX_WORKERS).contains(&self.workers) {
+            errors.push(format!(
+                "--workers {}: must be between 1 and {MAX_WORKERS}",
+                self.workers
+            ));
+        }
         let mut seen: Vec<(SocketAddr, String)> = vec![(self.admin, "--admin".into())];
         for (listen, up) in &self.upstreams {
             seen.push((

@@ -119,6 +119,7 @@ fn options(ca: &Ca, dir: &Path, admin: SocketAddr) -> meshward_proxy::run::Optio
         upstream_protocol: meshward_proxy::pool::UpstreamProtocol::Tunnel,
         transparent: None,
         limits: meshward_proxy::listener::Limits::defaults(),
+        workers: 1,
     }
 }
 
@@ -309,4 +310,63 @@ async fn a_revision_that_adds_a_port_opens_it_and_one_that_drops_it_closes_it() 
         .map(|l| l.name.clone())
         .collect();
     assert_eq!(names, vec![format!("inbound {in2}")]);
+}
+
+/// `--workers 2`: the proxy on the runtime `run::runtime(2)` builds (two worker threads)
+/// serves every request of 16 concurrent mTLS connections; `--workers 1` is a
+/// current-thread runtime; 0 and 65 are refused by validation.
+#[test]
+fn two_workers_serve_concurrent_requests() {
+    meshward_identity::install_crypto_provider();
+    let ca = Ca::generate(td(), CaLifetimes::default(), SystemTime::now()).unwrap();
+    let one = meshward_proxy::run::runtime(1).unwrap();
+    assert_eq!(
+        one.handle().runtime_flavor(),
+        tokio::runtime::RuntimeFlavor::CurrentThread
+    );
+    let rt = meshward_proxy::run::runtime(2).unwrap();
+    assert_eq!(
+        rt.handle().runtime_flavor(),
+        tokio::runtime::RuntimeFlavor::MultiThread
+    );
+    assert_eq!(rt.metrics().num_workers(), 2);
+    rt.block_on(async {
+        let app = app().await;
+        let (admin, inbound) = (free_port(), free_port());
+        let dir = tempfile::tempdir().unwrap();
+        state_dir(&ca, dir.path(), Some(&[(app.port(), inbound)]));
+        let mut opts = options(&ca, dir.path(), admin);
+        for bad in [0, 65] {
+            opts.workers = bad;
+            let errors = opts.validate();
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.starts_with(&format!("--workers {bad}:"))),
+                "{errors:?}"
+            );
+        }
+        opts.workers = 2;
+        assert_eq!(opts.validate(), Vec::<String>::new());
+        tokio::spawn(meshward_proxy::run::run(opts, |_| {}));
+        until_ready(admin).await;
+        let fe = frontend(&ca);
+        let calls: Vec<_> = (0..16)
+            .map(|_| {
+                let fe = fe.clone();
+                tokio::spawn(async move {
+                    let mut got = vec![];
+                    for _ in 0..4 {
+                        got.push(request(&fe, inbound).await);
+                    }
+                    got
+                })
+            })
+            .collect();
+        for c in calls {
+            for got in c.await.unwrap() {
+                assert_eq!(got.as_deref(), Ok("HTTP/1.1 200 OK"));
+            }
+        }
+    });
 }
