@@ -150,7 +150,7 @@ spec:
       to: [{methods: [GET], paths: ["/*"]}]
 C
 C="--server 127.0.0.1:18940 --ca-file mw/data/bundle.pem"
-"$MW" apply -f mw/repo $C --token-file mw/data/admin.token >/dev/null
+"$MW" apply -f mw/repo --reason bench $C --token-file mw/data/admin.token >/dev/null
 "$MW" approve 1 $C --token-file mw/data/second.token >/dev/null
 "$MW" workload token --identity spiffe://bench.example/ns/bench/sa/backend $C --token-file mw/data/admin.token > mw/b.tok
 "$MW" workload token --identity spiffe://bench.example/ns/bench/sa/client $C --token-file mw/data/admin.token > mw/c.tok
