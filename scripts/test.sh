@@ -23,13 +23,13 @@ fi
 # Real clients the end-to-end tests drive, and for the transparent-mode suite
 # (tests/transparent.rs: network namespaces, root) iproute2 and iptables.
 missing=""
-for tool in curl openssl python3 kill script ip iptables iptables-restore; do
+for tool in curl openssl python3 kill script prlimit ip iptables iptables-restore; do
   command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
 done
 if [ -n "$missing" ]; then
   log "installing${missing}"
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && apt-get install -y -qq curl openssl python3 procps bsdutils iproute2 iptables
+    apt-get update -qq && apt-get install -y -qq curl openssl python3 procps bsdutils util-linux iproute2 iptables
   else
     echo "missing:${missing} (install them, or run as root)" >&2
     exit 1

@@ -26,7 +26,7 @@ use meshward_proxy::decision_log::DecisionLog;
 use meshward_proxy::inbound::{self, InboundPort};
 use meshward_proxy::outbound::{self, Upstream};
 use support::td;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// An app written against the socket, so each framing is exactly what the test says.
 /// Counts the connections it accepts.
@@ -40,35 +40,9 @@ async fn app(accepted: Arc<AtomicUsize>) -> SocketAddr {
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 loop {
-                    // One request head (and a Content-Length body).
-                    let end = loop {
-                        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break p + 4;
-                        }
-                        let mut tmp = [0u8; 4096];
-                        match s.read(&mut tmp).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                        }
+                    let Some((head, body)) = support::read_request(&mut s, &mut buf).await else {
+                        return;
                     };
-                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase()
-                                .strip_prefix("content-length:")
-                                .map(|v| v.trim().parse().unwrap())
-                        })
-                        .unwrap_or(0);
-                    while buf.len() < end + len {
-                        let mut tmp = [0u8; 4096];
-                        match s.read(&mut tmp).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                        }
-                    }
-                    let body = String::from_utf8_lossy(&buf[end..end + len]).into_owned();
-                    buf.drain(..end + len);
                     let (method, path) = {
                         let mut w = head.split(' ');
                         (w.next().unwrap().to_owned(), w.next().unwrap().to_owned())

@@ -116,3 +116,49 @@ pub fn sidecar(
         .store(Some(Arc::new(svid(issuer, id, Duration::from_secs(3600)))));
     s
 }
+
+/// Reads one HTTP/1.1 request (its head and a `Content-Length` body) from a test app's
+/// connection, keeping what follows in `buf`: `(head, body)`, or `None` once the peer closes.
+pub async fn read_request(
+    s: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+) -> Option<(String, String)> {
+    let end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        if !read_more(s, buf).await {
+            return None;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    while buf.len() < end + len {
+        if !read_more(s, buf).await {
+            return None;
+        }
+    }
+    let body = String::from_utf8_lossy(&buf[end..end + len]).into_owned();
+    buf.drain(..end + len);
+    Some((head, body))
+}
+
+/// One read from `s` appended to `buf`; false once the peer closed.
+async fn read_more(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut tmp = [0u8; 4096];
+    match s.read(&mut tmp).await {
+        Ok(0) | Err(_) => false,
+        Ok(n) => {
+            buf.extend_from_slice(&tmp[..n]);
+            true
+        }
+    }
+}
