@@ -6,6 +6,8 @@
 #   RATE=500 SECONDS_EACH=5 ROUNDS=5 bash bench/proxy/run.sh
 #   ONLY='default|nginx' bash bench/proxy/run.sh   # only the rows whose name matches
 #   PERF_DIR=/tmp/prof [PERF_PHASE=max] ONLY=nginx bash bench/proxy/run.sh   # also `perf record` each proxy
+#   MESHWARD_BASE_BIN=../base/target/release/meshward ONLY='default|base|nginx' bash bench/proxy/run.sh
+#       # also the default pair run by another build (same control plane), in the same rounds
 # Every pair is measured ROUNDS times (default 3), the rounds interleaved (every other one
 # in reverse order) so that a change in the machine's load hits all pairs alike; the table
 # gives the medians.
@@ -25,7 +27,8 @@ for t in haproxy nginx openssl curl; do
   command -v "$t" >/dev/null || { echo "installing $t"; apt-get update -qq && apt-get install -y -qq haproxy nginx openssl curl >/dev/null; break; }
 done
 echo "building (release) ..."
-(cd "$ROOT" && cargo build --release -q -p meshward)
+# (MESHWARD_BIN: that binary, as it is.)
+[ -n "${MESHWARD_BIN:-}" ] || (cd "$ROOT" && cargo build --release -q -p meshward)
 cargo build --release -q
 MW="${MESHWARD_BIN:-$ROOT/target/release/meshward}"
 LG="$(pwd)/target/release/meshward-loadgen"
@@ -129,6 +132,16 @@ metadata: {name: backend-quiet, namespace: bench, labels: {app: backend-quiet}}
 spec: {ports: [{port: 18900, protocol: HTTP, inbound: "127.0.0.1:18933"}]}
 ---
 apiVersion: meshward.io/v1alpha1
+kind: Workload
+metadata: {name: backend-base, namespace: bench, labels: {app: backend-base}}
+spec: {ports: [{port: 18900, protocol: HTTP, inbound: "127.0.0.1:18934"}]}
+---
+apiVersion: meshward.io/v1alpha1
+kind: Service
+metadata: {name: backend-base, namespace: bench}
+spec: {selector: {app: backend-base}, ports: [{port: 80, targetPort: 18900}]}
+---
+apiVersion: meshward.io/v1alpha1
 kind: Service
 metadata: {name: backend, namespace: bench}
 spec: {selector: {app: backend}, ports: [{port: 80, targetPort: 18900}]}
@@ -144,7 +157,7 @@ metadata: {name: backend, namespace: bench}
 spec:
   tier: service
   action: ALLOW
-  target: {workloads: [backend, backend-quiet]}
+  target: {workloads: [backend, backend-quiet, backend-base]}
   rules:
     - from: [{identities: ["spiffe://bench.example/ns/bench/sa/client"]}]
       to: [{methods: [GET], paths: ["/*"]}]
@@ -169,9 +182,19 @@ C="--server 127.0.0.1:18940 --ca-file mw/data/bundle.pem"
 "$MW" workload token --identity spiffe://bench.example/ns/bench/sa/client $C --token-file mw/data/admin.token > mw/c2.tok
 "$MW" proxy --telemetry off --workload bench/backend-quiet --control 127.0.0.1:18941 --ca-file mw/data/bundle.pem --join-token-file mw/b2.tok --state-dir mw/b2 --admin 127.0.0.1:18952 > mw/b2.log 2>&1 & PIDS+=($!); MW2_I=$!
 "$MW" proxy --telemetry off --workload bench/client --control 127.0.0.1:18941 --ca-file mw/data/bundle.pem --join-token-file mw/c2.tok --state-dir mw/c2 --admin 127.0.0.1:18953 --upstream 127.0.0.1:18935=bench/backend-quiet:80 > mw/c2.log 2>&1 & PIDS+=($!); MW2_O=$!
+# With MESHWARD_BASE_BIN, the default pair again, run by that build.
+PORTS="18900 18911 18921 18931 18935 18936 18937"
+if [ -n "${MESHWARD_BASE_BIN:-}" ]; then
+  B="$MESHWARD_BASE_BIN"
+  "$MW" workload token --identity spiffe://bench.example/ns/bench/sa/backend-base $C --token-file mw/data/admin.token > mw/b5.tok
+  "$MW" workload token --identity spiffe://bench.example/ns/bench/sa/client $C --token-file mw/data/admin.token > mw/c5.tok
+  "$B" proxy --workload bench/backend-base --control 127.0.0.1:18941 --ca-file mw/data/bundle.pem --join-token-file mw/b5.tok --state-dir mw/b5 --admin 127.0.0.1:18956 > mw/b5.log 2>&1 & PIDS+=($!); MW5_I=$!
+  "$B" proxy --workload bench/client --control 127.0.0.1:18941 --ca-file mw/data/bundle.pem --join-token-file mw/c5.tok --state-dir mw/c5 --admin 127.0.0.1:18957 --upstream 127.0.0.1:18938=bench/backend-base:80 > mw/c5.log 2>&1 & PIDS+=($!); MW5_O=$!
+  PORTS="$PORTS 18938"
+fi
 
 # Wait until every path answers 200.
-for port in 18900 18911 18921 18931 18935 18936 18937; do
+for port in $PORTS; do
   for i in $(seq 100); do [ "$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$port/x)" = 200 ] && break; sleep 0.1; done
   [ "$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$port/x)" = 200 ] || { echo "port $port does not answer"; exit 1; }
 done
@@ -199,6 +222,7 @@ ROWS=(
   "HAProxy pair (mTLS)|18911|$HP_O|$HP_I"
   "nginx pair (mTLS)|18921|$NG_O|$NG_I"
 )
+[ -z "${MESHWARD_BASE_BIN:-}" ] || ROWS+=("meshward pair, default, base build ($MESHWARD_BASE_BIN)|18938|$MW5_O|$MW5_I")
 ROUNDS=${ROUNDS:-3}
 R="$W/results"; mkdir -p "$R"
 # With PERF_DIR, a CPU profile of each proxy over one phase (PERF_PHASE: rate, the default,
@@ -244,6 +268,9 @@ for r in $(seq "$ROUNDS"); do
   echo "  round $r of $ROUNDS done" >&2
 done
 
+# With RESULTS_DIR, every round's figures too (a file per row, a line per round, the
+# columns of `measure`).
+[ -z "${RESULTS_DIR:-}" ] || { mkdir -p "$RESULTS_DIR"; cp "$R"/* "$RESULTS_DIR"/; }
 echo
 echo "Medians of $ROUNDS interleaved rounds."
 echo
@@ -264,7 +291,7 @@ if [ -n "${CPU[0]:-}" ] && [ -n "${CPU[1]:-}" ]; then
   awk -v oc="${CPU[0]}" -v fc="${CPU[1]}" -v om="${MAX[0]}" -v fm="${MAX[1]}" 'BEGIN {
     printf "telemetry at default settings (metrics + decision shipping) vs off: max throughput %+.1f%%, CPU per request %+.1f%% (targets: no worse than -10%% and +5%%)\n", (om / fm - 1) * 100, (oc / fc - 1) * 100 }'
 fi
-for peer in 4 5; do
+for peer in 4 5 6; do
   if [ -n "${CPU[0]:-}" ] && [ -n "${CPU[$peer]:-}" ]; then
     awk -v a="${CPU[0]}" -v b="${CPU[$peer]}" -v am="${MAX[0]}" -v bm="${MAX[$peer]}" -v n="${ROWS[$peer]%%|*}" 'BEGIN {
       printf "meshward (default) vs %s: CPU per request %.2fx, max rate %.2fx\n", n, a / b, am / bm }'

@@ -1352,7 +1352,7 @@ fn not_enforced(files: &Files) -> Vec<String> {
         .filter(|k| {
             matches!(
                 k.kind.as_str(),
-                "RateLimitPolicy" | "TrafficPolicy" | "FaultInjection" | "TrustDomainFederation"
+                "TrafficPolicy" | "FaultInjection" | "TrustDomainFederation"
             )
         })
         .map(|k| k.to_string())

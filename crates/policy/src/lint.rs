@@ -428,14 +428,9 @@ impl<'a> Linter<'a> {
     fn not_enforced(&mut self) {
         let set = self.set;
         let items = set
-            .rate_limits
+            .traffic
             .iter()
-            .map(|x| ("RateLimitPolicy", &x.id, &x.origin))
-            .chain(
-                set.traffic
-                    .iter()
-                    .map(|x| ("TrafficPolicy", &x.id, &x.origin)),
-            )
+            .map(|x| ("TrafficPolicy", &x.id, &x.origin))
             .chain(
                 set.faults
                     .iter()

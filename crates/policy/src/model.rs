@@ -179,6 +179,37 @@ pub struct SourceMatch {
 }
 
 impl SourceMatch {
+    /// The matcher of a `from` entry a loaded set has validated already (identity
+    /// patterns and trust domains parse); `None` when one does not.
+    pub fn of_valid(s: &r::SourceSpec) -> Option<SourceMatch> {
+        let ids = |l: &[String]| {
+            l.iter()
+                .map(|i| IdentityPattern::parse(i).ok())
+                .collect::<Option<Vec<_>>>()
+        };
+        let tds = |l: &[String]| {
+            l.iter()
+                .map(|t| TrustDomain::parse(t).ok().map(|t| t.as_str().to_owned()))
+                .collect::<Option<Vec<_>>>()
+        };
+        let pairs = |m: &BTreeMap<String, r::OneOrMany>| {
+            m.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect()
+        };
+        Some(SourceMatch {
+            identities: ids(&s.identities)?,
+            not_identities: ids(&s.not_identities)?,
+            namespaces: s.namespaces.clone(),
+            not_namespaces: s.not_namespaces.clone(),
+            trust_domains: tds(&s.trust_domains)?,
+            not_trust_domains: tds(&s.not_trust_domains)?,
+            attributes: pairs(&s.attributes),
+            not_attributes: pairs(&s.not_attributes),
+            same_attributes: s.same_attributes.clone(),
+            different_attributes: s.different_attributes.clone(),
+            unauthenticated: s.unauthenticated,
+        })
+    }
+
     /// True when no positive field is set, so the entry also matches plaintext sources.
     pub fn is_negative_only(&self) -> bool {
         !self.unauthenticated
@@ -936,14 +967,48 @@ impl Builder {
                     if let Some(f) = &l.from {
                         b.source(ctx, d, f, &p!["spec", "limits", i, "from"]);
                     }
-                    if l.requests_per_second == 0 {
+                    for (field, v) in [
+                        ("requestsPerSecond", l.requests_per_second),
+                        ("burst", l.burst),
+                        ("maxConcurrent", l.max_concurrent),
+                        ("maxConnections", l.max_connections),
+                    ] {
+                        if v == Some(0) {
+                            b.diags.push(
+                                d.origin
+                                    .diag(
+                                        "MW103",
+                                        Severity::Error,
+                                        &p!["spec", "limits", i, field],
+                                        format!("`{field}` must be at least 1"),
+                                    )
+                                    .help("leave the field out for no limit of that kind")
+                                    .resource(d.label()),
+                            );
+                        }
+                    }
+                    if l.requests_per_second.is_none()
+                        && l.max_concurrent.is_none()
+                        && l.max_connections.is_none()
+                    {
                         b.diags.push(
                             d.origin
                                 .diag(
                                     "MW103",
                                     Severity::Error,
-                                    &p!["spec", "limits", i, "requestsPerSecond"],
-                                    "`requestsPerSecond` must be at least 1",
+                                    &p!["spec", "limits", i],
+                                    "a limit must set `requestsPerSecond`, `maxConcurrent` or `maxConnections`",
+                                )
+                                .resource(d.label()),
+                        );
+                    } else if l.burst.is_some() && l.requests_per_second.is_none() {
+                        b.diags.push(
+                            d.origin
+                                .diag(
+                                    "MW103",
+                                    Severity::Error,
+                                    &p!["spec", "limits", i, "burst"],
+                                    "`burst` needs `requestsPerSecond`",
                                 )
                                 .resource(d.label()),
                         );

@@ -576,16 +576,39 @@ pub struct OverrideSpec {
 // ---------------------------------------------------------------------------------------
 // Kinds parsed and validated now, enforced by later issues.
 
+/// One limit of a `RateLimitPolicy`, enforced by the destination's sidecar (docs/containment.md).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RateLimit {
+    /// The sources it applies to (none: every source).
     #[serde(default)]
     pub from: Option<SourceSpec>,
-    pub requests_per_second: u32,
+    /// Whose budget: each source identity its own (the default), each source namespace
+    /// one, or one for every source it applies to.
+    #[serde(default)]
+    pub per: LimitPer,
+    /// Token bucket: requests per second (on a TCP port: connections per second).
+    #[serde(default)]
+    pub requests_per_second: Option<u32>,
+    /// Requests that may come at once beyond the rate (default: one second's worth).
     #[serde(default)]
     pub burst: Option<u32>,
+    /// Requests in progress at once (on a TCP port: open connections).
     #[serde(default)]
     pub max_concurrent: Option<u32>,
+    /// Open connections at once, on every port.
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+}
+
+/// Whose budget a limit counts.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "camelCase")]
+pub enum LimitPer {
+    #[default]
+    Identity,
+    Namespace,
+    Shared,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -445,7 +445,7 @@ fn mw314_reach_beyond_the_own_namespace() {
 #[test]
 fn mw315_kinds_not_enforced_yet() {
     let d = only(
-        "apiVersion: meshward.io/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: r, namespace: shop}\nspec:\n  target: {workloads: [web]}\n  limits: [{requestsPerSecond: 1}]\n",
+        "apiVersion: meshward.io/v1alpha1\nkind: FaultInjection\nmetadata: {name: f, namespace: shop}\nspec:\n  target: {workloads: [web]}\n  abort: {httpStatus: 503, percent: 1}\n  expiresAt: 2030-01-01T00:00:00Z\n",
         "MW315",
     );
     assert_eq!(d.severity, Severity::Warning);

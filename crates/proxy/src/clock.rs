@@ -164,13 +164,13 @@ impl Drop for InFlight {
 
 /// A response body that keeps its request in progress until it is done or dropped.
 #[derive(Debug)]
-pub struct Tracked<B> {
+pub struct Tracked<B, G = InFlight> {
     inner: B,
-    guard: Option<InFlight>,
+    guard: Option<G>,
 }
 
-impl<B> Tracked<B> {
-    pub fn new(inner: B, guard: InFlight) -> Self {
+impl<B, G> Tracked<B, G> {
+    pub fn new(inner: B, guard: G) -> Self {
         Tracked {
             inner,
             guard: Some(guard),
@@ -178,7 +178,7 @@ impl<B> Tracked<B> {
     }
 }
 
-impl<B: Body + Unpin> Body for Tracked<B> {
+impl<B: Body + Unpin, G: Unpin> Body for Tracked<B, G> {
     type Data = B::Data;
     type Error = B::Error;
 

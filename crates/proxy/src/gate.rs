@@ -22,6 +22,7 @@ use meshward_telemetry::trace::{DecisionAttrs, RequestSpan};
 use crate::decision_log::{Extra, Series};
 use crate::inbound::InboundPort;
 use crate::interpret::{self, Facts, Refusal, Version};
+use crate::ratelimit::{Over, Permit, Resolved};
 use crate::rescue::{Refused, Status};
 use crate::state::Shared;
 
@@ -52,6 +53,9 @@ pub(crate) struct Admitted<'h> {
     pub target: String,
     pub facts: Facts<'h>,
     pub under: HeadersWithUnderscores,
+    /// Its places in the concurrency budgets (`maxConcurrent`): held until the response is
+    /// done.
+    pub permit: Permit,
 }
 
 /// Why the gate stopped a request.
@@ -73,6 +77,9 @@ pub(crate) struct Gate<'a> {
     /// The connection's own metric series (the fast path keeps one per connection); none:
     /// the log's lock-free shared snapshot.
     series: Option<Series>,
+    /// The peer's rate-limit budgets under the revision they were resolved for (the fast
+    /// path's gate keeps them for its connection).
+    budgets: Option<Resolved>,
 }
 
 impl<'a> Gate<'a> {
@@ -89,6 +96,7 @@ impl<'a> Gate<'a> {
             port,
             peer,
             series: per_connection.then(Series::default),
+            budgets: None,
         }
     }
 
@@ -174,7 +182,6 @@ impl<'a> Gate<'a> {
             Some(p) => interpret::upgrade_allowed(&p.set, &facts, p.engine.decide(&preq)),
             None => Decision::bare(Verdict::Deny, Reason::NoPolicy, PolicyRevision(0)),
         };
-        drop(policy);
         if span.is_recording() {
             span.decision(DecisionAttrs {
                 source: self.peer.as_str(),
@@ -187,24 +194,48 @@ impl<'a> Gate<'a> {
         }
         // 5. Deny: recorded, answered 403 (gRPC: PERMISSION_DENIED).
         if d.verdict != Verdict::Allow {
+            drop(policy);
             self.record(&preq, &d, Extra::default());
             return Err(Stop::Refused(Refused::new(Status::Forbidden, denial(&d))));
         }
-        // 6. Limits: rate limits and load shedding (the containment issue) refuse here with
-        //    429 or 503; nothing yet.
-        self.limits(&preq)?;
+        // 6. Limits: the source's rate-limit budgets (crate::ratelimit), after the
+        //    decision (a denied request spends nobody's budget); over one: recorded,
+        //    answered 429 with `Retry-After` (gRPC: RESOURCE_EXHAUSTED).
+        let permit = match policy.as_ref() {
+            Some(p) if !p.view.rate_limiter.is_empty() => {
+                let budgets = match self.budgets.take() {
+                    Some(b) if b.revision == p.revision => b,
+                    _ => resolve(self.shared, p, Some(self.peer)),
+                };
+                let taken = budgets.request(false);
+                self.budgets = Some(budgets);
+                match taken {
+                    Ok(permit) => permit,
+                    Err(over) => {
+                        let rev = PolicyRevision(p.revision);
+                        drop(policy);
+                        return Err(Stop::Refused(self.rate_limited(&preq, rev, &over)));
+                    }
+                }
+            }
+            _ => Permit::default(),
+        };
+        drop(policy);
         Ok(Admitted {
             preq,
             d,
             target,
             facts,
             under,
+            permit,
         })
     }
 
-    /// The containment hook: a refusal here is recorded and answered 429/503.
-    fn limits(&mut self, _req: &Request) -> Result<(), Stop> {
-        Ok(())
+    /// Records a request over a rate limit and returns its 429.
+    fn rate_limited(&mut self, req: &Request, rev: PolicyRevision, over: &Over) -> Refused {
+        let (d, extra, body) = over_limit(rev, over);
+        self.record(req, &d, extra);
+        Refused::new(Status::TooManyRequests, body).retry_after(over.retry_after_secs())
     }
 
     /// Records an admitted request once the app's response has started (`duration`: the
@@ -267,8 +298,10 @@ impl<'a> Gate<'a> {
     }
 }
 
-/// The TCP codec's gate: one decision per connection, recorded; a refusal closes it.
-pub(crate) fn tcp(shared: &Shared, port: InboundPort, peer: SpiffeId) -> Result<(), ()> {
+/// The TCP codec's gate: one decision per connection, then the source's rate-limit
+/// budgets (on a TCP port the rate and `maxConcurrent` count connections); recorded, a
+/// refusal closes it. The permit is held while the connection is open.
+pub(crate) fn tcp(shared: &Shared, port: InboundPort, peer: SpiffeId) -> Result<Permit, ()> {
     let req = Request {
         source: Source::Authenticated(peer),
         destination: shared.workload.clone(),
@@ -276,17 +309,93 @@ pub(crate) fn tcp(shared: &Shared, port: InboundPort, peer: SpiffeId) -> Result<
         http: None,
         at: SystemTime::now(),
     };
-    let d = match shared.policy.load().as_ref() {
+    let policy = shared.policy.load();
+    let d = match policy.as_ref() {
         Some(p) => p.engine.decide(&req),
         // No configuration at all: fail closed.
         None => Decision::bare(Verdict::Deny, Reason::NoPolicy, PolicyRevision(0)),
     };
-    write(shared, port, None, &req, &d, Extra::default());
-    if d.verdict == Verdict::Allow {
-        Ok(())
-    } else {
-        Err(())
+    if d.verdict != Verdict::Allow {
+        write(shared, port, None, &req, &d, Extra::default());
+        return Err(());
     }
+    let permit = match policy.as_ref() {
+        Some(p) if !p.view.rate_limiter.is_empty() => {
+            let Source::Authenticated(peer) = &req.source else {
+                return Err(());
+            };
+            match resolve(shared, p, Some(peer)).request(true) {
+                Ok(permit) => permit,
+                Err(over) => {
+                    let (d, extra, _) = over_limit(PolicyRevision(p.revision), &over);
+                    write(shared, port, None, &req, &d, extra);
+                    return Err(());
+                }
+            }
+        }
+        _ => Permit::default(),
+    };
+    write(shared, port, None, &req, &d, Extra::default());
+    Ok(permit)
+}
+
+/// A connection's place under the `maxConnections` of its source's budgets, once its
+/// identity is known; over one, the refusal is recorded (`rate_limited`) and the
+/// connection closes.
+pub(crate) fn connection_quota(
+    shared: &Shared,
+    port: InboundPort,
+    peer: &SpiffeId,
+) -> Result<Permit, ()> {
+    let policy = shared.policy.load();
+    let Some(p) = policy.as_ref().filter(|p| !p.view.rate_limiter.is_empty()) else {
+        return Ok(Permit::default());
+    };
+    resolve(shared, p, Some(peer)).connection().map_err(|over| {
+        let req = Request {
+            source: Source::Authenticated(peer.clone()),
+            destination: shared.workload.clone(),
+            port: port.app_port,
+            http: None,
+            at: SystemTime::now(),
+        };
+        let (d, extra, _) = over_limit(PolicyRevision(p.revision), &over);
+        write(shared, port, None, &req, &d, extra);
+    })
+}
+
+/// `source`'s budgets under `p`.
+fn resolve(shared: &Shared, p: &crate::state::Policy, source: Option<&SpiffeId>) -> Resolved {
+    p.view.rate_limiter.resolve(
+        p.revision,
+        &shared.budgets,
+        &p.set,
+        &shared.workload,
+        source,
+    )
+}
+
+/// The decision, record detail and answer body of a request or connection over a limit.
+fn over_limit(rev: PolicyRevision, over: &Over) -> (Decision, Extra, serde_json::Value) {
+    let mut d = Decision::bare(Verdict::Deny, Reason::RateLimited, rev);
+    d.policy = Some(over.policy.clone());
+    let extra = Extra {
+        detail: Some(format!(
+            "{} limit {} of {}",
+            over.kind, over.index, over.policy
+        )),
+        ..Default::default()
+    };
+    let body = serde_json::json!({
+        "verdict": "deny",
+        "reason": d.reason,
+        "policy": over.policy,
+        "limit": over.index,
+        "kind": over.kind,
+        "retryAfter": over.retry_after_secs(),
+        "revision": rev,
+    });
+    (d, extra, body)
 }
 
 /// Records a connection refused before any request (`connection_limit`,

@@ -14,6 +14,8 @@
 #![deny(clippy::disallowed_types)]
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Instant;
 
 use meshward_identity::SpiffeId;
@@ -90,6 +92,60 @@ impl Buf {
     }
 }
 
+/// The fast path's head deadline on one timer per connection, re-armed lazily: a later
+/// deadline only moves `due`, and the timer, when it fires before `due`, is set to it then.
+/// A keep-alive connection busy with requests so touches the runtime's timer wheel about
+/// once per idle timeout, not once per request (a new timer per read cost CPU per request:
+/// docs/benchmarks.md, "Run of 2026-12-02").
+#[derive(Debug)]
+struct HeadClock {
+    timer: Pin<Box<tokio::time::Sleep>>,
+    /// When the timer fires.
+    armed: tokio::time::Instant,
+    due: tokio::time::Instant,
+    kind: Expired,
+}
+
+impl HeadClock {
+    fn new(due: tokio::time::Instant, kind: Expired) -> Self {
+        HeadClock {
+            timer: Box::pin(tokio::time::sleep_until(due)),
+            armed: due,
+            due,
+            kind,
+        }
+    }
+
+    fn set(&mut self, due: tokio::time::Instant, kind: Expired) {
+        self.due = due;
+        self.kind = kind;
+        if due < self.armed {
+            self.timer.as_mut().reset(due);
+            self.armed = due;
+        }
+    }
+
+    /// `fut`'s output, or `None` when the deadline passes first.
+    async fn run<F: Future>(&mut self, fut: F) -> Option<F::Output> {
+        let mut fut = std::pin::pin!(fut);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Some(out));
+            }
+            while self.timer.as_mut().poll(cx).is_ready() {
+                if self.armed >= self.due {
+                    return Poll::Ready(None);
+                }
+                // Fired early: the deadline has moved since it was armed.
+                self.timer.as_mut().reset(self.due);
+                self.armed = self.due;
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
 /// The app connection of this downstream connection.
 #[derive(Debug)]
 struct AppConn {
@@ -110,17 +166,18 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut out: Vec<u8> = Vec::with_capacity(1024);
     let limits = shared.limits();
     let mut gate = Gate::new(shared, port, peer, true);
+    let mut clock = HeadClock::new(
+        tokio::time::Instant::now() + limits.header_read,
+        Expired::HeaderRead,
+    );
     let mut first = true;
     loop {
         // A request head, in time (crate::clock has the same rules for the general path):
         // the first within the header-read timeout of the handshake; a later one may wait
         // the idle timeout for its first byte, then has the header-read timeout.
-        let waiting = tokio::time::Instant::now();
-        let mut deadline = if first {
-            (waiting + limits.header_read, Expired::HeaderRead)
-        } else {
-            (waiting + limits.idle, Expired::Idle)
-        };
+        if !first {
+            clock.set(tokio::time::Instant::now() + limits.idle, Expired::Idle);
+        }
         let end = loop {
             if let Some(e) = buf.head_end() {
                 break e;
@@ -130,17 +187,17 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 // Too large or ambiguous: the general path answers (431) or refuses it.
                 return End::Handoff(buf.into_vec());
             }
-            if deadline.1 == Expired::Idle && !pending.is_empty() {
+            if clock.kind == Expired::Idle && !pending.is_empty() {
                 let now = tokio::time::Instant::now();
-                deadline = (now + limits.header_read, Expired::HeaderRead);
+                clock.set(now + limits.header_read, Expired::HeaderRead);
             }
-            match tokio::time::timeout_at(deadline.0, buf.fill(stream)).await {
-                Err(_) => {
-                    shared.log.metrics.connection_timeout(deadline.1.as_str());
+            match clock.run(buf.fill(stream)).await {
+                None => {
+                    shared.log.metrics.connection_timeout(clock.kind.as_str());
                     return End::Closed;
                 }
-                Ok(Ok(0) | Err(_)) => return End::Closed,
-                Ok(Ok(_)) => {}
+                Some(Ok(0) | Err(_)) => return End::Closed,
+                Some(Ok(_)) => {}
             }
         };
         first = false;
@@ -187,6 +244,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             target,
             facts,
             under,
+            permit,
         } = match checked {
             Ok(a) => a,
             Err(Stop::Handoff) => return End::Handoff(buf.into_vec()),
@@ -256,6 +314,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         let t_app = Instant::now();
         let relayed = relay(stream, &mut app, port, &out, head_only, idempotent).await;
         gate.forwarded(&preq, &d, t_app.elapsed());
+        // The response is relayed whole: its concurrency places are free again.
+        drop(permit);
         match relayed {
             Ok(r) => {
                 done(shared, r.status, t0);

@@ -212,6 +212,10 @@ pub async fn connection(
             r,
         );
     }
+    // Its source's `maxConnections` (a RateLimitPolicy), held while it is open.
+    let Ok(_quota) = crate::gate::connection_quota(&shared, port, &peer) else {
+        return;
+    };
     if port.protocol.is_http() {
         serve_http(shared, port, peer, stream, client).await;
     } else {
@@ -233,9 +237,9 @@ async fn serve_tcp(
     peer: SpiffeId,
     mut stream: tokio_rustls::server::TlsStream<TcpStream>,
 ) {
-    if crate::gate::tcp(&shared, port, peer).is_err() {
+    let Ok(_permit) = crate::gate::tcp(&shared, port, peer) else {
         return; // refused: the connection closes
-    }
+    };
     let Ok(mut app) = Connector::new(port.mark).connect(port.app).await else {
         return;
     };
@@ -446,6 +450,7 @@ async fn handle(
         target,
         facts,
         under,
+        permit,
     } = admitted;
     let (host, host_header, strips) = (
         facts.host.map(str::to_owned),
@@ -548,7 +553,8 @@ async fn handle(
                     }
                 });
             }
-            resp.map(|b| b.boxed())
+            // Its concurrency places are held until the response body is done.
+            resp.map(|b| Tracked::new(b, permit).boxed())
         }
         Err(e) => {
             let body = serde_json::json!({"error": "the app did not answer", "detail": e});

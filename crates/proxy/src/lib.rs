@@ -27,6 +27,7 @@ pub mod listener;
 pub mod outbound;
 pub mod peer;
 pub mod pool;
+pub mod ratelimit;
 pub mod rescue;
 pub mod run;
 pub mod state;

@@ -80,6 +80,8 @@ pub struct Refused {
     pub body: serde_json::Value,
     /// `grpc-message`.
     pub message: String,
+    /// `Retry-After`, in seconds (a rate limit).
+    pub retry_after: Option<u64>,
 }
 
 impl Refused {
@@ -99,7 +101,14 @@ impl Refused {
             status,
             body,
             message,
+            retry_after: None,
         }
+    }
+
+    /// With `Retry-After: secs`.
+    pub fn retry_after(mut self, secs: Option<u64>) -> Self {
+        self.retry_after = secs;
+        self
     }
 
     /// The answer on the general path (hyper): gRPC requests get a trailers-only
@@ -113,6 +122,9 @@ impl Refused {
             if let Ok(v) = HeaderValue::from_str(&self.message) {
                 h.insert("grpc-message", v);
             }
+            if let Some(s) = self.retry_after {
+                h.insert("retry-after", HeaderValue::from(s));
+            }
             return r;
         }
         let mut r = Response::new(
@@ -123,6 +135,9 @@ impl Refused {
         *r.status_mut() = self.status.http();
         r.headers_mut()
             .insert("content-type", HeaderValue::from_static("application/json"));
+        if let Some(s) = self.retry_after {
+            r.headers_mut().insert("retry-after", HeaderValue::from(s));
+        }
         r
     }
 
@@ -130,8 +145,12 @@ impl Refused {
     /// gone. (Refusals are the uncommon case: the allocation here is off the common path.)
     pub async fn write_h1<S: AsyncWrite + Unpin>(&self, stream: &mut S, close: bool) -> bool {
         let body = self.body.to_string();
+        let retry = self
+            .retry_after
+            .map(|s| format!("retry-after: {s}\r\n"))
+            .unwrap_or_default();
         let head = format!(
-            "HTTP/1.1 {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n",
+            "HTTP/1.1 {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry}{}\r\n",
             self.status.line(),
             body.len(),
             if close { "connection: close\r\n" } else { "" }
@@ -186,5 +205,15 @@ mod tests {
             assert_eq!(r.answer(true).headers()["grpc-status"], grpc);
             assert_eq!(r.answer(true).headers()["grpc-message"], "x");
         }
+        // A rate limit: 429 / RESOURCE_EXHAUSTED, both with `Retry-After`.
+        let limited = Refused::new(
+            Status::TooManyRequests,
+            serde_json::json!({"verdict": "deny", "reason": "rate_limited"}),
+        )
+        .retry_after(Some(2));
+        assert_eq!(limited.answer(false).headers()["retry-after"], "2");
+        let g = limited.answer(true);
+        assert_eq!(g.headers()["grpc-status"], "8");
+        assert_eq!(g.headers()["retry-after"], "2");
     }
 }

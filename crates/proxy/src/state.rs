@@ -61,6 +61,8 @@ pub struct Shared {
     pub default_limits: crate::listener::Limits,
     /// Per-endpoint state that outlives revisions (the views hand it out).
     pub endpoints: crate::endpoint_state::EndpointStates,
+    /// The rate-limit and quota budgets, across revisions (beside the view).
+    pub budgets: crate::ratelimit::Budgets,
 }
 
 impl Shared {
@@ -89,6 +91,7 @@ impl Shared {
             listeners: crate::listener::Listeners::default(),
             default_limits,
             endpoints: crate::endpoint_state::EndpointStates::default(),
+            budgets: crate::ratelimit::Budgets::default(),
         })
     }
 
@@ -112,6 +115,7 @@ impl Shared {
                 .with_revision(meshward_policy::PolicyRevision(revision)),
         );
         let view = crate::view::View::build(revision, &set, &self.workload, &self.endpoints);
+        self.budgets.retain(&view.rate_limiter);
         let headers = view.headers.clone();
         let lower_paths = set
             .workloads

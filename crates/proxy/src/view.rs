@@ -33,6 +33,8 @@ pub struct View {
     pub traffic: HashMap<WorkloadRef, Vec<Other<TrafficPolicySpec>>>,
     /// The `RateLimitPolicy`s that target this workload.
     pub rate_limits: Vec<Other<RateLimitPolicySpec>>,
+    /// Their limits, compiled (the gate's step 6, [`crate::limits`]).
+    pub rate_limiter: crate::ratelimit::RateLimits,
     /// The `FaultInjection`s that target this workload.
     pub faults: Vec<Other<FaultInjectionSpec>>,
     /// Lower-case names of the headers some rule's condition reads, sorted.
@@ -79,16 +81,18 @@ impl View {
             .collect();
         let targets_me =
             |t: &TargetSpec, id: &str| own.is_some_and(|w| selects(t, namespace_of(id), set, w));
+        let rate_limits: Vec<_> = set
+            .rate_limits
+            .iter()
+            .filter(|r| targets_me(&r.spec.target, &r.id))
+            .cloned()
+            .collect();
         View {
             revision,
             discovery,
             traffic,
-            rate_limits: set
-                .rate_limits
-                .iter()
-                .filter(|r| targets_me(&r.spec.target, &r.id))
-                .cloned()
-                .collect(),
+            rate_limiter: crate::ratelimit::RateLimits::compile(&rate_limits),
+            rate_limits,
             faults: set
                 .faults
                 .iter()
