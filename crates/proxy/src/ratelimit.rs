@@ -225,9 +225,17 @@ impl Resolved {
         tcp: bool,
     ) -> Result<Permit, Over> {
         let mut permit = Permit::default();
-        let mut rated: Vec<(&Budget, Rate)> = vec![];
         let now = now_ns();
-        for (l, b) in &self.budgets {
+        // On a refusal, the tokens the budgets before it took are given back (their
+        // concurrency places go back with `permit`): all or none, no allocation.
+        let refund = |upto: usize| {
+            for (l, b) in &self.budgets[..upto] {
+                if let (Some(r), _) = what(l) {
+                    b.refund(r);
+                }
+            }
+        };
+        for (i, (l, b)) in self.budgets.iter().enumerate() {
             let (rate, max) = what(l);
             let over = |kind, retry_after| Over {
                 policy: l.policy.clone(),
@@ -235,30 +243,22 @@ impl Resolved {
                 kind,
                 retry_after,
             };
-            if let Some(max) = max
-                && !b.enter(slot, max)
-            {
-                let kind = match slot {
-                    Slot::Connection => "connections",
-                    Slot::Request if tcp => "connections",
-                    Slot::Request => "concurrency",
-                };
-                for (b, r) in rated {
-                    b.refund(r);
+            if let Some(max) = max {
+                if !b.enter(slot, max) {
+                    let kind = match slot {
+                        Slot::Request if !tcp => "concurrency",
+                        _ => "connections",
+                    };
+                    refund(i);
+                    return Err(over(kind, None));
                 }
-                return Err(over(kind, None)); // `permit` gives back the slots taken
-            }
-            if max.is_some() {
                 permit.held.push((b.clone(), slot));
             }
-            if let Some(r) = rate {
-                if let Err(wait) = b.acquire(r, now) {
-                    for (b, r) in rated {
-                        b.refund(r);
-                    }
-                    return Err(over("rate", Some(Duration::from_nanos(wait))));
-                }
-                rated.push((b, r));
+            if let Some(r) = rate
+                && let Err(wait) = b.acquire(r, now)
+            {
+                refund(i);
+                return Err(over("rate", Some(Duration::from_nanos(wait))));
             }
         }
         Ok(permit)
