@@ -298,10 +298,19 @@ impl<'a> Gate<'a> {
     }
 }
 
+/// A TCP connection the gate let through: its budgets' permit (held while it is open) and
+/// what was decided (watched by [`crate::recheck`]).
+#[derive(Debug)]
+pub(crate) struct TcpAdmitted {
+    pub permit: Permit,
+    pub req: Request,
+    pub revision: u64,
+}
+
 /// The TCP codec's gate: one decision per connection, then the source's rate-limit
 /// budgets (on a TCP port the rate and `maxConcurrent` count connections); recorded, a
-/// refusal closes it. The permit is held while the connection is open.
-pub(crate) fn tcp(shared: &Shared, port: InboundPort, peer: SpiffeId) -> Result<Permit, ()> {
+/// refusal closes it.
+pub(crate) fn tcp(shared: &Shared, port: InboundPort, peer: SpiffeId) -> Result<TcpAdmitted, ()> {
     let req = Request {
         source: Source::Authenticated(peer),
         destination: shared.workload.clone(),
@@ -336,7 +345,35 @@ pub(crate) fn tcp(shared: &Shared, port: InboundPort, peer: SpiffeId) -> Result<
         _ => Permit::default(),
     };
     write(shared, port, None, &req, &d, Extra::default());
-    Ok(permit)
+    Ok(TcpAdmitted {
+        permit,
+        req,
+        revision: d.revision.0,
+    })
+}
+
+/// Records an open connection or stream closed because a later revision denies it
+/// ([`crate::recheck`]; `kind`: `tcp`, `stream` or `tunnel`), and counts it.
+pub(crate) fn revoked(
+    shared: &Shared,
+    port: InboundPort,
+    r: &crate::recheck::Revoked,
+    kind: &'static str,
+) {
+    shared.log.metrics.revoked(kind);
+    let extra = Extra {
+        detail: Some(format!(
+            "revoked: revision {} denies the open {}; closed",
+            r.d.revision.0,
+            match kind {
+                "tcp" => "connection",
+                "tunnel" => "tunnel",
+                _ => "request",
+            }
+        )),
+        ..Default::default()
+    };
+    write(shared, port, None, &r.req, &r.d, extra);
 }
 
 /// A connection's place under the `maxConnections` of its source's budgets, once its

@@ -237,13 +237,20 @@ async fn serve_tcp(
     peer: SpiffeId,
     mut stream: tokio_rustls::server::TlsStream<TcpStream>,
 ) {
-    let Ok(_permit) = crate::gate::tcp(&shared, port, peer) else {
+    let Ok(admitted) = crate::gate::tcp(&shared, port, peer) else {
         return; // refused: the connection closes
     };
+    let _permit = admitted.permit;
     let Ok(mut app) = Connector::new(port.mark).connect(port.app).await else {
         return;
     };
-    let _ = tokio::io::copy_bidirectional(&mut stream, &mut app).await;
+    // Decided again on every revision: a deny closes both sides.
+    let kind = crate::recheck::Kind::default();
+    let revoke = crate::recheck::revoke(shared.clone(), admitted.req, admitted.revision, kind);
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut stream, &mut app) => {}
+        r = revoke => crate::gate::revoked(&shared, port, &r, "tcp"),
+    }
 }
 
 async fn serve_http(
@@ -407,7 +414,7 @@ impl AppLink {
 /// The general codec's request: detected version → the gate → forwarding; every refusal,
 /// the gate's or the forwarding's, is answered by the rescue ([`crate::rescue`]).
 async fn handle(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     port: InboundPort,
     peer: &SpiffeId,
     app: App<'_>,
@@ -458,6 +465,12 @@ async fn handle(
         facts.strips,
     );
     let upgrade = facts.upgrade || facts.connect;
+    // Decided again on every revision while it is open (crate::recheck).
+    let kind = crate::recheck::Kind {
+        upgrade: facts.upgrade,
+        connect: facts.connect,
+    };
+    let mut revoke = crate::recheck::revoke(shared.clone(), preq.clone(), d.revision.0, kind);
     // Forward: the normalized target, the verified identity. An HTTP/1 request to an
     // HTTP/1 app goes on the connection's own link (origin-form target); the rest through
     // the pool (absolute target, the app's protocol whatever the peer proxy spoke).
@@ -515,10 +528,21 @@ async fn handle(
     }
     span.inject(hdrs);
     let t0 = std::time::Instant::now();
-    let r = if own_link {
-        app.link.send(port, req).await
-    } else {
-        app.client.request(req).await.map_err(|e| e.to_string())
+    let forward = async {
+        if own_link {
+            app.link.send(port, req).await
+        } else {
+            app.client.request(req).await.map_err(|e| e.to_string())
+        }
+    };
+    let r = tokio::select! {
+        r = forward => r,
+        r = &mut revoke => {
+            // Denied before the app answered: the request to the app is dropped.
+            crate::gate::revoked(shared, port, &r, "stream");
+            let body = crate::gate::denial(&r.d);
+            return crate::rescue::Refused::new(Status::Forbidden, body).answer(grpc);
+        }
     };
     let r = match r {
         // The hygiene checker cut the request body short (a malformed chunk): the caller's
@@ -543,18 +567,28 @@ async fn handle(
                     return crate::rescue::Refused::new(Status::BadGateway, body).answer(grpc);
                 };
                 let up = hyper::upgrade::on(&mut resp);
+                let shared = shared.clone();
                 tokio::spawn(async move {
                     if let (Ok(d), Ok(u)) = (down.await, up.await) {
-                        let _ = tokio::io::copy_bidirectional(
-                            &mut TokioIo::new(d),
-                            &mut TokioIo::new(u),
-                        )
-                        .await;
+                        let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut d, &mut u) => {}
+                            r = revoke => crate::gate::revoked(&shared, port, &r, "tunnel"),
+                        }
                     }
                 });
+                return resp.map(|b| {
+                    Tracked::new(b, permit)
+                        .map_err(crate::rescue::BodyError::App)
+                        .boxed()
+                });
             }
-            // Its concurrency places are held until the response body is done.
-            resp.map(|b| Tracked::new(b, permit).boxed())
+            // Its concurrency places are held until the response body is done; a later
+            // revision that denies it cuts it.
+            resp.map(|b| {
+                let b = Tracked::new(b, permit).map_err(crate::rescue::BodyError::App);
+                crate::recheck::Revocable::new(b, revoke, shared.clone(), port, grpc).boxed()
+            })
         }
         Err(e) => {
             let body = serde_json::json!({"error": "the app did not answer", "detail": e});

@@ -28,6 +28,7 @@ pub mod outbound;
 pub mod peer;
 pub mod pool;
 pub mod ratelimit;
+pub mod recheck;
 pub mod rescue;
 pub mod run;
 pub mod state;

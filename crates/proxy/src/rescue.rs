@@ -16,7 +16,35 @@ use hyper::{Response, StatusCode};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 /// A response body of the general path.
-pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, BodyError>;
+
+/// Why a response body of the general path stopped before its end.
+#[derive(Debug)]
+pub enum BodyError {
+    /// The app's response failed.
+    App(hyper::Error),
+    /// A later revision denies the request ([`crate::recheck`]): the stream is reset
+    /// (HTTP/2) or the connection closed (HTTP/1).
+    Revoked,
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::App(e) => write!(f, "the app's response failed: {e}"),
+            BodyError::Revoked => f.write_str("a later policy revision denies this request"),
+        }
+    }
+}
+
+impl std::error::Error for BodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BodyError::App(e) => Some(e),
+            BodyError::Revoked => None,
+        }
+    }
+}
 
 /// The statuses the proxy answers with itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

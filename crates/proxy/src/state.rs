@@ -63,6 +63,9 @@ pub struct Shared {
     pub endpoints: crate::endpoint_state::EndpointStates,
     /// The rate-limit and quota budgets, across revisions (beside the view).
     pub budgets: crate::ratelimit::Budgets,
+    /// The revision just installed, for what is open to decide again
+    /// ([`crate::recheck`]).
+    pub revisions: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
@@ -92,6 +95,7 @@ impl Shared {
             default_limits,
             endpoints: crate::endpoint_state::EndpointStates::default(),
             budgets: crate::ratelimit::Budgets::default(),
+            revisions: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -134,6 +138,8 @@ impl Shared {
             limits,
             view,
         })));
+        // Open connections and streams are decided again under it.
+        self.revisions.send_replace(revision);
     }
 
     /// The SVID to present, unless it has expired (then none: new connections fail closed).

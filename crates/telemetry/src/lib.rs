@@ -224,6 +224,7 @@ pub struct ProxyMetrics {
     pub handshake_failures: Family<HandshakeLabels, Counter>,
     pub connections_refused: Family<RefusedLabels, Counter>,
     pub connection_timeouts: Family<KindLabels, Counter>,
+    pub revoked: Family<KindLabels, Counter>,
     pub accept_errors: Family<KindLabels, Counter>,
     /// Set when scraped.
     pub listener_connections: Family<ListenerLabels, Gauge>,
@@ -261,6 +262,7 @@ impl ProxyMetrics {
         let shadow = Family::<ShadowLabels, Counter>::default();
         let connections_refused = Family::<RefusedLabels, Counter>::default();
         let connection_timeouts = Family::<KindLabels, Counter>::default();
+        let revoked = Family::<KindLabels, Counter>::default();
         let accept_errors = Family::<KindLabels, Counter>::default();
         let listener_connections = Family::<ListenerLabels, Gauge>::default();
         let decision_log_dropped = Counter::default();
@@ -299,6 +301,11 @@ impl ProxyMetrics {
             "meshward_connection_timeouts",
             "Inbound connections closed for a timeout (header_read: a request head too slow; idle: no request in progress for too long)",
             connection_timeouts.clone(),
+        );
+        registry.register(
+            "meshward_revoked",
+            "Open connections and streams closed because a later revision, override or quarantine denies them (tcp: a TCP connection; stream: an HTTP request in progress; tunnel: an upgraded connection or CONNECT tunnel)",
+            revoked.clone(),
         );
         registry.register(
             "meshward_accept_errors",
@@ -358,6 +365,7 @@ impl ProxyMetrics {
             handshake_failures,
             connections_refused,
             connection_timeouts,
+            revoked,
             accept_errors,
             listener_connections,
             shadow,
@@ -401,6 +409,12 @@ impl ProxyMetrics {
         self.connection_timeouts
             .get_or_create(&KindLabels { kind })
             .inc();
+    }
+
+    /// Counts an open connection or stream closed by a re-check (`tcp`, `stream`,
+    /// `tunnel`).
+    pub fn revoked(&self, kind: &'static str) {
+        self.revoked.get_or_create(&KindLabels { kind }).inc();
     }
 
     /// Counts an accept error that made a listener back off.
