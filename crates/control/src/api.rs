@@ -388,6 +388,32 @@ async fn override_revoke(
     reply(blocking(move || cp.revoke_override(&op, &ns, &name, SystemTime::now())).await)
 }
 
+async fn quarantine_list(
+    State(cp): State<Cp>,
+    Extension(p): Extension<Peer>,
+    h: HeaderMap,
+) -> Response {
+    let _ = op!(cp, h, p);
+    reply(blocking(move || cp.quarantines(SystemTime::now())).await)
+}
+
+#[derive(Debug, Deserialize)]
+struct ReleaseReq {
+    /// The identity, or the generated `namespace/name`.
+    id: String,
+    reason: String,
+}
+
+async fn quarantine_release(
+    State(cp): State<Cp>,
+    Extension(p): Extension<Peer>,
+    h: HeaderMap,
+    Json(r): Json<ReleaseReq>,
+) -> Response {
+    let op = op!(cp, h, p);
+    reply(blocking(move || cp.release_quarantine(&op, &r.id, &r.reason, SystemTime::now())).await)
+}
+
 #[derive(Debug, Deserialize, Default)]
 struct RotateReq {
     #[serde(default)]
@@ -486,6 +512,8 @@ pub fn router(cp: Cp) -> Router {
         .route("/v1/graph", get(graph))
         .route("/v1/overrides", post(override_create).get(override_list))
         .route("/v1/overrides/{ns}/{name}", delete(override_revoke))
+        .route("/v1/quarantines", get(quarantine_list))
+        .route("/v1/quarantines/release", post(quarantine_release))
         .route("/v1/ca/rotate", post(ca_rotate))
         .with_state(cp)
 }

@@ -101,6 +101,43 @@ impl DecisionWindow {
     }
 }
 
+impl DecisionWindow {
+    /// Records stored after row `after` (in arrival order), at most `limit`, with their
+    /// row ids: a reader that keeps the last id sees every record once, however late its
+    /// timestamp.
+    pub fn records_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, DecisionRecord)>, StoreError> {
+        let c = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
+        let mut st =
+            c.prepare("SELECT id, line FROM decisions WHERE id > ?1 ORDER BY id LIMIT ?2")?;
+        let rows = st.query_map(
+            params![after, i64::try_from(limit).unwrap_or(i64::MAX)],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+        )?;
+        let mut out = vec![];
+        for row in rows {
+            let (id, line) = row?;
+            if let Ok(r) = serde_json::from_str::<DecisionRecord>(&line) {
+                out.push((id, r));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The id of the newest record stored (0: none).
+    pub fn last_id(&self) -> Result<i64, StoreError> {
+        let c = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
+        Ok(
+            c.query_row("SELECT COALESCE(MAX(id), 0) FROM decisions", [], |r| {
+                r.get(0)
+            })?,
+        )
+    }
+}
+
 /// A node of the service graph: a workload, or `unauthenticated` / `external`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Node {

@@ -288,6 +288,25 @@ pub async fn run(
             }
         }
     });
+    // Anomaly detection (service::detector): a tick every second over the records
+    // shipped since the last one.
+    let det = cp.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let c = det.clone();
+            let r = tokio::task::spawn_blocking(move || c.detect(SystemTime::now())).await;
+            match r {
+                Ok(Ok(steps)) => {
+                    for (step, who) in steps {
+                        eprintln!("detector: {step} {who}");
+                    }
+                }
+                Ok(Err(e)) => eprintln!("detector: {e}"),
+                Err(_) => {}
+            }
+        }
+    });
     crate::api::serve(cp, listener, Arc::new(tls), shutdown).await;
     Ok(())
 }

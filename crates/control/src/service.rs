@@ -21,6 +21,8 @@ use crate::store::{
     AuditFilter, Files, NewEntry, Proposal, Revision, Store, StoreError, TokenRecord, ms,
 };
 
+pub mod detector;
+
 /// Why an operation was refused. Each maps to an HTTP status in the API.
 #[derive(Debug, thiserror::Error)]
 pub enum Refused {
@@ -94,6 +96,8 @@ pub struct ControlPlane {
     decisions: Option<Arc<crate::decisions::DecisionWindow>>,
     /// The latest certificate this replica issued per identity: when it expires.
     issued: Mutex<std::collections::BTreeMap<String, SystemTime>>,
+    /// Anomaly detection's memory ([`detector`]).
+    detector: Mutex<detector::State>,
 }
 
 /// What one proxy identity receives at one revision.
@@ -159,6 +163,7 @@ impl ControlPlane {
             metrics: Arc::default(),
             decisions: None,
             issued: Mutex::default(),
+            detector: Mutex::default(),
         }
     }
 
@@ -1071,9 +1076,61 @@ impl ControlPlane {
             .collect())
     }
 
-    /// Removes every expired override in one new revision, audited by the controller.
-    /// Returns the overrides removed.
+    /// Removes every expired override in one new revision, audited by the controller
+    /// (`override.expire`), then every `RateLimitPolicy` past its `expiresAt` in another
+    /// (`ratelimit.expire`). Returns what was removed.
     pub fn expire_overrides(&self, now: SystemTime) -> Result<Vec<String>, Refused> {
+        let mut gone = self.expire_override_resources(now)?;
+        gone.extend(self.expire_rate_limits(now)?);
+        Ok(gone)
+    }
+
+    fn expire_rate_limits(&self, now: SystemTime) -> Result<Vec<String>, Refused> {
+        let (_, files) = self.head_files()?;
+        let Some(set) = repo::load(&files).set else {
+            return Ok(vec![]);
+        };
+        let expired: Vec<String> = set
+            .rate_limits
+            .iter()
+            .filter(|r| r.spec.expires_at.is_some_and(|e| e.0 <= now))
+            .map(|r| r.id.to_string())
+            .collect();
+        if expired.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut next = files.clone();
+        for id in &expired {
+            let (ns, name) = id.split_once('/').unwrap_or(("default", id));
+            let key = Key {
+                kind: "RateLimitPolicy".into(),
+                namespace: ns.into(),
+                name: name.into(),
+            };
+            next = repo::remove(&next, &key);
+        }
+        let summary = repo::summary(&files, &next);
+        let entry = NewEntry::new(
+            "controller",
+            "ratelimit.expire",
+            &expired.join(","),
+            json!({"summary": summary}),
+        );
+        self.commit(
+            "controller",
+            "rate limits expired",
+            &summary,
+            &next,
+            entry,
+            now,
+        )?;
+        Ok(expired
+            .into_iter()
+            .map(|i| format!("RateLimitPolicy {i}"))
+            .collect())
+    }
+
+    fn expire_override_resources(&self, now: SystemTime) -> Result<Vec<String>, Refused> {
         let (_, files) = self.head_files()?;
         let loaded = repo::load(&files);
         let Some(set) = loaded.set else {

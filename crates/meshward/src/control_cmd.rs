@@ -554,6 +554,52 @@ pub fn override_revoke(conn: &Conn, ns: &str, name: &str, output: Output) -> Res
     }))
 }
 
+pub fn quarantine_list(conn: &Conn, output: Output) -> Result<ExitCode> {
+    let r = call(conn, "GET", "/v1/quarantines", None)?;
+    Ok(finish(r, output, |v| {
+        let mut s = String::new();
+        for q in v.as_array().into_iter().flatten() {
+            let until = q["quarantine_expires_at"]
+                .as_str()
+                .or(q["throttle_expires_at"].as_str())
+                .unwrap_or("-");
+            let why: Vec<String> = q["evidence"]["signals"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|g| {
+                    format!(
+                        "{} {:.2} >= {:.2}",
+                        g["signal"].as_str().unwrap_or(""),
+                        g["value"].as_f64().unwrap_or(0.0),
+                        g["threshold"].as_f64().unwrap_or(0.0)
+                    )
+                })
+                .collect();
+            s.push_str(&format!(
+                "{:<52} {:<12} since {}  until {}  {}\n",
+                q["identity"].as_str().unwrap_or(""),
+                q["stage"].as_str().unwrap_or(""),
+                q["since"].as_str().unwrap_or("-"),
+                until,
+                why.join(", ")
+            ));
+        }
+        if s.is_empty() {
+            s.push_str("nothing reported, throttled or quarantined\n");
+        }
+        s
+    }))
+}
+
+pub fn quarantine_release(conn: &Conn, id: &str, reason: &str, output: Output) -> Result<ExitCode> {
+    let body = json!({"id": id, "reason": reason});
+    let r = call(conn, "POST", "/v1/quarantines/release", Some(body))?;
+    Ok(finish(r, output, |v| {
+        format!("released {id}: revision {}\n", v["revision"])
+    }))
+}
+
 pub fn ca_rotate(conn: &Conn, root: bool, finish: bool, output: Output) -> Result<ExitCode> {
     let rotation = match (root, finish) {
         (false, _) => "intermediate",

@@ -147,6 +147,9 @@ enum Command {
     /// Break-glass overrides: always time-bound, always audited.
     #[command(subcommand)]
     Override(OverrideCommand),
+    /// What anomaly detection reported, throttled or quarantined, and releasing it.
+    #[command(subcommand)]
+    Quarantine(QuarantineCommand),
     /// The certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -442,6 +445,30 @@ enum OverrideCommand {
         /// `namespace/name`.
         name: String,
         #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum QuarantineCommand {
+    /// Identities anomaly detection reported (last hour), throttled or quarantined, with
+    /// the evidence.
+    #[command(after_help = "Example:\n  meshward quarantine list --output json")]
+    List {
+        #[arg(long, short = 'o', value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Lift an identity's throttle and quarantine (its namespace owner or
+    /// platform-security; audited).
+    #[command(
+        after_help = "Example:\n  meshward quarantine release spiffe://shop.example/ns/web/sa/frontend \\\n    --reason \"INC-4711: image rebuilt, credentials rotated\""
+    )]
+    Release {
+        /// The identity, or the `namespace/name` `quarantine list` shows.
+        id: String,
+        #[arg(long)]
+        reason: String,
+        #[arg(long, short = 'o', value_enum, default_value = "text")]
         output: Output,
     },
 }
@@ -807,6 +834,12 @@ fn main() -> ExitCode {
             Some((ns, n)) => control_cmd::override_revoke(&cli.conn, ns, n, output),
             None => Err(anyhow::anyhow!("name the override as `namespace/name`")),
         },
+        Command::Quarantine(QuarantineCommand::List { output }) => {
+            control_cmd::quarantine_list(&cli.conn, output)
+        }
+        Command::Quarantine(QuarantineCommand::Release { id, reason, output }) => {
+            control_cmd::quarantine_release(&cli.conn, &id, &reason, output)
+        }
         Command::Ca(CaCommand::Rotate {
             root,
             finish,

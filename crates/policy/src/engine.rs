@@ -814,9 +814,8 @@ impl Engine {
                 let Some(subject) = &o.subject else {
                     return false;
                 };
-                if src_matches(subject, cx) {
-                    return true;
-                }
+                // The destination's identity as a source (for "to a quarantined workload"
+                // and for `except`).
                 let as_source = Cx {
                     req: cx.req,
                     id: Some(&dest.workload.identity),
@@ -828,7 +827,11 @@ impl Engine {
                     host: None,
                     method_bit: 0,
                 };
-                src_matches(subject, &as_source)
+                let excepted = |cx: &Cx<'_>| o.except.as_ref().is_some_and(|e| src_matches(e, cx));
+                // From the subject, unless to an excepted peer; to the subject, unless from
+                // one.
+                (src_matches(subject, cx) && !excepted(&as_source))
+                    || (src_matches(subject, &as_source) && !excepted(cx))
             }
             OverrideAction::Allow | OverrideAction::Deny => {
                 let deny = o.action == OverrideAction::Deny;

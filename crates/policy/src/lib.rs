@@ -8,6 +8,7 @@
 //! indexes and decides in constant time; [`explain`], [`scenario`], [`diff`], [`impact`]
 //! and [`suggest`] are the policy-as-code tools behind `meshward policy …`.
 
+pub mod anomaly;
 pub mod decision;
 pub mod decision_log;
 pub mod diag;

@@ -75,6 +75,8 @@ pub struct Mesh {
     /// Inbound connection caps and timeouts for every sidecar (validated; fields unset
     /// fall back to the proxy's flags).
     pub connection_limits: r::ConnectionLimits,
+    /// The control plane's anomaly detection (validated, with defaults).
+    pub anomaly: crate::anomaly::AnomalyDetection,
     pub origin: Option<Origin>,
 }
 
@@ -299,6 +301,8 @@ pub struct Override {
     pub subject: Option<SourceMatch>,
     pub target: Option<Target>,
     pub to: Vec<Operation>,
+    /// Quarantine only: the peers the subject may still talk to, either way.
+    pub except: Option<SourceMatch>,
     pub reason: String,
     pub ticket: Option<String>,
     pub requester: Option<String>,
@@ -1207,14 +1211,31 @@ impl Builder {
                     .resource(d.label()),
             );
         }
+        let max_override_duration = s
+            .max_override_duration
+            .map_or(Duration::from_secs(86400), |x| x.0);
+        let (anomaly, problems) =
+            crate::anomaly::validate(s.anomaly_detection.as_ref(), max_override_duration);
+        for (path, why) in problems {
+            let field = path.last().cloned().unwrap_or_default();
+            let mut at = p!["spec", "anomalyDetection"].to_vec();
+            at.extend(path.into_iter().map(|f| match f.parse::<usize>() {
+                Ok(i) => PathSeg::Index(i),
+                Err(_) => PathSeg::Key(f),
+            }));
+            self.diags.push(
+                d.origin
+                    .diag("MW103", Severity::Error, &at, format!("`{field}` {why}"))
+                    .resource(d.label()),
+            );
+        }
         Mesh {
+            anomaly,
             trust_domain: s.trust_domain.clone(),
             default_action: s.default_action,
             mtls_mode: s.mtls_mode,
             certificate_lifetime: lifetime,
-            max_override_duration: s
-                .max_override_duration
-                .map_or(Duration::from_secs(86400), |x| x.0),
+            max_override_duration,
             outbound: s.outbound_traffic.clone().unwrap_or_default(),
             headers_with_underscores: s.headers_with_underscores,
             connection_limits: self.connection_limits(d, s.connection_limits),
@@ -1956,6 +1977,14 @@ impl Builder {
             .target
             .as_ref()
             .map(|t| self.target(ctx, &d, t, &p!["spec", "target"]));
+        let except = match &s.except {
+            Some(x) => {
+                let m = self.source(ctx, &d, x, &p!["spec", "except"]);
+                ok &= m.is_some();
+                m
+            }
+            None => None,
+        };
         let mut to = vec![];
         for (i, o) in s.to.iter().enumerate() {
             match self.operation(&d, o, &p!["spec", "to", i]) {
@@ -1996,6 +2025,20 @@ impl Builder {
             }
             _ => {}
         }
+        if s.except.is_some() && s.action != OverrideAction::Quarantine {
+            ok = false;
+            self.diags.push(
+                d.origin
+                    .diag(
+                        "MW104",
+                        Severity::Error,
+                        &p!["spec", "except"],
+                        "`except` belongs to a quarantine override (the peers it may still talk to)",
+                    )
+                    .resource(d.label())
+                    .help("narrow an allow or deny override with `target` and `to` instead"),
+            );
+        }
         if s.reason.trim().is_empty() {
             ok = false;
             self.diags.push(
@@ -2030,6 +2073,7 @@ impl Builder {
             subject,
             target,
             to,
+            except,
             reason: s.reason,
             ticket: s.ticket,
             requester: s.requester,

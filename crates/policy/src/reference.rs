@@ -205,14 +205,21 @@ pub fn override_matches(set: &PolicySet, o: &Override, req: &Request, dest: &Wor
             let Some(subject) = &o.subject else {
                 return false;
             };
-            source_matches(subject, id, src_attrs, &dest.attributes, td)
-                || source_matches(
-                    subject,
+            let as_source = |m: &SourceMatch| {
+                source_matches(
+                    m,
                     Some(&dest.identity),
                     &dest.attributes,
                     &dest.attributes,
                     td,
                 )
+            };
+            let from_source =
+                |m: &SourceMatch| source_matches(m, id, src_attrs, &dest.attributes, td);
+            let except = |f: &dyn Fn(&SourceMatch) -> bool| o.except.as_ref().is_some_and(f);
+            // From the subject unless to an excepted peer; to the subject unless from one.
+            (from_source(subject) && !except(&as_source))
+                || (as_source(subject) && !except(&from_source))
         }
         OverrideAction::Allow | OverrideAction::Deny => {
             let action = if o.action == OverrideAction::Allow {

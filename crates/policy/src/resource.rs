@@ -112,6 +112,12 @@ impl<'de> Deserialize<'de> for Time {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OneOrMany(pub Vec<String>);
 
+impl Serialize for OneOrMany {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
 impl<'de> Deserialize<'de> for OneOrMany {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -228,6 +234,119 @@ pub struct MeshSpec {
     /// be overridden per workload).
     #[serde(default)]
     pub connection_limits: Option<ConnectionLimits>,
+    /// The control plane's anomaly detection (docs/containment.md).
+    #[serde(default)]
+    pub anomaly_detection: Option<AnomalyDetectionSpec>,
+}
+
+/// What anomaly detection does with what it finds.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AnomalyMode {
+    /// Nothing is detected.
+    Off,
+    /// Detected, audited and shown; nothing is enforced.
+    #[default]
+    Report,
+    /// A generated, time-bound rate limit on the identity.
+    Throttle,
+    /// A throttle first, then, if it goes on, a time-bound quarantine.
+    Quarantine,
+}
+
+impl AnomalyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AnomalyMode::Off => "off",
+            AnomalyMode::Report => "report",
+            AnomalyMode::Throttle => "throttle",
+            AnomalyMode::Quarantine => "quarantine",
+        }
+    }
+}
+
+/// Thresholds of anomaly detection; in `perSource`, the ones set replace the Mesh's for
+/// the sources matched.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AnomalyThresholdsSpec {
+    /// Requests (weighted) an identity makes in a window before any signal counts.
+    #[serde(default)]
+    pub min_samples: Option<u64>,
+    /// Request rate over the identity's own EWMA baseline that is anomalous.
+    #[serde(default)]
+    pub rate_factor: Option<f64>,
+    /// Requests per second below which the rate signal never fires.
+    #[serde(default)]
+    pub min_rate: Option<f64>,
+    /// Share of the window's requests denied by policy that is anomalous (0 to 1).
+    #[serde(default)]
+    pub deny_ratio: Option<f64>,
+    /// Distinct destinations and ports in one window that are anomalous.
+    #[serde(default)]
+    pub fan_out: Option<u64>,
+    /// Destinations and ports never seen in the baseline, in one window, that are
+    /// anomalous.
+    #[serde(default)]
+    pub new_edges: Option<u64>,
+}
+
+/// `perSource` entry: thresholds for some sources.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AnomalyPerSourceSpec {
+    pub from: SourceSpec,
+    #[serde(default)]
+    pub mode: Option<AnomalyMode>,
+    #[serde(default)]
+    pub thresholds: Option<AnomalyThresholdsSpec>,
+}
+
+/// The generated rate limit of a throttle.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AnomalyThrottleSpec {
+    #[serde(default)]
+    pub requests_per_second: Option<u32>,
+    #[serde(default)]
+    pub burst: Option<u32>,
+    #[serde(default)]
+    pub duration: Option<Dur>,
+}
+
+/// `Mesh.spec.anomalyDetection`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AnomalyDetectionSpec {
+    /// What detection does (default `report`).
+    #[serde(default)]
+    pub mode: Option<AnomalyMode>,
+    /// The window signals are measured over (default 10s).
+    #[serde(default)]
+    pub window: Option<Dur>,
+    /// How long an identity is watched before anything fires (default 60s).
+    #[serde(default)]
+    pub warmup: Option<Dur>,
+    /// The horizon of the rate baseline (EWMA) and of the edges seen (default 10m).
+    #[serde(default)]
+    pub baseline: Option<Dur>,
+    #[serde(default)]
+    pub thresholds: Option<AnomalyThresholdsSpec>,
+    #[serde(default)]
+    pub per_source: Vec<AnomalyPerSourceSpec>,
+    #[serde(default)]
+    pub throttle: Option<AnomalyThrottleSpec>,
+    /// How long an identity stays anomalous under its throttle before it is quarantined
+    /// (default 30s).
+    #[serde(default)]
+    pub quarantine_after: Option<Dur>,
+    /// How long a quarantine lasts (default 1h; at most `maxOverrideDuration`).
+    #[serde(default)]
+    pub quarantine_duration: Option<Dur>,
+    /// Platform services: never throttled or quarantined, and still reachable (both ways)
+    /// from a quarantined identity.
+    #[serde(default)]
+    pub platform: Option<SourceSpec>,
 }
 
 /// Caps and timeouts of a sidecar's inbound listeners (docs/proxy.md, "Resource limits").
@@ -442,35 +561,46 @@ pub struct TargetSpec {
 }
 
 /// Who a rule is about. Fields combine with AND, values with OR.
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SourceSpec {
     #[serde(default)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub identities: Vec<String>,
     #[serde(default)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_identities: Vec<String>,
     /// Namespaces of the mesh's own trust domain.
     #[serde(default)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub namespaces: Vec<String>,
     #[serde(default)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_namespaces: Vec<String>,
     #[serde(default)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub trust_domains: Vec<String>,
     #[serde(default)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_trust_domains: Vec<String>,
     /// Source workload attributes that must hold.
     #[serde(default)]
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub attributes: BTreeMap<String, OneOrMany>,
     #[serde(default)]
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub not_attributes: BTreeMap<String, OneOrMany>,
     /// Attributes whose value must equal the destination's (both present).
     #[serde(default)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub same_attributes: Vec<String>,
     /// Attributes whose value must differ from the destination's (or be missing on either).
     #[serde(default)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub different_attributes: Vec<String>,
     /// Matches plaintext (no client certificate) sources only.
     #[serde(default)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub unauthenticated: bool,
 }
 
@@ -559,6 +689,11 @@ pub struct OverrideSpec {
     pub target: Option<TargetSpec>,
     #[serde(default)]
     pub to: Vec<OperationSpec>,
+    /// Quarantine only: the peers the subject may still talk to, either way (platform
+    /// services such as DNS or the logging pipeline), matched against the other side's
+    /// identity.
+    #[serde(default)]
+    pub except: Option<SourceSpec>,
     pub reason: String,
     #[serde(default)]
     pub ticket: Option<String>,
@@ -616,6 +751,10 @@ pub enum LimitPer {
 pub struct RateLimitPolicySpec {
     pub target: TargetSpec,
     pub limits: Vec<RateLimit>,
+    /// Optional: the control plane removes the policy from this time on (in a new
+    /// revision, within one controller interval). Anomaly detection's throttles set it.
+    #[serde(default)]
+    pub expires_at: Option<Time>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -259,6 +259,7 @@ fn gen_override(g: &mut Gen, i: usize) -> Override {
         } else {
             vec![]
         },
+        except: (action == OverrideAction::Quarantine && g.chance(50)).then(|| gen_source(g)),
         reason: "drill".into(),
         ticket: None,
         requester: None,
@@ -308,6 +309,7 @@ fn gen_set(g: &mut Gen) -> PolicySet {
         .collect();
     let mesh = Mesh {
         trust_domain: td,
+        anomaly: Default::default(),
         default_action: if g.chance(20) {
             DefaultAction::Allow
         } else {

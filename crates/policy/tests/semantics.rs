@@ -288,6 +288,33 @@ fn deny_and_quarantine_overrides() {
 }
 
 #[test]
+fn a_quarantine_spares_its_excepted_peers_both_ways() {
+    let s = set(&(allow_api("    - {}\n")
+        + &pol(
+            "allow-web",
+            "prod",
+            "  tier: service\n  action: ALLOW\n  target: {workloads: [web]}\n  rules:\n    - {}\n",
+        )
+        + &pol(
+            "allow-batch",
+            "jobs",
+            "  tier: service\n  action: ALLOW\n  target: {workloads: [batch]}\n  rules:\n    - {}\n",
+        )
+        + "---\napiVersion: meshward.io/v1alpha1\nkind: Override\nmetadata: {name: q, namespace: prod}\nspec:\n  action: quarantine\n  subject: {identities: [\"spiffe://td/ns/prod/sa/api\"]}\n  except: {namespaces: [jobs]}\n  reason: r\n  expiresAt: 2026-01-02T00:00:00Z\n"));
+    // The quarantined api still reaches and is reached by `jobs` (its platform peer)...
+    assert_eq!(
+        verdict(&s, Req::from("td/ns/prod/sa/api").to("jobs/batch")),
+        ALLOW
+    );
+    assert_eq!(verdict(&s, Req::from("td/ns/jobs/sa/batch")), ALLOW);
+    // ...and by nobody else, either way.
+    let d = decide(&s, &Req::from("td/ns/prod/sa/api").to("prod/web"));
+    assert_eq!((d.verdict, d.reason), (DENY, Reason::Quarantined));
+    let d = decide(&s, &Req::from("td/ns/prod/sa/web"));
+    assert_eq!((d.verdict, d.reason), (DENY, Reason::Quarantined));
+}
+
+#[test]
 fn audit_marks_never_change_the_verdict() {
     let s = set(&(allow_api("    - from: [{namespaces: [prod]}]\n")
         + &pol(
