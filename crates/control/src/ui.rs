@@ -102,6 +102,7 @@ pub fn router(cp: Cp) -> Router {
         .route("/ui/api/status", get(status))
         .route("/ui/api/history", get(history))
         .route("/ui/api/overrides", get(overrides))
+        .route("/ui/api/quarantines", get(quarantines))
         .route("/ui/api/certificates", get(certificates))
         .with_state(Ui {
             cp,
@@ -273,6 +274,10 @@ async fn history(State(u): State<Ui>, h: HeaderMap) -> Response {
 
 async fn overrides(State(u): State<Ui>, h: HeaderMap) -> Response {
     read(u, h, |cp| cp.overrides()).await
+}
+
+async fn quarantines(State(u): State<Ui>, h: HeaderMap) -> Response {
+    read(u, h, |cp| cp.quarantines(SystemTime::now())).await
 }
 
 async fn certificates(State(u): State<Ui>, h: HeaderMap) -> Response {

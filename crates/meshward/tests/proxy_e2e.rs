@@ -994,3 +994,276 @@ fn every_bad_proxy_flag_is_reported_at_once() {
         assert!(text.contains(want), "no `{want}` in {text}");
     }
 }
+
+/// A TCP echo server (python3) on `port`.
+fn echo_app(port: u16) -> Proc {
+    let script = "import socket,sys,threading\n\
+s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+s.bind(('127.0.0.1',int(sys.argv[1])));s.listen(64)\n\
+def h(c):\n  d=c.recv(65536)\n  while d:\n    c.sendall(d);d=c.recv(65536)\n\
+while True:\n  c,_=s.accept();threading.Thread(target=h,args=(c,),daemon=True).start()\n";
+    Proc(
+        Command::new("python3")
+            .args(["-c", script, &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// One line echoed back through `s`.
+fn echoes(s: &mut std::net::TcpStream) -> bool {
+    use std::io::{Read as _, Write as _};
+    let mut b = [0u8; 5];
+    s.write_all(b"ping\n").is_ok() && s.read_exact(&mut b).is_ok() && &b == b"ping\n"
+}
+
+/// The mesh of the containment test: orders-api with an HTTP port (web may GET
+/// `/orders/*`), a TCP echo port (web may connect) and `closed.len()` TCP ports nobody may
+/// use; anomaly detection quarantines, fast.
+fn containment_repo(app: (u16, u16), echo: (u16, u16), closed: &[(u16, u16)]) -> String {
+    let mut ports = format!(
+        "    - {{port: {}, protocol: HTTP, inbound: \"127.0.0.1:{}\"}}\n    - {{port: {}, protocol: TCP, inbound: \"127.0.0.1:{}\"}}\n",
+        app.0, app.1, echo.0, echo.1
+    );
+    let mut svc = format!(
+        "{{port: 80, targetPort: {}}}, {{port: 81, targetPort: {}, protocol: TCP}}",
+        app.0, echo.0
+    );
+    for (i, (p, inb)) in closed.iter().enumerate() {
+        ports.push_str(&format!(
+            "    - {{port: {p}, protocol: TCP, inbound: \"127.0.0.1:{inb}\"}}\n"
+        ));
+        svc.push_str(&format!(
+            ", {{port: {}, targetPort: {p}, protocol: TCP}}",
+            100 + i
+        ));
+    }
+    format!(
+        r#"apiVersion: meshward.io/v1alpha1
+kind: Mesh
+metadata: {{name: shop}}
+spec:
+  trustDomain: shop.example
+  anomalyDetection:
+    mode: quarantine
+    window: 5s
+    warmup: 3s
+    quarantineAfter: 1s
+    quarantineDuration: 30m
+    thresholds: {{minSamples: 5, fanOut: 6, newEdges: 4, denyRatio: 0.5}}
+    platform: {{namespaces: [platform]}}
+---
+apiVersion: meshward.io/v1alpha1
+kind: Workload
+metadata: {{name: frontend, namespace: web}}
+spec: {{}}
+---
+apiVersion: meshward.io/v1alpha1
+kind: Workload
+metadata: {{name: admin, namespace: web}}
+spec: {{}}
+---
+apiVersion: meshward.io/v1alpha1
+kind: Workload
+metadata: {{name: orders-api, namespace: orders, labels: {{app: orders-api}}}}
+spec:
+  ports:
+{ports}---
+apiVersion: meshward.io/v1alpha1
+kind: Service
+metadata: {{name: orders, namespace: orders}}
+spec: {{selector: {{app: orders-api}}, ports: [{svc}]}}
+---
+apiVersion: meshward.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: orders-api, namespace: orders}}
+spec:
+  tier: service
+  action: ALLOW
+  target: {{workloads: [orders-api]}}
+  rules:
+    - name: web-reads-orders
+      from: [{{namespaces: [web]}}]
+      to: [{{methods: [GET], paths: ["/orders/*"]}}]
+    - name: web-echoes
+      from: [{{namespaces: [web]}}]
+      to: [{{ports: [{}]}}]
+"#,
+        echo.0
+    )
+}
+
+#[test]
+fn a_lateral_scan_is_throttled_then_quarantined_and_cut_while_others_see_no_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (app, app_in, echo, echo_in) = (free_port(), free_port(), free_port(), free_port());
+    let closed_ports: Vec<(u16, u16)> = (0..8).map(|_| (free_port(), free_port())).collect();
+    let _app = orders_app(&tmp.path().join("www"), app);
+    let _echo = echo_app(echo);
+    let m = start_mesh(
+        tmp.path(),
+        &containment_repo((app, app_in), (echo, echo_in), &closed_ports),
+        &[ORDERS_ID, FRONTEND_ID, ADMIN_ID],
+    );
+    let (_orders, _) = m.env.proxy(
+        "orders/orders-api",
+        &tmp.path().join("state-orders"),
+        Some(&m.tokens[0]),
+        &[],
+    );
+    // The compromised frontend: the HTTP and echo services, and the closed ports.
+    let up = |local: u16, port: u16| format!("127.0.0.1:{local}=orders/orders:{port}");
+    let (f_http, f_echo) = (free_port(), free_port());
+    let f_closed: Vec<u16> = closed_ports.iter().map(|_| free_port()).collect();
+    let mut args = vec![up(f_http, 80), up(f_echo, 81)];
+    for (i, l) in f_closed.iter().enumerate() {
+        args.push(up(*l, 100 + i as u16));
+    }
+    let args: Vec<String> = args
+        .into_iter()
+        .flat_map(|a| ["--upstream".to_owned(), a])
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (_frontend, _) = m.env.proxy(
+        "web/frontend",
+        &tmp.path().join("state-frontend"),
+        Some(&m.tokens[1]),
+        &args,
+    );
+    let a_http = free_port();
+    let (_admin, _) = m.env.proxy(
+        "web/admin",
+        &tmp.path().join("state-admin"),
+        Some(&m.tokens[2]),
+        &["--upstream", &up(a_http, 80)],
+    );
+
+    // The other workload calls orders throughout: it must never see an error.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let other = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let mut codes = vec![];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                codes.push(curl(a_http, "/orders/1").0);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            codes
+        }
+    });
+    // Normal behaviour past the warm-up: the frontend reads orders and holds an echo
+    // connection open.
+    let mut held = std::net::TcpStream::connect(("127.0.0.1", f_echo)).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    assert!(echoes(&mut held), "the echo connection works");
+    for _ in 0..20 {
+        assert_eq!(curl(f_http, "/orders/1").0, "200");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let quarantine_list = || {
+        let o = m.env.cli("alice", &["quarantine", "list", "-o", "json"]);
+        assert!(o.status.success(), "{}", out(&o));
+        serde_json::from_slice::<Vec<serde_json::Value>>(&o.stdout).unwrap()
+    };
+    assert!(quarantine_list().is_empty(), "nothing before the scan");
+
+    // The scan: every closed port, over and over (each connection is refused).
+    let t0 = Instant::now();
+    let mut stages = vec![];
+    let quarantined = loop {
+        for p in &f_closed {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", *p)) {
+                use std::io::Write as _;
+                let _ = s.write_all(b"probe\n");
+            }
+        }
+        let list = quarantine_list();
+        if let Some(q) = list.iter().find(|q| q["identity"] == FRONTEND_ID) {
+            let stage = q["stage"].as_str().unwrap().to_owned();
+            if stages.last() != Some(&stage) {
+                stages.push(stage.clone());
+            }
+            if stage == "quarantined" {
+                break q.clone();
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "not quarantined within 20 s: {stages:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        stages.first().map(String::as_str),
+        Some("throttled"),
+        "throttled first: {stages:?}"
+    );
+    let signals = quarantined["evidence"]["signals"].to_string();
+    assert!(signals.contains("fan_out"), "{quarantined}");
+    // Enforced: the held connection is cut, new calls are refused as quarantined.
+    eventually(5, || {
+        hold(!echoes(&mut held), || {
+            "the echo connection is still open".into()
+        })
+    });
+    eventually(5, || {
+        let (code, body) = curl(f_http, "/orders/1");
+        hold(code == "403" && body.contains("quarantined"), || {
+            format!("{code} {body}")
+        })
+    });
+    // The audit has both steps, with the evidence.
+    let o = m.env.cli(
+        "alice",
+        &["audit", "log", "--action", "anomaly.", "--output", "json"],
+    );
+    let log = out(&o);
+    assert!(
+        log.contains("anomaly.throttle") && log.contains("anomaly.quarantine"),
+        "{log}"
+    );
+
+    // Released by platform-security, with a reason: audited; the frontend is served again.
+    let o = m.env.cli(
+        "alice",
+        &[
+            "quarantine",
+            "release",
+            FRONTEND_ID,
+            "--reason",
+            "INC-9: image rebuilt",
+        ],
+    );
+    assert!(o.status.success(), "{}", out(&o));
+    eventually(10, || {
+        let (code, body) = curl(f_http, "/orders/1");
+        hold(code == "200", || format!("{code} {body}"))
+    });
+    let o = m.env.cli(
+        "alice",
+        &[
+            "audit",
+            "log",
+            "--action",
+            "quarantine.release",
+            "--output",
+            "json",
+        ],
+    );
+    assert!(out(&o).contains("INC-9: image rebuilt"), "{}", out(&o));
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let codes = other.join().unwrap();
+    assert!(
+        codes.len() > 50,
+        "the other workload kept calling: {}",
+        codes.len()
+    );
+    let errors: Vec<&String> = codes.iter().filter(|c| *c != "200").collect();
+    assert!(
+        errors.is_empty(),
+        "the other workload saw errors: {errors:?}"
+    );
+}
