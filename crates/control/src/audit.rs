@@ -14,10 +14,13 @@ pub struct Entry {
     pub seq: u64,
     /// Unix time, milliseconds.
     pub ts_ms: i64,
-    /// Who: an operator (`operator:alice`), a workload SPIFFE ID, or `controller`.
+    /// Who: an operator (`operator:alice`), a workload SPIFFE ID, `controller` or
+    /// `detector` (anomaly detection).
     pub actor: String,
     /// What, e.g. `apply`, `apply.rejected`, `rollback`, `token.issue`, `token.use`,
-    /// `token.refused`, `svid.issue`, `svid.refused`, `override.create`, `override.expire`.
+    /// `token.refused`, `svid.issue`, `svid.refused`, `override.create`, `override.expire`,
+    /// `ratelimit.expire`, `anomaly.detected`, `anomaly.throttle`, `anomaly.quarantine`,
+    /// `quarantine.release`.
     pub action: String,
     /// What it was done to (a revision, an identity, an override).
     pub subject: String,
