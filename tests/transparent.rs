@@ -595,6 +595,57 @@ fn transparent_mode_enforces_and_cannot_be_bypassed() {
     wait_record(&frontend.log, "allowed_external", |v| {
         is(v, "reason", "allowed_external")
     });
+    // A quarantine of the frontend stops what it sends out of the mesh too (its own
+    // sidecar refuses it); lifting it restores it.
+    let committed = |o: Output| {
+        assert!(o.status.success(), "{}", out(&o));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["revision"].as_u64().unwrap()
+    };
+    let rev = committed(cp.cli(
+        "alice",
+        &[
+            "override",
+            "create",
+            "contain-frontend",
+            "-n",
+            "web",
+            "--quarantine",
+            "--from",
+            "spiffe://shop.example/ns/web/sa/frontend",
+            "--reason",
+            "egress under quarantine",
+            "--expires-in",
+            "10m",
+            "--output",
+            "json",
+        ],
+    ));
+    frontend.wait_revision(rev);
+    let (exit, code, body) = a.curl(&["-m", "3", &format!("http://{s}.50:8081/")]);
+    assert!(
+        code != "200" && !body.contains("outside the mesh"),
+        "a quarantined workload reached outside the mesh: {exit} {code} {body}"
+    );
+    wait_record(&frontend.log, "quarantined egress", |v| {
+        is(v, "reason", "quarantined") && is(v, "direction", "outbound")
+    });
+    let rev = committed(cp.cli(
+        "alice",
+        &[
+            "override",
+            "revoke",
+            "web/contain-frontend",
+            "--output",
+            "json",
+        ],
+    ));
+    frontend.wait_revision(rev);
+    assert_eq!(
+        a.curl(&[&format!("http://{s}.50:8081/")]).1,
+        "200",
+        "egress after release"
+    );
 
     // 4. An app port bound to loopback inside the pod is unreachable from other hosts,
     // even for an allowed peer.

@@ -137,6 +137,25 @@ metadata: {name: backend-base, namespace: bench, labels: {app: backend-base}}
 spec: {ports: [{port: 18900, protocol: HTTP, inbound: "127.0.0.1:18934"}]}
 ---
 apiVersion: meshward.io/v1alpha1
+kind: Workload
+metadata: {name: backend-limited, namespace: bench, labels: {app: backend-limited}}
+spec: {ports: [{port: 18900, protocol: HTTP, inbound: "127.0.0.1:18945"}]}
+---
+apiVersion: meshward.io/v1alpha1
+kind: Service
+metadata: {name: backend-limited, namespace: bench}
+spec: {selector: {app: backend-limited}, ports: [{port: 80, targetPort: 18900}]}
+---
+apiVersion: meshward.io/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: backend-limited, namespace: bench}
+spec:
+  target: {workloads: [backend-limited]}
+  limits:
+    # Never reached: what checking a rate and a concurrency budget on every request costs.
+    - {requestsPerSecond: 1000000, burst: 1000000, maxConcurrent: 100000}
+---
+apiVersion: meshward.io/v1alpha1
 kind: Service
 metadata: {name: backend-base, namespace: bench}
 spec: {selector: {app: backend-base}, ports: [{port: 80, targetPort: 18900}]}
@@ -157,7 +176,7 @@ metadata: {name: backend, namespace: bench}
 spec:
   tier: service
   action: ALLOW
-  target: {workloads: [backend, backend-quiet, backend-base]}
+  target: {workloads: [backend, backend-quiet, backend-base, backend-limited]}
   rules:
     - from: [{identities: ["spiffe://bench.example/ns/bench/sa/client"]}]
       to: [{methods: [GET], paths: ["/*"]}]
@@ -182,8 +201,14 @@ C="--server 127.0.0.1:18940 --ca-file mw/data/bundle.pem"
 "$MW" workload token --identity spiffe://bench.example/ns/bench/sa/client $C --token-file mw/data/admin.token > mw/c2.tok
 "$MW" proxy --telemetry off --workload bench/backend-quiet --control 127.0.0.1:18941 --ca-file mw/data/bundle.pem --join-token-file mw/b2.tok --state-dir mw/b2 --admin 127.0.0.1:18952 > mw/b2.log 2>&1 & PIDS+=($!); MW2_I=$!
 "$MW" proxy --telemetry off --workload bench/client --control 127.0.0.1:18941 --ca-file mw/data/bundle.pem --join-token-file mw/c2.tok --state-dir mw/c2 --admin 127.0.0.1:18953 --upstream 127.0.0.1:18935=bench/backend-quiet:80 > mw/c2.log 2>&1 & PIDS+=($!); MW2_O=$!
+# The default pair in front of a backend with a RateLimitPolicy (a limit never reached):
+# what the rate-limit check costs.
+"$MW" workload token --identity spiffe://bench.example/ns/bench/sa/backend-limited $C --token-file mw/data/admin.token > mw/b6.tok
+"$MW" workload token --identity spiffe://bench.example/ns/bench/sa/client $C --token-file mw/data/admin.token > mw/c6.tok
+"$MW" proxy --workload bench/backend-limited --control 127.0.0.1:18941 --ca-file mw/data/bundle.pem --join-token-file mw/b6.tok --state-dir mw/b6 --admin 127.0.0.1:18958 > mw/b6.log 2>&1 & PIDS+=($!); MW6_I=$!
+"$MW" proxy --workload bench/client --control 127.0.0.1:18941 --ca-file mw/data/bundle.pem --join-token-file mw/c6.tok --state-dir mw/c6 --admin 127.0.0.1:18959 --upstream 127.0.0.1:18946=bench/backend-limited:80 > mw/c6.log 2>&1 & PIDS+=($!); MW6_O=$!
 # With MESHWARD_BASE_BIN, the default pair again, run by that build.
-PORTS="18900 18911 18921 18931 18935 18936 18937"
+PORTS="18900 18911 18921 18931 18935 18936 18937 18946"
 if [ -n "${MESHWARD_BASE_BIN:-}" ]; then
   B="$MESHWARD_BASE_BIN"
   "$MW" workload token --identity spiffe://bench.example/ns/bench/sa/backend-base $C --token-file mw/data/admin.token > mw/b5.tok
@@ -217,6 +242,7 @@ rss_mb() { local m=0; for p in $(procs "$@"); do v=$(awk '/VmHWM/{print $2}' /pr
 ROWS=(
   "meshward pair (L4 mTLS tunnel out, HTTP/1.1 + policy in), telemetry on (default)|18931|$MW_O|$MW_I"
   "meshward pair, telemetry off|18935|$MW2_O|$MW2_I"
+  "meshward pair, default, RateLimitPolicy on the path|18946|$MW6_O|$MW6_I"
   "meshward pair, HTTP/1.1 pool between proxies|18936|$MW3_O|$MW_I"
   "meshward pair, HTTP/2 between proxies|18937|$MW4_O|$MW_I"
   "HAProxy pair (mTLS)|18911|$HP_O|$HP_I"

@@ -37,6 +37,7 @@ try {
     denials: [...document.querySelectorAll("#denials tbody tr")].map((r) => r.innerText),
     history: [...document.querySelectorAll("#history tbody tr")].map((r) => r.innerText),
     certificates: [...document.querySelectorAll("#certs tbody tr")].map((r) => r.innerText),
+    anomalies: [...document.querySelectorAll("#anomalies tbody tr")].map((r) => r.innerText),
     revision: document.querySelector("#rev").innerText,
   }));
   await page.screenshot({ path: screenshot, fullPage: true });

@@ -295,9 +295,14 @@ fn a_burst_three_times_the_baseline_triggers_nothing() {
 fn nothing_fires_during_the_warm_up_and_platform_services_are_never_acted_on() {
     let p = plane("quarantine");
     // A scan from the first second: still warming up.
-    for s in 0..5 {
+    for s in 0..10 {
         p.scan(WORKER, s, 10);
         assert!(p.tick(Duration::from_secs(u64::from(s))).is_empty());
+    }
+    // ...and what it did then is its baseline, never evidence once the warm-up is over.
+    for s in 10..16 {
+        p.normal(&[WORKER], 20);
+        assert!(p.tick(Duration::from_secs(s)).is_empty(), "at {s} s");
     }
     let p = plane("quarantine");
     let mut at = p.warm();

@@ -248,6 +248,27 @@ fn start_mesh(tmp: &Path, repo: &str, identities: &[&str]) -> Mesh {
     }
 }
 
+impl Mesh {
+    /// The frontend's and the admin's sidecars (tokens 1 and 2), each with an upstream to
+    /// `orders/orders:80` on the port given.
+    fn callers(&self, tmp: &Path, front_out: u16, admin_out: u16) -> [Proc; 2] {
+        let upstream = |port: u16| format!("127.0.0.1:{port}=orders/orders:80");
+        let (frontend, _) = self.env.proxy(
+            "web/frontend",
+            &tmp.join("state-frontend"),
+            Some(&self.tokens[1]),
+            &["--upstream", &upstream(front_out)],
+        );
+        let (admin, _) = self.env.proxy(
+            "web/admin",
+            &tmp.join("state-admin"),
+            Some(&self.tokens[2]),
+            &["--upstream", &upstream(admin_out)],
+        );
+        [frontend, admin]
+    }
+}
+
 #[test]
 fn two_sidecars_enforce_locally_and_survive_the_control_plane() {
     let tmp = tempfile::tempdir().unwrap();
@@ -740,19 +761,7 @@ fn one_identity_cannot_take_the_inbound_port_from_the_others() {
             &orders_admin,
         ],
     );
-    let upstream = |port: u16| format!("127.0.0.1:{port}=orders/orders:80");
-    let (_frontend, _) = m.env.proxy(
-        "web/frontend",
-        &tmp.path().join("state-frontend"),
-        Some(&m.tokens[1]),
-        &["--upstream", &upstream(front_out)],
-    );
-    let (_admin, _) = m.env.proxy(
-        "web/admin",
-        &tmp.path().join("state-admin"),
-        Some(&m.tokens[2]),
-        &["--upstream", &upstream(admin_out)],
-    );
+    let _callers = m.callers(tmp.path(), front_out, admin_out);
     assert_eq!(curl(front_out, "/orders/1").0, "200");
     assert_eq!(curl(admin_out, "/orders/1").0, "200");
 
@@ -1168,6 +1177,12 @@ fn a_lateral_scan_is_throttled_then_quarantined_and_cut_while_others_see_no_erro
         serde_json::from_slice::<Vec<serde_json::Value>>(&o.stdout).unwrap()
     };
     assert!(quarantine_list().is_empty(), "nothing before the scan");
+    // No false alarm: three times its usual rate for 10 s.
+    for _ in 0..150 {
+        assert_eq!(curl(f_http, "/orders/1").0, "200");
+        std::thread::sleep(Duration::from_millis(60));
+    }
+    assert!(quarantine_list().is_empty(), "a 3x burst is no anomaly");
 
     // The scan: every closed port, over and over (each connection is refused).
     let t0 = Instant::now();
@@ -1266,4 +1281,74 @@ fn a_lateral_scan_is_throttled_then_quarantined_and_cut_while_others_see_no_erro
         errors.is_empty(),
         "the other workload saw errors: {errors:?}"
     );
+}
+
+#[test]
+fn a_rate_limit_refuses_the_flooding_identity_through_the_binary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (app_port, inbound, front_out, admin_out) =
+        (free_port(), free_port(), free_port(), free_port());
+    let _app = orders_app(&tmp.path().join("www"), app_port);
+    let repo = limits_repo(app_port, inbound, "{}")
+        + r#"---
+apiVersion: meshward.io/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: orders-api, namespace: orders}
+spec:
+  target: {workloads: [orders-api]}
+  limits: [{requestsPerSecond: 1, burst: 3}]
+"#;
+    let m = start_mesh(tmp.path(), &repo, &[ORDERS_ID, FRONTEND_ID, ADMIN_ID]);
+    let log = tmp.path().join("orders-decisions.jsonl");
+    let (_orders, _) = m.env.proxy(
+        "orders/orders-api",
+        &tmp.path().join("state-orders"),
+        Some(&m.tokens[0]),
+        &["--decision-log", log.to_str().unwrap()],
+    );
+    let _callers = m.callers(tmp.path(), front_out, admin_out);
+    // The frontend floods: its burst of 3 passes, the rest is refused with Retry-After.
+    let heads: Vec<String> = (0..10)
+        .map(|_| {
+            let o = Command::new("curl")
+                .args(["-s", "-i", "-m", "5"])
+                .arg(format!("http://127.0.0.1:{front_out}/orders/1"))
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&o.stdout).to_ascii_lowercase()
+        })
+        .collect();
+    let ok = heads
+        .iter()
+        .filter(|h| h.split(' ').nth(1) == Some("200"))
+        .count();
+    let limited: Vec<&String> = heads
+        .iter()
+        .filter(|h| h.split(' ').nth(1) == Some("429"))
+        .collect();
+    assert!(
+        (3..=5).contains(&ok),
+        "the burst passes, little more: {heads:#?}"
+    );
+    assert_eq!(ok + limited.len(), 10, "{heads:#?}");
+    for h in &limited {
+        assert!(
+            h.contains("retry-after: 1") && h.contains("\"rate_limited\""),
+            "{h}"
+        );
+    }
+    // The other identity's budget is its own.
+    for _ in 0..3 {
+        assert_eq!(curl(admin_out, "/orders/1").0, "200");
+    }
+    eventually(10, || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let n = text
+            .lines()
+            .filter(|l| l.contains(r#""reason":"rate_limited""#) && l.contains(FRONTEND_ID))
+            .count();
+        hold(n == limited.len(), || {
+            format!("{n} rate_limited records: {text}")
+        })
+    });
 }

@@ -310,6 +310,16 @@ fn quickstart_comes_up_shows_allowed_and_denied_traffic_and_stops_on_ctrl_c() {
         3,
         "{shown}"
     );
+    // The anomaly-detection panel renders (the quickstart's Mesh is in report mode: a row
+    // per reported identity, or the empty-table row).
+    let anomalies = shown["anomalies"].as_array().unwrap();
+    assert!(
+        anomalies.iter().any(|r| {
+            let r = r.as_str().unwrap_or("");
+            r.contains("nothing reported") || r.contains("reported")
+        }),
+        "{shown}"
+    );
     assert_eq!(shown["errors"], serde_json::json!([]), "{shown}");
     assert!(
         std::fs::metadata(&shot).unwrap().len() > 10_000,

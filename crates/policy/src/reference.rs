@@ -510,3 +510,22 @@ fn decide(
         }
     }
 }
+
+/// The quarantine in force at `at` whose subject is `id`: a quarantined workload's own
+/// sidecar refuses, with it, what would leave the mesh (destinations in the mesh refuse the
+/// rest).
+pub fn quarantine_of<'a>(
+    set: &'a PolicySet,
+    id: &SpiffeId,
+    at: std::time::SystemTime,
+) -> Option<&'a Override> {
+    let td = set.mesh.trust_domain.as_str();
+    let attrs = set.attributes_of(Some(id));
+    set.overrides.iter().find(|o| {
+        o.action == OverrideAction::Quarantine
+            && o.active_at(at)
+            && o.subject
+                .as_ref()
+                .is_some_and(|s| source_matches(s, Some(id), attrs, attrs, td))
+    })
+}

@@ -45,7 +45,24 @@ pub(crate) type Revoke = Pin<Box<dyn Future<Output = Revoked> + Send + Sync>>;
 
 /// Watches `req`, allowed under revision `decided`.
 pub(crate) fn revoke(shared: Arc<Shared>, mut req: Request, decided: u64, kind: Kind) -> Revoke {
-    Box::pin(async move {
+    Box::pin(until(shared, decided, move |policy, now| {
+        req.at = now;
+        let d = decide(policy, &req, kind);
+        (d.verdict != Verdict::Allow).then(|| Revoked {
+            req: req.clone(),
+            d,
+        })
+    }))
+}
+
+/// Resolves with what `check` finds once it finds something: `check` runs (with the
+/// policy in force and the time) whenever a revision after `decided` is installed and at
+/// every override boundary of the revision in force.
+pub(crate) async fn until<T, F>(shared: Arc<Shared>, decided: u64, mut check: F) -> T
+where
+    F: FnMut(Option<&crate::state::Policy>, SystemTime) -> Option<T>,
+{
+    {
         let mut revisions = shared.revisions.subscribe();
         // A revision swapped in between the decision and the subscription is not missed.
         let mut changed = current(&shared) != decided;
@@ -53,12 +70,8 @@ pub(crate) fn revoke(shared: Arc<Shared>, mut req: Request, decided: u64, kind: 
             let next = {
                 let policy = shared.policy.load();
                 let now = SystemTime::now();
-                if changed {
-                    req.at = now;
-                    let d = decide(policy.as_deref(), &req, kind);
-                    if d.verdict != Verdict::Allow {
-                        return Revoked { req, d };
-                    }
+                if changed && let Some(found) = check(policy.as_deref(), now) {
+                    return found;
                 }
                 policy
                     .as_deref()
@@ -82,7 +95,7 @@ pub(crate) fn revoke(shared: Arc<Shared>, mut req: Request, decided: u64, kind: 
             }
             changed = true;
         }
-    })
+    }
 }
 
 /// The proxy is shutting down (no more revisions): stay allowed.

@@ -16,6 +16,7 @@ use meshward_policy::decision::{
     Decision, PolicyRevision, Reason, Request, Source, Verdict, WorkloadRef,
 };
 use meshward_policy::model::PolicySet;
+use meshward_policy::reference::quarantine_of;
 use meshward_policy::resource::{OutboundMode, Protocol};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -238,6 +239,7 @@ async fn outbound_connection(
         // Not a redirected connection (someone dialed the capture port itself).
         return;
     };
+    let me = identity.clone();
     let out = Captured {
         shared: &shared,
         source: Source::Authenticated(identity),
@@ -276,6 +278,15 @@ async fn outbound_connection(
             out.log(destination, Verdict::Deny, Reason::UndeclaredPort, why);
         }
         Target::External => {
+            // A quarantined workload's traffic leaving the mesh: refused here (destinations
+            // in the mesh refuse the rest).
+            if let Some(o) = quarantine_of(&policy.set, &me, SystemTime::now()) {
+                let why = format!(
+                    "this workload is quarantined ({}): nothing leaves the mesh",
+                    o.id
+                );
+                return out.log(external_ref(dst), Verdict::Deny, Reason::Quarantined, why);
+            }
             if !external_allowed(&policy.set, dst).await {
                 let why = match policy.set.mesh.outbound.mode {
                     OutboundMode::Deny => format!(
@@ -294,7 +305,20 @@ async fn outbound_connection(
                 "on outboundTraffic.allowed".into(),
             );
             if let Ok(mut up) = Connector::new(Some(mark)).connect(dst).await {
-                let _ = tokio::io::copy_bidirectional(&mut app, &mut up).await;
+                // Cut when a later revision quarantines the workload (crate::recheck).
+                let quarantined =
+                    crate::recheck::until(shared.clone(), policy.revision, move |p, now| {
+                        p.and_then(|p| quarantine_of(&p.set, &me, now))
+                            .map(|o| o.id.to_string())
+                    });
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut app, &mut up) => {}
+                    id = quarantined => {
+                        shared.log.metrics.revoked("tcp");
+                        let why = format!("revoked: this workload is quarantined ({id}); the connection leaving the mesh is closed");
+                        out.log(external_ref(dst), Verdict::Deny, Reason::Quarantined, why);
+                    }
+                }
             }
         }
     }

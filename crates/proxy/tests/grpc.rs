@@ -57,6 +57,10 @@ fn svid(ca: &Ca, id: &str) -> Svid {
 }
 
 fn set(app_port: u16, inbound: SocketAddr, allowed_path: &str) -> PolicySet {
+    set_with(app_port, inbound, allowed_path, "")
+}
+
+fn set_with(app_port: u16, inbound: SocketAddr, allowed_path: &str, more: &str) -> PolicySet {
     let yaml = format!(
         r#"
 apiVersion: meshward.io/v1alpha1
@@ -79,7 +83,7 @@ spec:
   rules:
     - from: [{{identities: ["spiffe://shop.example/ns/web/sa/frontend"]}}]
       to: [{{methods: [POST], paths: ["{allowed_path}"]}}]
-"#
+{more}"#
     );
     support::policy_set(&yaml)
 }
@@ -143,4 +147,23 @@ async fn grpc_through_two_sidecars() {
     let e = client.sign(SignRequest::default()).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("no_allow_at_tier"), "{}", e.message());
+
+    // Allowed again, under a rate limit of one call a second: the call over it gets
+    // RESOURCE_EXHAUSTED, on the same HTTP/2 connection.
+    let limit = r#"---
+apiVersion: meshward.io/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: signer, namespace: pki}
+spec:
+  target: {workloads: [signer]}
+  limits: [{requestsPerSecond: 1, burst: 1}]
+"#;
+    signer.set_policy(
+        3,
+        set_with(app_port, inbound, "/meshward.v1.Identity/Sign", limit),
+    );
+    client.sign(SignRequest::default()).await.unwrap();
+    let e = client.sign(SignRequest::default()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("rate"), "{}", e.message());
 }

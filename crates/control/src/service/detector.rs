@@ -303,10 +303,10 @@ impl ControlPlane {
                     .map(|_| Stage::Reported(now))
                     .map_err(Refused::from),
                 "anomaly.throttle" => self
-                    .throttle(&files, &ns, &generated, &ev, cfg, now)
+                    .throttle(&ns, &generated, &ev, cfg, now)
                     .map(|()| Stage::Throttled(now)),
                 _ => self
-                    .quarantine(&files, &ns, &generated, &ev, cfg, now)
+                    .quarantine(&ns, &generated, &ev, cfg, now)
                     .map(|()| Stage::Quarantined(now)),
             };
             match done {
@@ -333,7 +333,6 @@ impl ControlPlane {
 
     fn throttle(
         &self,
-        files: &crate::store::Files,
         ns: &str,
         name: &str,
         ev: &Evidence,
@@ -348,12 +347,11 @@ impl ControlPlane {
             burst = t.burst,
             exp = rfc3339(now + t.duration),
         );
-        self.generate(files, "throttle", ns, name, doc, ev, now)
+        self.generate("throttle", ns, name, doc, ev, now)
     }
 
     fn quarantine(
         &self,
-        files: &crate::store::Files,
         ns: &str,
         name: &str,
         ev: &Evidence,
@@ -372,14 +370,12 @@ impl ControlPlane {
             reason = serde_json::Value::String(format!("anomaly detection: {}", ev.summary())),
             exp = rfc3339(now + cfg.quarantine_duration),
         );
-        self.generate(files, "quarantine", ns, name, doc, ev, now)
+        self.generate("quarantine", ns, name, doc, ev, now)
     }
 
     /// Commits a generated resource (validated like any change) with its audit entry.
-    #[allow(clippy::too_many_arguments)]
     fn generate(
         &self,
-        files: &crate::store::Files,
         what: &str,
         ns: &str,
         name: &str,
@@ -388,6 +384,8 @@ impl ControlPlane {
         now: SystemTime,
     ) -> Result<(), Refused> {
         let path = format!("anomaly/{what}-{ns}-{name}.yaml");
+        // On the newest head (an operator may have committed since the tick began).
+        let files = &self.head_files()?.1;
         let mut next: crate::store::Files =
             files.iter().filter(|(p, _)| *p != path).cloned().collect();
         next.push((path, doc));
@@ -567,7 +565,10 @@ fn generated_identity(
 impl Watched {
     /// Adds this tick's bucket and measures the window; the evidence when some signal is
     /// over its threshold (never before the warm-up and the minimum samples).
-    #[allow(clippy::too_many_arguments)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the window, its settings and the identity, each needed"
+    )]
     fn observe(
         &mut self,
         bucket: Bucket,
@@ -646,11 +647,6 @@ impl Watched {
                     threshold: th.new_edges as f64,
                 });
             }
-        } else {
-            // Warming up: what it does now is its baseline.
-            for b in &mut self.buckets {
-                b.new_edges.clear();
-            }
         }
         // The baseline learns from normal traffic only: the running mean of the warm-up,
         // then an EWMA over the baseline horizon (a ramp cannot teach it much).
@@ -663,6 +659,11 @@ impl Watched {
                 1.0 / self.ticks as f64
             };
             self.ewma += alpha * (tick_rate - self.ewma);
+        }
+        if !warm {
+            // Warming up: what it does now is its baseline (its edges are learned above),
+            // never evidence — the window starts when the warm-up ends.
+            self.buckets.clear();
         }
         (!signals.is_empty()).then(|| Evidence {
             identity: identity.to_owned(),
