@@ -118,12 +118,31 @@ fn app() -> SocketAddr {
     addr
 }
 
+/// The policy of the proxy: with `rules` = 0 one rule (GET anything); else that many
+/// rules, each for one tenant (`when` the `x-tenant` header has its value), of which the
+/// load generator's requests match the last — a decision that evaluates every rule.
+fn policy(app: SocketAddr, inbound: SocketAddr, rules: u64) -> meshward_policy::model::PolicySet {
+    if rules == 0 {
+        return support::orders_policy(app.port(), inbound, "[{methods: [GET], paths: [\"/*\"]}]");
+    }
+    let port = app.port();
+    let mut yaml = format!(
+        "apiVersion: meshward.io/v1alpha1\nkind: Workload\nmetadata: {{name: orders-api, namespace: orders, labels: {{app: orders-api}}}}\nspec: {{ports: [{{port: {port}, protocol: HTTP, inbound: \"{inbound}\"}}]}}\n---\napiVersion: meshward.io/v1alpha1\nkind: Service\nmetadata: {{name: orders, namespace: orders}}\nspec: {{selector: {{app: orders-api}}, ports: [{{port: 80, targetPort: {port}}}]}}\n---\napiVersion: meshward.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: tenants, namespace: orders}}\nspec:\n  tier: service\n  action: ALLOW\n  target: {{workloads: [orders-api]}}\n  rules:\n"
+    );
+    for i in 0..rules {
+        yaml.push_str(&format!(
+            "    - name: tenant-{i}\n      from: [{{identities: [\"{FRONTEND}\"]}}]\n      to: [{{methods: [GET], paths: [\"/*\"]}}]\n      when: [{{header: x-tenant, values: [\"t-{i}\"]}}]\n"
+        ));
+    }
+    support::policy_set(&yaml)
+}
+
 /// The inbound proxy on `workers` workers; returns its address and a stop flag holder.
-fn proxy(ca: &Ca, app: SocketAddr, workers: usize) -> (SocketAddr, std::sync::mpsc::Sender<()>) {
+fn proxy(ca: &Ca, app: SocketAddr, workers: usize, rules: u64) -> (SocketAddr, std::sync::mpsc::Sender<()>) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let inbound = l.local_addr().unwrap();
     l.set_nonblocking(true).unwrap();
-    let set = support::orders_policy(app.port(), inbound, "[{methods: [GET], paths: [\"/*\"]}]");
+    let set = policy(app, inbound, rules);
     let shared = support::sidecar(
         ca,
         ca,
@@ -154,7 +173,15 @@ fn proxy(ca: &Ca, app: SocketAddr, workers: usize) -> (SocketAddr, std::sync::mp
 }
 
 /// Closed-loop load over `conns` connections for `secs`: requests answered.
-fn load(ca: &Ca, inbound: SocketAddr, conns: usize, threads: usize, secs: u64) -> (u64, f64, f64) {
+fn load(ca: &Ca, inbound: SocketAddr, conns: usize, threads: usize, secs: u64, rules: u64) -> (u64, f64, f64) {
+    // The tenant of the last rule (none without rules).
+    let req: &'static [u8] = if rules == 0 {
+        b"GET /x HTTP/1.1\r\nhost: orders\r\n\r\n"
+    } else {
+        format!("GET /x HTTP/1.1\r\nhost: orders\r\nx-tenant: t-{}\r\n\r\n", rules - 1)
+            .into_bytes()
+            .leak()
+    };
     let frontend = support::sidecar(
         ca,
         ca,
@@ -195,7 +222,6 @@ fn load(ca: &Ca, inbound: SocketAddr, conns: usize, threads: usize, secs: u64) -
                                 while !go.load(Ordering::Relaxed) {
                                     tokio::time::sleep(Duration::from_millis(1)).await;
                                 }
-                                let req = b"GET /x HTTP/1.1\r\nhost: orders\r\n\r\n";
                                 let want = b"\r\n\r\nok";
                                 let mut buf = vec![0u8; 4096];
                                 while !done.load(Ordering::Relaxed) {
@@ -244,10 +270,12 @@ fn main() {
     let threads = env("LOAD_THREADS", 1) as usize;
     let rounds = env("ROUNDS", 3);
     let max_workers = env("WORKERS", 2) as usize;
+    let rules = env("RULES", 0);
     let ca = Ca::generate(support::td(), CaLifetimes::default(), SystemTime::now()).unwrap();
     let app = app();
     println!(
-        "inbound request path in-process: {conns} keep-alive mTLS connections, closed loop, {threads} load thread(s), {secs}s x {rounds} rounds (interleaved), cores: {}",
+        "inbound request path in-process: {conns} keep-alive mTLS connections, closed loop, {threads} load thread(s), {secs}s x {rounds} rounds (interleaved), policy rules: {}, cores: {}",
+        rules.max(1),
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0)
@@ -260,8 +288,8 @@ fn main() {
             (1..=max_workers).rev().collect()
         };
         for w in order {
-            let (inbound, stop) = proxy(&ca, app, w);
-            let (n, cpu, wall) = load(&ca, inbound, conns, threads, secs);
+            let (inbound, stop) = proxy(&ca, app, w, rules);
+            let (n, cpu, wall) = load(&ca, inbound, conns, threads, secs, rules);
             drop(stop);
             let rps = n as f64 / wall;
             let per_cpu = if cpu > 0.0 { n as f64 / cpu } else { 0.0 };
