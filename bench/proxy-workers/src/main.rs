@@ -138,7 +138,12 @@ fn policy(app: SocketAddr, inbound: SocketAddr, rules: u64) -> meshward_policy::
 }
 
 /// The inbound proxy on `workers` workers; returns its address and a stop flag holder.
-fn proxy(ca: &Ca, app: SocketAddr, workers: usize, rules: u64) -> (SocketAddr, std::sync::mpsc::Sender<()>) {
+fn proxy(
+    ca: &Ca,
+    app: SocketAddr,
+    workers: usize,
+    rules: u64,
+) -> (SocketAddr, std::sync::mpsc::Sender<()>) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let inbound = l.local_addr().unwrap();
     l.set_nonblocking(true).unwrap();
@@ -173,14 +178,24 @@ fn proxy(ca: &Ca, app: SocketAddr, workers: usize, rules: u64) -> (SocketAddr, s
 }
 
 /// Closed-loop load over `conns` connections for `secs`: requests answered.
-fn load(ca: &Ca, inbound: SocketAddr, conns: usize, threads: usize, secs: u64, rules: u64) -> (u64, f64, f64) {
+fn load(
+    ca: &Ca,
+    inbound: SocketAddr,
+    conns: usize,
+    threads: usize,
+    secs: u64,
+    rules: u64,
+) -> (u64, f64, f64) {
     // The tenant of the last rule (none without rules).
     let req: &'static [u8] = if rules == 0 {
         b"GET /x HTTP/1.1\r\nhost: orders\r\n\r\n"
     } else {
-        format!("GET /x HTTP/1.1\r\nhost: orders\r\nx-tenant: t-{}\r\n\r\n", rules - 1)
-            .into_bytes()
-            .leak()
+        format!(
+            "GET /x HTTP/1.1\r\nhost: orders\r\nx-tenant: t-{}\r\n\r\n",
+            rules - 1
+        )
+        .into_bytes()
+        .leak()
     };
     let frontend = support::sidecar(
         ca,
