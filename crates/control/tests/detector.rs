@@ -178,6 +178,16 @@ impl Plane {
             .join("\n---\n")
     }
 
+    /// `secs` seconds of a scan from `who`, a tick each, from `at`: the time after.
+    fn scan_for(&self, who: &str, mut at: Duration, secs: u16) -> Duration {
+        for s in 0..secs {
+            self.scan(who, s, 10);
+            self.tick(at);
+            at += Duration::from_secs(1);
+        }
+        at
+    }
+
     /// Warm-up: 12 s of normal traffic from everyone.
     fn warm(&self) -> Duration {
         for s in 0..12 {
@@ -323,12 +333,8 @@ fn nothing_fires_during_the_warm_up_and_platform_services_are_never_acted_on() {
 #[test]
 fn release_needs_the_namespace_owner_and_is_audited_and_expiry_lifts_by_itself() {
     let p = plane("quarantine");
-    let mut at = p.warm();
-    for s in 0..6 {
-        p.scan(WORKER, s, 10);
-        p.tick(at);
-        at += Duration::from_secs(1);
-    }
+    let at = p.warm();
+    let at = p.scan_for(WORKER, at, 6);
     assert_eq!(
         p.cp.quarantines(t0() + at).unwrap()[0]["stage"],
         "quarantined"
@@ -363,12 +369,8 @@ fn release_needs_the_namespace_owner_and_is_audited_and_expiry_lifts_by_itself()
 
     // Again, then left to expire: the controller removes both at their expiry.
     let p = plane("quarantine");
-    let mut at = p.warm();
-    for s in 0..6 {
-        p.scan(WORKER, s, 10);
-        p.tick(at);
-        at += Duration::from_secs(1);
-    }
+    let at = p.warm();
+    let at = p.scan_for(WORKER, at, 6);
     let gone =
         p.cp.expire_overrides(t0() + at + Duration::from_secs(11 * 60))
             .unwrap();

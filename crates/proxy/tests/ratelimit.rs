@@ -65,21 +65,6 @@ async fn app(delay: Duration, peak: Arc<AtomicUsize>) -> SocketAddr {
     addr
 }
 
-async fn echo() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = l.accept().await.unwrap();
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
-
 /// The mesh: the callers, `orders/orders-api` (HTTP app port, TCP app port) allowing
 /// every caller, and `limits` (YAML of a RateLimitPolicy's `limits`) on orders-api.
 fn set(http: u16, tcp: u16, inbound: SocketAddr, tcp_in: SocketAddr, limits: &str) -> PolicySet {
@@ -155,7 +140,7 @@ async fn mesh(limits: &str, delay: Duration) -> Mesh {
     let ca = Ca::generate(td(), CaLifetimes::default(), SystemTime::now()).unwrap();
     let peak = Arc::new(AtomicUsize::new(0));
     let http_app = app(delay, peak.clone()).await;
-    let tcp_app = echo().await;
+    let tcp_app = support::echo().await;
     let inb = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let tin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let ports = (

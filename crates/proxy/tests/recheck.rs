@@ -40,21 +40,6 @@ fn id(workload: &str) -> String {
     format!("spiffe://shop.example/ns/{ns}/sa/{name}")
 }
 
-async fn echo() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = l.accept().await.unwrap();
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
-
 /// A gRPC app whose `Config.Stream` sends a snapshot every 50 ms for as long as the call
 /// lasts.
 #[derive(Debug)]
@@ -187,7 +172,7 @@ impl Mesh {
 async fn mesh() -> Mesh {
     meshward_identity::install_crypto_provider();
     let ca = Ca::generate(td(), CaLifetimes::default(), SystemTime::now()).unwrap();
-    let tcp_app = echo().await;
+    let tcp_app = support::echo().await;
     let grpc_app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_port = grpc_app.local_addr().unwrap().port();
     tokio::spawn(

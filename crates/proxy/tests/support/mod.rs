@@ -162,3 +162,19 @@ async fn read_more(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> bool {
         }
     }
 }
+
+/// A TCP echo app on 127.0.0.1 (any port).
+pub async fn echo() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
