@@ -22,12 +22,35 @@ fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_meshward")
 }
 
+/// A free loopback port below the kernel's ephemeral range, so that no client connection
+/// of a test running beside this one can take it between this pick and the process that
+/// binds it (that race once made a sidecar exit before `ready`). Unique within this test
+/// binary; the start depends on the process id so that two binaries rarely overlap.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let (from, span) = (10_000u32, low.saturating_sub(10_000));
+    if span < 1000 {
+        // An unusual range: let the kernel pick.
+        return std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+    }
+    let start = std::process::id() * 97 % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(from + (start + n) % span).unwrap();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {from}..{}", from + span);
 }
 
 struct Proc(Child);
@@ -40,9 +63,11 @@ impl Drop for Proc {
 
 /// Spawns and waits for a line containing `marker` on stdout (then keeps draining it).
 fn spawn_until(cmd: &mut Command, marker: &str) -> (Proc, Vec<String>) {
+    // stderr goes to a file so that a process that dies early says why.
+    let errors = tempfile::NamedTempFile::new().unwrap();
     let mut child = cmd
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(errors.reopen().unwrap())
         .spawn()
         .unwrap();
     let mut reader = BufReader::new(child.stdout.take().unwrap());
@@ -51,7 +76,9 @@ fn spawn_until(cmd: &mut Command, marker: &str) -> (Proc, Vec<String>) {
     loop {
         let mut l = String::new();
         if reader.read_line(&mut l).unwrap() == 0 {
-            panic!("process exited before `{marker}`: {lines:?}");
+            let _ = child.wait();
+            let stderr = std::fs::read_to_string(errors.path()).unwrap_or_default();
+            panic!("process exited before `{marker}`: {lines:?}\nstderr:\n{stderr}");
         }
         lines.push(l.trim().to_owned());
         if l.contains(marker) {
