@@ -42,6 +42,8 @@ impl IntoResponse for Refused {
             Refused::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Refused::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Refused::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            // The data directory is full: nothing was written (crate::disk).
+            Refused::Store(e) if e.is_full() => (StatusCode::INSUFFICIENT_STORAGE, "disk_full"),
             Refused::Store(_) | Refused::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }

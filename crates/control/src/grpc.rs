@@ -82,6 +82,7 @@ fn status(e: Refused) -> Status {
         Refused::Forbidden(m) => Status::permission_denied(m),
         Refused::BadRequest(m) => Status::invalid_argument(m),
         Refused::NotFound(m) => Status::not_found(m),
+        Refused::Store(e) if e.is_full() => Status::resource_exhausted(e.to_string()),
         other => Status::internal(other.to_string()),
     }
 }
@@ -251,6 +252,8 @@ impl Config for ProxyApi {
                     if ack.accepted {
                         s.acked_revision = ack.revision;
                         s.rejected = None;
+                        s.not_persisted = (!ack.persist_error.is_empty())
+                            .then(|| format!("revision {}: {}", ack.revision, ack.persist_error));
                     } else {
                         s.rejected = Some(format!("revision {}: {}", ack.revision, ack.error));
                     }

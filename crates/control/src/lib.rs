@@ -9,6 +9,7 @@ pub mod audit;
 pub mod auth;
 pub mod client;
 pub mod decisions;
+pub mod disk;
 pub mod grpc;
 pub mod repo;
 pub mod server;

@@ -31,6 +31,9 @@ pub struct Options {
     /// (The TLS API serves `/metrics` too, but its certificate names a SPIFFE ID, not a
     /// host, so browsers and scrapers would not accept it.)
     pub http_listen: Option<SocketAddr>,
+    /// Bytes kept free in the data directory for renewals once the disk fills
+    /// ([`crate::disk`]; 0: none).
+    pub disk_reserve: u64,
 }
 
 /// What a started control plane tells its operator.
@@ -197,8 +200,11 @@ pub async fn run(
     std::fs::create_dir_all(&opts.data_dir)
         .map_err(|e| format!("cannot create `{}`: {e}", opts.data_dir.display()))?;
     let now = SystemTime::now();
-    let store =
-        Arc::new(SqliteStore::open(&opts.data_dir.join("meshward.db")).map_err(|e| e.to_string())?);
+    let disk = crate::disk::Disk::open(&opts.data_dir, opts.disk_reserve);
+    let store: Arc<dyn crate::store::Store> = Arc::new(crate::disk::GuardedStore::new(
+        Arc::new(SqliteStore::open(&opts.data_dir.join("meshward.db")).map_err(|e| e.to_string())?),
+        disk.clone(),
+    ));
     let ca = ControlPlane::open_ca(&opts.data_dir, &opts.trust_domain, now)?;
     let (ops, admin_token_file) = operators(&opts.data_dir)?;
     let bundle_file = opts.data_dir.join("bundle.pem");
@@ -214,6 +220,7 @@ pub async fn run(
     };
     let cp = Arc::new(
         ControlPlane::new(store, ca, ops, cfg)
+            .with_disk(disk)
             .with_operators_file(opts.data_dir.join("operators.json"))
             .with_tls_bundles(tls_bundles)
             .with_decision_window(
@@ -286,6 +293,15 @@ pub async fn run(
             {
                 eprintln!("controller: expired overrides {}", names.join(", "));
             }
+        }
+    });
+    // A full disk: every few seconds, whether space is back (crate::disk).
+    let dc = cp.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(crate::disk::CHECK_EVERY).await;
+            let c = dc.clone();
+            let _ = tokio::task::spawn_blocking(move || c.check_disk()).await;
         }
     });
     // Anomaly detection (service::detector): a tick every second over the records

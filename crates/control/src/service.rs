@@ -98,6 +98,8 @@ pub struct ControlPlane {
     issued: Mutex<std::collections::BTreeMap<String, SystemTime>>,
     /// Anomaly detection's memory ([`detector`]).
     detector: Mutex<detector::State>,
+    /// The data directory's space (a full disk keeps renewals going: [`crate::disk`]).
+    pub disk: Option<Arc<crate::disk::Disk>>,
 }
 
 /// What one proxy identity receives at one revision.
@@ -132,6 +134,9 @@ pub struct ProxyState {
     pub sent_revision: u64,
     /// Why the proxy rejected its last snapshot, if it did.
     pub rejected: Option<String>,
+    /// Enforced but not saved by the proxy (why): its restart without the control plane
+    /// would enforce an older revision.
+    pub not_persisted: Option<String>,
     pub last_seen_ms: i64,
 }
 
@@ -164,6 +169,26 @@ impl ControlPlane {
             decisions: None,
             issued: Mutex::default(),
             detector: Mutex::default(),
+            disk: None,
+        }
+    }
+
+    /// Watches the data directory's space ([`crate::disk`]): `store` must be the
+    /// [`crate::disk::GuardedStore`] around the same `disk`.
+    pub fn with_disk(mut self, disk: Arc<crate::disk::Disk>) -> Self {
+        self.disk = Some(disk);
+        self
+    }
+
+    /// The disk-full condition, if the disk is full.
+    pub fn disk_condition(&self) -> Option<String> {
+        self.disk.as_ref().and_then(|d| d.condition())
+    }
+
+    /// While the disk is full: ends the state once space is back.
+    pub fn check_disk(&self) {
+        if let Some(d) = &self.disk {
+            d.check(self.store.as_ref());
         }
     }
 
@@ -918,6 +943,16 @@ impl ControlPlane {
                 "`{proxy}` is not a workload identity"
             )));
         }
+        if let Some(d) = &self.disk
+            && d.is_full()
+        {
+            // The freed reserve is for renewals: the window waits for space.
+            let n = records.len() as u64;
+            d.decisions_dropped
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.decisions_lost.inc_by(n + dropped);
+            return Ok((0, 0));
+        }
         let (ok, invalid) = self.window()?.append(proxy.as_str(), records)?;
         self.metrics.decisions_received.inc_by(ok);
         self.metrics.decisions_lost.inc_by(dropped + invalid);
@@ -1260,6 +1295,7 @@ impl ControlPlane {
                     acked_revision: 0,
                     sent_revision: 0,
                     rejected: None,
+                    not_persisted: None,
                     last_seen_ms: ms(now),
                 },
             );
@@ -1325,7 +1361,7 @@ impl ControlPlane {
             })
             .unwrap_or_default();
         Ok(
-            json!({"revision": head, "trust_domain": self.cfg.trust_domain.to_string(), "proxies": proxies, "interception": interception}),
+            json!({"revision": head, "trust_domain": self.cfg.trust_domain.to_string(), "proxies": proxies, "interception": interception, "degraded": self.disk_condition().into_iter().collect::<Vec<_>>()}),
         )
     }
 
@@ -1345,6 +1381,11 @@ impl ControlPlane {
         }
         let head = self.store.head().ok().flatten().map_or(0, |r| r.rev);
         m.revision.set(i64::try_from(head).unwrap_or(i64::MAX));
+        if let Some(d) = &self.disk {
+            m.disk_full.set(i64::from(d.is_full()));
+            m.audit_held
+                .set(i64::try_from(d.held()).unwrap_or(i64::MAX));
+        }
         m.encode()
     }
 

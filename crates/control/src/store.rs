@@ -17,13 +17,35 @@ use crate::audit::{self, Entry, GENESIS};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("the store failed: {0}")]
-    Db(#[from] rusqlite::Error),
+    Db(rusqlite::Error),
+    /// The data directory has no space left (`SQLITE_FULL`): nothing was written.
+    #[error("the control plane's data directory is full ({0}): nothing was written")]
+    Full(String),
+    /// A grouped write failed (the message of the error).
+    #[error("the store failed: {0}")]
+    Failed(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("revision {0} does not exist")]
     NoRevision(u64),
     #[error("the store is not available")]
     Poisoned,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => StoreError::Full(e.to_string()),
+            _ => StoreError::Db(e),
+        }
+    }
+}
+
+impl StoreError {
+    /// The data directory has no space left.
+    pub fn is_full(&self) -> bool {
+        matches!(self, StoreError::Full(_))
+    }
 }
 
 /// The files of a policy set: `(file name, YAML text)`.
@@ -154,7 +176,8 @@ struct GroupState {
     next_ticket: u64,
     queue: Vec<(u64, NewEntry, SystemTime)>,
     leader: bool,
-    done: std::collections::HashMap<u64, Result<Entry, String>>,
+    /// Each ticket's entry, or its error (`true`: the disk is full) and message.
+    done: std::collections::HashMap<u64, Result<Entry, (bool, String)>>,
 }
 
 impl SqliteStore {
@@ -300,7 +323,10 @@ impl Store for SqliteStore {
         st.queue.push((ticket, entry, now));
         loop {
             if let Some(r) = st.done.remove(&ticket) {
-                return r.map_err(StoreError::Corrupt);
+                return r.map_err(|(full, m)| match full {
+                    true => StoreError::Full(m),
+                    false => StoreError::Failed(m),
+                });
             }
             if st.leader {
                 st = g.cv.wait(st).map_err(|_| StoreError::Poisoned)?;
@@ -327,8 +353,12 @@ impl Store for SqliteStore {
                     }
                 }
                 Err(e) => {
+                    let why = match &e {
+                        StoreError::Full(m) | StoreError::Failed(m) => m.clone(),
+                        other => other.to_string(),
+                    };
                     for (t, _, _) in &batch {
-                        st.done.insert(*t, Err(e.to_string()));
+                        st.done.insert(*t, Err((e.is_full(), why.clone())));
                     }
                 }
             }

@@ -93,6 +93,8 @@ static PAGE: &str = include_str!("../assets/dashboard.html");
 pub fn router(cp: Cp) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
+        .route("/live", get(|| async { "live\n" }))
+        .route("/ready", get(ready))
         .route("/ui", get(page))
         .route("/ui/", get(page))
         .route("/ui/login", post(login))
@@ -108,6 +110,16 @@ pub fn router(cp: Cp) -> Router {
             cp,
             sessions: Arc::new(Sessions::default()),
         })
+}
+
+/// 200 while the control plane serves proxies: a full disk is reported in the body
+/// (`degraded: …`) but stays 200, because taking this replica out of service would stop
+/// the renewals it still signs (docs/operations.md).
+async fn ready(State(cp): State<Cp>) -> Response {
+    match cp.disk_condition() {
+        None => "ready\n".into_response(),
+        Some(c) => format!("ready\ndegraded: {c}\n").into_response(),
+    }
 }
 
 async fn metrics(State(cp): State<Cp>) -> Response {

@@ -223,6 +223,7 @@ async fn join_renew_and_stream_config() {
             revision: 1,
             accepted: true,
             error: String::new(),
+            persist_error: "cannot save the snapshot: No space left on device".into(),
         })
         .await
         .unwrap();
@@ -236,6 +237,11 @@ async fn join_renew_and_stream_config() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(acked, "{}", cp.status().unwrap());
+    // Enforced but not saved: the status says so (a restart would enforce an older one).
+    assert_eq!(
+        cp.status().unwrap()["proxies"][0]["not_persisted"],
+        "revision 1: cannot save the snapshot: No space left on device"
+    );
 
     // A change is pushed at once; until it is acknowledged the proxy is stale.
     let head = cp.store.head().unwrap().unwrap().files;
@@ -274,6 +280,7 @@ async fn join_renew_and_stream_config() {
             revision: 2,
             accepted: false,
             error: "bad snapshot".into(),
+            persist_error: String::new(),
         })
         .await
         .unwrap();

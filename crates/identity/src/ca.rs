@@ -570,9 +570,15 @@ pub fn write_atomic(path: &Path, data: &[u8], secret: bool) -> Result<(), CaErro
         opts.mode(0o600);
     }
     let mut f = opts.open(&tmp).map_err(err)?;
-    f.write_all(data).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    let written = f
+        .write_all(data)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        // A full disk: the partial copy would only take more of what is left.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(err)
 }
 
 /// A new workload key pair (ECDSA P-256) and a CSR for `id`: what a proxy sends to the CA.

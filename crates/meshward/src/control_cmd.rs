@@ -159,6 +159,10 @@ fn not_enforced_note(v: &Value) -> String {
 }
 
 /// `meshward control`.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one per flag of `meshward control`"
+)]
 pub fn control(
     data: &Path,
     trust_domain: &str,
@@ -167,6 +171,7 @@ pub fn control(
     controller_interval: Duration,
     http_listen: &str,
     insecure_remote_http: bool,
+    disk_reserve: u64,
 ) -> Result<ExitCode> {
     let td = meshward_identity::TrustDomain::parse(trust_domain)
         .map_err(|e| anyhow::anyhow!("--trust-domain `{trust_domain}`: {e}"))?;
@@ -196,6 +201,7 @@ pub fn control(
                 Some(a)
             }
         },
+        disk_reserve,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -647,6 +653,9 @@ pub fn status(conn: &Conn, output: Output) -> Result<ExitCode> {
             "revision {head}, trust domain {}\n",
             v["trust_domain"].as_str().unwrap_or("")
         );
+        for d in v["degraded"].as_array().cloned().unwrap_or_default() {
+            s.push_str(&format!("DEGRADED: {}\n", d.as_str().unwrap_or("")));
+        }
         let proxies = v["proxies"].as_array().cloned().unwrap_or_default();
         if proxies.is_empty() {
             s.push_str("no proxies connected\n");
@@ -665,6 +674,9 @@ pub fn status(conn: &Conn, output: Output) -> Result<ExitCode> {
                 p["rejected"]
                     .as_str()
                     .map(|r| format!("  rejected: {r}"))
+                    .or_else(|| p["not_persisted"]
+                        .as_str()
+                        .map(|r| format!("  not saved: {r}")))
                     .unwrap_or_default(),
                 p["workloads"]
                     .as_array()

@@ -57,6 +57,10 @@ enum Command {
         /// and metrics then cross the network in plain text. Prefer a TLS reverse proxy.
         #[arg(long)]
         insecure_remote_http: bool,
+        /// Space kept in the data directory for certificate renewals once the disk fills
+        /// (released then; changes are refused until space is freed). `0` disables it.
+        #[arg(long, default_value = "32MiB", value_parser = parse_size)]
+        disk_reserve: u64,
     },
     /// Apply a policy repository as a new revision (validated, tested, permission-checked).
     #[command(
@@ -286,6 +290,10 @@ struct ProxyArgs {
     /// policy's `connectionLimits.idleTimeout` sets none (default 2m).
     #[arg(long, value_name = "DURATION")]
     idle_timeout: Option<String>,
+    /// The longest an inbound connection may live (e.g. `30m`); it ends at the expiry of
+    /// either side's certificate in any case. Unset: certificate expiry only.
+    #[arg(long, value_name = "DURATION")]
+    max_connection_age: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -709,6 +717,7 @@ fn main() -> ExitCode {
             controller_interval,
             http_listen,
             insecure_remote_http,
+            disk_reserve,
         } => control_cmd::control(
             &data,
             &trust_domain,
@@ -717,6 +726,7 @@ fn main() -> ExitCode {
             controller_interval,
             &http_listen,
             insecure_remote_http,
+            disk_reserve,
         ),
         Command::Status { output } => control_cmd::status(&cli.conn, output),
         Command::Graph { window, output } => control_cmd::graph(&cli.conn, window, output),
@@ -853,4 +863,22 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `32MiB`, `512KiB`, `1GiB` or a number of bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = [
+        ("GiB", 1u64 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+        ("B", 1),
+    ]
+    .iter()
+    .find_map(|(suf, m)| t.strip_suffix(suf).map(|n| (n.trim(), *m)))
+    .unwrap_or((t, 1));
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("`{s}` is not a size: write e.g. 32MiB, 512KiB or 0"))
 }

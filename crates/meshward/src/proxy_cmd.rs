@@ -288,10 +288,18 @@ fn limits(a: &ProxyArgs) -> Result<meshward_proxy::listener::Limits> {
             &mut errors,
         ),
     };
+    let max_age = time(
+        "--max-connection-age",
+        &a.max_connection_age,
+        std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(30 * 24 * 3600),
+        &mut errors,
+    );
     if !errors.is_empty() {
         bail!("{}", errors.join("; "));
     }
-    Ok(meshward_proxy::listener::Limits::defaults().with(&c))
+    let mut l = meshward_proxy::listener::Limits::defaults().with(&c);
+    l.max_age = max_age.map(|d| d.0);
+    Ok(l)
 }
 
 /// Runs a command, optionally inside a named network namespace, feeding it `input`.

@@ -353,6 +353,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
             },
             controller_interval: Duration::from_secs(5),
             http_listen: Some("127.0.0.1:0".parse()?),
+            disk_reserve: meshward_control::disk::DEFAULT_RESERVE,
         };
         tokio::spawn(async move {
             let r = meshward_control::server::run(opts, move |s| {

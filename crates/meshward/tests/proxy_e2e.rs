@@ -53,7 +53,29 @@ fn free_port() -> u16 {
     panic!("no free loopback port in {from}..{}", from + span);
 }
 
-struct Proc(Child);
+/// A process, killed when dropped; `spawn_until`'s keep their stderr in a file.
+struct Proc(Child, Option<tempfile::NamedTempFile>);
+impl Proc {
+    fn new(child: Child) -> Self {
+        Proc(child, None)
+    }
+
+    /// What it has written to stderr so far.
+    fn stderr(&self) -> String {
+        self.1
+            .as_ref()
+            .and_then(|f| std::fs::read_to_string(f.path()).ok())
+            .unwrap_or_default()
+    }
+
+    fn signal(&self, sig: &str) {
+        let o = Command::new("kill")
+            .args([sig, &self.0.id().to_string()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "kill {sig}: {}", out(&o));
+    }
+}
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -90,7 +112,7 @@ fn spawn_until(cmd: &mut Command, marker: &str) -> (Proc, Vec<String>) {
         );
     }
     std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-    (Proc(child), lines)
+    (Proc(child, Some(errors)), lines)
 }
 
 fn curl(port: u16, path: &str) -> (String, String) {
@@ -187,6 +209,14 @@ impl Env {
 }
 
 fn start_control(data: &Path, api: u16, proxy_api: u16, metrics: u16) -> Proc {
+    start_control_with(data, (api, proxy_api, metrics), &[])
+}
+
+fn start_control_with(
+    data: &Path,
+    (api, proxy_api, metrics): (u16, u16, u16),
+    extra: &[&str],
+) -> Proc {
     let mut c = Command::new(bin());
     c.args([
         "control",
@@ -200,7 +230,8 @@ fn start_control(data: &Path, api: u16, proxy_api: u16, metrics: u16) -> Proc {
         &format!("127.0.0.1:{metrics}"),
         "--data",
     ])
-    .arg(data);
+    .arg(data)
+    .args(extra);
     spawn_until(&mut c, "listening").0
 }
 
@@ -216,6 +247,11 @@ struct Mesh {
 }
 
 fn start_mesh(tmp: &Path, repo: &str, identities: &[&str]) -> Mesh {
+    start_mesh_with(tmp, repo, identities, &[])
+}
+
+/// [`start_mesh`], the control plane started with `extra` flags.
+fn start_mesh_with(tmp: &Path, repo: &str, identities: &[&str], extra: &[&str]) -> Mesh {
     let data = tmp.join("data");
     std::fs::create_dir_all(&data).unwrap();
     let ops = Operators {
@@ -238,7 +274,7 @@ fn start_mesh(tmp: &Path, repo: &str, identities: &[&str]) -> Mesh {
         std::fs::write(data.join(format!("{n}.token")), format!("t-{n}")).unwrap();
     }
     let (api, proxy_api, cp_metrics) = (free_port(), free_port(), free_port());
-    let control = start_control(&data, api, proxy_api, cp_metrics);
+    let control = start_control_with(&data, (api, proxy_api, cp_metrics), extra);
     let env = Env {
         data: data.clone(),
         api: format!("127.0.0.1:{api}"),
@@ -305,7 +341,7 @@ fn two_sidecars_enforce_locally_and_survive_the_control_plane() {
     std::fs::create_dir_all(www.join("orders")).unwrap();
     std::fs::write(www.join("orders/1"), "order one").unwrap();
     std::fs::write(www.join("secret"), "top secret").unwrap();
-    let _app = Proc(
+    let _app = Proc::new(
         Command::new("python3")
             .args([
                 "-m",
@@ -608,7 +644,7 @@ const ADMIN_ID: &str = "spiffe://shop.example/ns/web/sa/admin";
 fn orders_app(www: &Path, port: u16) -> Proc {
     std::fs::create_dir_all(www.join("orders")).unwrap();
     std::fs::write(www.join("orders/1"), "order one").unwrap();
-    Proc(
+    Proc::new(
         Command::new("python3")
             .args([
                 "-m",
@@ -1038,7 +1074,7 @@ s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
 s.bind(('127.0.0.1',int(sys.argv[1])));s.listen(64)\n\
 def h(c):\n  d=c.recv(65536)\n  while d:\n    c.sendall(d);d=c.recv(65536)\n\
 while True:\n  c,_=s.accept();threading.Thread(target=h,args=(c,),daemon=True).start()\n";
-    Proc(
+    Proc::new(
         Command::new("python3")
             .args(["-c", script, &port.to_string()])
             .stdout(Stdio::null())
@@ -1378,4 +1414,535 @@ spec:
             format!("{n} rate_limited records: {text}")
         })
     });
+}
+
+// ---- Degrading gracefully (docs/operations.md): a hung control plane, restarts, full
+// disks on either side, connections that would outlive their certificates. ----
+
+/// A mesh with 1-minute certificates: the orders app and its sidecar (state in
+/// `orders_state`), and a frontend sidecar whose upstream `front_out` reaches it.
+struct ShortLived {
+    m: Mesh,
+    _app: Proc,
+    orders: Proc,
+    front: Proc,
+    front_out: u16,
+    orders_admin: u16,
+    front_admin: u16,
+    www: PathBuf,
+    app_port: u16,
+    inbound: u16,
+}
+
+fn short_lived(tmp: &Path, cp_extra: &[&str], orders_state: &Path) -> ShortLived {
+    let (app_port, inbound, front_out) = (free_port(), free_port(), free_port());
+    let (orders_admin, front_admin) = (free_port(), free_port());
+    let www = tmp.join("www");
+    let app = keep_alive_app(&www, app_port);
+    let repo = limits_repo(app_port, inbound, "{}\n  certificateLifetime: 1m");
+    let m = start_mesh_with(tmp, &repo, &[ORDERS_ID, FRONTEND_ID], cp_extra);
+    let admin = |p: u16| format!("127.0.0.1:{p}");
+    let (orders, _) = m.env.proxy(
+        "orders/orders-api",
+        orders_state,
+        Some(&m.tokens[0]),
+        &["--admin", &admin(orders_admin)],
+    );
+    let upstream = format!("127.0.0.1:{front_out}=orders/orders:80");
+    let (front, _) = m.env.proxy(
+        "web/frontend",
+        &tmp.join("state-frontend"),
+        Some(&m.tokens[1]),
+        &["--upstream", &upstream, "--admin", &admin(front_admin)],
+    );
+    eventually(20, || {
+        let r = get(&format!("http://127.0.0.1:{front_out}/orders/1"));
+        hold(r.0 == "200", || format!("{r:?}"))
+    });
+    ShortLived {
+        m,
+        _app: app,
+        orders,
+        front,
+        front_out,
+        orders_admin,
+        front_admin,
+        www,
+        app_port,
+        inbound,
+    }
+}
+
+/// [`orders_app`] answering HTTP/1.1 with keep-alive (`http.server` answers HTTP/1.0 and
+/// closes after every response unless told otherwise).
+fn keep_alive_app(www: &Path, port: u16) -> Proc {
+    std::fs::create_dir_all(www.join("orders")).unwrap();
+    std::fs::write(www.join("orders/1"), "order one").unwrap();
+    let script = "import http.server as h, sys\n\
+h.SimpleHTTPRequestHandler.protocol_version = 'HTTP/1.1'\n\
+s = h.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), h.SimpleHTTPRequestHandler)\n\
+s.serve_forever()\n";
+    Proc::new(
+        Command::new("python3")
+            .args(["-c", script, &port.to_string()])
+            .current_dir(www)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// A value of a proxy's (or control plane's) metric, without labels or with `labels`.
+fn metric(port: u16, name: &str) -> f64 {
+    let (_, text) = get(&format!("http://127.0.0.1:{port}/metrics"));
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// When a proxy's certificate expires, from its admin `/config`.
+fn svid_not_after(admin: u16) -> std::time::SystemTime {
+    let (_, body) = get(&format!("http://127.0.0.1:{admin}/config"));
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    humantime::parse_rfc3339(v["svid_not_after"].as_str().unwrap()).unwrap()
+}
+
+/// One HTTP/1.1 request on a kept-alive connection, as a careful client makes it: a
+/// connection the server has closed meanwhile is replaced before the request is sent.
+/// Returns the status (0: the request was sent and no full response came back), and
+/// whether the response said `Connection: close` (the client then drops the connection).
+fn keep_alive_get(conn: &mut Option<std::net::TcpStream>, port: u16, reconnects: &mut u32) -> u16 {
+    use std::io::{Read as _, Write as _};
+    if let Some(s) = conn.as_ref() {
+        // Closed by the server while idle (EOF): a careful client notices before reusing.
+        s.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 1];
+        let mut r: &std::net::TcpStream = s;
+        let gone = match r.read(&mut b) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+        };
+        s.set_nonblocking(false).unwrap();
+        if gone {
+            *conn = None;
+        }
+    }
+    if conn.is_none() {
+        *reconnects += 1;
+        *conn = Some(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
+    }
+    let s = conn.as_mut().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    if write!(s, "GET /orders/1 HTTP/1.1\r\nHost: orders\r\n\r\n").is_err() {
+        *conn = None;
+        return 0;
+    }
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 65536];
+    let (head, len) = loop {
+        match s.read(&mut tmp) {
+            Ok(n) if n > 0 => buf.extend_from_slice(&tmp[..n]),
+            _ => {
+                *conn = None;
+                return 0;
+            }
+        }
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..p]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            break (head, len);
+        }
+    };
+    let body_start = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    while buf.len() < body_start + len {
+        match s.read(&mut tmp) {
+            Ok(n) if n > 0 => buf.extend_from_slice(&tmp[..n]),
+            _ => {
+                *conn = None;
+                return 0;
+            }
+        }
+    }
+    let status = head[9..12].parse().unwrap_or(0);
+    if head
+        .lines()
+        .any(|l| l.starts_with("connection:") && l.contains("close"))
+    {
+        *conn = None;
+    }
+    status
+}
+
+#[test]
+fn a_stopped_control_plane_is_noticed_within_15s_and_no_request_fails_while_certificates_are_valid()
+{
+    let tmp = tempfile::tempdir().unwrap();
+    let sl = short_lived(tmp.path(), &[], &tmp.path().join("state-orders"));
+    let url = format!("http://127.0.0.1:{}/orders/1", sl.front_out);
+    // A kept-alive connection from before the stop.
+    let (mut kept, mut reconnects) = (None, 0);
+    assert_eq!(
+        keep_alive_get(&mut kept, sl.front_out, &mut reconnects),
+        200
+    );
+    sl.m.control.signal("-STOP");
+    let stopped = Instant::now();
+    // No renewal can happen now: the earlier certificate bounds what must keep working.
+    let valid_until = svid_not_after(sl.orders_admin).min(svid_not_after(sl.front_admin));
+    let mut noticed = None;
+    let mut results = vec![];
+    while stopped.elapsed() < Duration::from_secs(60) {
+        let at = std::time::SystemTime::now();
+        let (code, _) = get(&url);
+        let kept_code = keep_alive_get(&mut kept, sl.front_out, &mut reconnects);
+        results.push((at, code, kept_code));
+        if noticed.is_none() && sl.front.stderr().contains("did not answer") {
+            noticed = Some(stopped.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    sl.m.control.signal("-CONT");
+    let noticed =
+        noticed.expect("the frontend's sidecar never said the control plane did not answer");
+    eprintln!("the stopped control plane was noticed after {noticed:?}");
+    assert!(
+        noticed <= Duration::from_secs(15),
+        "noticed after {noticed:?}"
+    );
+    assert!(
+        metric(sl.front_admin, "meshward_control_errors_total") >= 1.0,
+        "{}",
+        get(&format!("http://127.0.0.1:{}/metrics", sl.front_admin)).1
+    );
+    let margin = Duration::from_secs(2);
+    let while_valid: Vec<_> = results
+        .iter()
+        .filter(|(at, ..)| *at + margin < valid_until)
+        .collect();
+    assert!(while_valid.len() >= 20, "{results:?}");
+    let failed: Vec<_> = while_valid
+        .iter()
+        .filter(|(_, c, k)| c != "200" || *k != 200)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "failed while certificates were valid: {failed:?}"
+    );
+    // Past the expiry the kept connection was closed, and new ones fail closed.
+    let after: Vec<_> = results
+        .iter()
+        .filter(|(at, ..)| *at > valid_until + margin)
+        .collect();
+    if !after.is_empty() {
+        assert!(
+            after.iter().all(|(_, c, k)| c != "200" && *k != 200),
+            "{after:?}"
+        );
+    }
+    // Resumed: renewals and traffic come back by themselves.
+    eventually(30, || {
+        let r = get(&url);
+        hold(r.0 == "200", || format!("{r:?}"))
+    });
+    let _ = (&sl.orders, &sl.www, sl.app_port, sl.inbound);
+}
+
+#[test]
+fn ten_control_plane_restarts_cost_the_same_reconnect_time_as_the_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sl = short_lived(tmp.path(), &[], &tmp.path().join("state-orders"));
+    let count = |p: &Proc| p.stderr().matches("enforcing revision").count();
+    let mut costs = vec![];
+    for _ in 0..10 {
+        let before = count(&sl.orders);
+        sl.m.control.signal("-KILL");
+        let _ = sl.m.control.0.wait();
+        sl.m.control = start_control_with(&sl.m.data, sl.m.ports, &[]);
+        let up = Instant::now();
+        while count(&sl.orders) == before {
+            assert!(
+                up.elapsed() < Duration::from_secs(15),
+                "no reconnect: {}",
+                sl.orders.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        costs.push(up.elapsed());
+    }
+    eprintln!("reconnect after each restart: {costs:?}");
+    assert!(
+        costs.iter().all(|c| *c <= Duration::from_millis(2500)),
+        "{costs:?}"
+    );
+    assert!(
+        costs[9] <= costs[0] + Duration::from_secs(1),
+        "the last restart cost more than the first: {costs:?}"
+    );
+}
+
+/// Mounts a tmpfs of `size` on `dir` (root; the tests run as root in CI).
+struct Mount(PathBuf);
+impl Mount {
+    fn tmpfs(dir: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let o = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "mount (needs root): {}", out(&o));
+        Mount(dir.to_owned())
+    }
+
+    fn remount(&self, opt: &str) {
+        let o = Command::new("mount")
+            .args(["-o", &format!("remount,{opt}")])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "remount {opt}: {}", out(&o));
+    }
+
+    /// Fills it to 0 bytes free with `name`.
+    fn fill(&self, name: &str) {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(self.0.join(name)).unwrap();
+        let chunk = vec![1u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        let small = [1u8; 512];
+        while f.write_all(&small).is_ok() {}
+        let _ = f.write_all(&[1]);
+    }
+}
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+    }
+}
+
+/// A second revision: the frontend may also read `/health`.
+fn with_health(app_port: u16, inbound: u16) -> String {
+    limits_repo(app_port, inbound, "{}\n  certificateLifetime: 1m").replace(
+        r#"paths: ["/orders/*"]"#,
+        r#"paths: ["/orders/*", "/health"]"#,
+    )
+}
+
+#[test]
+fn a_full_control_plane_disk_keeps_renewals_going_refuses_changes_and_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = Mount::tmpfs(&tmp.path().join("data"), "24m");
+    let sl = short_lived(
+        tmp.path(),
+        &["--disk-reserve", "4MiB"],
+        &tmp.path().join("state-orders"),
+    );
+    let url = format!("http://127.0.0.1:{}/orders/1", sl.front_out);
+    let cp_http = sl.m.ports.2;
+    assert_eq!(metric(cp_http, "meshward_control_disk_full"), 0.0);
+    disk.fill("filler");
+    // A change finds the disk full: refused, with a reason that says so.
+    let repo = tmp.path().join("repo2");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(repo.join("mesh.yaml"), with_health(sl.app_port, sl.inbound)).unwrap();
+    let apply = |who: &str| {
+        sl.m.env.cli(
+            who,
+            &[
+                "apply",
+                "-f",
+                repo.to_str().unwrap(),
+                "--reason",
+                "health checks",
+            ],
+        )
+    };
+    let o = apply("alice");
+    assert!(!o.status.success(), "{}", out(&o));
+    assert!(out(&o).contains("full"), "{}", out(&o));
+    // Loud: status, /ready and the metric.
+    let o = sl.m.env.cli("alice", &["status"]);
+    assert!(
+        out(&o).contains("DEGRADED: the data directory"),
+        "{}",
+        out(&o)
+    );
+    let (code, ready) = get(&format!("http://127.0.0.1:{cp_http}/ready"));
+    assert_eq!(code, "200", "{ready}");
+    assert!(ready.contains("degraded: the data directory"), "{ready}");
+    assert_eq!(metric(cp_http, "meshward_control_disk_full"), 1.0);
+    // Renewals go on for more than a certificate lifetime: every new connection (a new
+    // handshake with the current certificates) keeps working.
+    let first = (
+        svid_not_after(sl.orders_admin),
+        svid_not_after(sl.front_admin),
+    );
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(70) {
+        let r = get(&url);
+        assert_eq!(
+            r.0,
+            "200",
+            "after {:?} on a full disk: {r:?}",
+            start.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+    let renewed = (
+        svid_not_after(sl.orders_admin),
+        svid_not_after(sl.front_admin),
+    );
+    assert!(
+        renewed.0 > first.0 && renewed.1 > first.1,
+        "{first:?} {renewed:?}"
+    );
+    // Space freed: the state ends by itself and changes are accepted again.
+    std::fs::remove_file(tmp.path().join("data/filler")).unwrap();
+    eventually(15, || {
+        let v = metric(cp_http, "meshward_control_disk_full");
+        hold(v == 0.0, || format!("disk_full {v}"))
+    });
+    let o = apply("alice");
+    assert!(o.status.success(), "{}", out(&o));
+    let o = sl.m.env.cli(
+        "alice",
+        &["audit", "log", "--limit", "100000", "--output", "json"],
+    );
+    let log = out(&o);
+    assert!(log.contains("audit.deferred"), "{log}");
+    assert!(log.contains("apply.refused"), "{log}");
+    assert!(
+        sl.orders.stderr().contains("SVID for"),
+        "{}",
+        sl.orders.stderr()
+    );
+}
+
+#[test]
+fn a_read_only_then_full_state_directory_keeps_traffic_flowing_and_a_restart_says_which_revision() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state-orders");
+    let mount = Mount::tmpfs(&state, "1m");
+    let mut sl = short_lived(tmp.path(), &[], &state);
+    let url = format!("http://127.0.0.1:{}/orders/1", sl.front_out);
+    let (oa, ob) = (sl.orders_admin, sl.m.env.cli("alice", &["status"]));
+    assert!(out(&ob).contains("acked"), "{}", out(&ob));
+    assert_eq!(metric(oa, "meshward_state_persisted_revision"), 1.0);
+    mount.remount("ro");
+    let repo = tmp.path().join("repo2");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(repo.join("mesh.yaml"), with_health(sl.app_port, sl.inbound)).unwrap();
+    let o = sl.m.env.cli(
+        "alice",
+        &["apply", "-f", repo.to_str().unwrap(), "--reason", "health"],
+    );
+    assert!(out(&o).contains("revision 2"), "{}", out(&o));
+    // Enforced, not saved, and said everywhere.
+    eventually(10, || {
+        let v = metric(oa, "meshward_config_revision");
+        hold(v == 2.0, || format!("revision {v}"))
+    });
+    assert_eq!(metric(oa, "meshward_state_persisted_revision"), 1.0);
+    assert!(metric(oa, "meshward_state_persist_failures_total") >= 1.0);
+    // (Ready once revision 2's listeners are reconciled, a few ms after it arrives.)
+    eventually(5, || {
+        let (code, ready) = get(&format!("http://127.0.0.1:{oa}/ready"));
+        hold(
+            code == "200"
+                && ready.contains("a restart without the control plane would enforce revision 1"),
+            || format!("{code} {ready}"),
+        )
+    });
+    eventually(10, || {
+        let o = sl.m.env.cli("alice", &["status"]);
+        hold(out(&o).contains("not saved: revision 2"), || out(&o))
+    });
+    // Across a renewal (1-minute certificates renew at about 30 s) traffic keeps flowing.
+    let start = Instant::now();
+    while !sl.orders.stderr().contains("cannot save the svid") {
+        assert!(
+            start.elapsed() < Duration::from_secs(45),
+            "{}",
+            sl.orders.stderr()
+        );
+        let r = get(&url);
+        assert_eq!(r.0, "200", "{r:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for _ in 0..5 {
+        let r = get(&url);
+        assert_eq!(r.0, "200", "after a renewal not saved: {r:?}");
+    }
+    // Writable again but full: revision 3 is not saved either.
+    mount.remount("rw");
+    mount.fill("filler");
+    std::fs::write(
+        repo.join("mesh.yaml"),
+        with_health(sl.app_port, sl.inbound).replace("/health", "/healthz"),
+    )
+    .unwrap();
+    let o = sl.m.env.cli(
+        "alice",
+        &["apply", "-f", repo.to_str().unwrap(), "--reason", "healthz"],
+    );
+    assert!(out(&o).contains("revision 3"), "{}", out(&o));
+    eventually(10, || {
+        let e = sl.orders.stderr();
+        hold(e.contains("enforcing revision 3 (not saved"), || e)
+    });
+    // Restarted with the control plane down: the newest saved revision, and it says so.
+    drop(std::mem::replace(
+        &mut sl.m.control,
+        Proc::new(Command::new("true").spawn().unwrap()),
+    ));
+    drop(std::mem::replace(
+        &mut sl.orders,
+        Proc::new(Command::new("true").spawn().unwrap()),
+    ));
+    let (restarted, _) = sl.m.env.proxy(
+        "orders/orders-api",
+        &state,
+        None,
+        &["--admin", &format!("127.0.0.1:{oa}")],
+    );
+    let e = restarted.stderr();
+    assert!(
+        e.contains("enforcing last-known-good revision 1")
+            && e.contains("the newest this proxy saved"),
+        "{e}"
+    );
+    assert_eq!(metric(oa, "meshward_config_revision"), 1.0);
+}
+
+#[test]
+fn a_keep_alive_connection_is_closed_and_reestablished_around_certificate_expiry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sl = short_lived(tmp.path(), &[], &tmp.path().join("state-orders"));
+    let (mut conn, mut reconnects) = (None, 0u32);
+    let mut codes = vec![];
+    let start = Instant::now();
+    // Past the first certificates' expiry (1 minute), one request a second on one
+    // kept-alive connection whenever the server keeps it.
+    while start.elapsed() < Duration::from_secs(75) {
+        codes.push(keep_alive_get(&mut conn, sl.front_out, &mut reconnects));
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+    assert!(codes.iter().all(|c| *c == 200), "{codes:?}");
+    // The first connection ended at the earlier certificate's expiry at the latest, and
+    // the client came back with the renewed ones.
+    assert!(
+        (2..=3).contains(&reconnects),
+        "one connection per certificate lifetime, not {reconnects} in 75 s"
+    );
+    assert!(
+        metric(sl.orders_admin, "meshward_connections_expired_total") >= 1.0,
+        "{}",
+        get(&format!("http://127.0.0.1:{}/metrics", sl.orders_admin)).1
+    );
 }

@@ -22,6 +22,26 @@ fn resp(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<
     r
 }
 
+/// `ready`, with what is degraded but still serving: state that could not be saved, a
+/// control plane that does not answer (traffic goes on under the revision in force).
+fn ready_text(shared: &Shared, policy: Option<&crate::state::Policy>) -> String {
+    let mut t = String::from("ready\n");
+    let h = &shared.health;
+    if let Some(e) = h.persist_error.load().as_deref() {
+        let saved = h
+            .persisted_revision
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let now = policy.map_or(0, |p| p.revision);
+        t.push_str(&format!(
+            "degraded: state not saved ({e}); enforcing revision {now}, a restart without the control plane would enforce revision {saved}\n"
+        ));
+    }
+    if let Some(e) = h.control_error.load().as_deref() {
+        t.push_str(&format!("degraded: control plane: {e}\n"));
+    }
+    t
+}
+
 fn route(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
     let policy = shared.policy.load_full();
     let svid = shared.svid.load_full();
@@ -56,7 +76,11 @@ fn route(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
                 );
             }
             match (policy.is_some(), svid_ok) {
-                (true, true) => resp(StatusCode::OK, "text/plain", "ready\n".into()),
+                (true, true) => resp(
+                    StatusCode::OK,
+                    "text/plain",
+                    ready_text(shared, policy.as_deref()),
+                ),
                 (false, _) => resp(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
@@ -76,6 +100,9 @@ fn route(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
                 "rules": policy.as_ref().map(|p| p.engine.rule_count()),
                 "policies": policy.as_ref().map(|p| p.set.policies.len()),
                 "svid_not_after": svid.as_ref().map(|s| humantime::format_rfc3339_seconds(s.not_after).to_string()),
+                "persisted_revision": shared.health.persisted_revision.load(std::sync::atomic::Ordering::Relaxed),
+                "persist_error": shared.health.persist_error.load().as_deref().cloned(),
+                "control_error": shared.health.control_error.load().as_deref().cloned(),
             });
             resp(StatusCode::OK, "application/json", v.to_string())
         }
@@ -109,6 +136,15 @@ fn route(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
                         .set(i64::try_from(n).unwrap_or(i64::MAX));
                 }
             }
+            m.persisted_revision.set(
+                i64::try_from(
+                    shared
+                        .health
+                        .persisted_revision
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                )
+                .unwrap_or(i64::MAX),
+            );
             m.overrides_active.set(policy.as_ref().map_or(0, |p| {
                 let n = p.set.overrides.iter().filter(|o| o.active_at(now)).count();
                 i64::try_from(n).unwrap_or(i64::MAX)

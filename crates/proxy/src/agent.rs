@@ -2,10 +2,21 @@
 //! its lifetime (with jitter, retrying with backoff while the control plane is down),
 //! follow the config stream, and keep last-known-good state on disk (mode 0600) so a
 //! restart without a control plane still enforces the last policy.
+//!
+//! What goes wrong is survived and said (docs/operations.md): a renewed certificate is used
+//! even when the state directory cannot take it, and a revision that could not be saved is
+//! acknowledged as enforced but not persisted ([`Health`]); every call to the control plane
+//! has a deadline and the channel an HTTP/2 keepalive ([`crate::transport`]), so a hung
+//! control plane is noticed within [`HUNG_BOUND`]; with several `--control` addresses a
+//! failed call goes on to the next; and the config stream's backoff starts again from
+//! [`Backoff::FIRST`] after every stream that delivered a snapshot.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
 
 use meshward_api::v1::config_client::ConfigClient;
 use meshward_api::v1::identity_client::IdentityClient;
@@ -26,7 +37,8 @@ use crate::transport::Connector;
 /// How to reach the control plane and where to keep state.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// The control plane's proxy API, `host:port`.
+    /// The control plane's proxy API, `host:port`; several, comma-separated (replicas):
+    /// a call that fails or times out goes on to the next.
     pub control: String,
     pub trust_domain: TrustDomain,
     /// Roots to check the control plane with (its bundle).
@@ -42,6 +54,114 @@ pub struct AgentConfig {
 
 fn log(msg: &str) {
     eprintln!("meshward-proxy: {msg}");
+}
+
+/// A hung control plane (it accepts connections and answers nothing: stopped, or
+/// deadlocked) is noticed within this long: an open channel by its HTTP/2 keepalive
+/// (a ping every [`crate::transport::KEEPALIVE_INTERVAL`], unanswered for
+/// [`crate::transport::KEEPALIVE_TIMEOUT`]), a new one by the connect and handshake
+/// deadline, a call by its deadline ([`crate::transport::CALL_TIMEOUT`]).
+pub const HUNG_BOUND: Duration = Duration::from_secs(15);
+
+/// What the agent could not do, for `/ready`, `/metrics` and the acknowledgements.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Why the last write to the state directory failed; cleared by the next one that
+    /// works.
+    pub persist_error: ArcSwapOption<String>,
+    /// The newest revision saved as last-known-good (0: none); a restart without a control
+    /// plane enforces it.
+    pub persisted_revision: AtomicU64,
+    /// The last control-plane call that failed, and why; cleared by the next that works.
+    pub control_error: ArcSwapOption<String>,
+    /// Which `--control` address to try first (the last that answered).
+    preferred: AtomicUsize,
+}
+
+impl Health {
+    /// Records the result of a write to the state directory (`what`: svid, bundle,
+    /// snapshot): a failure is logged (once per cause), counted and kept for `/ready`.
+    fn persisted(&self, shared: &Shared, what: &'static str, r: Result<(), String>) -> bool {
+        match r {
+            Ok(()) => {
+                if what != "bundle" && self.persist_error.swap(None).is_some() {
+                    log("the state directory takes writes again");
+                }
+                true
+            }
+            Err(e) => {
+                shared.log.metrics.persist_failed(what);
+                let msg = format!("cannot save the {what}: {e}");
+                let again = self.persist_error.load().as_deref() == Some(&msg);
+                if !again {
+                    log(&format!(
+                        "{msg}; it is in use, but a restart would not find it (see docs/operations.md)"
+                    ));
+                }
+                self.persist_error.store(Some(Arc::new(msg)));
+                false
+            }
+        }
+    }
+
+    /// Records a failed control-plane call, counted by kind (`timeout`, `unavailable`,
+    /// `refused`).
+    fn control_failed(&self, shared: &Shared, e: &str) {
+        let kind = if e.contains("did not answer") || e.contains("timed out") {
+            "timeout"
+        } else if e.contains("refused by the control plane") {
+            "refused"
+        } else {
+            "unavailable"
+        };
+        shared.log.metrics.control_error(kind);
+        self.control_error.store(Some(Arc::new(e.to_owned())));
+    }
+}
+
+/// Writes `files` into `dir` (each atomically, mode 0600).
+fn save(dir: &Path, files: &[(&str, &[u8])]) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create `{}`: {e}", dir.display()))?;
+    for (name, bytes) in files {
+        write_atomic(&dir.join(name), bytes, true).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Reconnect delays: from [`Backoff::FIRST`], doubling up to a cap, each with ±25 %
+/// jitter (so sidecars do not all come back at the same instant).
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    /// The first delay, and the one after every success.
+    pub const FIRST: Duration = Duration::from_millis(250);
+
+    pub fn new(max: Duration) -> Self {
+        Backoff {
+            next: Self::FIRST,
+            max,
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+
+    /// The delay to wait now (the one after it doubles).
+    pub fn delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos();
+        // 0.75 .. 1.25
+        d.mul_f64(0.75 + f64::from(nanos % 1000) / 2000.0)
+    }
 }
 
 fn certified(chain: Vec<CertificateDer<'static>>, key_der: Vec<u8>) -> Result<Svid, String> {
@@ -66,7 +186,12 @@ pub fn restore(shared: &Shared, dir: &Path, td: &TrustDomain) {
         std::fs::read_to_string(dir.join("svid.key")),
     ) && let Ok(k) = key_from_pem(&key)
     {
-        match certified(certs_from_pem(&chain), k.serialize_der()) {
+        match certified(certs_from_pem(&chain), k.serialize_der()).and_then(|s| {
+            s.key
+                .keys_match()
+                .map(|()| s)
+                .map_err(|e| format!("its key does not match the certificate ({e})"))
+        }) {
             Ok(s) => {
                 log(&format!(
                     "restored the SVID from {} (valid until {})",
@@ -89,8 +214,12 @@ pub fn restore(shared: &Shared, dir: &Path, td: &TrustDomain) {
         match compile(&files) {
             Ok(set) => {
                 shared.set_policy(rev, set);
+                shared
+                    .health
+                    .persisted_revision
+                    .store(rev, Ordering::Relaxed);
                 log(&format!(
-                    "enforcing last-known-good revision {rev} from {}",
+                    "enforcing last-known-good revision {rev} from {} (the newest this proxy saved)",
                     dir.display()
                 ));
             }
@@ -159,8 +288,69 @@ impl rustls::client::ResolvesClientCert for RenewalCert {
     }
 }
 
-/// Asks for a certificate (join token when `token` is set, else renewal over mTLS) and
-/// installs and persists it.
+/// The `--control` addresses, the one that answered last first.
+fn addresses(shared: &Shared, cfg: &AgentConfig) -> Vec<(usize, String)> {
+    let all: Vec<String> = cfg
+        .control
+        .split(',')
+        .map(|a| a.trim().to_owned())
+        .filter(|a| !a.is_empty())
+        .collect();
+    let first = shared.health.preferred.load(Ordering::Relaxed) % all.len().max(1);
+    let n = all.len();
+    all.into_iter()
+        .enumerate()
+        .cycle()
+        .skip(first)
+        .take(n)
+        .collect()
+}
+
+/// Runs `call` against each control-plane address in turn until one answers; the first
+/// error is the one returned when none does (with the others').
+async fn on_control<T, F, Fut>(
+    shared: &Arc<Shared>,
+    cfg: &AgentConfig,
+    call: F,
+) -> Result<T, String>
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let mut errors = vec![];
+    for (i, addr) in addresses(shared, cfg) {
+        match call(addr.clone()).await {
+            Ok(t) => {
+                shared.health.preferred.store(i, Ordering::Relaxed);
+                if shared.health.control_error.swap(None).is_some() {
+                    log(&format!("the control plane at {addr} answers again"));
+                }
+                return Ok(t);
+            }
+            Err(e) => {
+                let e = format!("{addr}: {e}");
+                shared.health.control_failed(shared, &e);
+                errors.push(e);
+            }
+        }
+    }
+    Err(errors.join("; "))
+}
+
+/// A control-plane call's deadline, said as the operator should read it.
+async fn within<T>(what: &str, f: impl Future<Output = Result<T, String>>) -> Result<T, String> {
+    match tokio::time::timeout(crate::transport::CALL_TIMEOUT, f).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "the control plane did not answer {what} within {:?} (hung or overloaded?)",
+            crate::transport::CALL_TIMEOUT
+        )),
+    }
+}
+
+/// Asks for a certificate (join token when `token` is set, else renewal over mTLS), uses
+/// it at once and then saves it: a state directory that cannot take it costs the next
+/// restart, never the traffic (the failure is logged, counted and shown by `/ready`).
 async fn sign(
     shared: &Arc<Shared>,
     cfg: &AgentConfig,
@@ -168,18 +358,22 @@ async fn sign(
 ) -> Result<SystemTime, String> {
     let (key, csr) = new_workload_key(&cfg.identity).map_err(|e| e.to_string())?;
     let tls = tls(cfg, if token.is_some() { None } else { Some(shared) })?;
-    let ch = Connector::new(cfg.mark)
-        .grpc_channel(&cfg.control, tls)
-        .await?;
-    let resp = IdentityClient::new(ch)
-        .sign(SignRequest {
-            join_token: token.unwrap_or_default().to_owned(),
-            csr,
-            lifetime_secs: 0,
+    let resp = on_control(shared, cfg, |addr| {
+        let (tls, csr) = (tls.clone(), csr.clone());
+        within("a certificate request", async move {
+            let ch = Connector::new(cfg.mark).grpc_channel(&addr, tls).await?;
+            IdentityClient::new(ch)
+                .sign(SignRequest {
+                    join_token: token.unwrap_or_default().to_owned(),
+                    csr,
+                    lifetime_secs: 0,
+                })
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| format!("refused by the control plane: {}", s.message()))
         })
-        .await
-        .map_err(|s| s.message().to_owned())?
-        .into_inner();
+    })
+    .await?;
     if resp.spiffe_id != cfg.identity.as_str() {
         return Err(format!(
             "the control plane issued `{}`, expected `{}`",
@@ -192,27 +386,27 @@ async fn sign(
         resp.bundle.into_iter().map(CertificateDer::from).collect();
     let svid = certified(chain.clone(), key.serialize_der())?;
     let not_after = svid.not_after;
-    let dir = &cfg.state_dir;
-    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-    write_atomic(&dir.join("svid.key"), key_pem(&key).as_bytes(), true)
-        .map_err(|e| e.to_string())?;
-    write_atomic(
-        &dir.join("svid.pem"),
-        chain.iter().map(cert_pem).collect::<String>().as_bytes(),
-        true,
-    )
-    .map_err(|e| e.to_string())?;
-    write_atomic(
-        &dir.join("bundle.pem"),
-        bundle.iter().map(cert_pem).collect::<String>().as_bytes(),
-        true,
-    )
-    .map_err(|e| e.to_string())?;
     let mut tb = TrustBundles::new();
-    tb.set(cfg.trust_domain.clone(), bundle);
+    tb.set(cfg.trust_domain.clone(), bundle.clone());
     shared.bundles.store(tb);
     // New handshakes use the new certificate; established connections are untouched.
     shared.svid.store(Some(Arc::new(svid)));
+    let (key_pem, chain_pem, bundle_pem) = (
+        key_pem(&key),
+        chain.iter().map(cert_pem).collect::<String>(),
+        bundle.iter().map(cert_pem).collect::<String>(),
+    );
+    // The key and its certificate in one go (restore checks they match).
+    let saved = save(
+        &cfg.state_dir,
+        &[
+            ("svid.key", key_pem.as_bytes()),
+            ("svid.pem", chain_pem.as_bytes()),
+        ],
+    );
+    shared.health.persisted(shared, "svid", saved);
+    let saved = save(&cfg.state_dir, &[("bundle.pem", bundle_pem.as_bytes())]);
+    shared.health.persisted(shared, "bundle", saved);
     Ok(not_after)
 }
 
@@ -233,7 +427,7 @@ fn renew_in(not_after: SystemTime) -> Duration {
 
 /// Keeps the SVID fresh forever: join if needed, then renew at about half its lifetime.
 pub async fn identity_loop(shared: Arc<Shared>, cfg: AgentConfig) {
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = Backoff::new(Duration::from_secs(5));
     loop {
         let current = shared.svid.load_full();
         let result = match &current {
@@ -268,41 +462,64 @@ pub async fn identity_loop(shared: Arc<Shared>, cfg: AgentConfig) {
                     cfg.identity,
                     humantime::format_rfc3339_seconds(not_after)
                 ));
-                backoff = Duration::from_millis(500);
+                backoff.reset();
             }
             Err(e) => {
+                let wait = backoff.delay();
                 log(&format!(
-                    "cannot get a certificate ({e}); retrying in {backoff:?}"
+                    "cannot get a certificate ({e}); retrying in {wait:.1?}"
                 ));
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                tokio::time::sleep(wait).await;
             }
         }
     }
 }
 
-/// Follows the config stream forever, reconnecting with backoff.
+/// Follows the config stream forever, reconnecting with backoff; a stream that delivered
+/// a snapshot was healthy, so the next reconnect starts from the first delay again.
 pub async fn config_loop(shared: Arc<Shared>, cfg: AgentConfig) {
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = Backoff::new(Duration::from_millis(1500));
     loop {
         if shared.current_svid().is_some() {
-            match stream_once(&shared, &cfg).await {
-                Ok(()) => backoff = Duration::from_millis(500),
-                Err(e) => log(&format!(
-                    "config stream: {e}; keeping revision {} and retrying in {backoff:?}",
-                    shared.policy.load().as_ref().map_or(0, |p| p.revision)
-                )),
+            let r = on_control(&shared, &cfg, |addr| {
+                let (shared, cfg) = (&shared, &cfg);
+                async move { stream_once(shared, cfg, &addr).await }
+            })
+            .await;
+            match r {
+                Ok(never) => match never {},
+                Err(e) => {
+                    if e.contains(STREAMED) {
+                        backoff.reset();
+                    }
+                    let wait = backoff.delay();
+                    log(&format!(
+                        "config stream: {e}; keeping revision {} and retrying in {wait:.1?}",
+                        shared.policy.load().as_ref().map_or(0, |p| p.revision)
+                    ));
+                    tokio::time::sleep(wait).await;
+                }
             }
+        } else {
+            tokio::time::sleep(Backoff::FIRST).await;
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
 
-async fn stream_once(shared: &Arc<Shared>, cfg: &AgentConfig) -> Result<(), String> {
-    let ch = Connector::new(cfg.mark)
-        .grpc_channel(&cfg.control, tls(cfg, Some(shared))?)
-        .await?;
+/// Marks the end of a stream that delivered at least one snapshot.
+const STREAMED: &str = "after delivering revisions";
+
+async fn stream_once(
+    shared: &Arc<Shared>,
+    cfg: &AgentConfig,
+    addr: &str,
+) -> Result<std::convert::Infallible, String> {
+    let ch = within("the connection", async {
+        Connector::new(cfg.mark)
+            .grpc_channel(addr, tls(cfg, Some(shared))?)
+            .await
+    })
+    .await?;
     // Decision records go to the control plane over the same connection, for as long as
     // it lasts.
     struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -317,18 +534,33 @@ async fn stream_once(shared: &Arc<Shared>, cfg: &AgentConfig) -> Result<(), Stri
         .clone()
         .map(|q| AbortOnDrop(tokio::spawn(ship_loop(q, ch.clone()))));
     let (tx, rx) = tokio::sync::mpsc::channel::<ConfigAck>(4);
-    let mut snaps = ConfigClient::new(ch)
-        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .map_err(|s| s.message().to_owned())?
-        .into_inner();
+    let mut snaps = within("the config stream", async {
+        ConfigClient::new(ch)
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| format!("refused by the control plane: {}", s.message()))
+    })
+    .await?;
+    let mut delivered = 0u64;
     while let Some(msg) = snaps.next().await {
-        let snap = msg.map_err(|s| s.message().to_owned())?;
+        let snap = match msg {
+            Ok(s) => s,
+            Err(s) if delivered > 0 => {
+                return Err(format!("{} ({STREAMED})", status_text(&s)));
+            }
+            Err(s) => return Err(status_text(&s)),
+        };
+        delivered += 1;
+        if delivered == 1 && shared.health.control_error.swap(None).is_some() {
+            log(&format!("the control plane at {addr} answers again"));
+        }
         let files: Vec<(String, String)> =
             snap.files.into_iter().map(|f| (f.name, f.text)).collect();
         let ack = match compile(&files) {
             Ok(set) => {
                 shared.set_policy(snap.revision, set);
+                let mut saved = Ok(());
                 if !snap.bundle.is_empty() {
                     let mut tb = TrustBundles::new();
                     tb.set(
@@ -345,18 +577,42 @@ async fn stream_once(shared: &Arc<Shared>, cfg: &AgentConfig) -> Result<(), Stri
                         .iter()
                         .map(|b| cert_pem(&CertificateDer::from(b.clone())))
                         .collect();
-                    let _ = write_atomic(&cfg.state_dir.join("bundle.pem"), pem.as_bytes(), true);
+                    let r = save(&cfg.state_dir, &[("bundle.pem", pem.as_bytes())]);
+                    shared.health.persisted(shared, "bundle", r);
                 }
-                let _ = std::fs::create_dir_all(&cfg.state_dir);
                 if let Ok(json) = serde_json::to_string(&(snap.revision, &files)) {
-                    let _ =
-                        write_atomic(&cfg.state_dir.join("snapshot.json"), json.as_bytes(), true);
+                    saved = save(&cfg.state_dir, &[("snapshot.json", json.as_bytes())]);
                 }
-                log(&format!("enforcing revision {}", snap.revision));
+                // Enforced either way; the acknowledgement says whether it was saved.
+                let persist_error = match shared.health.persisted(shared, "snapshot", saved) {
+                    true => {
+                        shared
+                            .health
+                            .persisted_revision
+                            .store(snap.revision, Ordering::Relaxed);
+                        log(&format!("enforcing revision {}", snap.revision));
+                        String::new()
+                    }
+                    false => {
+                        let kept = shared.health.persisted_revision.load(Ordering::Relaxed);
+                        log(&format!(
+                            "enforcing revision {} (not saved: a restart without the control plane would enforce revision {kept})",
+                            snap.revision
+                        ));
+                        shared
+                            .health
+                            .persist_error
+                            .load()
+                            .as_deref()
+                            .cloned()
+                            .unwrap_or_default()
+                    }
+                };
                 ConfigAck {
                     revision: snap.revision,
                     accepted: true,
                     error: String::new(),
+                    persist_error,
                 }
             }
             Err(e) => {
@@ -365,6 +621,7 @@ async fn stream_once(shared: &Arc<Shared>, cfg: &AgentConfig) -> Result<(), Stri
                     revision: snap.revision,
                     accepted: false,
                     error: e,
+                    persist_error: String::new(),
                 }
             }
         };
@@ -372,7 +629,30 @@ async fn stream_once(shared: &Arc<Shared>, cfg: &AgentConfig) -> Result<(), Stri
             break;
         }
     }
-    Err("the control plane closed the stream".into())
+    Err(match delivered {
+        0 => "the control plane closed the stream".into(),
+        _ => format!("the control plane closed the stream ({STREAMED})"),
+    })
+}
+
+/// A stream error as the operator should read it: a keepalive that went unanswered says
+/// the control plane is hung.
+fn status_text(s: &tonic::Status) -> String {
+    let m = s.message();
+    let src = std::error::Error::source(s)
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    let hung = |t: &str| t.contains("keep-alive") || t.contains("timed out") || t.contains("ping");
+    if hung(m) || hung(&src) {
+        format!(
+            "the control plane did not answer a keepalive within {:?} (hung?)",
+            crate::transport::KEEPALIVE_TIMEOUT
+        )
+    } else if src.is_empty() {
+        m.to_owned()
+    } else {
+        format!("{m}: {src}")
+    }
 }
 
 /// Ships queued decision records every 200 ms, in batches of at most 500 (small batches
@@ -406,5 +686,23 @@ async fn ship_loop(q: Arc<crate::decision_log::ShipQueue>, ch: tonic::transport:
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_jitter_and_starts_over_after_a_reset() {
+        let mut b = Backoff::new(Duration::from_millis(1500));
+        let delays: Vec<Duration> = (0..6).map(|_| b.delay()).collect();
+        let nominal = [250u64, 500, 1000, 1500, 1500, 1500];
+        for (d, n) in delays.iter().zip(nominal) {
+            let n = Duration::from_millis(n);
+            assert!(*d >= n.mul_f64(0.75) && *d <= n.mul_f64(1.25), "{delays:?}");
+        }
+        b.reset();
+        assert!(b.delay() <= Duration::from_millis(313));
     }
 }

@@ -50,6 +50,9 @@ pub struct ConnClock {
 pub enum Expired {
     HeaderRead,
     Idle,
+    /// The connection's certificates expire or it reaches its maximum age
+    /// ([`crate::expiry`]).
+    Certificate,
 }
 
 impl Expired {
@@ -58,6 +61,7 @@ impl Expired {
         match self {
             Expired::HeaderRead => "header_read",
             Expired::Idle => "idle",
+            Expired::Certificate => "certificate",
         }
     }
 }

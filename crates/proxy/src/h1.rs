@@ -160,6 +160,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     port: InboundPort,
     peer: &SpiffeId,
     stream: &mut S,
+    expiry: crate::expiry::Expiry,
 ) -> End {
     let mut buf = Buf::default();
     let mut app: Option<AppConn> = None;
@@ -172,11 +173,21 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     );
     let mut first = true;
     loop {
+        // At its certificates' expiry (crate::expiry) the connection closes between
+        // requests: after the response in progress, or at once while idle.
+        if expiry.passed() {
+            shared.log.metrics.connection_expired(expiry.why);
+            let _ = stream.shutdown().await;
+            return End::Closed;
+        }
         // A request head, in time (crate::clock has the same rules for the general path):
         // the first within the header-read timeout of the handshake; a later one may wait
         // the idle timeout for its first byte, then has the header-read timeout.
         if !first {
             clock.set(tokio::time::Instant::now() + limits.idle, Expired::Idle);
+        }
+        if expiry.at < clock.due {
+            clock.set(expiry.at, Expired::Certificate);
         }
         let end = loop {
             if let Some(e) = buf.head_end() {
@@ -192,6 +203,12 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 clock.set(now + limits.header_read, Expired::HeaderRead);
             }
             match clock.run(buf.fill(stream)).await {
+                None if clock.kind == Expired::Certificate => {
+                    // Idle at the end (a head begun meanwhile is not one in progress).
+                    shared.log.metrics.connection_expired(expiry.why);
+                    let _ = stream.shutdown().await;
+                    return End::Closed;
+                }
                 None => {
                     shared.log.metrics.connection_timeout(clock.kind.as_str());
                     return End::Closed;
@@ -312,7 +329,10 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         buf.consume(end);
 
         let t_app = Instant::now();
-        let relayed = relay(stream, &mut app, port, &out, head_only, idempotent).await;
+        // Near its end (crate::expiry) the connection is retired: this response says
+        // `Connection: close`, so the client's next request goes on a new connection.
+        let retire = tokio::time::Instant::now() + crate::expiry::RETIRE_EARLY >= expiry.at;
+        let relayed = relay(stream, &mut app, port, &out, head_only, idempotent, retire).await;
         gate.forwarded(&preq, &d, t_app.elapsed());
         // The response is relayed whole: its concurrency places are free again.
         drop(permit);
@@ -320,7 +340,10 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(r) => {
                 done(shared, r.status, t0);
                 span.finish(r.status);
-                if close || r.close {
+                if retire {
+                    shared.log.metrics.connection_expired(expiry.why);
+                }
+                if close || r.close || retire {
                     let _ = stream.shutdown().await;
                     return End::Closed;
                 }
@@ -379,6 +402,7 @@ async fn relay<S: AsyncWrite + Unpin>(
     head: &[u8],
     head_only: bool,
     idempotent: bool,
+    retire: bool,
 ) -> Result<Relayed, Failure> {
     // A kept connection the app has closed meanwhile shows as a write error or an empty
     // read; an idempotent request is then sent again, once, on a new connection.
@@ -414,6 +438,17 @@ async fn relay<S: AsyncWrite + Unpin>(
     let Some(conn) = app.as_mut() else {
         return Err(Failure::App("no app connection".into()));
     };
+    let mut resp_end = resp_end;
+    if retire {
+        // The head with `connection: close` added (beside any `connection` header the app
+        // sent: `close` wins), then the body as usual.
+        let head = &conn.buf.bytes()[..resp_end];
+        let blank = if head.ends_with(b"\r\n\r\n") { 2 } else { 1 };
+        write_out(stream, &head[..resp_end - blank]).await?;
+        write_out(stream, b"connection: close\r\n\r\n").await?;
+        conn.buf.consume(resp_end);
+        resp_end = 0;
+    }
     // The head and what of the body has arrived, in one write.
     let avail = conn.buf.bytes().len();
     let (first, rest) = match framing {
@@ -426,7 +461,7 @@ async fn relay<S: AsyncWrite + Unpin>(
         }
         Framing::Chunked(_) | Framing::UntilClose => (avail, 0),
     };
-    let mut close = !keep;
+    let mut close = !keep || retire;
     if let Framing::Chunked(mut c) = framing {
         match c.scan(&conn.buf.bytes()[resp_end..first]) {
             Ok(Some(n)) => {

@@ -216,10 +216,16 @@ pub async fn connection(
     let Ok(_quota) = crate::gate::connection_quota(&shared, port, &peer) else {
         return;
     };
+    // It ends when a certificate that authenticated it expires (crate::expiry).
+    let expiry = crate::expiry::Expiry::of(
+        &shared,
+        stream.get_ref().1.peer_certificates(),
+        shared.limits().max_age,
+    );
     if port.protocol.is_http() {
-        serve_http(shared, port, peer, stream, client).await;
+        serve_http(shared, port, peer, stream, client, expiry).await;
     } else {
-        serve_tcp(shared, port, peer, stream).await;
+        serve_tcp(shared, port, peer, stream, expiry).await;
     }
 }
 
@@ -236,6 +242,7 @@ async fn serve_tcp(
     port: InboundPort,
     peer: SpiffeId,
     mut stream: tokio_rustls::server::TlsStream<TcpStream>,
+    expiry: crate::expiry::Expiry,
 ) {
     let Ok(admitted) = crate::gate::tcp(&shared, port, peer) else {
         return; // refused: the connection closes
@@ -250,6 +257,9 @@ async fn serve_tcp(
     tokio::select! {
         _ = tokio::io::copy_bidirectional(&mut stream, &mut app) => {}
         r = revoke => crate::gate::revoked(&shared, port, &r, "tcp"),
+        () = expiry.reached(&shared) => {
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+        }
     }
 }
 
@@ -259,6 +269,7 @@ async fn serve_http(
     peer: SpiffeId,
     stream: tokio_rustls::server::TlsStream<TcpStream>,
     client: AppClient,
+    expiry: crate::expiry::Expiry,
 ) {
     // Per connection, not per request: the identity header's value and the app link.
     let Ok(peer_header) = hyper::header::HeaderValue::from_str(peer.as_str()) else {
@@ -270,7 +281,7 @@ async fn serve_http(
     let (stream, prefix) =
         if port.protocol == Protocol::Http && stream.get_ref().1.alpn_protocol() != Some(b"h2") {
             let mut stream = stream;
-            match crate::h1::serve(&shared, port, &peer, &mut stream).await {
+            match crate::h1::serve(&shared, port, &peer, &mut stream, expiry).await {
                 crate::h1::End::Closed => return,
                 crate::h1::End::Handoff(bytes) => (stream, bytes),
             }
@@ -335,6 +346,12 @@ async fn serve_http(
             watchdog.log.metrics.connection_timeout(why.as_str());
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+        }
+        () = expiry.reached(&watchdog) => {
+            // HTTP/2: GOAWAY, streams in progress finish; HTTP/1: `Connection: close` on
+            // the response in progress, or closed at once when idle.
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(crate::expiry::GRACE, conn).await;
         }
     }
 }

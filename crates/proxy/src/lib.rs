@@ -15,6 +15,7 @@ pub mod clock;
 pub mod decision_log;
 pub mod discovery;
 pub mod endpoint_state;
+pub mod expiry;
 #[doc(hidden)]
 pub mod fuzzing;
 pub(crate) mod gate;

@@ -32,6 +32,9 @@ pub struct Limits {
     /// How long a connection may sit with no request in progress (after a response,
     /// before the next request's first byte; HTTP/2: no open stream).
     pub idle: Duration,
+    /// The longest an inbound connection may live (`--max-connection-age`); it ends at
+    /// its certificates' expiry in any case ([`crate::expiry`]).
+    pub max_age: Option<Duration>,
 }
 
 impl Limits {
@@ -54,6 +57,7 @@ impl Limits {
             per_identity: None,
             header_read: Self::DEFAULT_HEADER_READ,
             idle: Self::DEFAULT_IDLE,
+            max_age: None,
         }
     }
 
@@ -81,6 +85,7 @@ impl Limits {
                 .or(self.per_identity),
             header_read: c.header_read_timeout.map_or(self.header_read, |d| d.0),
             idle: c.idle_timeout.map_or(self.idle, |d| d.0),
+            max_age: self.max_age,
         }
     }
 

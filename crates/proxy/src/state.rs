@@ -66,6 +66,8 @@ pub struct Shared {
     /// The revision just installed, for what is open to decide again
     /// ([`crate::recheck`]).
     pub revisions: tokio::sync::watch::Sender<u64>,
+    /// What the control-plane agent could not do (save state, reach the control plane).
+    pub health: crate::agent::Health,
 }
 
 impl Shared {
@@ -96,6 +98,7 @@ impl Shared {
             endpoints: crate::endpoint_state::EndpointStates::default(),
             budgets: crate::ratelimit::Budgets::default(),
             revisions: tokio::sync::watch::Sender::new(0),
+            health: crate::agent::Health::default(),
         })
     }
 

@@ -6,8 +6,18 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::{TcpSocket, TcpStream};
+
+/// The TCP connect and TLS handshake to the control plane, together, at most.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often an open control-plane channel pings.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(4);
+/// How long a ping may go unanswered before the channel is closed.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(4);
+/// One control-plane call (a certificate request, opening the config stream) at most.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Opens the proxy's outgoing TCP connections (`TCP_NODELAY` on, the socket mark set
 /// before connecting when there is one). Cheap to copy: pass it by value.
@@ -68,7 +78,12 @@ impl Connector {
     }
 
     /// A gRPC channel over TLS (ALPN `h2`) to `addr` (`host:port`), every connection it
-    /// makes dialled by this connector: the proxy's channel to the control plane.
+    /// makes dialled by this connector: the proxy's channel to the control plane. The TCP
+    /// connect and the TLS handshake together have [`CONNECT_TIMEOUT`]; an open channel
+    /// sends an HTTP/2 ping every [`KEEPALIVE_INTERVAL`] (idle or not) and is closed when
+    /// one goes unanswered for [`KEEPALIVE_TIMEOUT`]: a hung control plane (stopped, or
+    /// deadlocked) is noticed (`agent::HUNG_BOUND`). Calls bound themselves with
+    /// [`CALL_TIMEOUT`].
     pub async fn grpc_channel(
         self,
         addr: &str,
@@ -78,18 +93,39 @@ impl Connector {
         let tls = tokio_rustls::TlsConnector::from(Arc::new(tls));
         let addr = addr.to_owned();
         tonic::transport::Endpoint::from_static("http://control.meshward.invalid")
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .connect_with_connector(tower::service_fn(move |_| {
                 let (tls, addr) = (tls.clone(), addr.clone());
-                async move {
+                let dial = async move {
                     let tcp = self.connect_host(&addr).await?;
                     let name = rustls::pki_types::ServerName::try_from("control.meshward.invalid")
                         .map_err(std::io::Error::other)?;
                     let tls = tls.connect(name, tcp).await?;
                     Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+                };
+                async move {
+                    tokio::time::timeout(CONNECT_TIMEOUT, dial)
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!(
+                                    "the control plane did not answer the connection and TLS handshake within {CONNECT_TIMEOUT:?} (hung?)"
+                                ),
+                            ))
+                        })
                 }
             }))
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| {
+                // tonic's message is "transport error"; the cause says what happened.
+                match std::error::Error::source(&e) {
+                    Some(src) => format!("{e}: {src}"),
+                    None => e.to_string(),
+                }
+            })
     }
 }
 

@@ -237,6 +237,11 @@ pub struct ProxyMetrics {
     pub config_updated: FGauge,
     pub config_age: FGauge,
     pub overrides_active: Gauge,
+    pub persist_failures: Family<KindLabels, Counter>,
+    /// Set when scraped.
+    pub persisted_revision: Gauge,
+    pub control_errors: Family<KindLabels, Counter>,
+    pub connections_expired: Family<KindLabels, Counter>,
     /// The series of the last request counted by a caller without a [`RequestSeries`] of
     /// its own, reused while the labels stay the same (a proxy mostly counts one source,
     /// destination and verdict over and over). Lock-free: a snapshot swapped on a change.
@@ -272,6 +277,30 @@ impl ProxyMetrics {
         let config_updated = FGauge::default();
         let config_age = FGauge::default();
         let overrides_active = Gauge::default();
+        let persist_failures = Family::<KindLabels, Counter>::default();
+        let persisted_revision = Gauge::default();
+        let control_errors = Family::<KindLabels, Counter>::default();
+        let connections_expired = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "meshward_state_persist_failures",
+            "Writes to the proxy's state directory that failed (svid, bundle, snapshot): what they held is in use but a restart would not find it",
+            persist_failures.clone(),
+        );
+        registry.register(
+            "meshward_state_persisted_revision",
+            "The newest revision saved as last-known-good (a restart without the control plane enforces it; below meshward_config_revision: not saved)",
+            persisted_revision.clone(),
+        );
+        registry.register(
+            "meshward_control_errors",
+            "Control-plane calls that failed, by kind (timeout: no answer within the deadline or keepalive, a hung control plane; unavailable; refused)",
+            control_errors.clone(),
+        );
+        registry.register(
+            "meshward_connections_expired",
+            "Connections closed because a certificate that authenticated them expired or they reached --max-connection-age (certificate, max_age)",
+            connections_expired.clone(),
+        );
         registry.register(
             "meshward_requests",
             "Authorization decisions (connections and HTTP requests) by direction, source identity, destination, verdict and reason",
@@ -376,6 +405,10 @@ impl ProxyMetrics {
             config_updated,
             config_age,
             overrides_active,
+            persist_failures,
+            persisted_revision,
+            control_errors,
+            connections_expired,
             last_request: arc_swap::ArcSwapOption::empty(),
             latency: Default::default(),
         }
@@ -415,6 +448,28 @@ impl ProxyMetrics {
     /// `tunnel`).
     pub fn revoked(&self, kind: &'static str) {
         self.revoked.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    /// Counts a failed write to the state directory (`svid`, `bundle`, `snapshot`).
+    pub fn persist_failed(&self, kind: &'static str) {
+        self.persist_failures
+            .get_or_create(&KindLabels { kind })
+            .inc();
+    }
+
+    /// Counts a failed control-plane call (`timeout`, `unavailable`, `refused`).
+    pub fn control_error(&self, kind: &'static str) {
+        self.control_errors
+            .get_or_create(&KindLabels { kind })
+            .inc();
+    }
+
+    /// Counts a connection closed at its certificate's expiry or its maximum age
+    /// (`certificate`, `max_age`).
+    pub fn connection_expired(&self, kind: &'static str) {
+        self.connections_expired
+            .get_or_create(&KindLabels { kind })
+            .inc();
     }
 
     /// Counts an accept error that made a listener back off.
@@ -503,6 +558,10 @@ pub struct ControlMetrics {
     pub revision: Gauge,
     pub decisions_received: Counter,
     pub decisions_lost: Counter,
+    /// Set when scraped.
+    pub disk_full: Gauge,
+    /// Set when scraped.
+    pub audit_held: Gauge,
 }
 
 impl Default for ControlMetrics {
@@ -523,6 +582,18 @@ impl ControlMetrics {
         let revision = Gauge::default();
         let decisions_received = Counter::default();
         let decisions_lost = Counter::default();
+        let disk_full = Gauge::default();
+        let audit_held = Gauge::default();
+        registry.register(
+            "meshward_control_disk_full",
+            "1 while the data directory is full: changes are refused, renewals go on (docs/operations.md)",
+            disk_full.clone(),
+        );
+        registry.register(
+            "meshward_control_audit_held",
+            "Audit entries held in memory because the disk is full and its reserve spent (written when space returns)",
+            audit_held.clone(),
+        );
         registry.register(
             "meshward_control_decisions_received",
             "Decision records shipped by proxies and kept in the window",
@@ -579,6 +650,8 @@ impl ControlMetrics {
             revision,
             decisions_received,
             decisions_lost,
+            disk_full,
+            audit_held,
         }
     }
 
