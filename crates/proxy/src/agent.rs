@@ -317,8 +317,9 @@ where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Result<T, String>>,
 {
-    let mut errors = vec![];
-    for (i, addr) in addresses(shared, cfg) {
+    let (mut errors, all) = (vec![], addresses(shared, cfg));
+    let last = all.len().saturating_sub(1);
+    for (k, (i, addr)) in all.into_iter().enumerate() {
         match call(addr.clone()).await {
             Ok(t) => {
                 shared.health.preferred.store(i, Ordering::Relaxed);
@@ -330,6 +331,9 @@ where
             Err(e) => {
                 let e = format!("{addr}: {e}");
                 shared.health.control_failed(shared, &e);
+                if k < last {
+                    log(&format!("{e}; trying the next control-plane address"));
+                }
                 errors.push(e);
             }
         }
@@ -639,19 +643,37 @@ async fn stream_once(
 /// the control plane is hung.
 fn status_text(s: &tonic::Status) -> String {
     let m = s.message();
-    let src = std::error::Error::source(s)
-        .map(ToString::to_string)
-        .unwrap_or_default();
-    let hung = |t: &str| t.contains("keep-alive") || t.contains("timed out") || t.contains("ping");
-    if hung(m) || hung(&src) {
-        format!(
-            "the control plane did not answer a keepalive within {:?} (hung?)",
-            crate::transport::KEEPALIVE_TIMEOUT
-        )
-    } else if src.is_empty() {
+    // The whole chain: hyper's "keep-alive timed out" sits a few sources down.
+    let mut src = String::new();
+    let mut next = std::error::Error::source(s);
+    while let Some(e) = next {
+        if !src.is_empty() {
+            src.push_str(": ");
+        }
+        src.push_str(&e.to_string());
+        next = e.source();
+    }
+    // A keepalive that went unanswered ends the HTTP/2 connection; hyper then fails the
+    // open stream as a "broken pipe" (the socket itself is fine: a stopped process's kernel
+    // keeps it open). A control plane that exits closes or resets instead.
+    let hung = |t: &str| {
+        t.contains("keep-alive")
+            || t.contains("timed out")
+            || t.contains("ping")
+            || t.contains("broken pipe")
+    };
+    let full = if src.is_empty() {
         m.to_owned()
     } else {
         format!("{m}: {src}")
+    };
+    if hung(m) || hung(&src) {
+        format!(
+            "the control plane did not answer a keepalive within {:?} (hung?): {full}",
+            crate::transport::KEEPALIVE_TIMEOUT
+        )
+    } else {
+        full
     }
 }
 

@@ -311,6 +311,7 @@ async fn serve_http(
                 link: &link,
                 peer_header,
                 bad_body: &bad_body,
+                expiry,
             };
             let r = handle(&shared, port, &peer, app, &span, req).await;
             let status = r.status().as_u16();
@@ -364,6 +365,8 @@ struct App<'a> {
     peer_header: hyper::header::HeaderValue,
     /// Set by the hygiene checker when it refused part of a request body.
     bad_body: &'a std::sync::atomic::AtomicBool,
+    /// When the connection ends (an upgraded tunnel ends then too).
+    expiry: crate::expiry::Expiry,
 }
 
 /// The app connection of one downstream connection. Requests on an HTTP/1 connection come
@@ -584,13 +587,15 @@ async fn handle(
                     return crate::rescue::Refused::new(Status::BadGateway, body).answer(grpc);
                 };
                 let up = hyper::upgrade::on(&mut resp);
-                let shared = shared.clone();
+                let (shared, expiry) = (shared.clone(), app.expiry);
                 tokio::spawn(async move {
                     if let (Ok(d), Ok(u)) = (down.await, up.await) {
                         let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
                         tokio::select! {
                             _ = tokio::io::copy_bidirectional(&mut d, &mut u) => {}
                             r = revoke => crate::gate::revoked(&shared, port, &r, "tunnel"),
+                            // The connection it took over ends at its certificates' expiry.
+                            () = expiry.reached(&shared) => {}
                         }
                     }
                 });
