@@ -1447,12 +1447,7 @@ fn require_reason(reason: &str) -> Result<(), Refused> {
 fn not_enforced(files: &Files) -> Vec<String> {
     repo::resources(files)
         .into_keys()
-        .filter(|k| {
-            matches!(
-                k.kind.as_str(),
-                "TrafficPolicy" | "FaultInjection" | "TrustDomainFederation"
-            )
-        })
+        .filter(|k| matches!(k.kind.as_str(), "FaultInjection" | "TrustDomainFederation"))
         .map(|k| k.to_string())
         .collect()
 }

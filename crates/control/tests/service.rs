@@ -508,7 +508,6 @@ fn kinds_not_enforced_yet_are_named_by_apply() {
         not_enforced,
         [
             "FaultInjection orders/orders-latency-drill",
-            "TrafficPolicy orders/orders",
             "TrustDomainFederation meshward-system/partner",
         ]
     );

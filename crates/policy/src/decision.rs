@@ -219,7 +219,7 @@ pub fn is_opaque(element: &str) -> bool {
 }
 
 /// A workload by namespace and name.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct WorkloadRef {
     pub namespace: String,
     pub name: String,

@@ -428,14 +428,9 @@ impl<'a> Linter<'a> {
     fn not_enforced(&mut self) {
         let set = self.set;
         let items = set
-            .traffic
+            .faults
             .iter()
-            .map(|x| ("TrafficPolicy", &x.id, &x.origin))
-            .chain(
-                set.faults
-                    .iter()
-                    .map(|x| ("FaultInjection", &x.id, &x.origin)),
-            )
+            .map(|x| ("FaultInjection", &x.id, &x.origin))
             .chain(
                 set.federations
                     .iter()

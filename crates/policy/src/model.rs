@@ -93,6 +93,8 @@ pub struct Workload {
     pub interception: r::Interception,
     /// This workload's own connection caps and timeouts (validated), over the `Mesh`'s.
     pub connection_limits: r::ConnectionLimits,
+    /// Where it runs (`spec.locality`, else the topology labels).
+    pub locality: Option<r::Locality>,
     pub origin: Option<Origin>,
 }
 
@@ -1038,6 +1040,95 @@ impl Builder {
                             .resource(d.label()),
                     );
                 }
+                if let Some(r) = &s.retries {
+                    for (i, c) in r.retry_on.iter().enumerate() {
+                        let known = matches!(
+                            c.as_str(),
+                            "connect-failure"
+                                | "reset"
+                                | "timeout"
+                                | "per-try-timeout"
+                                | "5xx"
+                                | "gateway-error"
+                        ) || c.parse::<u16>().is_ok_and(|n| (500..=599).contains(&n));
+                        if !known {
+                            b.diags.push(
+                                d.origin
+                                    .diag(
+                                        "MW103",
+                                        Severity::Error,
+                                        &p!["spec", "retries", "retryOn", i],
+                                        format!("`{c}` is not a retry condition"),
+                                    )
+                                    .help("use connect-failure, reset, timeout, 5xx, gateway-error or a 5xx status code; a 4xx (a policy refusal above all) is never retried")
+                                    .resource(d.label()),
+                            );
+                        }
+                    }
+                    if let (Some(per_try), Some(total)) = (r.per_try_timeout, s.timeout)
+                        && per_try > total
+                    {
+                        b.diags.push(
+                            d.origin
+                                .diag(
+                                    "MW103",
+                                    Severity::Warning,
+                                    &p!["spec", "retries", "perTryTimeout"],
+                                    format!("`perTryTimeout` ({}) is longer than `timeout` ({}): no attempt can use it", humantime::format_duration(per_try.0), humantime::format_duration(total.0)),
+                                )
+                                .help("make the per-try timeout shorter than the overall one, or drop it")
+                                .resource(d.label()),
+                        );
+                    }
+                    if r.budget_percent.is_some_and(|p| p > 100) {
+                        b.diags.push(
+                            d.origin
+                                .diag(
+                                    "MW103",
+                                    Severity::Error,
+                                    &p!["spec", "retries", "budgetPercent"],
+                                    "`budgetPercent` is a percentage (0-100)",
+                                )
+                                .resource(d.label()),
+                        );
+                    }
+                }
+                if let Some(o) = &s.outlier_detection
+                    && o.failure_percent.is_some_and(|p| p == 0 || p > 100)
+                {
+                    b.diags.push(
+                        d.origin
+                            .diag(
+                                "MW103",
+                                Severity::Error,
+                                &p!["spec", "outlierDetection", "failurePercent"],
+                                "`failurePercent` is a percentage (1-100)",
+                            )
+                            .resource(d.label()),
+                    );
+                }
+                if let Some(fb) = &s.fallback
+                    && s.target.services.iter().any(|t| {
+                        let q = if t.contains('/') {
+                            t.clone()
+                        } else {
+                            format!("{}/{t}", d.namespace)
+                        };
+                        q == *fb
+                    })
+                {
+                    b.diags.push(
+                        d.origin
+                            .diag(
+                                "MW103",
+                                Severity::Warning,
+                                &p!["spec", "fallback"],
+                                format!("the fallback `{fb}` is the service it falls back from: when every endpoint is down it is down too"),
+                            )
+                            .help("name another service (for example a degraded read-only replica) as the fallback")
+                            .resource(d.label()),
+                    );
+                }
                 if let Some(fb) = &s.fallback {
                     let found = WorkloadRef::parse(fb)
                         .ok()
@@ -1391,6 +1482,14 @@ impl Builder {
             address,
             interception: s.interception.unwrap_or_default(),
             connection_limits,
+            locality: s.locality.or_else(|| {
+                let label = |k: &str| d.meta.labels.get(k).cloned();
+                let l = r::Locality {
+                    region: label("topology.kubernetes.io/region"),
+                    zone: label("topology.kubernetes.io/zone"),
+                };
+                (l.region.is_some() || l.zone.is_some()).then_some(l)
+            }),
             origin: Some(d.origin),
         })
     }

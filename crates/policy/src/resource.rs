@@ -448,6 +448,21 @@ pub struct WorkloadSpec {
     /// `Mesh`'s.
     #[serde(default)]
     pub connection_limits: Option<ConnectionLimits>,
+    /// Where it runs: callers prefer endpoints in their own zone, then region, then a
+    /// `TrafficPolicy`'s `failover` order. Defaults to the `topology.kubernetes.io/region`
+    /// and `…/zone` labels.
+    #[serde(default)]
+    pub locality: Option<Locality>,
+}
+
+/// A workload's region and zone.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Locality {
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub zone: Option<String>,
 }
 
 /// Transparent mode: what `meshward proxy init-netns` leaves uncaptured.
@@ -765,9 +780,16 @@ pub struct RetryPolicy {
     pub per_try_timeout: Option<Dur>,
     #[serde(default)]
     pub retry_on: Vec<String>,
-    /// Retries may add at most this percentage of requests.
+    /// Retries may add at most this percentage of the requests of the last 10 s (default 20)…
     #[serde(default)]
     pub budget_percent: Option<u32>,
+    /// …plus this many per second whatever the requests (default 10).
+    #[serde(default)]
+    pub min_retries_per_second: Option<u32>,
+    /// The service's calls are safe to repeat whatever the method: POST and PATCH are
+    /// retried too (default false: only idempotent methods are).
+    #[serde(default)]
+    pub non_idempotent: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -779,8 +801,17 @@ pub struct OutlierDetection {
     pub interval: Option<Dur>,
     #[serde(default)]
     pub base_ejection_time: Option<Dur>,
+    /// The longest an ejection lasts however often the endpoint was ejected (default 300s).
+    #[serde(default)]
+    pub max_ejection_time: Option<Dur>,
     #[serde(default)]
     pub max_ejection_percent: Option<u32>,
+    /// The success-rate variant: eject when this percentage of at least `minRequests`
+    /// requests within `interval` failed.
+    #[serde(default)]
+    pub failure_percent: Option<u32>,
+    #[serde(default)]
+    pub min_requests: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

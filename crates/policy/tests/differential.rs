@@ -304,6 +304,7 @@ fn gen_set(g: &mut Gen) -> PolicySet {
             address: None,
             interception: Default::default(),
             connection_limits: Default::default(),
+            locality: None,
             origin: None,
         })
         .collect();

@@ -106,8 +106,36 @@ fn route(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
             });
             resp(StatusCode::OK, "application/json", v.to_string())
         }
+        "/endpoints" => {
+            let v: Vec<serde_json::Value> = shared
+                .endpoints
+                .health()
+                .into_iter()
+                .map(|(k, h)| {
+                    let mut j = h.to_json();
+                    j["service"] = k.service.to_string().into();
+                    j["endpoint"] = k.addr.to_string().into();
+                    j
+                })
+                .collect();
+            resp(
+                StatusCode::OK,
+                "application/json",
+                serde_json::Value::from(v).to_string(),
+            )
+        }
         "/metrics" => {
             let m = &shared.log.metrics;
+            m.endpoints.clear();
+            for (k, h) in shared.endpoints.health() {
+                m.endpoints
+                    .get_or_create(&meshward_telemetry::EndpointLabels {
+                        service: k.service.to_string(),
+                        endpoint: k.addr.to_string(),
+                        state: h.state,
+                    })
+                    .set(1);
+            }
             let unix = |t: SystemTime| {
                 t.duration_since(SystemTime::UNIX_EPOCH)
                     .unwrap_or_default()
@@ -154,7 +182,7 @@ fn route(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
         _ => resp(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "try /live, /ready, /config or /metrics\n".into(),
+            "try /live, /ready, /config, /endpoints or /metrics\n".into(),
         ),
     }
 }

@@ -22,12 +22,7 @@ use meshward_policy::model::{PolicySet, Workload};
 
 use crate::endpoint_state::{EndpointKey, EndpointState, StatesBuilder};
 
-/// The labels a workload's locality is read from (the Kubernetes topology labels) until the
-/// `Workload` resource has a field for it (issue 14).
-pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
-pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
-
-/// Where an endpoint runs.
+/// Where an endpoint runs (the `Workload`'s `locality`, or its topology labels).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Locality {
     pub region: Option<String>,
@@ -35,10 +30,11 @@ pub struct Locality {
 }
 
 impl Locality {
-    fn of(w: &Workload) -> Option<Locality> {
-        let region = w.labels.get(REGION_LABEL).cloned();
-        let zone = w.labels.get(ZONE_LABEL).cloned();
-        (region.is_some() || zone.is_some()).then_some(Locality { region, zone })
+    pub fn of(w: &Workload) -> Option<Locality> {
+        w.locality.as_ref().map(|l| Locality {
+            region: l.region.clone(),
+            zone: l.zone.clone(),
+        })
     }
 }
 
@@ -119,6 +115,8 @@ pub struct Discovery {
     services_by_ip: HashMap<IpAddr, Captured>,
     /// Transparent capture: workloads' own addresses.
     workloads_by_ip: HashMap<IpAddr, Captured>,
+    /// Transparent capture by service (a fallback is named, not addressed).
+    captured_by_service: HashMap<WorkloadRef, HashMap<u16, Arc<EndpointSet>>>,
     empty: Arc<EndpointSet>,
 }
 
@@ -193,6 +191,9 @@ impl Discovery {
                     .entry(sp.port)
                     .or_insert_with(|| EndpointSet::new(eps));
             }
+            d.captured_by_service
+                .entry(svc.id.clone())
+                .or_insert_with(|| captured.clone());
             for ip in &svc.addresses {
                 // The first service with an address wins (configuration order).
                 d.services_by_ip.entry(*ip).or_insert_with(|| Captured {
@@ -232,6 +233,24 @@ impl Discovery {
             .get(service)
             .and_then(|ports| ports.get(&port))
             .unwrap_or(&self.empty)
+    }
+
+    /// The endpoints of a fallback service for callers on `port`: its explicit-mode set,
+    /// or (transparent capture) the set reached at its own addresses.
+    pub fn fallback(
+        &self,
+        service: &WorkloadRef,
+        port: u16,
+        transparent: bool,
+    ) -> &Arc<EndpointSet> {
+        if transparent {
+            return self
+                .captured_by_service
+                .get(service)
+                .and_then(|ports| ports.get(&port))
+                .unwrap_or(&self.empty);
+        }
+        self.explicit(service, port)
     }
 
     /// Transparent capture: maps an original destination to the mesh — a service's

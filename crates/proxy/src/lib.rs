@@ -31,6 +31,7 @@ pub mod pool;
 pub mod ratelimit;
 pub mod recheck;
 pub mod rescue;
+pub mod resilience;
 pub mod run;
 pub mod state;
 pub mod transparent;

@@ -8,18 +8,21 @@
 //!    pool ([`crate::pool`]);
 //! 4. the wire — mutual TLS to the peer proxy, identity-checked ([`crate::peer`]).
 //!
-//! The seams where issue 14's resilience sits are marked in [`connect`] and in
-//! [`crate::pool`]: failover and ejection choose the candidate set before balancing, the
-//! breaker admits after it, timeouts and retries wrap the attempt. HTTP is parsed and
-//! authorized by the inbound side, where the policy lives; this module tunnels bytes.
+//! Resilience sits around stages 2–4 ([`crate::resilience`]): ejection, locality
+//! failover and the fallback choose the candidates before balancing; the breaker admits
+//! after it; a connect failure is tried again on another endpoint (connect-time failover,
+//! within the service's retry budget). HTTP is parsed and authorized by the inbound side,
+//! where the policy lives; this module tunnels bytes.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use meshward_policy::decision::WorkloadRef;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::balance::RoundRobin;
 use crate::discovery::EndpointSet;
+use crate::endpoint_state::{InFlight, now_ms};
+use crate::resilience::{Event, Place, Resilience};
 use crate::state::Shared;
 
 pub use crate::peer::dial;
@@ -36,36 +39,149 @@ pub struct Upstream {
 pub enum ConnectError {
     /// The service has no endpoint in the view in force.
     NoEndpoint,
-    /// The chosen endpoint could not be reached or was refused at the handshake.
+    /// The service's `circuitBreaker.maxConnections` are open.
+    CircuitOpen,
+    /// No endpoint tried could be reached or passed the handshake (the last one's error).
     Refused(String),
 }
 
-/// One outbound connection to `service` through the stages: choose an endpoint of
-/// `endpoints` with `balancer`, then open mutual TLS to it accepting any identity of the
-/// service (its sockets marked with `mark` in transparent mode). Counts the attempt, and a
-/// failure, on the endpoint's long-lived state.
+/// An open tunnel: the mutual-TLS stream, and the places it holds (the endpoint's load
+/// for the balancer, the breaker's connection) until it is dropped.
+#[derive(Debug)]
+pub struct Tunnel {
+    pub tls: tokio_rustls::client::TlsStream<TcpStream>,
+    /// The endpoint that serves it.
+    pub endpoint: std::net::SocketAddr,
+    _load: InFlight,
+    _place: Place,
+}
+
+/// At most this many endpoints are tried for one connection (connect-time failover).
+pub const CONNECT_ATTEMPTS: u32 = 3;
+
+/// The resilience of calls to `service` in the view in force, the caller's locality, and
+/// the fallback's endpoints on `port` (`transparent`: the captured tables).
+pub fn resilience_of(
+    shared: &Shared,
+    service: &WorkloadRef,
+    port: u16,
+    transparent: bool,
+) -> (
+    Arc<Resilience>,
+    Option<crate::discovery::Locality>,
+    Option<Arc<EndpointSet>>,
+) {
+    match shared.policy.load().as_ref() {
+        Some(p) => {
+            let r = p.view.resilience(service).clone();
+            let fb = r
+                .settings
+                .fallback
+                .as_ref()
+                .map(|f| p.view.discovery.fallback(f, port, transparent).clone());
+            (r, p.view.locality.clone(), fb)
+        }
+        None => (Arc::default(), None, None),
+    }
+}
+
+/// Counts (and for the rare ones, logs) a resilience event of calls to `service`.
+pub fn event(shared: &Shared, service: &WorkloadRef, e: Event, detail: &str) {
+    shared
+        .log
+        .metrics
+        .outbound_event(&service.to_string(), e.as_str());
+    if matches!(e, Event::Ejection | Event::AllEjected) {
+        eprintln!("meshward-proxy: {service}: {}: {detail}", e.as_str());
+    }
+}
+
+/// One outbound connection to `service` (callers on `port`) through the stages: the
+/// breaker admits it, an endpoint of `endpoints` (or the fallback's) is chosen, and mutual
+/// TLS is opened to it accepting only the identities of the set it came from (sockets
+/// marked with `mark` in transparent mode). A connect failure counts against the
+/// endpoint (ejection) and, within the retry budget, another endpoint is tried.
 pub async fn connect(
     shared: &Arc<Shared>,
     service: &WorkloadRef,
+    port: u16,
     endpoints: &EndpointSet,
-    balancer: &RoundRobin,
     mark: Option<u32>,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ConnectError> {
-    // Seam (issue 14) — failover and ejection: `endpoints` is the primary set; the
-    // caller's locality first, then the `failover` localities, then the `fallback`
-    // service, minus ejected endpoints, are chosen here, before balancing.
-    let ep = balancer.pick(endpoints).ok_or(ConnectError::NoEndpoint)?;
-    // Seam — circuit breaker: the per-service connection cap admits or refuses here.
-    ep.state.started();
-    // Seam — timeouts and retries: the connect timeout (5 s) is in `peer::dial`; a
-    // connect-failure retry on another endpoint wraps this attempt.
-    match dial(shared, service, ep.addr(), endpoints.allowed.clone(), mark).await {
-        Ok(tls) => Ok(tls),
-        Err(e) => {
-            ep.state.failed();
-            Err(ConnectError::Refused(e))
+) -> Result<Tunnel, ConnectError> {
+    let (res, caller, fallback) = resilience_of(shared, service, port, mark.is_some());
+    let settings = &res.settings;
+    let Some(place) = res.state.admit_connection(&settings.breaker) else {
+        event(shared, service, Event::CircuitOpen, "");
+        return Err(ConnectError::CircuitOpen);
+    };
+    let budget = settings
+        .retry
+        .clone()
+        .unwrap_or_else(crate::resilience::default_budget);
+    res.state.budget().request(now_ms());
+    let (mut avoid, mut last) = (None, String::new());
+    for attempt in 0..CONNECT_ATTEMPTS {
+        if attempt > 0 {
+            if !res.state.budget().try_retry(now_ms(), &budget) {
+                event(shared, service, Event::RetryBudgetExhausted, "");
+                break;
+            }
+            event(shared, service, Event::Retry, "");
+        }
+        let Some((choice, ev)) = crate::resilience::choose(
+            endpoints,
+            fallback.as_deref(),
+            caller.as_ref(),
+            settings,
+            avoid,
+        ) else {
+            return Err(ConnectError::NoEndpoint);
+        };
+        if let Some(ev) = ev {
+            event(
+                shared,
+                service,
+                ev,
+                &format!("trying {}", choice.endpoint.key),
+            );
+        }
+        let ep = choice.endpoint;
+        ep.state.started();
+        let load = ep.state.begin();
+        let t0 = Instant::now();
+        match dial(
+            shared,
+            &ep.key.service,
+            ep.addr(),
+            choice.set.allowed.clone(),
+            mark,
+        )
+        .await
+        {
+            Ok(tls) => {
+                let now = now_ms();
+                ep.state.observe(now, t0.elapsed().as_nanos() as f64);
+                ep.state.succeeded(now, &settings.outlier);
+                return Ok(Tunnel {
+                    tls,
+                    endpoint: ep.addr(),
+                    _load: load,
+                    _place: place,
+                });
+            }
+            Err(e) => {
+                if let Some((ms, why)) =
+                    crate::resilience::failed(choice.set, ep, &settings.outlier)
+                {
+                    let detail = format!("{} ejected for {ms} ms ({why}): {e}", ep.key);
+                    event(shared, service, Event::Ejection, &detail);
+                }
+                avoid = Some(ep.addr());
+                last = e;
+            }
         }
     }
+    Err(ConnectError::Refused(last))
 }
 
 /// Discovery for an explicit upstream: its endpoints in the view in force (none before the
@@ -83,18 +199,37 @@ pub fn endpoints(shared: &Shared, up: &Upstream) -> Arc<EndpointSet> {
 /// Serves one upstream for ever, tunnelling each app connection as bytes (the accept loop
 /// never exits: [`crate::listener`]).
 pub async fn serve(shared: Arc<Shared>, up: Upstream, listener: TcpListener) -> Result<(), String> {
-    let balancer = Arc::new(RoundRobin::default());
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let me = shared.listeners.register(format!("outbound {addr}"));
+    let pools = [
+        crate::pool::Pooled::new(&shared, &up, crate::pool::UpstreamProtocol::Http1),
+        crate::pool::Pooled::new(&shared, &up, crate::pool::UpstreamProtocol::Http2),
+    ];
     crate::listener::accept_loop(&shared, &me, listener, None, |mut app, _| {
-        let (shared, up, balancer) = (shared.clone(), up.clone(), balancer.clone());
+        // Per-request settings on an HTTP port need the requests: pooled HTTP for this
+        // connection (decided per connection, so a new revision applies to the next one).
+        let pooled = shared
+            .policy
+            .load()
+            .as_ref()
+            .and_then(|p| p.view.resilience(&up.service).pooled(up.port));
+        if let Some(proto) = pooled {
+            let i = usize::from(proto == crate::pool::UpstreamProtocol::Http2);
+            tokio::spawn(pools[i].clone().serve_app(app));
+            return;
+        }
+        let (shared, up) = (shared.clone(), up.clone());
         tokio::spawn(async move {
             let _ = app.set_nodelay(true);
             let endpoints = endpoints(&shared, &up);
-            match connect(&shared, &up.service, &endpoints, &balancer, None).await {
-                Ok(mut tls) => {
-                    let _ = tokio::io::copy_bidirectional(&mut app, &mut tls).await;
+            match connect(&shared, &up.service, up.port, &endpoints, None).await {
+                Ok(mut t) => {
+                    let _ = tokio::io::copy_bidirectional(&mut app, &mut t.tls).await;
                 }
+                Err(ConnectError::CircuitOpen) => eprintln!(
+                    "meshward-proxy: {}: circuit open (circuitBreaker.maxConnections); closing",
+                    up.service
+                ),
                 Err(ConnectError::NoEndpoint) => eprintln!(
                     "meshward-proxy: no endpoint for {}:{}; closing",
                     up.service, up.port

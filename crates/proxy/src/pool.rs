@@ -21,8 +21,9 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::balance::RoundRobin;
+use crate::endpoint_state::now_ms;
 use crate::outbound::{Upstream, dial, endpoints};
+use crate::resilience::{Event, RETRY_BODY_CAP, idempotent};
 use crate::state::Shared;
 
 /// How the outbound side carries an upstream's traffic to the next proxy.
@@ -123,8 +124,12 @@ impl tower::Service<Uri> for MtlsConnector {
                     .parse()
                     .map_err(|_| std::io::Error::other(format!("`{uri}` names no endpoint")))?,
             };
-            let Some(identity) = endpoints(&shared, &up)
+            let (_, _, fallback) =
+                crate::outbound::resilience_of(&shared, &up.service, up.port, false);
+            let primary = endpoints(&shared, &up);
+            let Some(identity) = primary
                 .get(addr)
+                .or_else(|| fallback.as_deref().and_then(|f| f.get(addr)))
                 .map(|e| e.identity.clone())
             else {
                 return Err(std::io::Error::other(format!(
@@ -143,17 +148,31 @@ impl tower::Service<Uri> for MtlsConnector {
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
-fn error(status: StatusCode, msg: String) -> Response<Body> {
+/// An answer of the caller's own sidecar: the status, the JSON reason, and the
+/// `x-meshward-refused` header (so a sidecar in front of this one does not blame, nor
+/// retry on, an endpoint for it).
+fn error(status: StatusCode, reason: &'static str, msg: String) -> Response<Body> {
     let mut r = Response::new(
-        Full::new(Bytes::from(serde_json::json!({"error": msg}).to_string()))
-            .map_err(|never: Infallible| match never {})
-            .boxed(),
+        Full::new(Bytes::from(
+            serde_json::json!({"error": msg, "reason": reason}).to_string(),
+        ))
+        .map_err(|never: Infallible| match never {})
+        .boxed(),
     );
     *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        crate::rescue::REFUSED_HEADER,
+        hyper::header::HeaderValue::from_static(reason),
+    );
     r
 }
 
-type PoolClient = Client<MtlsConnector, Incoming>;
+type PoolClient = Client<MtlsConnector, Body>;
 
 fn client(
     shared: &Arc<Shared>,
@@ -200,91 +219,368 @@ pub async fn serve(
     listener: TcpListener,
     protocol: UpstreamProtocol,
 ) -> Result<(), String> {
-    let client = client(&shared, &up, protocol, None);
-    let h2 = Arc::new(H2Clients::default());
-    let balancer = Arc::new(RoundRobin::default());
+    let ctx = Pooled::new(&shared, &up, protocol);
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let me = shared.listeners.register(format!("outbound {addr}"));
     crate::listener::accept_loop(&shared, &me, listener, None, |app, _| {
-        let _ = app.set_nodelay(true);
-        let (shared, up, client) = (shared.clone(), up.clone(), client.clone());
-        let (h2, balancer) = (h2.clone(), balancer.clone());
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                let (shared, up, client) = (shared.clone(), up.clone(), client.clone());
-                let (h2, balancer) = (h2.clone(), balancer.clone());
-                async move {
-                    // Discovery, then balancing. Seam (issue 14) — failover and ejection
-                    // choose the candidate set here, before the pick.
-                    let eps = endpoints(&shared, &up);
-                    let Some(ep) = balancer.pick(&eps) else {
-                        return Ok::<_, Infallible>(error(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            format!("no endpoint for {}:{}", up.service, up.port),
-                        ));
-                    };
-                    let (addr, state) = (ep.addr(), ep.state.clone());
-                    let pq = req
-                        .uri()
-                        .path_and_query()
-                        .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
-                    // HTTP/1.1 dials by the URI and sends the app's `Host` as it is. HTTP/2
-                    // carries the app's host in `:authority` (RFC 9113 §8.3.1), with no
-                    // `Host` beside it, on a client bound to the chosen endpoint.
-                    let (authority, client) = match protocol {
-                        UpstreamProtocol::Http2 => {
-                            let host = req
-                                .headers()
-                                .get(hyper::header::HOST)
-                                .and_then(|v| v.to_str().ok())
-                                .or_else(|| req.uri().authority().map(|a| a.as_str()))
-                                .map_or_else(|| up.service.name.clone(), str::to_owned);
-                            req.headers_mut().remove(hyper::header::HOST);
-                            (host, h2.get(&shared, &up, addr))
-                        }
-                        _ => (addr.to_string(), client),
-                    };
-                    let Ok(uri) = format!("http://{authority}{pq}").parse::<Uri>() else {
-                        return Ok(error(StatusCode::BAD_REQUEST, "bad request target".into()));
-                    };
-                    let span = if meshward_telemetry::trace::enabled() {
-                        meshward_telemetry::trace::RequestSpan::start_client(
-                            req.headers(),
-                            req.method().as_str(),
-                            req.uri().path(),
-                            &up.service.to_string(),
-                        )
-                    } else {
-                        meshward_telemetry::trace::RequestSpan::default()
-                    };
-                    *req.uri_mut() = uri;
-                    *req.version_mut() = match protocol {
-                        UpstreamProtocol::Http2 => hyper::Version::HTTP_2,
-                        _ => hyper::Version::HTTP_11,
-                    };
-                    span.inject(req.headers_mut());
-                    // Seams — the breaker admits the request here; per-try and overall
-                    // timeouts and the retry budget wrap this one attempt.
-                    state.started();
-                    let r = match client.request(req).await {
-                        Ok(r) => r.map(|b| b.boxed()),
-                        Err(e) => {
-                            state.failed();
-                            error(
-                                StatusCode::BAD_GATEWAY,
-                                format!("{} ({addr}) did not answer: {e}", up.service),
-                            )
-                        }
-                    };
-                    span.finish(r.status().as_u16());
-                    Ok(r)
-                }
-            });
-            let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            b.http1().max_buf_size(64 * 1024);
-            let _ = b.serve_connection(TokioIo::new(app), svc).await;
-        });
+        tokio::spawn(ctx.clone().serve_app(app));
     })
     .await;
     Ok(())
+}
+
+impl Pooled {
+    pub fn new(shared: &Arc<Shared>, up: &Upstream, protocol: UpstreamProtocol) -> Arc<Self> {
+        Arc::new(Pooled {
+            client: client(shared, up, protocol, None),
+            h2: H2Clients::default(),
+            shared: shared.clone(),
+            up: up.clone(),
+            protocol,
+        })
+    }
+
+    /// Serves one app connection: each of its requests is forwarded ([`Self::forward`]).
+    pub async fn serve_app(self: Arc<Self>, app: TcpStream) {
+        let _ = app.set_nodelay(true);
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let ctx = self.clone();
+            async move { Ok::<_, Infallible>(ctx.forward(req).await) }
+        });
+        let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        b.http1().max_buf_size(64 * 1024);
+        let _ = b.serve_connection(TokioIo::new(app), svc).await;
+    }
+}
+
+/// One pooled upstream: its clients and where it goes.
+#[derive(Debug)]
+pub struct Pooled {
+    shared: Arc<Shared>,
+    up: Upstream,
+    protocol: UpstreamProtocol,
+    /// HTTP/1.1: one pool over every endpoint (dialled by the URI's authority).
+    client: PoolClient,
+    /// HTTP/2: a client per endpoint.
+    h2: H2Clients,
+}
+
+/// How an attempt failed without an answer.
+enum Fail {
+    /// The per-try or the overall timeout passed.
+    Timeout,
+    /// `true`: no connection (nothing was sent).
+    Error(bool, hyper_util::client::legacy::Error),
+}
+
+impl Pooled {
+    /// One request through the stages and the resilience around them: the breaker admits
+    /// it; each attempt chooses an endpoint (failover, ejection, fallback, then two random
+    /// choices on latency × load), is sent with the per-try timeout, and its outcome counts
+    /// for the endpoint; a failure is tried again when the retry settings, the method, the
+    /// body and the budget all allow it. A refusal by the next proxy's policy is never the
+    /// endpoint's fault and never retried.
+    async fn forward(&self, req: Request<Incoming>) -> Response<Body> {
+        let (shared, up) = (&self.shared, &self.up);
+        let started = tokio::time::Instant::now();
+        let eps = endpoints(shared, up);
+        let (res, caller, fallback) =
+            crate::outbound::resilience_of(shared, &up.service, up.port, false);
+        let settings = &res.settings;
+        let deadline = settings.timeout.map(|t| started + t);
+        let http1 = self.protocol == UpstreamProtocol::Http1;
+        let Some(place) = res
+            .state
+            .admit(&settings.breaker, http1, settings.timeout)
+            .await
+        else {
+            crate::outbound::event(shared, &up.service, Event::CircuitOpen, "");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "circuit_open",
+                format!("{}: circuit open (circuitBreaker caps reached)", up.service),
+            );
+        };
+        res.state.budget().request(now_ms());
+        let (parts, body) = req.into_parts();
+        let retry = settings
+            .retry
+            .as_ref()
+            .filter(|r| r.attempts > 0 && (idempotent(&parts.method) || r.non_idempotent));
+        // A body is kept for another attempt only when its size is known and small (an
+        // empty one costs nothing); otherwise it is streamed to the first attempt only.
+        let mut body = Some(body);
+        let replay: Option<Bytes> = match body
+            .as_ref()
+            .and_then(|b| hyper::body::Body::size_hint(b).exact())
+        {
+            Some(0) => {
+                body = None;
+                Some(Bytes::new())
+            }
+            Some(n) if n <= RETRY_BODY_CAP as u64 => {
+                let b = body
+                    .take()
+                    .map(|b| http_body_util::Limited::new(b, RETRY_BODY_CAP));
+                let collected = match (b, deadline) {
+                    (Some(b), Some(d)) => tokio::time::timeout_at(d, b.collect()).await.ok(),
+                    (Some(b), None) => Some(b.collect().await),
+                    (None, _) => None,
+                };
+                match collected {
+                    Some(Ok(c)) => Some(c.to_bytes()),
+                    Some(Err(e)) => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            "bad_request",
+                            format!("the request body failed: {e}"),
+                        );
+                    }
+                    None => {
+                        crate::outbound::event(shared, &up.service, Event::Timeout, "");
+                        return error(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "timeout",
+                            format!(
+                                "{}: the request body did not arrive within the timeout",
+                                up.service
+                            ),
+                        );
+                    }
+                }
+            }
+            _ => None,
+        };
+        let budget = retry
+            .cloned()
+            .unwrap_or_else(crate::resilience::default_budget);
+        // Without retries, a connect failure (nothing was sent) still goes to another
+        // endpoint: connect-time failover.
+        let max_attempts = 1 + retry.map_or(crate::outbound::CONNECT_ATTEMPTS - 1, |r| r.attempts);
+        let per_try = retry.and_then(|r| r.per_try_timeout);
+        let mut avoid = None;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let Some((choice, ev)) = crate::resilience::choose(
+                &eps,
+                fallback.as_deref(),
+                caller.as_ref(),
+                settings,
+                avoid,
+            ) else {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no_endpoint",
+                    format!("no endpoint for {}:{}", up.service, up.port),
+                );
+            };
+            if let Some(ev) = ev {
+                let detail = format!("trying {}", choice.endpoint.key);
+                crate::outbound::event(shared, &up.service, ev, &detail);
+            }
+            let ep = choice.endpoint;
+            ep.state.started();
+            let load = ep.state.begin();
+            let b: Body = match (&replay, body.take()) {
+                (Some(bytes), _) => Full::new(bytes.clone())
+                    .map_err(|never: Infallible| match never {})
+                    .boxed(),
+                (None, Some(b)) => b.boxed(),
+                // Never: without a kept body there is no second attempt (`can_retry`).
+                (None, None) => Body::default(),
+            };
+            let mut req = Request::from_parts(clone_parts(&parts), b);
+            let Some(client) = self.prepare(&mut req, ep.addr()) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "bad request target".into(),
+                );
+            };
+            let span = if meshward_telemetry::trace::enabled() {
+                meshward_telemetry::trace::RequestSpan::start_client(
+                    req.headers(),
+                    req.method().as_str(),
+                    req.uri().path(),
+                    &up.service.to_string(),
+                )
+            } else {
+                meshward_telemetry::trace::RequestSpan::default()
+            };
+            span.inject(req.headers_mut());
+            let t0 = tokio::time::Instant::now();
+            let limit = match (per_try.map(|p| t0 + p), deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let sent = client.request(req);
+            let outcome = match limit {
+                Some(l) => match tokio::time::timeout_at(l, sent).await {
+                    Ok(r) => r.map_err(|e| Fail::Error(e.is_connect(), e)),
+                    Err(_) => Err(Fail::Timeout),
+                },
+                None => sent.await.map_err(|e| Fail::Error(e.is_connect(), e)),
+            };
+            let now = now_ms();
+            let can_retry = attempt < max_attempts && replay.is_some();
+            match outcome {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    ep.state.observe(now, t0.elapsed().as_nanos() as f64);
+                    let refused = resp.headers().contains_key(crate::rescue::REFUSED_HEADER)
+                        && matches!(status, 400 | 403 | 429);
+                    let failed = status >= 500 && !refused;
+                    if failed {
+                        self.failed(choice.set, ep, settings, &format!("answered {status}"));
+                    } else {
+                        ep.state.succeeded(now, &settings.outlier);
+                    }
+                    let again = failed
+                        && can_retry
+                        && retry.is_some_and(|r| r.on.statuses.contains(&status));
+                    if !again || !self.take_retry(&res, &budget) {
+                        span.finish(status);
+                        return resp.map(|b| crate::clock::Tracked::new(b, (load, place)).boxed());
+                    }
+                }
+                Err(Fail::Timeout) => {
+                    self.failed(choice.set, ep, settings, "timed out");
+                    if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                        crate::outbound::event(shared, &up.service, Event::Timeout, "");
+                        span.finish(504);
+                        return error(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "timeout",
+                            format!(
+                                "{} did not answer within the timeout ({:?}; {attempt} attempt(s))",
+                                up.service,
+                                settings.timeout.unwrap_or_default()
+                            ),
+                        );
+                    }
+                    crate::outbound::event(shared, &up.service, Event::PerTryTimeout, "");
+                    let again = can_retry && retry.is_some_and(|r| r.on.timeout);
+                    if !again || !self.take_retry(&res, &budget) {
+                        span.finish(504);
+                        return error(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "timeout",
+                            format!(
+                                "{} ({}) did not answer within the per-try timeout ({:?}; {attempt} attempt(s))",
+                                up.service,
+                                ep.addr(),
+                                per_try.unwrap_or_default()
+                            ),
+                        );
+                    }
+                }
+                Err(Fail::Error(connect, e)) => {
+                    let e = error_chain(&e);
+                    self.failed(choice.set, ep, settings, &e);
+                    // Nothing was sent on a connect failure: any method may go elsewhere.
+                    let again = can_retry
+                        && if connect {
+                            retry.is_none_or(|r| r.on.connect_failure)
+                        } else {
+                            retry.is_some_and(|r| r.on.reset)
+                        };
+                    if !again || !self.take_retry(&res, &budget) {
+                        span.finish(502);
+                        return error(
+                            StatusCode::BAD_GATEWAY,
+                            "upstream_failed",
+                            format!(
+                                "{} ({}) did not answer: {e} ({attempt} attempt(s))",
+                                up.service,
+                                ep.addr()
+                            ),
+                        );
+                    }
+                }
+            }
+            avoid = Some(ep.addr());
+        }
+    }
+
+    /// A failure the endpoint is to blame for: counted, and ejected when the detector says.
+    fn failed(
+        &self,
+        set: &crate::discovery::EndpointSet,
+        ep: &crate::discovery::Endpoint,
+        settings: &crate::resilience::Settings,
+        why: &str,
+    ) {
+        if let Some((ms, reason)) = crate::resilience::failed(set, ep, &settings.outlier) {
+            let detail = format!("{} ejected for {ms} ms ({reason}; last: {why})", ep.key);
+            crate::outbound::event(&self.shared, &self.up.service, Event::Ejection, &detail);
+        }
+    }
+
+    /// Takes a retry from the budget, counting it or its refusal.
+    fn take_retry(
+        &self,
+        res: &crate::resilience::Resilience,
+        budget: &crate::resilience::Retry,
+    ) -> bool {
+        let ok = res.state.budget().try_retry(now_ms(), budget);
+        let e = if ok {
+            Event::Retry
+        } else {
+            Event::RetryBudgetExhausted
+        };
+        crate::outbound::event(&self.shared, &self.up.service, e, "");
+        ok
+    }
+
+    /// Points `req` at the endpoint `addr`: HTTP/1.1 dials by the URI and sends the app's
+    /// `Host` as it is; HTTP/2 carries the app's host in `:authority` (RFC 9113 §8.3.1),
+    /// with no `Host` beside it, on a client bound to the endpoint.
+    fn prepare(&self, req: &mut Request<Body>, addr: SocketAddr) -> Option<PoolClient> {
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+        let (authority, client) = match self.protocol {
+            UpstreamProtocol::Http2 => {
+                let host = req
+                    .headers()
+                    .get(hyper::header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .or_else(|| req.uri().authority().map(|a| a.as_str()))
+                    .map_or_else(|| self.up.service.name.clone(), str::to_owned);
+                req.headers_mut().remove(hyper::header::HOST);
+                (host, self.h2.get(&self.shared, &self.up, addr))
+            }
+            _ => (addr.to_string(), self.client.clone()),
+        };
+        *req.uri_mut() = format!("http://{authority}{pq}").parse::<Uri>().ok()?;
+        *req.version_mut() = match self.protocol {
+            UpstreamProtocol::Http2 => hyper::Version::HTTP_2,
+            _ => hyper::Version::HTTP_11,
+        };
+        Some(client)
+    }
+}
+
+/// A copy of a request's head for another attempt (extensions are not carried).
+fn clone_parts(p: &hyper::http::request::Parts) -> hyper::http::request::Parts {
+    let (mut parts, ()) = Request::new(()).into_parts();
+    parts.method = p.method.clone();
+    parts.uri = p.uri.clone();
+    parts.version = p.version;
+    parts.headers = p.headers.clone();
+    parts
+}
+
+/// An error with its sources, as one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        next = c.source();
+    }
+    s
 }

@@ -46,6 +46,11 @@ impl std::error::Error for BodyError {
     }
 }
 
+/// The header on every answer the proxy makes itself, its value the reason: the caller's
+/// sidecar never blames the endpoint for, nor retries, a refusal of the request (400, 403,
+/// 429 with this header).
+pub const REFUSED_HEADER: &str = "x-meshward-refused";
+
 /// The statuses the proxy answers with itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -142,6 +147,25 @@ impl Refused {
     /// The answer on the general path (hyper): gRPC requests get a trailers-only
     /// response with the status code, everything else the JSON body.
     pub fn answer(&self, grpc: bool) -> Response<Body> {
+        let mut r = self.answer_unmarked(grpc);
+        r.headers_mut()
+            .insert(REFUSED_HEADER, HeaderValue::from_static(self.reason()));
+        r
+    }
+
+    /// The reason the header carries (a fixed set of names, never caller input).
+    fn reason(&self) -> &'static str {
+        match self.status {
+            Status::BadRequest => "bad_request",
+            Status::Forbidden => "denied",
+            Status::TooManyRequests => "rate_limited",
+            Status::Unavailable => "unavailable",
+            Status::BadGateway => "bad_gateway",
+            Status::GatewayTimeout => "timeout",
+        }
+    }
+
+    fn answer_unmarked(&self, grpc: bool) -> Response<Body> {
         if grpc {
             let mut r = Response::new(empty());
             let h = r.headers_mut();
@@ -178,9 +202,10 @@ impl Refused {
             .map(|s| format!("retry-after: {s}\r\n"))
             .unwrap_or_default();
         let head = format!(
-            "HTTP/1.1 {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry}{}\r\n",
+            "HTTP/1.1 {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{REFUSED_HEADER}: {}\r\n{retry}{}\r\n",
             self.status.line(),
             body.len(),
+            self.reason(),
             if close { "connection: close\r\n" } else { "" }
         );
         let mut msg = head.into_bytes();

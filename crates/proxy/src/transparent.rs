@@ -20,7 +20,6 @@ use meshward_policy::reference::quarantine_of;
 use meshward_policy::resource::{OutboundMode, Protocol};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::balance::RoundRobin;
 use crate::decision_log::Extra;
 pub use crate::discovery::Target;
 use crate::inbound::{self, AppClient, InboundPort};
@@ -209,7 +208,6 @@ pub async fn serve_outbound(
     mark: u32,
     listener: TcpListener,
 ) -> Result<(), String> {
-    let balancer = Arc::new(RoundRobin::default());
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let me = shared
         .listeners
@@ -220,7 +218,6 @@ pub async fn serve_outbound(
             identity.clone(),
             mark,
             app,
-            balancer.clone(),
         ));
     })
     .await;
@@ -232,7 +229,6 @@ async fn outbound_connection(
     identity: SpiffeId,
     mark: u32,
     mut app: TcpStream,
-    balancer: Arc<RoundRobin>,
 ) {
     let _ = app.set_nodelay(true);
     let Ok(dst) = original_dst(&app) else {
@@ -256,10 +252,15 @@ async fn outbound_connection(
             endpoints,
         } => {
             let conn =
-                crate::outbound::connect(&shared, &destination, &endpoints, &balancer, Some(mark));
+                crate::outbound::connect(&shared, &destination, dst.port(), &endpoints, Some(mark));
             match conn.await {
-                Ok(mut tls) => {
-                    let _ = tokio::io::copy_bidirectional(&mut app, &mut tls).await;
+                Ok(mut t) => {
+                    let _ = tokio::io::copy_bidirectional(&mut app, &mut t.tls).await;
+                }
+                Err(crate::outbound::ConnectError::CircuitOpen) => {
+                    eprintln!(
+                        "meshward-proxy: {destination} ({dst}): circuit open (circuitBreaker.maxConnections)"
+                    )
                 }
                 Err(crate::outbound::ConnectError::NoEndpoint) => {
                     let why = format!("{destination} has no endpoint with an address");

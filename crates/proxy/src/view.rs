@@ -2,10 +2,11 @@
 //! snapshot arrives (off the request path, [`crate::state::Shared::set_policy`]) and
 //! swapped in whole with the policy it came from. It holds:
 //! - the endpoint tables by service ([`Discovery`]: address, accepted identity, locality);
-//! - the resolved settings for this workload, as the raw specs for now (nothing enforces
-//!   them yet, lint MW315): the `TrafficPolicy`s of each service it calls (the caller's
-//!   sidecar enforces those), and the `RateLimitPolicy`s and `FaultInjection`s that
-//!   target it;
+//! - the resolved settings for this workload: the `TrafficPolicy`s of each service it
+//!   calls, compiled into [`crate::resilience::Resilience`] (the caller's sidecar enforces
+//!   those), the `RateLimitPolicy`s that target it (compiled) and the `FaultInjection`s
+//!   (raw specs: not enforced yet, lint MW315);
+//! - this workload's own locality (failover prefers endpoints near it);
 //! - the header lists: the names some rule's condition reads.
 //!
 //! Long-lived state (per-endpoint counters now; health, limiter buckets and breaker
@@ -14,6 +15,7 @@
 //! not reset it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use meshward_policy::decision::WorkloadRef;
 use meshward_policy::model::{Other, PolicySet, Workload};
@@ -23,6 +25,7 @@ use meshward_policy::resource::{
 
 use crate::discovery::Discovery;
 use crate::endpoint_state::EndpointStates;
+use crate::resilience::{Resilience, Settings};
 
 /// One revision, compiled for one workload.
 #[derive(Debug, Default)]
@@ -31,6 +34,13 @@ pub struct View {
     pub discovery: Discovery,
     /// By service: the `TrafficPolicy`s that apply to calls to it, in configuration order.
     pub traffic: HashMap<WorkloadRef, Vec<Other<TrafficPolicySpec>>>,
+    /// By service: what this workload's calls to it do (every service, defaults where no
+    /// `TrafficPolicy` applies).
+    pub resilience: HashMap<WorkloadRef, Arc<Resilience>>,
+    /// For a callee with no entry above (a workload called at its own address).
+    pub default_resilience: Arc<Resilience>,
+    /// This workload's locality.
+    pub locality: Option<crate::discovery::Locality>,
     /// The `RateLimitPolicy`s that target this workload.
     pub rate_limits: Vec<Other<RateLimitPolicySpec>>,
     /// Their limits, compiled (the gate's step 6, [`crate::limits`]).
@@ -52,9 +62,8 @@ impl View {
     ) -> View {
         let mut b = states.builder();
         let discovery = Discovery::build(set, &mut b);
-        states.commit(b);
         let own = set.workload(workload);
-        let traffic = set
+        let traffic: HashMap<WorkloadRef, Vec<Other<TrafficPolicySpec>>> = set
             .services
             .iter()
             .filter_map(|svc| {
@@ -79,6 +88,38 @@ impl View {
                 (!specs.is_empty()).then(|| (svc.id.clone(), specs))
             })
             .collect();
+        let mut resilience = HashMap::new();
+        for svc in &set.services {
+            let settings = traffic
+                .get(&svc.id)
+                .map(|specs| Settings::compile(specs))
+                .unwrap_or_default();
+            // The protocol of each port callers use: the service's, else its members'.
+            let ports = svc
+                .ports
+                .iter()
+                .filter_map(|sp| {
+                    let target = sp.target_port.unwrap_or(sp.port);
+                    let proto = sp.protocol.or_else(|| {
+                        svc.workloads
+                            .iter()
+                            .filter_map(|&i| set.workloads.get(i))
+                            .find_map(|w| w.protocol(target))
+                    })?;
+                    Some((sp.port, proto))
+                })
+                .collect();
+            resilience.insert(
+                svc.id.clone(),
+                Arc::new(Resilience {
+                    service: svc.id.clone(),
+                    settings,
+                    state: b.service(&svc.id),
+                    ports,
+                }),
+            );
+        }
+        states.commit(b);
         let targets_me =
             |t: &TargetSpec, id: &str| own.is_some_and(|w| selects(t, namespace_of(id), set, w));
         let rate_limits: Vec<_> = set
@@ -91,6 +132,14 @@ impl View {
             revision,
             discovery,
             traffic,
+            resilience,
+            default_resilience: Arc::new(Resilience {
+                service: workload.clone(),
+                settings: Settings::default(),
+                state: Arc::default(),
+                ports: HashMap::new(),
+            }),
+            locality: own.and_then(crate::discovery::Locality::of),
             rate_limiter: crate::ratelimit::RateLimits::compile(&rate_limits),
             rate_limits,
             faults: set
@@ -101,6 +150,13 @@ impl View {
                 .collect(),
             headers: header_names(set),
         }
+    }
+
+    /// What calls to `service` do.
+    pub fn resilience(&self, service: &WorkloadRef) -> &Arc<Resilience> {
+        self.resilience
+            .get(service)
+            .unwrap_or(&self.default_resilience)
     }
 }
 

@@ -111,6 +111,23 @@ pub struct RefusedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutboundLabels {
+    /// The called service, `namespace/name`.
+    pub service: String,
+    /// `retry`, `retry_budget_exhausted`, `per_try_timeout`, `timeout`, `circuit_open`,
+    /// `ejection`, `fallback`, `all_ejected`.
+    pub event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub service: String,
+    pub endpoint: String,
+    /// `ready`, `ejected` or `probation`.
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
 }
@@ -242,6 +259,9 @@ pub struct ProxyMetrics {
     pub persisted_revision: Gauge,
     pub control_errors: Family<KindLabels, Counter>,
     pub connections_expired: Family<KindLabels, Counter>,
+    pub outbound: Family<OutboundLabels, Counter>,
+    /// Set when scraped: 1 for the state each endpoint is in.
+    pub endpoints: Family<EndpointLabels, Gauge>,
     /// The series of the last request counted by a caller without a [`RequestSeries`] of
     /// its own, reused while the labels stay the same (a proxy mostly counts one source,
     /// destination and verdict over and over). Lock-free: a snapshot swapped on a change.
@@ -281,6 +301,18 @@ impl ProxyMetrics {
         let persisted_revision = Gauge::default();
         let control_errors = Family::<KindLabels, Counter>::default();
         let connections_expired = Family::<KindLabels, Counter>::default();
+        let outbound = Family::<OutboundLabels, Counter>::default();
+        let endpoints = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "meshward_outbound_resilience",
+            "What the caller's sidecar did for calls to a service, by event: retry, retry_budget_exhausted, per_try_timeout, timeout, circuit_open, ejection, fallback, all_ejected",
+            outbound.clone(),
+        );
+        registry.register(
+            "meshward_outbound_endpoint",
+            "1 for the state each endpoint of a called service is in (ready, ejected, probation)",
+            endpoints.clone(),
+        );
         registry.register(
             "meshward_state_persist_failures",
             "Writes to the proxy's state directory that failed (svid, bundle, snapshot): what they held is in use but a restart would not find it",
@@ -409,6 +441,8 @@ impl ProxyMetrics {
             persisted_revision,
             control_errors,
             connections_expired,
+            outbound,
+            endpoints,
             last_request: arc_swap::ArcSwapOption::empty(),
             latency: Default::default(),
         }
@@ -454,6 +488,16 @@ impl ProxyMetrics {
     pub fn persist_failed(&self, kind: &'static str) {
         self.persist_failures
             .get_or_create(&KindLabels { kind })
+            .inc();
+    }
+
+    /// Counts one resilience event of calls to `service`.
+    pub fn outbound_event(&self, service: &str, event: &'static str) {
+        self.outbound
+            .get_or_create(&OutboundLabels {
+                service: service.to_owned(),
+                event,
+            })
             .inc();
     }
 
