@@ -257,6 +257,11 @@ struct ProxyArgs {
     /// (multiplexed); see docs/proxy.md for the measured choice.
     #[arg(long, default_value = "tunnel", value_parser = ["tunnel", "http1", "http2"])]
     upstream_protocol: String,
+    /// The loopback address the app listens on (explicit mode): the sidecar forwards
+    /// inbound traffic to APP_HOST:PORT. Several replicas on one host each bind their own
+    /// (127.0.0.2, 127.0.0.3, …).
+    #[arg(long, default_value = "127.0.0.1")]
+    app_host: String,
     /// Transparent mode: serve the capture ports that `meshward proxy init-netns` redirects
     /// all TCP of the network namespace to (run as root; see docs/operations.md).
     #[arg(long)]

@@ -154,6 +154,20 @@ fn options(
             true
         }
     };
+    let app_host = match a.app_host.parse::<std::net::IpAddr>() {
+        Ok(ip) if ip.is_loopback() => Some(ip),
+        Ok(_) => {
+            errors.push(format!(
+                "--app-host `{}` is not a loopback address: the app must not be reachable around the sidecar",
+                a.app_host
+            ));
+            None
+        }
+        Err(_) => {
+            errors.push(format!("--app-host `{}` is not an IP address", a.app_host));
+            None
+        }
+    };
     let upstream_protocol = meshward_proxy::pool::UpstreamProtocol::parse(&a.upstream_protocol)
         .map_err(|e| errors.push(format!("--upstream-protocol {e}")))
         .ok();
@@ -166,6 +180,7 @@ fn options(
         Some(identity),
         Some(admin),
         Some(upstream_protocol),
+        Some(app_host),
         true,
     ) = (
         workload,
@@ -176,6 +191,7 @@ fn options(
         identity,
         admin,
         upstream_protocol,
+        app_host,
         errors.is_empty(),
     )
     else {
@@ -212,6 +228,7 @@ fn options(
         transparent,
         limits,
         workers: a.workers,
+        app_host,
     })
 }
 

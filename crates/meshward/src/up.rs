@@ -448,6 +448,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
                 transparent: None,
                 limits: meshward_proxy::listener::Limits::defaults(),
         workers: 1,
+        app_host: std::net::Ipv4Addr::LOCALHOST.into(),
             };
             let (tx, name) = (ready_tx.clone(), p.id.to_string());
             tokio::spawn(async move {

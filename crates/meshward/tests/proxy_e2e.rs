@@ -14,6 +14,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshward_control::auth::{Operator, Operators, PLATFORM_SECURITY, sha256_hex};
@@ -95,6 +96,16 @@ fn spawn_until(cmd: &mut Command, marker: &str) -> (Proc, Vec<String>) {
     let mut reader = BufReader::new(child.stdout.take().unwrap());
     let mut lines = vec![];
     let start = Instant::now();
+    // A process that stays silent is killed after 30 s, so the read below ends and the test
+    // fails saying why instead of hanging.
+    let found = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (watch, pid) = (found.clone(), child.id().to_string());
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(30));
+        if !watch.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = Command::new("kill").args(["-KILL", &pid]).output();
+        }
+    });
     loop {
         let mut l = String::new();
         if reader.read_line(&mut l).unwrap() == 0 {
@@ -104,6 +115,7 @@ fn spawn_until(cmd: &mut Command, marker: &str) -> (Proc, Vec<String>) {
         }
         lines.push(l.trim().to_owned());
         if l.contains(marker) {
+            found.store(true, std::sync::atomic::Ordering::Relaxed);
             break;
         }
         assert!(
@@ -1213,7 +1225,7 @@ fn a_lateral_scan_is_throttled_then_quarantined_and_cut_while_others_see_no_erro
     );
 
     // The other workload calls orders throughout: it must never see an error.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let other = std::thread::spawn({
         let stop = stop.clone();
         move || {
@@ -2038,4 +2050,447 @@ fn max_connection_age_ends_kept_alive_connections_without_failing_a_request() {
         expired.contains("meshward_connections_expired_total{kind=\"max_age\"}"),
         "{expired}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Resilience (issue 14): replicas of one service, each an app on its own loopback address
+// behind its own sidecar process, called by the frontend's sidecar.
+
+/// A replica app: answers `GET|POST /orders/*` with its name, as its control file (`CTL/NAME`)
+/// says: `ok`, `503`, or `slow:SECONDS`; `GET /__stats` answers `requests peak-concurrency`.
+fn replica_app(host: &str, port: u16, name: &str, ctl: &Path) -> Proc {
+    let script = r#"import http.server as h, sys, os, time, threading
+host, port, name, ctl = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+lock = threading.Lock(); st = {'n': 0, 'active': 0, 'peak': 0}
+class H(h.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    def log_message(self, *a): pass
+    def reply(self, code, body):
+        b = body.encode()
+        self.send_response(code); self.send_header('content-length', str(len(b))); self.end_headers(); self.wfile.write(b)
+    def do_GET(self):
+        n = int(self.headers.get('content-length') or 0)
+        if n: self.rfile.read(n)
+        if self.path == '/__stats':
+            return self.reply(200, '%d %d' % (st['n'], st['peak']))
+        with lock:
+            st['n'] += 1; st['active'] += 1; st['peak'] = max(st['peak'], st['active'])
+        try:
+            try: mode = open(os.path.join(ctl, name)).read().strip()
+            except OSError: mode = 'ok'
+            if mode.startswith('slow:'): time.sleep(float(mode[5:]))
+            if mode == '503': self.reply(503, 'unavailable')
+            else: self.reply(200, name)
+        finally:
+            with lock: st['active'] -= 1
+    do_POST = do_GET
+s = h.ThreadingHTTPServer((host, port), H); s.daemon_threads = True; s.serve_forever()
+"#;
+    let p = Proc::new(
+        Command::new("python3")
+            .args([
+                "-c",
+                script,
+                host,
+                &port.to_string(),
+                name,
+                ctl.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    eventually(10, || {
+        let r = get(&format!("http://{host}:{port}/__stats"));
+        hold(r.0 == "200", || format!("{name}: {r:?}"))
+    });
+    p
+}
+
+/// `(requests, peak concurrency)` a replica app has seen.
+fn replica_stats(host: &str, port: u16) -> (u64, u64) {
+    let (_, b) = get(&format!("http://{host}:{port}/__stats"));
+    let mut it = b.split(' ').map(|x| x.parse().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+struct Replica {
+    name: String,
+    identity: String,
+    host: String,
+    app_port: u16,
+    inbound: u16,
+    state: PathBuf,
+    token: PathBuf,
+    _app: Proc,
+    sidecar: Option<Proc>,
+}
+
+struct Replicas {
+    m: Mesh,
+    ctl: PathBuf,
+    replicas: Vec<Replica>,
+    front_out: u16,
+    front_admin: u16,
+    _front: Proc,
+    _tmp: tempfile::TempDir,
+}
+
+impl Replicas {
+    /// Replicas `orders-0…` of `orders/orders` (zones as given, all in region `r1`), and
+    /// with `fallback` an `orders-fallback` service of one replica (zone `z-c`); the
+    /// frontend runs in `r1/z-a`. `traffic` is the `TrafficPolicy` spec (YAML, indented by
+    /// two) for `orders/orders`.
+    fn start(zones: &[&str], fallback: bool, traffic: &str) -> Replicas {
+        let tmp = tempfile::tempdir().unwrap();
+        let ctl = tmp.path().join("ctl");
+        std::fs::create_dir_all(&ctl).unwrap();
+        let app_port = free_port();
+        let mut names: Vec<(String, &str)> = zones
+            .iter()
+            .enumerate()
+            .map(|(i, z)| (format!("orders-{i}"), *z))
+            .collect();
+        if fallback {
+            names.push(("orders-fallback".into(), "z-c"));
+        }
+        let mut repo = format!(
+            "apiVersion: meshward.io/v1alpha1\nkind: Mesh\nmetadata: {{name: shop}}\nspec: {{trustDomain: shop.example}}\n---\n\
+apiVersion: meshward.io/v1alpha1\nkind: Workload\nmetadata: {{name: frontend, namespace: web}}\nspec: {{locality: {{region: r1, zone: z-a}}}}\n---\n\
+apiVersion: meshward.io/v1alpha1\nkind: Service\nmetadata: {{name: orders, namespace: orders}}\nspec: {{selector: {{app: orders-api}}, ports: [{{port: 80, targetPort: {app_port}}}]}}\n---\n\
+apiVersion: meshward.io/v1alpha1\nkind: Service\nmetadata: {{name: orders-fallback, namespace: orders}}\nspec: {{selector: {{app: orders-fallback}}, ports: [{{port: 80, targetPort: {app_port}}}]}}\n---\n\
+apiVersion: meshward.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: orders, namespace: orders}}\nspec:\n  tier: service\n  action: ALLOW\n  target: {{services: [orders, orders-fallback]}}\n  rules: [{{from: [{{namespaces: [web]}}], to: [{{methods: [GET, POST], paths: [\"/orders/*\"]}}]}}]\n---\n\
+apiVersion: meshward.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: orders, namespace: orders}}\nspec:\n  target: {{services: [orders]}}\n{traffic}"
+        );
+        let mut replicas = vec![];
+        for (i, (name, zone)) in names.iter().enumerate() {
+            let (app, sa) = if name == "orders-fallback" {
+                ("orders-fallback", "orders-fallback")
+            } else {
+                ("orders-api", "orders-api")
+            };
+            let inbound = free_port();
+            repo.push_str(&format!(
+                "---\napiVersion: meshward.io/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, namespace: orders, labels: {{app: {app}}}}}\n\
+spec: {{serviceAccount: {sa}, locality: {{region: r1, zone: {zone}}}, ports: [{{port: {app_port}, protocol: HTTP, inbound: \"127.0.0.1:{inbound}\"}}]}}\n"
+            ));
+            replicas.push((name.clone(), format!("127.0.0.{}", i + 2), inbound, sa));
+        }
+        let ids: Vec<String> = replicas
+            .iter()
+            .map(|(_, _, _, sa)| format!("spiffe://shop.example/ns/orders/sa/{sa}"))
+            .chain([FRONTEND_ID.to_owned()])
+            .collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let m = start_mesh(tmp.path(), &repo, &ids);
+        let replicas: Vec<Replica> = replicas
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, host, inbound, sa))| {
+                let app = replica_app(&host, app_port, &name, &ctl);
+                let mut r = Replica {
+                    identity: format!("spiffe://shop.example/ns/orders/sa/{sa}"),
+                    state: tmp.path().join(format!("state-{name}")),
+                    token: m.tokens[i].clone(),
+                    name,
+                    host,
+                    app_port,
+                    inbound,
+                    _app: app,
+                    sidecar: None,
+                };
+                r.sidecar = Some(r.start(&m.env, true));
+                r
+            })
+            .collect();
+        let (front_out, front_admin) = (free_port(), free_port());
+        let upstream = format!("127.0.0.1:{front_out}=orders/orders:80");
+        let (front, _) = m.env.proxy(
+            "web/frontend",
+            &tmp.path().join("state-frontend"),
+            Some(&m.tokens[replicas.len()]),
+            &[
+                "--upstream",
+                &upstream,
+                "--admin",
+                &format!("127.0.0.1:{front_admin}"),
+            ],
+        );
+        let r = Replicas {
+            m,
+            ctl,
+            replicas,
+            front_out,
+            front_admin,
+            _front: front,
+            _tmp: tmp,
+        };
+        eventually(20, || {
+            let (code, body) = r.get();
+            hold(code == "200", || format!("{code} {body}"))
+        });
+        r
+    }
+
+    fn get(&self) -> (String, String) {
+        get(&format!("http://127.0.0.1:{}/orders/1", self.front_out))
+    }
+
+    fn mode(&self, replica: usize, mode: &str) {
+        std::fs::write(self.ctl.join(&self.replicas[replica].name), mode).unwrap();
+    }
+
+    /// Requests each replica's app has seen.
+    fn counts(&self) -> Vec<u64> {
+        self.replicas
+            .iter()
+            .map(|r| replica_stats(&r.host, r.app_port).0)
+            .collect()
+    }
+
+    /// `threads` keep-alive clients, one request after the other for `secs`; the status of
+    /// every request.
+    fn load(&self, threads: usize, secs: f64, during: impl FnOnce()) -> Vec<u16> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let port = self.front_out;
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let (mut conn, mut reconnects, mut codes) = (None, 0, vec![]);
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        codes.push(keep_alive_get(&mut conn, port, &mut reconnects));
+                    }
+                    codes
+                })
+            })
+            .collect();
+        during();
+        std::thread::sleep(Duration::from_secs_f64(secs));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    }
+
+    fn endpoints(&self) -> String {
+        get(&format!("http://127.0.0.1:{}/endpoints", self.front_admin)).1
+    }
+}
+
+impl Replica {
+    fn start(&self, env: &Env, join: bool) -> Proc {
+        let token = join.then_some(self.token.as_path());
+        env.proxy(
+            &format!("orders/{}", self.name),
+            &self.state,
+            token,
+            &["--app-host", &self.host, "--identity", &self.identity],
+        )
+        .0
+    }
+}
+
+const RETRIES: &str = "  timeout: 5s\n  retries: {attempts: 2, retryOn: [connect-failure, reset, gateway-error]}\n  outlierDetection: {consecutiveErrors: 3, baseEjectionTime: 30s}\n";
+
+#[test]
+fn a_killed_replica_costs_no_request_with_retries_and_is_ejected() {
+    let mut r = Replicas::start(&["z-a", "z-a"], false, RETRIES);
+    let mut victim = r.replicas[0].sidecar.take().unwrap();
+    let codes = r.load(4, 3.0, move || {
+        std::thread::sleep(Duration::from_secs(1));
+        victim.signal("-KILL");
+        let _ = victim.0.wait();
+    });
+    let failed: Vec<_> = codes.iter().filter(|c| **c != 200).collect();
+    assert!(codes.len() > 40, "{}", codes.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        codes.len()
+    );
+    let eps = r.endpoints();
+    assert!(eps.contains("\"state\":\"ejected\""), "{eps}");
+    // Ejected: new requests no longer try it (no retries counted from now on).
+    let retries = |r: &Replicas| {
+        metric(
+            r.front_admin,
+            "meshward_outbound_resilience_total{service=\"orders/orders\",event=\"retry\"}",
+        )
+    };
+    let before = retries(&r);
+    for _ in 0..20 {
+        assert_eq!(r.get().0, "200");
+    }
+    assert_eq!(retries(&r), before, "{}", r.endpoints());
+    let _ = (&r.m, &r.replicas[0].inbound);
+}
+
+#[test]
+fn without_retries_only_requests_in_flight_at_the_kill_fail() {
+    let mut r = Replicas::start(
+        &["z-a", "z-a"],
+        false,
+        "  timeout: 5s\n  outlierDetection: {consecutiveErrors: 3, baseEjectionTime: 30s}\n",
+    );
+    let threads = 4;
+    let mut victim = r.replicas[0].sidecar.take().unwrap();
+    let codes = r.load(threads, 3.0, move || {
+        std::thread::sleep(Duration::from_secs(1));
+        victim.signal("-KILL");
+        let _ = victim.0.wait();
+    });
+    let failed = codes.iter().filter(|c| **c != 200).count();
+    // At most one request per client was in flight when the replica died; every later
+    // request went to the live one (a connect failure is tried elsewhere: nothing was sent).
+    assert!(codes.len() > 40, "{}", codes.len());
+    assert!(failed <= threads, "{failed} of {} failed", codes.len());
+}
+
+#[test]
+fn a_slow_replica_gets_little_traffic_within_10s() {
+    let r = Replicas::start(&["z-a", "z-a"], false, "  timeout: 5s\n");
+    r.mode(1, "slow:0.2");
+    let before = r.counts();
+    let codes = r.load(4, 10.0, || {});
+    let after = r.counts();
+    assert!(codes.iter().all(|c| *c == 200), "{codes:?}");
+    let (fast, slow) = (after[0] - before[0], after[1] - before[1]);
+    let share = fast as f64 / (fast + slow) as f64;
+    eprintln!(
+        "fast replica: {fast} requests, slow: {slow} ({:.1} % fast)",
+        share * 100.0
+    );
+    assert!(share >= 0.8, "fast {fast}, slow {slow}");
+}
+
+#[test]
+fn every_primary_down_the_fallback_serves_and_traffic_returns() {
+    let mut r = Replicas::start(
+        &["z-a", "z-b"],
+        true,
+        "  timeout: 5s\n  outlierDetection: {consecutiveErrors: 1, baseEjectionTime: 2s}\n  fallback: orders/orders-fallback\n",
+    );
+    assert_ne!(r.get().1, "orders-fallback");
+    for i in 0..2 {
+        let mut p = r.replicas[i].sidecar.take().unwrap();
+        p.signal("-KILL");
+        let _ = p.0.wait();
+    }
+    eventually(10, || {
+        let (code, body) = r.get();
+        hold(code == "200" && body == "orders-fallback", || {
+            format!("{code} {body}")
+        })
+    });
+    assert!(
+        metric(
+            r.front_admin,
+            "meshward_outbound_resilience_total{service=\"orders/orders\",event=\"fallback\"}"
+        ) >= 1.0
+    );
+    // The primaries come back (from their saved state): after their ejection time they
+    // are on probation, answer, and have the traffic again.
+    for i in 0..2 {
+        let p = r.replicas[i].start(&r.m.env, false);
+        r.replicas[i].sidecar = Some(p);
+    }
+    eventually(20, || {
+        let (code, body) = r.get();
+        hold(
+            code == "200" && body.starts_with("orders-") && body != "orders-fallback",
+            || format!("{code} {body}: {}", r.endpoints()),
+        )
+    });
+}
+
+#[test]
+fn a_total_outage_retries_stay_within_the_budget() {
+    let r = Replicas::start(
+        &["z-a", "z-a"],
+        false,
+        "  timeout: 5s\n  retries: {attempts: 3, retryOn: [\"503\"], budgetPercent: 20, minRetriesPerSecond: 1}\n  outlierDetection: {consecutiveErrors: 1000}\n",
+    );
+    let before: u64 = r.counts().iter().sum();
+    r.mode(0, "503");
+    r.mode(1, "503");
+    let n = 100u64;
+    let start = Instant::now();
+    let codes: Vec<String> = (0..n).map(|_| r.get().0).collect();
+    let secs = start.elapsed().as_secs_f64().min(10.0).ceil();
+    let seen: u64 = r.counts().iter().sum::<u64>() - before;
+    assert!(codes.iter().all(|c| c == "503"), "{codes:?}");
+    // Every request once, plus at most 20 % of them and 1/s over the 10 s window (the
+    // budget counts the warm-up request too: +1).
+    let cap = n + n / 5 + 10 + 1;
+    eprintln!("{n} requests in {secs} s reached the backends {seen} times (cap {cap})");
+    assert!(
+        seen >= n && seen <= cap,
+        "{seen} attempts for {n} requests (cap {cap})"
+    );
+    assert!(seen > n, "no retry at all: {seen}");
+}
+
+#[test]
+fn a_flood_beyond_the_breaker_is_refused_at_once_and_the_backend_sees_its_cap() {
+    let r = Replicas::start(
+        &["z-a"],
+        false,
+        "  timeout: 10s\n  circuitBreaker: {maxRequests: 2}\n",
+    );
+    r.mode(0, "slow:1");
+    let url = format!("http://127.0.0.1:{}/orders/1", r.front_out);
+    let handles: Vec<_> = (0..10)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                let (code, body) = get(&url);
+                (code, body, t.elapsed())
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let open: Vec<_> = results.iter().filter(|(c, ..)| c == "503").collect();
+    let ok = results.iter().filter(|(c, ..)| c == "200").count();
+    assert!(ok >= 2 && open.len() >= 6, "{results:?}");
+    for (_, body, took) in &open {
+        assert!(body.contains("circuit_open"), "{body}");
+        assert!(*took < Duration::from_millis(900), "refused after {took:?}");
+    }
+    let (_, peak) = replica_stats(&r.replicas[0].host, r.replicas[0].app_port);
+    assert!(peak <= 2, "the backend saw {peak} at once");
+    assert!(
+        metric(
+            r.front_admin,
+            "meshward_outbound_resilience_total{service=\"orders/orders\",event=\"circuit_open\"}"
+        ) >= 6.0
+    );
+}
+
+#[test]
+fn traffic_stays_in_the_callers_zone_while_it_is_healthy() {
+    let mut r = Replicas::start(
+        &["z-a", "z-b"],
+        false,
+        "  timeout: 5s\n  outlierDetection: {consecutiveErrors: 1, baseEjectionTime: 30s}\n",
+    );
+    let before = r.counts();
+    for _ in 0..30 {
+        assert_eq!(r.get(), ("200".into(), "orders-0".into()));
+    }
+    let after = r.counts();
+    assert_eq!(after[1], before[1], "the other zone was called");
+    let mut p = r.replicas[0].sidecar.take().unwrap();
+    p.signal("-KILL");
+    let _ = p.0.wait();
+    eventually(10, || {
+        let (code, body) = r.get();
+        hold(code == "200" && body == "orders-1", || {
+            format!("{code} {body}")
+        })
+    });
 }

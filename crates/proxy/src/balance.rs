@@ -79,7 +79,8 @@ pub fn choose<'a>(
     avoid: Option<std::net::SocketAddr>,
 ) -> Option<(Choice<'a>, Option<Event>)> {
     let now = now_ms();
-    let usable = |e: &Endpoint| !e.state.is_ejected(now) && !e.state.is_failing(&settings.outlier);
+    let usable =
+        |e: &Endpoint| !e.state.is_ejected(now) && !e.state.is_failing(now, &settings.outlier);
     for (set, fb) in [(Some(primary), false), (fallback, true)] {
         let Some(set) = set else { continue };
         if let Some(ep) = pick(

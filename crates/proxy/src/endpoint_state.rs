@@ -107,6 +107,7 @@ pub struct EndpointState {
     /// Back from an ejection and not yet answered well: one failure ejects it again.
     probation: AtomicBool,
     returned_at: AtomicU64,
+    last_failure: AtomicU64,
 }
 
 /// The balancer's decay time for the latency estimate (Linkerd's default).
@@ -170,9 +171,16 @@ impl EndpointState {
         rtt * w + default * (1.0 - w)
     }
 
-    /// The balancer's cost: latency × (in flight + 1) (peak-EWMA load, as Linkerd).
+    /// The balancer's cost: latency × (in flight + 1) (peak-EWMA load, as Linkerd). An
+    /// endpoint with no sample yet costs `default` × in flight: idle, it is tried at once
+    /// (so a new or returning replica gets traffic even beside faster ones), busy, it is
+    /// weighed as if it answered in `default`.
     pub fn cost(&self, now: u64, default: f64) -> f64 {
-        self.latency_ns(now, default) * f64::from(self.outstanding() + 1)
+        let n = f64::from(self.outstanding());
+        if self.rtt.load(Ordering::Relaxed) == 0 {
+            return default * n;
+        }
+        self.latency_ns(now, default) * (n + 1.0)
     }
 
     /// Records a latency sample: a slower one is taken at once (the peak), a faster one
@@ -217,11 +225,13 @@ impl EndpointState {
         false
     }
 
-    /// Failing now: `consecutive` failures in a row (the detector's own threshold), ejected
-    /// or not. An endpoint that is failing but could not be ejected (the
-    /// `maxEjectionPercent` cap) still counts as down for failover.
-    pub fn is_failing(&self, cfg: &Outlier) -> bool {
+    /// Failing now: `consecutive` failures in a row (the detector's own threshold), the
+    /// last within the base ejection time. An endpoint that is failing but could not be
+    /// ejected (the `maxEjectionPercent` cap) still counts as down for failover, and is
+    /// tried again after that time like an ejected one.
+    pub fn is_failing(&self, now: u64, cfg: &Outlier) -> bool {
         self.consecutive.load(Ordering::Relaxed) >= cfg.consecutive.max(1)
+            && now.saturating_sub(self.last_failure.load(Ordering::Relaxed)) < cfg.base_ms
     }
 
     /// A good answer: the run of failures ends, probation ends; after a healthy
@@ -243,6 +253,7 @@ impl EndpointState {
     /// should (the caller checks the service's `maxEjectionPercent`, then [`Self::eject`]).
     pub fn failed_at(&self, now: u64, cfg: &Outlier) -> Option<Ejected> {
         self.failed();
+        self.last_failure.store(now, Ordering::Relaxed);
         let run = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
         let pct = self.window(now, cfg, true);
         if self.is_ejected(now) {

@@ -54,6 +54,14 @@ impl InboundPort {
             mark: None,
         }
     }
+
+    /// Explicit mode: the app on `host:PORT` (a loopback address).
+    pub fn explicit_at(host: std::net::IpAddr, app_port: u16, protocol: Protocol) -> Self {
+        InboundPort {
+            app: SocketAddr::new(host, app_port),
+            ..Self::explicit(app_port, protocol)
+        }
+    }
 }
 
 /// Connects the inbound side to the app (HTTP connection pool), with the socket mark.

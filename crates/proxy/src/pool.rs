@@ -269,8 +269,9 @@ pub struct Pooled {
 enum Fail {
     /// The per-try or the overall timeout passed.
     Timeout,
-    /// `true`: no connection (nothing was sent).
-    Error(bool, hyper_util::client::legacy::Error),
+    /// `true`: no connection (nothing was sent); the error with its sources. A body that
+    /// failed before its end (the endpoint died mid-answer) is `false`.
+    Error(bool, String),
 }
 
 impl Pooled {
@@ -417,10 +418,22 @@ impl Pooled {
             let sent = client.request(req);
             let outcome = match limit {
                 Some(l) => match tokio::time::timeout_at(l, sent).await {
-                    Ok(r) => r.map_err(|e| Fail::Error(e.is_connect(), e)),
+                    Ok(r) => r.map_err(|e| Fail::Error(e.is_connect(), error_chain(&e))),
                     Err(_) => Err(Fail::Timeout),
                 },
-                None => sent.await.map_err(|e| Fail::Error(e.is_connect(), e)),
+                None => sent
+                    .await
+                    .map_err(|e| Fail::Error(e.is_connect(), error_chain(&e))),
+            };
+            // With retries, a small answer is read whole before it is passed on, so an
+            // endpoint that dies mid-answer is one more failed attempt, not a truncated
+            // response to the app.
+            let outcome = match outcome {
+                Ok(resp) if retry.is_some() && attempt < max_attempts => {
+                    buffer_small(resp, limit).await
+                }
+                Ok(resp) => Ok(resp.map(|b| b.boxed())),
+                Err(e) => Err(e),
             };
             let now = now_ms();
             let can_retry = attempt < max_attempts && replay.is_some();
@@ -476,7 +489,6 @@ impl Pooled {
                     }
                 }
                 Err(Fail::Error(connect, e)) => {
-                    let e = error_chain(&e);
                     self.failed(choice.set, ep, settings, &e);
                     // Nothing was sent on a connect failure: any method may go elsewhere.
                     let again = can_retry
@@ -560,6 +572,38 @@ impl Pooled {
             _ => hyper::Version::HTTP_11,
         };
         Some(client)
+    }
+}
+
+/// Reads a response whose body is known to be at most [`RETRY_BODY_CAP`] whole (within
+/// `limit`); a body that fails is the attempt's failure (`Fail::Error`, not a connect
+/// failure). Larger or unsized bodies are passed on as they stream.
+async fn buffer_small(
+    resp: Response<Incoming>,
+    limit: Option<tokio::time::Instant>,
+) -> Result<Response<Body>, Fail> {
+    let small = hyper::body::Body::size_hint(resp.body())
+        .exact()
+        .is_some_and(|n| n <= RETRY_BODY_CAP as u64);
+    if !small {
+        return Ok(resp.map(|b| b.boxed()));
+    }
+    let (parts, body) = resp.into_parts();
+    let collected = match limit {
+        Some(l) => match tokio::time::timeout_at(l, body.collect()).await {
+            Ok(r) => r,
+            Err(_) => return Err(Fail::Timeout),
+        },
+        None => body.collect().await,
+    };
+    match collected {
+        Ok(c) => Ok(Response::from_parts(
+            parts,
+            Full::new(c.to_bytes())
+                .map_err(|never: Infallible| match never {})
+                .boxed(),
+        )),
+        Err(e) => Err(Fail::Error(false, error_chain(&e))),
     }
 }
 

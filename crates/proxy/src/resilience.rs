@@ -122,7 +122,7 @@ pub struct Breaker {
 
 /// What this workload's calls to one service do (the merged `TrafficPolicy`s that apply
 /// to it, in configuration order: the first that sets a field wins).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Settings {
     pub timeout: Option<Duration>,
     pub retry: Option<Retry>,
@@ -134,20 +134,6 @@ pub struct Settings {
     pub fallback: Option<WorkloadRef>,
     /// The `TrafficPolicy`s these settings come from (for logs and the admin page).
     pub policies: Vec<String>,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            timeout: None,
-            retry: None,
-            outlier: Outlier::default(),
-            breaker: Breaker::default(),
-            failover: vec![],
-            fallback: None,
-            policies: vec![],
-        }
-    }
 }
 
 impl Settings {

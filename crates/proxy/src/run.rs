@@ -46,6 +46,8 @@ pub struct Options {
     pub limits: crate::listener::Limits,
     /// Worker threads that serve connections (1..=[`MAX_WORKERS`]; [`runtime`] builds them).
     pub workers: usize,
+    /// Explicit mode: the loopback address the app listens on.
+    pub app_host: std::net::IpAddr,
 }
 
 /// The most worker threads `--workers` accepts.
@@ -201,7 +203,7 @@ pub async fn run_with_state(
     }
     // The inbound ports come from the workload's declaration: wait for a policy, open its
     // ports, then follow every revision (ports added, moved or removed).
-    let mut open = Inbound::default();
+    let mut open = Inbound(HashMap::new(), opts.app_host);
     let bound = loop {
         if shared.policy.load().is_some() {
             break open.reconcile(&shared, opts.transparent.as_ref()).await?;
@@ -223,8 +225,11 @@ pub async fn run_with_state(
 }
 
 /// The inbound listeners open now (explicit mode), by address.
-#[derive(Debug, Default)]
-struct Inbound(HashMap<SocketAddr, (u16, Protocol, tokio::task::JoinHandle<()>)>);
+#[derive(Debug)]
+struct Inbound(
+    HashMap<SocketAddr, (u16, Protocol, tokio::task::JoinHandle<()>)>,
+    std::net::IpAddr,
+);
 
 impl Inbound {
     /// Opens the ports the current revision declares and closes those it no longer does
@@ -286,7 +291,10 @@ impl Inbound {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-            let (shared, ip) = (shared.clone(), InboundPort::explicit(port, protocol));
+            let (shared, ip) = (
+                shared.clone(),
+                InboundPort::explicit_at(self.1, port, protocol),
+            );
             let task = tokio::spawn(async move {
                 if let Err(e) = inbound::serve(shared, ip, l).await {
                     eprintln!("meshward-proxy: inbound {addr}: {e}");

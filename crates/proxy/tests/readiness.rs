@@ -120,6 +120,7 @@ fn options(ca: &Ca, dir: &Path, admin: SocketAddr) -> meshward_proxy::run::Optio
         transparent: None,
         limits: meshward_proxy::listener::Limits::defaults(),
         workers: 1,
+        app_host: std::net::Ipv4Addr::LOCALHOST.into(),
     }
 }
 
