@@ -121,13 +121,6 @@ pub async fn connect(
     res.state.budget().request(now_ms());
     let (mut avoid, mut last) = (None, String::new());
     for attempt in 0..CONNECT_ATTEMPTS {
-        if attempt > 0 {
-            if !res.state.budget().try_retry(now_ms(), &budget) {
-                event(shared, service, Event::RetryBudgetExhausted, "");
-                break;
-            }
-            event(shared, service, Event::Retry, "");
-        }
         let Some((choice, ev)) = crate::resilience::choose(
             endpoints,
             fallback.as_deref(),
@@ -137,6 +130,17 @@ pub async fn connect(
         ) else {
             return Err(ConnectError::NoEndpoint);
         };
+        if attempt > 0 {
+            // Failover goes to another endpoint; the one that just failed is not redialled.
+            if Some(choice.endpoint.addr()) == avoid {
+                break;
+            }
+            if !res.state.budget().try_retry(now_ms(), &budget) {
+                event(shared, service, Event::RetryBudgetExhausted, "");
+                break;
+            }
+            event(shared, service, Event::Retry, "");
+        }
         if let Some(ev) = ev {
             event(
                 shared,

@@ -360,6 +360,7 @@ impl Pooled {
         let max_attempts = 1 + retry.map_or(crate::outbound::CONNECT_ATTEMPTS - 1, |r| r.attempts);
         let per_try = retry.and_then(|r| r.per_try_timeout);
         let mut avoid = None;
+        let mut last_connect: Option<String> = None;
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -381,6 +382,21 @@ impl Pooled {
                 crate::outbound::event(shared, &up.service, ev, &detail);
             }
             let ep = choice.endpoint;
+            if let Some(e) = &last_connect
+                && Some(ep.addr()) == avoid
+            {
+                // Connect-time failover found no other endpoint: the failure stands.
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_failed",
+                    format!(
+                        "{} ({}) did not answer: {e} ({} attempt(s))",
+                        up.service,
+                        ep.addr(),
+                        attempt - 1
+                    ),
+                );
+            }
             ep.state.started();
             let load = ep.state.begin();
             let b: Body = match (&replay, body.take()) {
@@ -490,6 +506,9 @@ impl Pooled {
                 }
                 Err(Fail::Error(connect, e)) => {
                     self.failed(choice.set, ep, settings, &e);
+                    // Only a connect failure without retry settings insists on another
+                    // endpoint; configured retries may go back to the same one.
+                    last_connect = (connect && retry.is_none()).then(|| e.clone());
                     // Nothing was sent on a connect failure: any method may go elsewhere.
                     let again = can_retry
                         && if connect {
