@@ -1041,57 +1041,10 @@ impl Builder {
                     );
                 }
                 if let Some(r) = &s.retries {
-                    for (i, c) in r.retry_on.iter().enumerate() {
-                        let known = matches!(
-                            c.as_str(),
-                            "connect-failure"
-                                | "reset"
-                                | "timeout"
-                                | "per-try-timeout"
-                                | "5xx"
-                                | "gateway-error"
-                        ) || c.parse::<u16>().is_ok_and(|n| (500..=599).contains(&n));
-                        if !known {
-                            b.diags.push(
-                                d.origin
-                                    .diag(
-                                        "MW103",
-                                        Severity::Error,
-                                        &p!["spec", "retries", "retryOn", i],
-                                        format!("`{c}` is not a retry condition"),
-                                    )
-                                    .help("use connect-failure, reset, timeout, 5xx, gateway-error or a 5xx status code; a 4xx (a policy refusal above all) is never retried")
-                                    .resource(d.label()),
-                            );
-                        }
-                    }
-                    if let (Some(per_try), Some(total)) = (r.per_try_timeout, s.timeout)
-                        && per_try > total
-                    {
-                        b.diags.push(
-                            d.origin
-                                .diag(
-                                    "MW103",
-                                    Severity::Warning,
-                                    &p!["spec", "retries", "perTryTimeout"],
-                                    format!("`perTryTimeout` ({}) is longer than `timeout` ({}): no attempt can use it", humantime::format_duration(per_try.0), humantime::format_duration(total.0)),
-                                )
-                                .help("make the per-try timeout shorter than the overall one, or drop it")
-                                .resource(d.label()),
-                        );
-                    }
-                    if r.budget_percent.is_some_and(|p| p > 100) {
-                        b.diags.push(
-                            d.origin
-                                .diag(
-                                    "MW103",
-                                    Severity::Error,
-                                    &p!["spec", "retries", "budgetPercent"],
-                                    "`budgetPercent` is a percentage (0-100)",
-                                )
-                                .resource(d.label()),
-                        );
-                    }
+                    lint_retries(b, d, r, s.timeout, &p!["spec", "retries"]);
+                }
+                for (i, route) in s.routes.iter().enumerate() {
+                    lint_route(b, d, s, route, &p!["spec", "routes", i]);
                 }
                 if let Some(o) = &s.outlier_detection
                     && o.failure_percent.is_some_and(|p| p == 0 || p > 100)
@@ -2267,5 +2220,161 @@ fn suggest_workload(name: &str, workloads: &[Workload]) -> String {
         (Some(s), _) => format!("did you mean `{s}`?"),
         (None, Some(s)) => format!("did you mean `{s}`?"),
         _ => "name a `Workload` as `name` (same namespace) or `namespace/name`".into(),
+    }
+}
+
+/// `retries` of a `TrafficPolicy` or of one of its routes (`at`), with the timeout that
+/// applies there.
+fn lint_retries(
+    b: &mut Builder,
+    d: &Doc,
+    r: &r::RetryPolicy,
+    timeout: Option<r::Dur>,
+    at: &[PathSeg],
+) {
+    let field = |f: &str| {
+        let mut v = at.to_vec();
+        v.push(PathSeg::Key(f.to_owned()));
+        v
+    };
+    for (i, c) in r.retry_on.iter().enumerate() {
+        let known = matches!(
+            c.as_str(),
+            "connect-failure" | "reset" | "timeout" | "per-try-timeout" | "5xx" | "gateway-error"
+        ) || c.parse::<u16>().is_ok_and(|n| (500..=599).contains(&n));
+        if !known {
+            let mut path = field("retryOn");
+            path.push(PathSeg::Index(i));
+            b.diags.push(
+                d.origin
+                    .diag("MW103", Severity::Error, &path, format!("`{c}` is not a retry condition"))
+                    .help("use connect-failure, reset, timeout, 5xx, gateway-error or a 5xx status code; a 4xx (a policy refusal above all) is never retried")
+                    .resource(d.label()),
+            );
+        }
+    }
+    if let (Some(per_try), Some(total)) = (r.per_try_timeout, timeout)
+        && per_try > total
+    {
+        b.diags.push(
+            d.origin
+                .diag(
+                    "MW103",
+                    Severity::Warning,
+                    &field("perTryTimeout"),
+                    format!(
+                        "`perTryTimeout` ({}) is longer than `timeout` ({}): no attempt can use it",
+                        humantime::format_duration(per_try.0),
+                        humantime::format_duration(total.0)
+                    ),
+                )
+                .help("make the per-try timeout shorter than the overall one, or drop it")
+                .resource(d.label()),
+        );
+    }
+    if r.budget_percent.is_some_and(|p| p > 100) {
+        b.diags.push(
+            d.origin
+                .diag(
+                    "MW103",
+                    Severity::Error,
+                    &field("budgetPercent"),
+                    "`budgetPercent` is a percentage (0-100)",
+                )
+                .resource(d.label()),
+        );
+    }
+}
+
+/// Methods repeated without the service's say-so (RFC 9110 §9.2.2).
+pub fn idempotent_method(m: &str) -> bool {
+    matches!(m, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE")
+}
+
+/// One route of a `TrafficPolicy` (`at`): its methods and paths parse, its retries are
+/// sound, and retries that can never apply (a non-idempotent route without the
+/// `retryable` mark) are said.
+fn lint_route(
+    b: &mut Builder,
+    d: &Doc,
+    s: &r::TrafficPolicySpec,
+    route: &r::TrafficRoute,
+    at: &[PathSeg],
+) {
+    let field = |f: &str| {
+        let mut v = at.to_vec();
+        v.push(PathSeg::Key(f.to_owned()));
+        v
+    };
+    let name = route
+        .name
+        .as_deref()
+        .map_or_else(String::new, |n| format!("route `{n}`: "));
+    for (i, m) in route.methods.iter().enumerate() {
+        if let Err(e) = parse_method(m) {
+            let mut path = field("methods");
+            path.push(PathSeg::Index(i));
+            b.diags.push(
+                d.origin
+                    .diag("MW103", Severity::Error, &path, format!("{name}{e}"))
+                    .resource(d.label()),
+            );
+        }
+    }
+    for (i, p) in route.paths.iter().enumerate() {
+        if let Err(e) = PathPattern::parse(p) {
+            let mut path = field("paths");
+            path.push(PathSeg::Index(i));
+            b.diags.push(
+                d.origin
+                    .diag("MW103", Severity::Error, &path, format!("{name}{e}"))
+                    .resource(d.label()),
+            );
+        }
+    }
+    let timeout = route.timeout.or(s.timeout);
+    if let Some(r) = &route.retries {
+        lint_retries(b, d, r, timeout, &field("retries"));
+    } else if let (Some(t), Some(per_try)) = (
+        route.timeout,
+        s.retries.as_ref().and_then(|r| r.per_try_timeout),
+    ) && per_try > t
+    {
+        b.diags.push(
+            d.origin
+                .diag(
+                    "MW103",
+                    Severity::Warning,
+                    &field("timeout"),
+                    format!(
+                        "{name}`timeout` ({}) is shorter than the policy's `perTryTimeout` ({}): no attempt can use it",
+                        humantime::format_duration(t.0),
+                        humantime::format_duration(per_try.0)
+                    ),
+                )
+                .help("give the route its own `retries` with a shorter `perTryTimeout`")
+                .resource(d.label()),
+        );
+    }
+    let retries = route.retries.as_ref().or(s.retries.as_ref());
+    let retried = retries.is_some_and(|r| r.attempts > 0);
+    let marked = route.retryable || retries.is_some_and(|r| r.non_idempotent);
+    let never_idempotent =
+        !route.methods.is_empty() && route.methods.iter().all(|m| !idempotent_method(m));
+    if retried && never_idempotent && !marked {
+        b.diags.push(
+            d.origin
+                .diag(
+                    "MW103",
+                    Severity::Warning,
+                    &field("methods"),
+                    format!(
+                        "{name}retries are set for {}, which are not idempotent: without the `retryable` mark they are never retried",
+                        route.methods.join(", ")
+                    ),
+                )
+                .help("add `retryable: true` to the route if repeating these calls is safe (for example the app dedups by an idempotency key), or drop the retries")
+                .resource(d.label()),
+        );
     }
 }

@@ -843,6 +843,35 @@ pub struct TrafficPolicySpec {
     /// A service (`namespace/name`) to call when every endpoint is down.
     #[serde(default)]
     pub fallback: Option<String>,
+    /// Per-route settings, the first route a request matches wins: a route may mark its
+    /// calls `retryable` (safe to repeat whatever the method) and set its own `timeout`
+    /// and `retries`; a request no route matches gets the policy's own.
+    #[serde(default)]
+    pub routes: Vec<TrafficRoute>,
+}
+
+/// One route of a `TrafficPolicy`: which requests (methods and paths, each list empty for
+/// any) and what differs for them.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TrafficRoute {
+    /// For logs and lint messages.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Path patterns as in `AuthorizationPolicy` (`/orders`, `/orders/*`).
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// Repeating these calls is safe (for example the app dedups by an idempotency key):
+    /// they are retried whatever the method.
+    #[serde(default)]
+    pub retryable: bool,
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+    /// Replaces the policy's `retries` for this route (`attempts: 0`: none).
+    #[serde(default)]
+    pub retries: Option<RetryPolicy>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

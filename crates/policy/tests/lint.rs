@@ -527,3 +527,38 @@ fn connection_limits_workload_fields_override_the_mesh() {
         set.connection_limits(&meshward_policy::decision::WorkloadRef::parse("shop/db").unwrap());
     assert_eq!((db.per_identity, db.header_read_timeout), (Some(50), None));
 }
+
+const TRAFFIC_HEAD: &str = "apiVersion: meshward.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: t, namespace: shop}\nspec:\n  target: {workloads: [web]}\n";
+
+#[test]
+fn traffic_routes_retries_that_can_never_apply_are_said_and_the_retryable_mark_silences_them() {
+    let d = only(
+        &format!(
+            "{TRAFFIC_HEAD}  retries: {{attempts: 2, retryOn: [5xx]}}\n  routes:\n  - name: create\n    methods: [POST]\n    paths: [/orders]\n"
+        ),
+        "MW103",
+    );
+    assert_eq!(d.severity, Severity::Warning);
+    assert_eq!(d.field.as_deref(), Some("spec.routes[0].methods"));
+    assert!(
+        d.message.contains("route `create`") && d.message.contains("never retried"),
+        "{d:?}"
+    );
+    assert_eq!(d.line, 9);
+    clean(&format!(
+        "{TRAFFIC_HEAD}  retries: {{attempts: 2, retryOn: [5xx]}}\n  routes:\n  - name: create\n    methods: [POST]\n    paths: [/orders]\n    retryable: true\n"
+    ));
+    // A route's own retries, its method and path patterns are checked like the policy's.
+    let d = diags(&format!(
+        "{TRAFFIC_HEAD}  timeout: 1s\n  routes:\n  - methods: [post]\n    paths: [orders]\n    retries: {{attempts: 1, perTryTimeout: 2s, retryOn: [flaky]}}\n"
+    ));
+    let fields: Vec<_> = d.iter().filter_map(|x| x.field.clone()).collect();
+    for f in [
+        "spec.routes[0].methods[0]",
+        "spec.routes[0].paths[0]",
+        "spec.routes[0].retries.retryOn[0]",
+        "spec.routes[0].retries.perTryTimeout",
+    ] {
+        assert!(fields.iter().any(|x| x == f), "{f} not in {d:#?}");
+    }
+}

@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::endpoint_state::now_ms;
 use crate::outbound::{Upstream, dial, endpoints};
-use crate::resilience::{Event, RETRY_BODY_CAP, idempotent};
+use crate::resilience::{Event, RETRY_BODY_CAP};
 use crate::state::Shared;
 
 /// How the outbound side carries an upstream's traffic to the next proxy.
@@ -288,13 +288,13 @@ impl Pooled {
         let (res, caller, fallback) =
             crate::outbound::resilience_of(shared, &up.service, up.port, false);
         let settings = &res.settings;
-        let deadline = settings.timeout.map(|t| started + t);
+        let per = settings.for_request(
+            req.method(),
+            req.uri().path_and_query().map_or("/", |p| p.as_str()),
+        );
+        let deadline = per.timeout.map(|t| started + t);
         let http1 = self.protocol == UpstreamProtocol::Http1;
-        let Some(place) = res
-            .state
-            .admit(&settings.breaker, http1, settings.timeout)
-            .await
-        else {
+        let Some(place) = res.state.admit(&settings.breaker, http1, per.timeout).await else {
             crate::outbound::event(shared, &up.service, Event::CircuitOpen, "");
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -304,10 +304,7 @@ impl Pooled {
         };
         res.state.budget().request(now_ms());
         let (parts, body) = req.into_parts();
-        let retry = settings
-            .retry
-            .as_ref()
-            .filter(|r| r.attempts > 0 && (idempotent(&parts.method) || r.non_idempotent));
+        let retry = per.retry;
         // A body is kept for another attempt only when its size is known and small (an
         // empty one costs nothing); otherwise it is streamed to the first attempt only.
         let mut body = Some(body);
@@ -484,7 +481,7 @@ impl Pooled {
                             format!(
                                 "{} did not answer within the timeout ({:?}; {attempt} attempt(s))",
                                 up.service,
-                                settings.timeout.unwrap_or_default()
+                                per.timeout.unwrap_or_default()
                             ),
                         );
                     }

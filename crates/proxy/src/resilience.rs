@@ -134,6 +134,52 @@ pub struct Settings {
     pub fallback: Option<WorkloadRef>,
     /// The `TrafficPolicy`s these settings come from (for logs and the admin page).
     pub policies: Vec<String>,
+    /// Per-route settings; the first route a request matches wins.
+    pub routes: Vec<Route>,
+}
+
+/// One route's settings: which requests, and what differs for them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub name: Option<String>,
+    /// Empty: any method.
+    pub methods: Vec<String>,
+    /// Empty: any path.
+    pub paths: Vec<meshward_policy::matcher::PathPattern>,
+    /// Repeating these calls is safe whatever the method.
+    pub retryable: bool,
+    pub timeout: Option<Duration>,
+    /// Replaces the service's retries (`Some` with `attempts: 0`: none).
+    pub retry: Option<Retry>,
+}
+
+impl Route {
+    fn matches(&self, method: &str, path: &str) -> bool {
+        (self.methods.is_empty() || self.methods.iter().any(|m| m == method))
+            && (self.paths.is_empty() || self.paths.iter().any(|p| p.matches(path)))
+    }
+}
+
+/// What one request gets: the route it matched (if any) applied over the service's
+/// settings.
+#[derive(Debug, Clone, Copy)]
+pub struct PerRequest<'a> {
+    pub route: Option<&'a Route>,
+    pub timeout: Option<Duration>,
+    /// The retries that apply and that this request may use (its method is idempotent,
+    /// or its route or the service marks it safe to repeat); `None`: not retried.
+    pub retry: Option<&'a Retry>,
+}
+
+fn retry_of(r: &meshward_policy::resource::RetryPolicy) -> Retry {
+    Retry {
+        attempts: r.attempts,
+        per_try_timeout: r.per_try_timeout.map(|d| d.0),
+        on: RetryOn::parse(&r.retry_on).unwrap_or_default(),
+        budget_ratio: f64::from(r.budget_percent.unwrap_or(20)) / 100.0,
+        min_per_second: r.min_retries_per_second.unwrap_or(10),
+        non_idempotent: r.non_idempotent,
+    }
 }
 
 impl Settings {
@@ -151,14 +197,7 @@ impl Settings {
             if s.retry.is_none()
                 && let Some(r) = &t.retries
             {
-                s.retry = Some(Retry {
-                    attempts: r.attempts,
-                    per_try_timeout: r.per_try_timeout.map(|d| d.0),
-                    on: RetryOn::parse(&r.retry_on).unwrap_or_default(),
-                    budget_ratio: f64::from(r.budget_percent.unwrap_or(20)) / 100.0,
-                    min_per_second: r.min_retries_per_second.unwrap_or(10),
-                    non_idempotent: r.non_idempotent,
-                });
+                s.retry = Some(retry_of(r));
             }
             if !outlier_seen && let Some(od) = &t.outlier_detection {
                 outlier_seen = true;
@@ -193,8 +232,59 @@ impl Settings {
                     .as_deref()
                     .and_then(|f| WorkloadRef::parse(f).ok());
             }
+            if s.routes.is_empty() {
+                s.routes = t
+                    .routes
+                    .iter()
+                    .map(|r| Route {
+                        name: r.name.clone(),
+                        methods: r.methods.clone(),
+                        // A pattern the model refused never reaches here; one that does
+                        // anyway is dropped (the route then matches fewer paths).
+                        paths: r
+                            .paths
+                            .iter()
+                            .filter_map(|p| meshward_policy::matcher::PathPattern::parse(p).ok())
+                            .collect(),
+                        retryable: r.retryable,
+                        timeout: r.timeout.map(|d| d.0),
+                        retry: r.retries.as_ref().map(retry_of),
+                    })
+                    .collect();
+            }
         }
         s
+    }
+
+    /// The settings one request gets: the first route matching its method and path
+    /// (`path` as the app sent it; normalized here the way policy reads it), over the
+    /// service's own; retries only when the method is idempotent or the route or the
+    /// service marks the calls safe to repeat.
+    pub fn for_request<'a>(&'a self, method: &hyper::Method, target: &str) -> PerRequest<'a> {
+        let route = if self.routes.is_empty() {
+            None
+        } else {
+            let path = meshward_policy::path::normalize(target)
+                .map(|n| n.path)
+                .unwrap_or_else(|_| target.split('?').next().unwrap_or("").to_owned());
+            self.routes
+                .iter()
+                .find(|r| r.matches(method.as_str(), &path))
+        };
+        let retry = route
+            .and_then(|r| r.retry.as_ref())
+            .or(self.retry.as_ref())
+            .filter(|r| {
+                r.attempts > 0
+                    && (idempotent(method)
+                        || r.non_idempotent
+                        || route.is_some_and(|x| x.retryable))
+            });
+        PerRequest {
+            route,
+            timeout: route.and_then(|r| r.timeout).or(self.timeout),
+            retry,
+        }
     }
 }
 
@@ -217,6 +307,7 @@ impl Resilience {
         let s = &self.settings;
         let per_request = s.timeout.is_some()
             || s.retry.is_some()
+            || !s.routes.is_empty()
             || s.breaker.max_requests.is_some()
             || s.breaker.max_pending > 0;
         if !per_request {
@@ -438,15 +529,7 @@ pub fn failed(set: &EndpointSet, ep: &Endpoint, outlier: &Outlier) -> Option<(u6
 /// Whether a method may be retried without the service's `nonIdempotent` mark (RFC 9110
 /// §9.2.2).
 pub fn idempotent(m: &hyper::Method) -> bool {
-    matches!(
-        *m,
-        hyper::Method::GET
-            | hyper::Method::HEAD
-            | hyper::Method::OPTIONS
-            | hyper::Method::TRACE
-            | hyper::Method::PUT
-            | hyper::Method::DELETE
-    )
+    meshward_policy::model::idempotent_method(m.as_str())
 }
 
 #[cfg(test)]
@@ -496,6 +579,52 @@ mod tests {
                 .unwrap_err()
                 .contains("unknown")
         );
+    }
+
+    #[test]
+    fn a_route_marks_its_calls_retryable_and_sets_its_own_timeout_and_retries() {
+        let pat = |p: &str| meshward_policy::matcher::PathPattern::parse(p).unwrap();
+        let s = Settings {
+            timeout: Some(Duration::from_secs(5)),
+            retry: Some(retry(0.2, 10)),
+            routes: vec![
+                Route {
+                    name: Some("create".into()),
+                    methods: vec!["POST".into()],
+                    paths: vec![pat("/orders")],
+                    retryable: true,
+                    timeout: Some(Duration::from_secs(1)),
+                    retry: None,
+                },
+                Route {
+                    name: Some("report".into()),
+                    methods: vec![],
+                    paths: vec![pat("/reports/*")],
+                    retryable: false,
+                    timeout: None,
+                    retry: Some(Retry {
+                        attempts: 0,
+                        ..retry(0.2, 10)
+                    }),
+                },
+            ],
+            ..Settings::default()
+        };
+        let post = hyper::Method::POST;
+        // The marked route: POST retried, its own timeout; `//orders` is the same path.
+        let r = s.for_request(&post, "//orders?x=1");
+        assert_eq!(r.route.and_then(|r| r.name.as_deref()), Some("create"));
+        assert!(r.retry.is_some());
+        assert_eq!(r.timeout, Some(Duration::from_secs(1)));
+        // Another path: POST is not idempotent, not retried; the service's timeout.
+        let r = s.for_request(&post, "/carts");
+        assert!(r.route.is_none() && r.retry.is_none());
+        assert_eq!(r.timeout, Some(Duration::from_secs(5)));
+        assert!(s.for_request(&hyper::Method::GET, "/carts").retry.is_some());
+        // A route whose retries say none: not even GET.
+        let r = s.for_request(&hyper::Method::GET, "/reports/q3");
+        assert_eq!(r.route.and_then(|r| r.name.as_deref()), Some("report"));
+        assert!(r.retry.is_none());
     }
 
     #[tokio::test]
