@@ -224,8 +224,9 @@ pub fn graph(records: &[DecisionRecord], set: Option<&PolicySet>, window_secs: u
     for r in records {
         let outbound = r.direction == "outbound";
         // Outbound records only add what the destination's sidecar cannot see: calls out
-        // of the mesh and refusals at the source.
-        if outbound && r.reason.is_policy() {
+        // of the mesh and refusals at the source (a call served after retries is counted
+        // by the destination's own record).
+        if outbound && (r.reason.is_policy() || r.reason == Reason::Retried) {
             continue;
         }
         let src = source_node(&r.source);

@@ -2215,6 +2215,8 @@ spec: {{serviceAccount: {sa}, locality: {{region: r1, zone: {zone}}}, ports: [{{
                 &upstream,
                 "--admin",
                 &format!("127.0.0.1:{front_admin}"),
+                "--decision-log",
+                tmp.path().join("frontend.jsonl").to_str().unwrap(),
             ],
         );
         let r = Replicas {
@@ -2278,6 +2280,18 @@ spec: {{serviceAccount: {sa}, locality: {{region: r1, zone: {zone}}}, ports: [{{
     fn endpoints(&self) -> String {
         get(&format!("http://127.0.0.1:{}/endpoints", self.front_admin)).1
     }
+
+    /// The frontend sidecar's decision records with `reason` (it writes them within a
+    /// moment: a background thread).
+    fn records(&self, reason: &str) -> Vec<serde_json::Value> {
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::read_to_string(self._tmp.path().join("frontend.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["reason"] == reason)
+            .collect()
+    }
 }
 
 impl Replica {
@@ -2326,6 +2340,19 @@ fn a_killed_replica_costs_no_request_with_retries_and_is_ejected() {
         assert_eq!(r.get().0, "200");
     }
     assert_eq!(retries(&r), before, "{}", r.endpoints());
+    // The caller's records name the endpoint that served each retried request and how
+    // many attempts it took.
+    let live = format!("127.0.0.1:{}", r.replicas[1].inbound);
+    let retried = r.records("retried");
+    assert!(!retried.is_empty(), "no record of a retried request");
+    for rec in &retried {
+        assert_eq!(rec["verdict"], "allow", "{rec}");
+        assert_eq!(rec["direction"], "outbound", "{rec}");
+        assert_eq!(rec["endpoint"], live.as_str(), "{rec}");
+        assert_eq!(rec["destination"], "orders/orders-1", "{rec}");
+        assert!(rec["attempts"].as_u64().unwrap() >= 2, "{rec}");
+        assert_eq!(rec["path"], "/orders/1", "{rec}");
+    }
     let _ = (&r.m, &r.replicas[0].inbound);
 }
 
@@ -2432,6 +2459,20 @@ fn a_total_outage_retries_stay_within_the_budget() {
         "{seen} attempts for {n} requests (cap {cap})"
     );
     assert!(seen > n, "no retry at all: {seen}");
+    // Every retried request is on record with its attempts; together they account for
+    // every attempt beyond the first (the warm-up request took one).
+    let retried = r.records("retried");
+    let extra: u64 = retried
+        .iter()
+        .map(|x| x["attempts"].as_u64().unwrap() - 1)
+        .sum();
+    assert!(
+        retried
+            .iter()
+            .all(|x| x["detail"].as_str().unwrap().starts_with("answered 503")),
+        "{retried:?}"
+    );
+    assert_eq!(extra, seen - n, "{retried:?}");
 }
 
 #[test]
@@ -2468,6 +2509,15 @@ fn a_flood_beyond_the_breaker_is_refused_at_once_and_the_backend_sees_its_cap() 
             r.front_admin,
             "meshward_outbound_resilience_total{service=\"orders/orders\",event=\"circuit_open\"}"
         ) >= 6.0
+    );
+    // Each refusal is a decision record of the caller's sidecar.
+    let refused = r.records("circuit_open");
+    assert_eq!(refused.len(), open.len(), "{refused:?}");
+    assert!(
+        refused
+            .iter()
+            .all(|x| x["verdict"] == "deny" && x["destination"] == "orders/orders"),
+        "{refused:?}"
     );
 }
 

@@ -83,6 +83,20 @@ pub enum Reason {
     /// Set by the inbound proxy: the listener's connection cap (total, handshaking, or
     /// this source identity's) was reached; the connection was closed.
     ConnectionLimit,
+    /// Set by the caller's sidecar (`TrafficPolicy`): the circuit breaker's caps were
+    /// reached; the caller got 503 at once.
+    CircuitOpen,
+    /// Set by the caller's sidecar: the overall or per-try timeout passed; 504.
+    #[serde(rename = "timeout")]
+    UpstreamTimeout,
+    /// Set by the caller's sidecar: the service has no endpoint (nor fallback); 503.
+    NoEndpoint,
+    /// Set by the caller's sidecar: every attempt failed (connect failure, reset, or an
+    /// error status) and no retry was left; 502 or the last status.
+    UpstreamFailed,
+    /// Set by the caller's sidecar: served, after more than one attempt (`attempts`,
+    /// `endpoint` say which served). The destination's own record counts the request.
+    Retried,
 }
 
 impl Reason {
@@ -107,6 +121,11 @@ impl Reason {
             Reason::BadRequest => "bad_request",
             Reason::UpgradeRefused => "upgrade_refused",
             Reason::ConnectionLimit => "connection_limit",
+            Reason::CircuitOpen => "circuit_open",
+            Reason::UpstreamTimeout => "timeout",
+            Reason::NoEndpoint => "no_endpoint",
+            Reason::UpstreamFailed => "upstream_failed",
+            Reason::Retried => "retried",
         }
     }
 
@@ -123,6 +142,11 @@ impl Reason {
                 | Reason::BadRequest
                 | Reason::UpgradeRefused
                 | Reason::ConnectionLimit
+                | Reason::CircuitOpen
+                | Reason::UpstreamTimeout
+                | Reason::NoEndpoint
+                | Reason::UpstreamFailed
+                | Reason::Retried
         )
     }
 }

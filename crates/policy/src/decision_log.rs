@@ -75,6 +75,13 @@ pub struct DecisionRecord {
     /// nanoseconds (the proxy writes such records once the response has started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ns: Option<u64>,
+    /// The caller's sidecar (`TrafficPolicy`): the endpoint that served or was tried last
+    /// (`address`, the workload in `destination`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// The caller's sidecar: how many attempts the request took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
 }
 
 fn inbound() -> String {
@@ -117,6 +124,8 @@ impl DecisionRecord {
             detail: None,
             address: None,
             duration_ns: None,
+            endpoint: None,
+            attempts: None,
         }
     }
 

@@ -27,6 +27,10 @@ pub struct Extra {
     pub address: Option<std::net::SocketAddr>,
     /// Allowed HTTP requests: the time to the app's response headers.
     pub duration: Option<std::time::Duration>,
+    /// The caller's sidecar: the endpoint that served or was tried last.
+    pub endpoint: Option<std::net::SocketAddr>,
+    /// The caller's sidecar: how many attempts the request took.
+    pub attempts: Option<u32>,
 }
 
 /// A destination and its metric label.
@@ -260,6 +264,11 @@ impl DecisionLog {
                 self.denied.fetch_add(1, Ordering::Relaxed);
                 1
             }
+            // The caller's record of a retried call: rare, each one kept.
+            Verdict::Allow if extra.attempts.is_some() => {
+                self.allowed.fetch_add(1, Ordering::Relaxed);
+                1
+            }
             Verdict::Allow => {
                 self.allowed.fetch_add(1, Ordering::Relaxed);
                 if !self
@@ -275,6 +284,7 @@ impl DecisionLog {
         // Shipped: every deny; a sampled allow as the shipping budget says, weighted.
         let ship = self.ship.as_ref().and_then(|q| match d.verdict {
             Verdict::Deny => Some((q, 1)),
+            Verdict::Allow if extra.attempts.is_some() => Some((q, 1)),
             Verdict::Allow => q.ship_allow().map(|f| (q, f)),
         });
         if self.tx.is_none() && ship.is_none() {
@@ -289,6 +299,8 @@ impl DecisionLog {
         rec.duration_ns = extra
             .duration
             .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        rec.endpoint = extra.endpoint.map(|a| a.to_string());
+        rec.attempts = extra.attempts;
         let mut line = rec.to_line();
         if let Some((q, factor)) = ship {
             if factor > 1 {

@@ -473,7 +473,7 @@ fn write(
 }
 
 /// The revision in force (0: none).
-fn revision(shared: &Shared) -> PolicyRevision {
+pub(crate) fn revision(shared: &Shared) -> PolicyRevision {
     shared
         .policy
         .load()

@@ -96,6 +96,56 @@ pub fn event(shared: &Shared, service: &WorkloadRef, e: Event, detail: &str) {
     }
 }
 
+/// The caller's record of a call its resilience answered itself (`deny` with reason
+/// `circuit_open`, `timeout`, `no_endpoint` or `upstream_failed`) or that took more than
+/// one attempt (`allow`, `retried`): which endpoint served or was tried last, and how
+/// many attempts (docs/decision-log.md). Rare by design: nothing is written for a call
+/// served at its first attempt (the destination's sidecar records those).
+#[allow(clippy::too_many_arguments)]
+pub fn record(
+    shared: &Shared,
+    service: &WorkloadRef,
+    port: u16,
+    reason: meshward_policy::Reason,
+    endpoint: Option<&crate::discovery::Endpoint>,
+    attempts: u32,
+    detail: String,
+    http: Option<meshward_policy::decision::HttpAttrs>,
+) {
+    use meshward_policy::decision::{Decision, Request, Source, Verdict};
+    let source = shared
+        .svid
+        .load()
+        .as_ref()
+        .and_then(|s| s.key.cert.first())
+        .and_then(|leaf| meshward_identity::svid::spiffe_id_of(leaf).ok())
+        .map_or(Source::Unauthenticated, Source::Authenticated);
+    let verdict = if reason == meshward_policy::Reason::Retried {
+        Verdict::Allow
+    } else {
+        Verdict::Deny
+    };
+    let req = Request {
+        source,
+        destination: endpoint.map_or_else(|| service.clone(), |e| e.workload.clone()),
+        port,
+        http,
+        at: std::time::SystemTime::now(),
+    };
+    let d = Decision::bare(verdict, reason, crate::gate::revision(shared));
+    shared.log.record_with(
+        &req,
+        &d,
+        &crate::decision_log::Extra {
+            outbound: true,
+            detail: Some(detail),
+            endpoint: endpoint.map(|e| e.addr()),
+            attempts: Some(attempts),
+            ..Default::default()
+        },
+    );
+}
+
 /// One outbound connection to `service` (callers on `port`) through the stages: the
 /// breaker admits it, an endpoint of `endpoints` (or the fallback's) is chosen, and mutual
 /// TLS is opened to it accepting only the identities of the set it came from (sockets
@@ -110,8 +160,20 @@ pub async fn connect(
 ) -> Result<Tunnel, ConnectError> {
     let (res, caller, fallback) = resilience_of(shared, service, port, mark.is_some());
     let settings = &res.settings;
+    use meshward_policy::Reason;
     let Some(place) = res.state.admit_connection(&settings.breaker) else {
         event(shared, service, Event::CircuitOpen, "");
+        let why = "circuit open (circuitBreaker.maxConnections)".to_owned();
+        record(
+            shared,
+            service,
+            port,
+            Reason::CircuitOpen,
+            None,
+            0,
+            why,
+            None,
+        );
         return Err(ConnectError::CircuitOpen);
     };
     let budget = settings
@@ -120,6 +182,7 @@ pub async fn connect(
         .unwrap_or_else(crate::resilience::default_budget);
     res.state.budget().request(now_ms());
     let (mut avoid, mut last) = (None, String::new());
+    let mut tried: Option<(&crate::discovery::Endpoint, u32)> = None;
     for attempt in 0..CONNECT_ATTEMPTS {
         let Some((choice, ev)) = crate::resilience::choose(
             endpoints,
@@ -128,6 +191,17 @@ pub async fn connect(
             settings,
             avoid,
         ) else {
+            let why = format!("no endpoint for {service}:{port}");
+            record(
+                shared,
+                service,
+                port,
+                Reason::NoEndpoint,
+                None,
+                attempt,
+                why,
+                None,
+            );
             return Err(ConnectError::NoEndpoint);
         };
         if attempt > 0 {
@@ -150,6 +224,7 @@ pub async fn connect(
             );
         }
         let ep = choice.endpoint;
+        tried = Some((ep, attempt + 1));
         ep.state.started();
         let load = ep.state.begin();
         let t0 = Instant::now();
@@ -166,6 +241,22 @@ pub async fn connect(
                 let now = now_ms();
                 ep.state.observe(now, t0.elapsed().as_nanos() as f64);
                 ep.state.succeeded(now, &settings.outlier);
+                if attempt > 0 {
+                    let why = format!(
+                        "connected at attempt {} (last failure: {last})",
+                        attempt + 1
+                    );
+                    record(
+                        shared,
+                        service,
+                        port,
+                        Reason::Retried,
+                        Some(ep),
+                        attempt + 1,
+                        why,
+                        None,
+                    );
+                }
                 return Ok(Tunnel {
                     tls,
                     endpoint: ep.addr(),
@@ -184,6 +275,19 @@ pub async fn connect(
                 last = e;
             }
         }
+    }
+    if let Some((ep, n)) = tried {
+        let why = format!("no connection: {last}");
+        record(
+            shared,
+            service,
+            port,
+            Reason::UpstreamFailed,
+            Some(ep),
+            n,
+            why,
+            None,
+        );
     }
     Err(ConnectError::Refused(last))
 }

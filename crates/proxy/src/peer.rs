@@ -91,6 +91,7 @@ fn handshake_refused(shared: &Shared, to: &WorkloadRef, addr: SocketAddr, why: F
             detail: Some(why.detail),
             address: Some(addr),
             duration: None,
+            ..Extra::default()
         },
     );
 }

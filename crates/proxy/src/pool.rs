@@ -154,7 +154,7 @@ type Body = BoxBody<Bytes, hyper::Error>;
 fn error(status: StatusCode, reason: &'static str, msg: String) -> Response<Body> {
     let mut r = Response::new(
         Full::new(Bytes::from(
-            serde_json::json!({"error": msg, "reason": reason}).to_string(),
+            serde_json::json!({"error": &msg, "reason": reason}).to_string(),
         ))
         .map_err(|never: Infallible| match never {})
         .boxed(),
@@ -169,7 +169,20 @@ fn error(status: StatusCode, reason: &'static str, msg: String) -> Response<Body
         crate::rescue::REFUSED_HEADER,
         hyper::header::HeaderValue::from_static(reason),
     );
+    r.extensions_mut().insert(OwnAnswer(reason, msg));
     r
+}
+
+/// Marks an answer the caller's sidecar made itself (never sent): its reason and message,
+/// for the record [`Pooled::forward`] writes.
+#[derive(Debug, Clone)]
+struct OwnAnswer(&'static str, String);
+
+/// Where a request's attempts went: the endpoint tried last and how many attempts.
+#[derive(Debug, Default)]
+struct Trail {
+    endpoint: Option<SocketAddr>,
+    attempts: u32,
 }
 
 type PoolClient = Client<MtlsConnector, Body>;
@@ -282,6 +295,75 @@ impl Pooled {
     /// body and the budget all allow it. A refusal by the next proxy's policy is never the
     /// endpoint's fault and never retried.
     async fn forward(&self, req: Request<Incoming>) -> Response<Body> {
+        // Cheap copies (shared bytes), kept for the rare record below.
+        let (method, uri) = (req.method().clone(), req.uri().clone());
+        let host = req.headers().get(hyper::header::HOST).cloned();
+        let mut trail = Trail::default();
+        let resp = self.attempts(req, &mut trail).await;
+        use meshward_policy::Reason;
+        let (reason, detail) = match resp.extensions().get::<OwnAnswer>() {
+            Some(OwnAnswer(r, msg)) => (
+                match *r {
+                    "circuit_open" => Some(Reason::CircuitOpen),
+                    "timeout" => Some(Reason::UpstreamTimeout),
+                    "no_endpoint" => Some(Reason::NoEndpoint),
+                    "upstream_failed" => Some(Reason::UpstreamFailed),
+                    // The app's own fault (a bad target, a body that failed): not the
+                    // service's, nothing to record.
+                    _ => None,
+                },
+                msg.clone(),
+            ),
+            None if trail.attempts > 1 => (
+                Some(Reason::Retried),
+                format!(
+                    "answered {} at attempt {}",
+                    resp.status().as_u16(),
+                    trail.attempts
+                ),
+            ),
+            None => (None, String::new()),
+        };
+        if let Some(reason) = reason {
+            let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+            let path = meshward_policy::path::normalize(pq)
+                .map(|n| n.path)
+                .unwrap_or_else(|_| uri.path().to_owned());
+            let http = meshward_policy::decision::HttpAttrs {
+                method: method.as_str().to_owned(),
+                path,
+                host: host
+                    .as_ref()
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+                    .or_else(|| uri.authority().map(|a| a.to_string())),
+                headers: vec![],
+            };
+            // The endpoint as the view in force names it (the primary set or the fallback).
+            let (_, _, fallback) =
+                crate::outbound::resilience_of(&self.shared, &self.up.service, self.up.port, false);
+            let primary = endpoints(&self.shared, &self.up);
+            let ep = trail.endpoint.and_then(|a| {
+                primary
+                    .get(a)
+                    .or_else(|| fallback.as_deref().and_then(|f| f.get(a)))
+            });
+            crate::outbound::record(
+                &self.shared,
+                &self.up.service,
+                self.up.port,
+                reason,
+                ep,
+                trail.attempts,
+                detail,
+                Some(http),
+            );
+        }
+        resp
+    }
+
+    /// [`Self::forward`]'s attempts, noting in `trail` where they went.
+    async fn attempts(&self, req: Request<Incoming>, trail: &mut Trail) -> Response<Body> {
         let (shared, up) = (&self.shared, &self.up);
         let started = tokio::time::Instant::now();
         let eps = endpoints(shared, up);
@@ -394,6 +476,7 @@ impl Pooled {
                     ),
                 );
             }
+            (trail.endpoint, trail.attempts) = (Some(ep.addr()), attempt);
             ep.state.started();
             let load = ep.state.begin();
             let b: Body = match (&replay, body.take()) {

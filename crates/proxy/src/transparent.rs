@@ -12,9 +12,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use meshward_identity::SpiffeId;
-use meshward_policy::decision::{
-    Decision, PolicyRevision, Reason, Request, Source, Verdict, WorkloadRef,
-};
+use meshward_policy::decision::{Decision, Reason, Request, Source, Verdict, WorkloadRef};
 use meshward_policy::model::PolicySet;
 use meshward_policy::reference::quarantine_of;
 use meshward_policy::resource::{OutboundMode, Protocol};
@@ -154,13 +152,7 @@ pub async fn external_allowed(set: &PolicySet, dst: SocketAddr) -> bool {
     false
 }
 
-fn revision(shared: &Shared) -> PolicyRevision {
-    shared
-        .policy
-        .load()
-        .as_ref()
-        .map_or(PolicyRevision(0), |p| PolicyRevision(p.revision))
-}
+use crate::gate::revision;
 
 /// A captured connection, for the decisions the proxy makes itself (not the policy
 /// engine): who, to which original destination, which side.
@@ -189,6 +181,7 @@ impl Captured<'_> {
                 detail: Some(detail),
                 address: Some(self.dst),
                 duration: None,
+                ..Extra::default()
             },
         );
     }
