@@ -11,7 +11,7 @@ use meshward_api::v1::config_server::{Config, ConfigServer};
 use meshward_api::v1::identity_server::{Identity, IdentityServer};
 use meshward_api::v1::telemetry_server::{Telemetry, TelemetryServer};
 use meshward_api::v1::{
-    ConfigAck, ConfigSnapshot, DecisionBatch, File, ShipAck, SignRequest, SignResponse,
+    ConfigAck, ConfigSnapshot, DecisionBatch, File, NotReady, ShipAck, SignRequest, SignResponse,
 };
 use meshward_identity::SpiffeId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -187,6 +187,7 @@ impl Config for ProxyApi {
         let mut acks = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let mut head = cp.subscribe();
+        let mut readiness = cp.subscribe_readiness();
         // Sender: a snapshot now and on every new head revision.
         let send_cp = cp.clone();
         let send_id = id.clone();
@@ -218,6 +219,11 @@ impl Config for ProxyApi {
                                 })
                                 .collect(),
                             bundle,
+                            not_ready: send_cp
+                                .not_ready()
+                                .into_iter()
+                                .map(|(workload, reason)| NotReady { workload, reason })
+                                .collect(),
                         })
                     }
                     Ok(Err(e)) => Err(status(e)),
@@ -230,7 +236,13 @@ impl Config for ProxyApi {
                 if let (Some(r), Ok(mut p)) = (revision, sent.lock()) {
                     *p = Some((r, std::time::Instant::now()));
                 }
-                if head.changed().await.is_err() {
+                // A new revision, or only readiness: either way the whole snapshot (the
+                // proxy skips recompiling a revision it enforces already).
+                let alive = tokio::select! {
+                    h = head.changed() => h.is_ok(),
+                    r = readiness.changed() => r.is_ok(),
+                };
+                if !alive {
                     break;
                 }
             }
@@ -245,6 +257,10 @@ impl Config for ProxyApi {
                 {
                     cp.metrics.push_duration.observe(at.elapsed().as_secs_f64());
                     *p = None;
+                }
+                if !ack.workload.is_empty() {
+                    let why = (!ack.not_ready.is_empty()).then(|| ack.not_ready.clone());
+                    cp.proxy_readiness(conn, &ack.workload, why);
                 }
                 let now = crate::store::ms(SystemTime::now());
                 cp.proxy_update(conn, |s| {

@@ -88,6 +88,11 @@ pub struct ControlPlane {
     /// Connected proxies by stream id.
     proxies: Mutex<std::collections::BTreeMap<u64, ProxyState>>,
     next_proxy: std::sync::atomic::AtomicU64,
+    /// Workloads whose own sidecar said it is not ready, and why (in memory: after a
+    /// restart every sidecar says it again with its first acknowledgement).
+    readiness: Mutex<std::collections::BTreeMap<String, String>>,
+    /// Bumped on every readiness change; config streams listen.
+    readiness_gen: tokio::sync::watch::Sender<u64>,
     tls_bundles: Option<meshward_identity::verifier::SharedBundles>,
     /// Snapshots of the head revision by identity.
     snapshots: Mutex<(u64, std::collections::HashMap<SpiffeId, Arc<Snapshot>>)>,
@@ -163,6 +168,8 @@ impl ControlPlane {
             head: tokio::sync::watch::channel(head).0,
             proxies: Mutex::new(std::collections::BTreeMap::new()),
             next_proxy: std::sync::atomic::AtomicU64::new(1),
+            readiness: Mutex::new(std::collections::BTreeMap::new()),
+            readiness_gen: tokio::sync::watch::channel(0).0,
             snapshots: Mutex::new((u64::MAX, std::collections::HashMap::new())),
             tls_bundles: None,
             metrics: Arc::default(),
@@ -1310,6 +1317,43 @@ impl ControlPlane {
         {
             f(s);
         }
+    }
+
+    /// What the sidecar of stream `id` says of its workload's readiness (`None`: ready).
+    /// Only a workload its identity runs as counts. A change is published to every config
+    /// stream. A sidecar that disconnects keeps what it said last (a draining one has
+    /// gone; one cut off from the control plane may still serve, and says so again when it
+    /// is back).
+    pub fn proxy_readiness(&self, id: u64, workload: &str, not_ready: Option<String>) {
+        let owns = self.proxies.lock().ok().is_some_and(|p| {
+            p.get(&id)
+                .is_some_and(|s| s.workloads.iter().any(|w| w == workload))
+        });
+        if !owns {
+            return;
+        }
+        let changed = match self.readiness.lock() {
+            Ok(mut r) => match not_ready {
+                Some(why) => r.insert(workload.to_owned(), why.clone()).as_ref() != Some(&why),
+                None => r.remove(workload).is_some(),
+            },
+            Err(_) => false,
+        };
+        if changed {
+            self.readiness_gen.send_modify(|g| *g += 1);
+        }
+    }
+
+    /// Workloads not ready, and why.
+    pub fn not_ready(&self) -> Vec<(String, String)> {
+        self.readiness
+            .lock()
+            .map(|r| r.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn subscribe_readiness(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.readiness_gen.subscribe()
     }
 
     pub fn proxy_disconnected(&self, id: u64) {

@@ -224,6 +224,7 @@ async fn join_renew_and_stream_config() {
             accepted: true,
             error: String::new(),
             persist_error: "cannot save the snapshot: No space left on device".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -281,6 +282,7 @@ async fn join_renew_and_stream_config() {
             accepted: false,
             error: "bad snapshot".into(),
             persist_error: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -293,4 +295,59 @@ async fn join_renew_and_stream_config() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(rejected, "{}", cp.status().unwrap());
+
+    // Readiness: a sidecar speaks only for a workload its identity runs as; what it says
+    // goes to every stream at once, with the same revision.
+    for (workload, why) in [
+        ("orders/orders-api", "forged"),
+        (
+            "payments/payments-api",
+            "draining: the sidecar is shutting down",
+        ),
+    ] {
+        ack_tx
+            .send(ConfigAck {
+                revision: 2,
+                accepted: true,
+                workload: workload.into(),
+                not_ready: why.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let third = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(third.revision, 2);
+    let nr: Vec<(String, String)> = third
+        .not_ready
+        .iter()
+        .map(|n| (n.workload.clone(), n.reason.clone()))
+        .collect();
+    assert_eq!(
+        nr,
+        vec![(
+            "payments/payments-api".to_string(),
+            "draining: the sidecar is shutting down".to_string()
+        )]
+    );
+    // Ready again: the list empties.
+    ack_tx
+        .send(ConfigAck {
+            revision: 2,
+            accepted: true,
+            workload: "payments/payments-api".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let fourth = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(fourth.not_ready.is_empty(), "{:?}", fourth.not_ready);
 }

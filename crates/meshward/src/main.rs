@@ -262,6 +262,15 @@ struct ProxyArgs {
     /// (127.0.0.2, 127.0.0.3, …).
     #[arg(long, default_value = "127.0.0.1")]
     app_host: String,
+    /// Explicit mode: how often the sidecar checks that its app accepts connections on
+    /// every declared port; after two failed checks callers pass this endpoint over until
+    /// it accepts again (docs/resilience.md). `0s`: never.
+    #[arg(long, default_value = "2s")]
+    app_probe_interval: String,
+    /// On SIGTERM, tell callers this endpoint is going away and keep serving this long
+    /// before exiting, so no request is lost; `0s`: exit at once.
+    #[arg(long, default_value = "5s")]
+    drain_time: String,
     /// Transparent mode: serve the capture ports that `meshward proxy init-netns` redirects
     /// all TCP of the network namespace to (run as root; see docs/operations.md).
     #[arg(long)]

@@ -168,6 +168,16 @@ fn options(
             None
         }
     };
+    let mut dur = |flag: &str, v: &str| match humantime::parse_duration(v) {
+        Ok(d) if d.is_zero() => None,
+        Ok(d) => Some(d),
+        Err(e) => {
+            errors.push(format!("{flag} `{v}`: {e} (write e.g. 2s or 500ms)"));
+            None
+        }
+    };
+    let app_probe = dur("--app-probe-interval", &a.app_probe_interval);
+    let drain = dur("--drain-time", &a.drain_time);
     let upstream_protocol = meshward_proxy::pool::UpstreamProtocol::parse(&a.upstream_protocol)
         .map_err(|e| errors.push(format!("--upstream-protocol {e}")))
         .ok();
@@ -229,6 +239,8 @@ fn options(
         limits,
         workers: a.workers,
         app_host,
+        app_probe,
+        drain,
     })
 }
 

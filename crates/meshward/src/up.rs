@@ -449,6 +449,8 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
                 limits: meshward_proxy::listener::Limits::defaults(),
         workers: 1,
         app_host: std::net::Ipv4Addr::LOCALHOST.into(),
+        app_probe: None,
+        drain: None,
             };
             let (tx, name) = (ready_tx.clone(), p.id.to_string());
             tokio::spawn(async move {

@@ -2123,7 +2123,7 @@ struct Replica {
     inbound: u16,
     state: PathBuf,
     token: PathBuf,
-    _app: Proc,
+    app: Option<Proc>,
     sidecar: Option<Proc>,
 }
 
@@ -2197,7 +2197,7 @@ spec: {{serviceAccount: {sa}, locality: {{region: r1, zone: {zone}}}, ports: [{{
                     host,
                     app_port,
                     inbound,
-                    _app: app,
+                    app: Some(app),
                     sidecar: None,
                 };
                 r.sidecar = Some(r.start(&m.env, true));
@@ -2301,7 +2301,16 @@ impl Replica {
             &format!("orders/{}", self.name),
             &self.state,
             token,
-            &["--app-host", &self.host, "--identity", &self.identity],
+            &[
+                "--app-host",
+                &self.host,
+                "--identity",
+                &self.identity,
+                "--app-probe-interval",
+                "300ms",
+                "--drain-time",
+                "3s",
+            ],
         )
         .0
     }
@@ -2354,6 +2363,92 @@ fn a_killed_replica_costs_no_request_with_retries_and_is_ejected() {
         assert_eq!(rec["path"], "/orders/1", "{rec}");
     }
     let _ = (&r.m, &r.replicas[0].inbound);
+}
+
+#[test]
+fn a_draining_replica_costs_no_request_without_retries() {
+    let mut r = Replicas::start(&["z-a", "z-a"], false, "  timeout: 5s\n");
+    let victim = r.replicas[0].sidecar.take().unwrap();
+    let before = r.counts();
+    let admin = r.front_admin;
+    let seen = std::sync::Mutex::new(String::new());
+    let codes = r.load(4, 3.0, || {
+        std::thread::sleep(Duration::from_millis(500));
+        // SIGTERM: the sidecar says it is draining, keeps serving 3 s, then exits.
+        victim.signal("-TERM");
+        eventually(3, || {
+            let eps = get(&format!("http://127.0.0.1:{admin}/endpoints")).1;
+            let ok = eps.contains("\"not_ready\":\"draining");
+            *seen.lock().unwrap() = eps;
+            hold(ok, || seen.lock().unwrap().clone())
+        });
+    });
+    let failed: Vec<_> = codes.iter().filter(|c| **c != 200).collect();
+    assert!(codes.len() > 40, "{}", codes.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed",
+        failed.len(),
+        codes.len()
+    );
+    let drained = r.counts()[0] - before[0];
+    eprintln!("the draining replica served {drained} before it was passed over");
+    // It exits by itself once drained, and meanwhile got no new traffic.
+    let mut victim = victim;
+    let t = Instant::now();
+    while victim.0.try_wait().unwrap().is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(6),
+            "still running after its drain time"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        victim.stderr().contains("draining for 3s"),
+        "{}",
+        victim.stderr()
+    );
+    for _ in 0..10 {
+        assert_eq!(r.get(), ("200".into(), "orders-1".into()));
+    }
+}
+
+#[test]
+fn a_replica_whose_app_stops_is_passed_over_until_it_accepts_again() {
+    // No retries and no ejection: only readiness moves the traffic.
+    let mut r = Replicas::start(
+        &["z-a", "z-a"],
+        false,
+        "  timeout: 5s\n  outlierDetection: {consecutiveErrors: 100000}\n",
+    );
+    drop(r.replicas[0].app.take());
+    eventually(10, || {
+        let eps = r.endpoints();
+        hold(
+            eps.contains("\"state\":\"not_ready\"") && eps.contains("not accepting connections"),
+            || eps.clone(),
+        )
+    });
+    for _ in 0..20 {
+        assert_eq!(
+            r.get(),
+            ("200".into(), "orders-1".into()),
+            "{}",
+            r.endpoints()
+        );
+    }
+    let x = &r.replicas[0];
+    r.replicas[0].app = Some(replica_app(&x.host, x.app_port, &x.name, &r.ctl));
+    eventually(10, || {
+        let eps = r.endpoints();
+        hold(!eps.contains("not_ready\":\""), || eps.clone())
+    });
+    eventually(10, || {
+        let (code, body) = r.get();
+        hold(code == "200" && body == "orders-0", || {
+            format!("{code} {body}")
+        })
+    });
 }
 
 #[test]

@@ -76,6 +76,12 @@ pub struct Health {
     pub control_error: ArcSwapOption<String>,
     /// Which `--control` address to try first (the last that answered).
     preferred: AtomicUsize,
+    /// Shutting down: callers are told to pass this endpoint over while it still serves.
+    draining: std::sync::atomic::AtomicBool,
+    /// Why the app is not accepting connections (the sidecar's own probe).
+    app_down: ArcSwapOption<String>,
+    /// Readiness changed: the config stream tells the control plane.
+    readiness_changed: tokio::sync::Notify,
 }
 
 impl Health {
@@ -102,6 +108,36 @@ impl Health {
                 false
             }
         }
+    }
+
+    /// Why this workload is not ready for callers (`None`: ready): draining, or its app
+    /// not accepting connections.
+    pub fn not_ready(&self) -> Option<String> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Some("draining: the sidecar is shutting down".into());
+        }
+        self.app_down.load().as_deref().cloned()
+    }
+
+    /// From now on callers are told this endpoint is going away.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.readiness_changed.notify_one();
+    }
+
+    /// What the app probe found (`None`: the app accepts connections); a change is logged
+    /// and told to the control plane.
+    pub fn set_app_down(&self, why: Option<String>) {
+        let was = self.app_down.load().as_deref().cloned();
+        if was == why {
+            return;
+        }
+        match &why {
+            Some(w) => log(&format!("not ready: {w}")),
+            None => log("ready: the app accepts connections again"),
+        }
+        self.app_down.store(why.map(Arc::new));
+        self.readiness_changed.notify_one();
     }
 
     /// Records a failed control-plane call, counted by kind (`timeout`, `unavailable`,
@@ -510,6 +546,25 @@ pub async fn config_loop(shared: Arc<Shared>, cfg: AgentConfig) {
     }
 }
 
+/// The trust bundle a snapshot carries: in force at once, and saved.
+fn take_bundle(shared: &Shared, cfg: &AgentConfig, bundle: &[Vec<u8>]) {
+    if bundle.is_empty() {
+        return;
+    }
+    let mut tb = TrustBundles::new();
+    tb.set(
+        cfg.trust_domain.clone(),
+        bundle.iter().cloned().map(CertificateDer::from).collect(),
+    );
+    shared.bundles.store(tb);
+    let pem: String = bundle
+        .iter()
+        .map(|b| cert_pem(&CertificateDer::from(b.clone())))
+        .collect();
+    let r = save(&cfg.state_dir, &[("bundle.pem", pem.as_bytes())]);
+    shared.health.persisted(shared, "bundle", r);
+}
+
 /// Marks the end of a stream that delivered at least one snapshot.
 const STREAMED: &str = "after delivering revisions";
 
@@ -547,7 +602,28 @@ async fn stream_once(
     })
     .await?;
     let mut delivered = 0u64;
-    while let Some(msg) = snaps.next().await {
+    let status = |shared: &Shared, revision: u64, persist_error: String| ConfigAck {
+        revision,
+        accepted: true,
+        error: String::new(),
+        persist_error,
+        workload: shared.workload.to_string(),
+        not_ready: shared.health.not_ready().unwrap_or_default(),
+    };
+    loop {
+        let msg = tokio::select! {
+            m = snaps.next() => m,
+            () = shared.health.readiness_changed.notified() => {
+                // Readiness alone: said as an acknowledgement of the revision enforced.
+                let enforced = shared.policy.load().as_ref().map_or(0, |p| p.revision);
+                let pe = shared.health.persist_error.load().as_deref().cloned().unwrap_or_default();
+                if tx.send(status(shared, enforced, pe)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
+        let Some(msg) = msg else { break };
         let snap = match msg {
             Ok(s) => s,
             Err(s) if delivered > 0 => {
@@ -559,31 +635,49 @@ async fn stream_once(
         if delivered == 1 && shared.health.control_error.swap(None).is_some() {
             log(&format!("the control plane at {addr} answers again"));
         }
+        // Which endpoints their own sidecars say are not ready, for this view and the next.
+        let not_ready: std::collections::HashMap<_, _> = snap
+            .not_ready
+            .iter()
+            .filter_map(|n| {
+                Some((
+                    meshward_policy::WorkloadRef::parse(&n.workload).ok()?,
+                    Arc::new(n.reason.clone()),
+                ))
+            })
+            .collect();
+        let current = shared.policy.load_full();
+        shared
+            .endpoints
+            .set_not_ready(not_ready, current.as_ref().map(|p| &p.view.discovery));
+        // The revision in force, already saved: only readiness (or a reconnect) changed.
+        if let Some(p) = &current
+            && p.revision == snap.revision
+            && shared.health.persisted_revision.load(Ordering::Relaxed) == snap.revision
+        {
+            take_bundle(shared, cfg, &snap.bundle);
+            if delivered == 1 {
+                log(&format!(
+                    "enforcing revision {} (unchanged, the control plane is back)",
+                    snap.revision
+                ));
+            }
+            if tx
+                .send(status(shared, snap.revision, String::new()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            continue;
+        }
         let files: Vec<(String, String)> =
             snap.files.into_iter().map(|f| (f.name, f.text)).collect();
         let ack = match compile(&files) {
             Ok(set) => {
                 shared.set_policy(snap.revision, set);
                 let mut saved = Ok(());
-                if !snap.bundle.is_empty() {
-                    let mut tb = TrustBundles::new();
-                    tb.set(
-                        cfg.trust_domain.clone(),
-                        snap.bundle
-                            .iter()
-                            .cloned()
-                            .map(CertificateDer::from)
-                            .collect(),
-                    );
-                    shared.bundles.store(tb);
-                    let pem: String = snap
-                        .bundle
-                        .iter()
-                        .map(|b| cert_pem(&CertificateDer::from(b.clone())))
-                        .collect();
-                    let r = save(&cfg.state_dir, &[("bundle.pem", pem.as_bytes())]);
-                    shared.health.persisted(shared, "bundle", r);
-                }
+                take_bundle(shared, cfg, &snap.bundle);
                 if let Ok(json) = serde_json::to_string(&(snap.revision, &files)) {
                     saved = save(&cfg.state_dir, &[("snapshot.json", json.as_bytes())]);
                 }
@@ -612,20 +706,14 @@ async fn stream_once(
                             .unwrap_or_default()
                     }
                 };
-                ConfigAck {
-                    revision: snap.revision,
-                    accepted: true,
-                    error: String::new(),
-                    persist_error,
-                }
+                status(shared, snap.revision, persist_error)
             }
             Err(e) => {
                 log(&format!("rejecting revision {}: {e}", snap.revision));
                 ConfigAck {
-                    revision: snap.revision,
                     accepted: false,
                     error: e,
-                    persist_error: String::new(),
+                    ..status(shared, snap.revision, String::new())
                 }
             }
         };

@@ -1,6 +1,7 @@
 //! Outbound stage 2, balancing: which endpoint of a discovered set serves the next request
 //! (pooled HTTP) or connection (tunnel, transparent capture) — the one implementation of
-//! endpoint choice. The candidates are the endpoints not ejected and not failing, in the
+//! endpoint choice. The candidates are the endpoints ready (as their own sidecar says),
+//! not ejected and not failing, in the
 //! best locality tier that has any (the caller's zone, its region, the `failover` order,
 //! the rest), then the fallback service's; among them, power of two choices on peak-EWMA
 //! latency × in-flight load ([`crate::endpoint_state::EndpointState::cost`]): Linkerd's
@@ -79,8 +80,11 @@ pub fn choose<'a>(
     avoid: Option<std::net::SocketAddr>,
 ) -> Option<(Choice<'a>, Option<Event>)> {
     let now = now_ms();
-    let usable =
-        |e: &Endpoint| !e.state.is_ejected(now) && !e.state.is_failing(now, &settings.outlier);
+    let usable = |e: &Endpoint| {
+        e.state.is_ready()
+            && !e.state.is_ejected(now)
+            && !e.state.is_failing(now, &settings.outlier)
+    };
     for (set, fb) in [(Some(primary), false), (fallback, true)] {
         let Some(set) = set else { continue };
         if let Some(ep) = pick(

@@ -121,6 +121,18 @@ pub struct Discovery {
 }
 
 impl Discovery {
+    /// Every endpoint of every table (one may appear more than once).
+    pub fn all(&self) -> impl Iterator<Item = &Endpoint> {
+        let sets = self
+            .explicit
+            .values()
+            .chain(self.captured_by_service.values())
+            .chain(self.services_by_ip.values().map(|c| &c.ports))
+            .chain(self.workloads_by_ip.values().map(|c| &c.ports))
+            .flat_map(|ports| ports.values());
+        sets.flat_map(|set| set.endpoints.iter())
+    }
+
     /// The tables of `set`; each endpoint's state comes from `states`.
     pub fn build(set: &PolicySet, states: &mut StatesBuilder) -> Discovery {
         let mut d = Discovery::default();

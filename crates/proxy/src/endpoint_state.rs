@@ -108,6 +108,10 @@ pub struct EndpointState {
     probation: AtomicBool,
     returned_at: AtomicU64,
     last_failure: AtomicU64,
+    /// The endpoint's own sidecar says it is not ready (draining, its app down), via the
+    /// control plane; why.
+    not_ready: AtomicBool,
+    not_ready_why: arc_swap::ArcSwapOption<String>,
 }
 
 /// The balancer's decay time for the latency estimate (Linkerd's default).
@@ -116,8 +120,10 @@ pub const DECAY_MS: f64 = 10_000.0;
 /// An endpoint's state as the admin page and the metrics show it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Health {
-    /// `ready`, `ejected` or `probation`.
+    /// `ready`, `ejected`, `not_ready` or `probation`.
     pub state: &'static str,
+    /// Why its own sidecar says it is not ready.
+    pub not_ready: Option<String>,
     /// Why it is ejected.
     pub reason: Option<&'static str>,
     /// Milliseconds until it returns, when ejected.
@@ -128,6 +134,17 @@ pub struct Health {
 }
 
 impl EndpointState {
+    /// What the endpoint's own sidecar says (`None`: ready).
+    pub fn set_not_ready(&self, why: Option<Arc<String>>) {
+        self.not_ready.store(why.is_some(), Ordering::Relaxed);
+        self.not_ready_why.store(why);
+    }
+
+    /// Whether the endpoint's own sidecar says it is ready (the default).
+    pub fn is_ready(&self) -> bool {
+        !self.not_ready.load(Ordering::Relaxed)
+    }
+
     /// One more request (HTTP) or connection (tunnel) sent to this endpoint.
     pub fn started(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
@@ -310,9 +327,12 @@ impl EndpointState {
         let ejected = self.is_ejected(now);
         let until = self.ejected_until.load(Ordering::Relaxed);
         let bits = self.rtt.load(Ordering::Relaxed);
+        let not_ready = self.not_ready_why.load_full();
         Health {
             state: if ejected {
                 "ejected"
+            } else if not_ready.is_some() {
+                "not_ready"
             } else if self.probation.load(Ordering::Relaxed) {
                 "probation"
             } else {
@@ -327,6 +347,7 @@ impl EndpointState {
             ejections: self.ejections.load(Ordering::Relaxed),
             outstanding: self.outstanding(),
             latency_ms: (bits != 0).then(|| self.latency_ns(now, 0.0) / 1e6),
+            not_ready: not_ready.map(|w| w.as_str().to_owned()),
         }
     }
 }
@@ -340,6 +361,7 @@ impl Health {
             "ejections": self.ejections,
             "outstanding": self.outstanding,
             "latency_ms": self.latency_ms,
+            "not_ready": self.not_ready,
         })
     }
 }
@@ -361,6 +383,9 @@ impl Drop for InFlight {
 pub struct EndpointStates {
     endpoints: ArcSwap<HashMap<EndpointKey, Arc<EndpointState>>>,
     services: ArcSwap<HashMap<WorkloadRef, Arc<crate::resilience::ServiceState>>>,
+    /// The workloads whose own sidecar says they are not ready (the control plane's
+    /// last word), applied to every view's endpoints.
+    not_ready: ArcSwap<HashMap<WorkloadRef, Arc<String>>>,
 }
 
 impl EndpointStates {
@@ -371,6 +396,27 @@ impl EndpointStates {
             new: HashMap::new(),
             old_services: self.services.load_full(),
             services: HashMap::new(),
+        }
+    }
+
+    /// Takes the control plane's list of workloads not ready, for `discovery` (the view in
+    /// force) and every later view.
+    pub fn set_not_ready(
+        &self,
+        not_ready: HashMap<WorkloadRef, Arc<String>>,
+        discovery: Option<&crate::discovery::Discovery>,
+    ) {
+        self.not_ready.store(Arc::new(not_ready));
+        if let Some(d) = discovery {
+            self.apply_readiness(d);
+        }
+    }
+
+    /// Marks the endpoints of `discovery` ready or not as the last list says.
+    pub fn apply_readiness(&self, discovery: &crate::discovery::Discovery) {
+        let nr = self.not_ready.load();
+        for e in discovery.all() {
+            e.state.set_not_ready(nr.get(&e.workload).cloned());
         }
     }
 

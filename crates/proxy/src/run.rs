@@ -48,6 +48,13 @@ pub struct Options {
     pub workers: usize,
     /// Explicit mode: the loopback address the app listens on.
     pub app_host: std::net::IpAddr,
+    /// Explicit mode: how often the sidecar checks that its app accepts connections on
+    /// every declared port (two failures in a row: callers are told it is not ready);
+    /// `None`: never.
+    pub app_probe: Option<Duration>,
+    /// On SIGTERM: tell callers this endpoint is going away, keep serving this long, then
+    /// return; `None`: no SIGTERM handling (the default action; in-process embedding).
+    pub drain: Option<Duration>,
 }
 
 /// The most worker threads `--workers` accepts.
@@ -201,6 +208,11 @@ pub async fn run_with_state(
             }
         }
     }
+    if let (Some(every), None) = (opts.app_probe, &opts.transparent) {
+        tokio::spawn(probe_app(shared.clone(), opts.app_host, every));
+    }
+    let drained = drain(shared.clone(), opts.drain);
+    tokio::pin!(drained);
     // The inbound ports come from the workload's declaration: wait for a policy, open its
     // ports, then follow every revision (ports added, moved or removed).
     let mut open = Inbound(HashMap::new(), opts.app_host);
@@ -212,13 +224,82 @@ pub async fn run_with_state(
     };
     ready(&bound);
     loop {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            () = &mut drained => return Ok(()),
+        }
         let current = shared.policy.load().as_ref().map(|p| p.revision);
         if current.is_some() && current != shared.listeners.bound() {
             // Not fatal after start: `/ready` stays 503 and the next tick tries again.
             if let Err(e) = open.reconcile(&shared, opts.transparent.as_ref()).await {
                 eprintln!("meshward-proxy: {e}; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Waits for SIGTERM, then tells callers (through the control plane) that this endpoint
+/// is going away and keeps serving for `drain`, so that they move their traffic before
+/// the listeners close. Never completes without `drain`.
+async fn drain(shared: Arc<Shared>, drain: Option<Duration>) {
+    let Some(drain) = drain else {
+        return std::future::pending().await;
+    };
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        return std::future::pending().await;
+    };
+    term.recv().await;
+    eprintln!(
+        "meshward-proxy: SIGTERM: draining for {drain:?} (callers are told to pass this endpoint over)"
+    );
+    shared.health.set_draining();
+    tokio::time::sleep(drain).await;
+    eprintln!("meshward-proxy: drained; exiting");
+}
+
+/// Checks every `every` that the app accepts TCP connections on each port the workload
+/// declares (at `host`): two failed rounds in a row make the workload not ready for its
+/// callers, one good round ready again ([`crate::agent::Health::set_app_down`]).
+async fn probe_app(shared: Arc<Shared>, host: std::net::IpAddr, every: Duration) {
+    let mut failed_rounds = 0u32;
+    loop {
+        tokio::time::sleep(every).await;
+        let ports: Vec<u16> = shared
+            .policy
+            .load()
+            .as_ref()
+            .and_then(|p| p.set.workload(&shared.workload).map(|w| w.ports.clone()))
+            .map(|ps| ps.iter().map(|p| p.port).collect())
+            .unwrap_or_default();
+        let mut down = None;
+        for port in ports {
+            let addr = SocketAddr::new(host, port);
+            let r = tokio::time::timeout(every.max(Duration::from_millis(200)), async {
+                tokio::net::TcpStream::connect(addr).await
+            })
+            .await;
+            let why = match r {
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer".into(),
+            };
+            down = Some(format!(
+                "the app is not accepting connections on {addr} ({why})"
+            ));
+            break;
+        }
+        match down {
+            None => {
+                failed_rounds = 0;
+                shared.health.set_app_down(None);
+            }
+            Some(why) => {
+                failed_rounds += 1;
+                if failed_rounds >= 2 {
+                    shared.health.set_app_down(Some(why));
+                }
             }
         }
     }

@@ -122,6 +122,7 @@ impl Shared {
                 .with_revision(meshward_policy::PolicyRevision(revision)),
         );
         let view = crate::view::View::build(revision, &set, &self.workload, &self.endpoints);
+        self.endpoints.apply_readiness(&view.discovery);
         self.budgets.retain(&view.rate_limiter);
         let headers = view.headers.clone();
         let lower_paths = set

@@ -121,6 +121,8 @@ fn options(ca: &Ca, dir: &Path, admin: SocketAddr) -> meshward_proxy::run::Optio
         limits: meshward_proxy::listener::Limits::defaults(),
         workers: 1,
         app_host: std::net::Ipv4Addr::LOCALHOST.into(),
+        app_probe: None,
+        drain: None,
     }
 }
 
