@@ -170,13 +170,40 @@ kind: Service
 metadata: {name: backend-quiet, namespace: bench}
 spec: {selector: {app: backend-quiet}, ports: [{port: 80, targetPort: 18900}]}
 ---
+# Two replicas behind a TrafficPolicy: balancing (P2C on peak-EWMA latency), outlier
+# ejection, a timeout and retries within a budget, on pooled HTTP/1.1 (issue 14).
+apiVersion: meshward.io/v1alpha1
+kind: Workload
+metadata: {name: backend-r0, namespace: bench, labels: {app: backend-resilient}}
+spec: {serviceAccount: backend-resilient, ports: [{port: 18900, protocol: HTTP, inbound: "127.0.0.1:18947"}]}
+---
+apiVersion: meshward.io/v1alpha1
+kind: Workload
+metadata: {name: backend-r1, namespace: bench, labels: {app: backend-resilient}}
+spec: {serviceAccount: backend-resilient, ports: [{port: 18900, protocol: HTTP, inbound: "127.0.0.1:18948"}]}
+---
+apiVersion: meshward.io/v1alpha1
+kind: Service
+metadata: {name: backend-resilient, namespace: bench}
+spec: {selector: {app: backend-resilient}, ports: [{port: 80, targetPort: 18900, protocol: HTTP}]}
+---
+apiVersion: meshward.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: backend-resilient, namespace: bench}
+spec:
+  target: {services: [backend-resilient]}
+  timeout: 5s
+  retries: {attempts: 2, retryOn: [connect-failure, reset, gateway-error], budgetPercent: 20, minRetriesPerSecond: 10}
+  outlierDetection: {consecutiveErrors: 5, failurePercent: 50, minRequests: 20, interval: 10s}
+  circuitBreaker: {maxRequests: 1024}
+---
 apiVersion: meshward.io/v1alpha1
 kind: AuthorizationPolicy
 metadata: {name: backend, namespace: bench}
 spec:
   tier: service
   action: ALLOW
-  target: {workloads: [backend, backend-quiet, backend-base, backend-limited]}
+  target: {workloads: [backend, backend-quiet, backend-base, backend-limited, backend-r0, backend-r1]}
   rules:
     - from: [{identities: ["spiffe://bench.example/ns/bench/sa/client"]}]
       to: [{methods: [GET], paths: ["/*"]}]
@@ -207,8 +234,17 @@ C="--server 127.0.0.1:18940 --ca-file mw/data/bundle.pem"
 "$MW" workload token --identity spiffe://bench.example/ns/bench/sa/client $C --token-file mw/data/admin.token > mw/c6.tok
 "$MW" proxy --workload bench/backend-limited --control 127.0.0.1:18941 --ca-file mw/data/bundle.pem --join-token-file mw/b6.tok --state-dir mw/b6 --admin 127.0.0.1:18958 > mw/b6.log 2>&1 & PIDS+=($!); MW6_I=$!
 "$MW" proxy --workload bench/client --control 127.0.0.1:18941 --ca-file mw/data/bundle.pem --join-token-file mw/c6.tok --state-dir mw/c6 --admin 127.0.0.1:18959 --upstream 127.0.0.1:18946=bench/backend-limited:80 > mw/c6.log 2>&1 & PIDS+=($!); MW6_O=$!
+# A client proxy in front of two backend replicas with a TrafficPolicy: its requests go
+# pooled HTTP/1.1 whatever --upstream-protocol says (docs/resilience.md); the row's
+# inbound CPU is both replicas' sidecars together.
+"$MW" workload token --identity spiffe://bench.example/ns/bench/sa/backend-resilient $C --token-file mw/data/admin.token > mw/b7.tok
+"$MW" workload token --identity spiffe://bench.example/ns/bench/sa/backend-resilient $C --token-file mw/data/admin.token > mw/b8.tok
+"$MW" workload token --identity spiffe://bench.example/ns/bench/sa/client $C --token-file mw/data/admin.token > mw/c7.tok
+"$MW" proxy --workload bench/backend-r0 --identity spiffe://bench.example/ns/bench/sa/backend-resilient --control 127.0.0.1:18941 --ca-file mw/data/bundle.pem --join-token-file mw/b7.tok --state-dir mw/b7 --admin 127.0.0.1:18960 > mw/b7.log 2>&1 & PIDS+=($!); MW7_I=$!
+"$MW" proxy --workload bench/backend-r1 --identity spiffe://bench.example/ns/bench/sa/backend-resilient --control 127.0.0.1:18941 --ca-file mw/data/bundle.pem --join-token-file mw/b8.tok --state-dir mw/b8 --admin 127.0.0.1:18961 > mw/b8.log 2>&1 & PIDS+=($!); MW8_I=$!
+"$MW" proxy --workload bench/client --control 127.0.0.1:18941 --ca-file mw/data/bundle.pem --join-token-file mw/c7.tok --state-dir mw/c7 --admin 127.0.0.1:18962 --upstream 127.0.0.1:18949=bench/backend-resilient:80 > mw/c7.log 2>&1 & PIDS+=($!); MW7_O=$!
 # With MESHWARD_BASE_BIN, the default pair again, run by that build.
-PORTS="18900 18911 18921 18931 18935 18936 18937 18946"
+PORTS="18900 18911 18921 18931 18935 18936 18937 18946 18949"
 if [ -n "${MESHWARD_BASE_BIN:-}" ]; then
   B="$MESHWARD_BASE_BIN"
   "$MW" workload token --identity spiffe://bench.example/ns/bench/sa/backend-base $C --token-file mw/data/admin.token > mw/b5.tok
@@ -225,7 +261,7 @@ for port in $PORTS; do
 done
 
 # A proxy's processes: the PID and its children (nginx's worker runs under its master).
-procs() { for p in "$@"; do echo "$p"; pgrep -P "$p" || true; done; }
+procs() { for p in $*; do echo "$p"; pgrep -P "$p" || true; done; }
 cpu_ms() { local t=0; for p in $(procs "$@"); do t=$((t + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $((t * 1000 / $(getconf CLK_TCK))); }
 # Context switches (voluntary + involuntary) of a proxy's processes and all their threads.
 ctx() { local t=0; for p in $(procs "$@"); do for f in /proc/$p/task/*/status; do t=$((t + $(awk '/ctxt_switches/{s+=$2} END{print s}' "$f"))); done; done; echo $t; }
@@ -245,6 +281,7 @@ ROWS=(
   "meshward pair, default, RateLimitPolicy on the path|18946|$MW6_O|$MW6_I"
   "meshward pair, HTTP/1.1 pool between proxies|18936|$MW3_O|$MW_I"
   "meshward pair, HTTP/2 between proxies|18937|$MW4_O|$MW_I"
+  "meshward, resilient: pooled HTTP/1.1 to 2 replicas, balancing + ejection + retry budget + timeout|18949|$MW7_O|$MW7_I $MW8_I"
   "HAProxy pair (mTLS)|18911|$HP_O|$HP_I"
   "nginx pair (mTLS)|18921|$NG_O|$NG_I"
 )
@@ -317,9 +354,12 @@ if [ -n "${CPU[0]:-}" ] && [ -n "${CPU[1]:-}" ]; then
   awk -v oc="${CPU[0]}" -v fc="${CPU[1]}" -v om="${MAX[0]}" -v fm="${MAX[1]}" 'BEGIN {
     printf "telemetry at default settings (metrics + decision shipping) vs off: max throughput %+.1f%%, CPU per request %+.1f%% (targets: no worse than -10%% and +5%%)\n", (om / fm - 1) * 100, (oc / fc - 1) * 100 }'
 fi
-for peer in 4 5 6; do
-  if [ -n "${CPU[0]:-}" ] && [ -n "${CPU[$peer]:-}" ]; then
-    awk -v a="${CPU[0]}" -v b="${CPU[$peer]}" -v am="${MAX[0]}" -v bm="${MAX[$peer]}" -v n="${ROWS[$peer]%%|*}" 'BEGIN {
-      printf "meshward (default) vs %s: CPU per request %.2fx, max rate %.2fx\n", n, a / b, am / bm }'
+# Ratios: the default pair vs HAProxy, nginx and the base build (6, 7, 8); the resilient
+# pooled pair vs nginx and the plain HTTP/1.1 pool (5 vs 7, 3).
+for pair in "0 6" "0 7" "0 8" "5 7" "5 3"; do
+  read -r a peer <<<"$pair"
+  if [ -n "${CPU[$a]:-}" ] && [ -n "${CPU[$peer]:-}" ]; then
+    awk -v a="${CPU[$a]}" -v b="${CPU[$peer]}" -v am="${MAX[$a]}" -v bm="${MAX[$peer]}" -v m="${ROWS[$a]%%|*}" -v n="${ROWS[$peer]%%|*}" 'BEGIN {
+      printf "%s vs %s: CPU per request %.2fx, max rate %.2fx\n", m, n, a / b, am / bm }'
   fi
 done

@@ -27,7 +27,7 @@ struct MeshFile {
     workloads: Vec<Entry>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct Entry {
     name: String,
@@ -45,9 +45,14 @@ struct Entry {
     command: Vec<String>,
     #[serde(default)]
     calls: Vec<CallEntry>,
+    /// Run this many replicas (workloads `NAME-0`, `NAME-1`, … of service account `NAME`,
+    /// each app on its own loopback address `127.0.0.1`, `127.0.0.2`, …); default 1 (the
+    /// workload is `NAME`).
+    #[serde(default)]
+    replicas: Option<u8>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct CallEntry {
     /// `namespace/name` of a Service.
@@ -181,6 +186,10 @@ impl Drop for IsolatedNet {
 struct Plan {
     entry: Entry,
     id: WorkloadRef,
+    /// The service account (identity) it runs as: the entry's name.
+    sa: String,
+    /// Where its app listens (explicit mode): a loopback address of its own per replica.
+    app_host: std::net::Ipv4Addr,
     inbound: SocketAddr,
     admin: SocketAddr,
     upstreams: Vec<(SocketAddr, Upstream, CallEntry)>,
@@ -211,7 +220,26 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
 
     // 1. Plan ports and write the policy repository (policies/ + generated workloads).
     let mut plans = vec![];
+    let mut entries = vec![];
     for e in mesh.workloads {
+        match e.replicas {
+            None | Some(1) => entries.push((e.name.clone(), 0u8, e)),
+            Some(n) if (2..=8).contains(&n) => {
+                for i in 0..n {
+                    let mut r = e.clone();
+                    r.name = format!("{}-{i}", e.name);
+                    r.replicas = None;
+                    entries.push((e.name.clone(), i, r));
+                }
+            }
+            Some(n) => bail!(
+                "mesh.yaml: workload {}/{}: replicas {n}: run 1 to 8",
+                e.namespace,
+                e.name
+            ),
+        }
+    }
+    for (sa, replica, e) in entries {
         let id = WorkloadRef {
             namespace: e.namespace.clone(),
             name: e.name.clone(),
@@ -243,6 +271,8 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
         };
         plans.push(Plan {
             id,
+            sa,
+            app_host: std::net::Ipv4Addr::new(127, 0, 0, 1 + replica),
             inbound,
             admin: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
             upstreams: ups,
@@ -268,10 +298,11 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
             (format!(", inbound: \"{}\"", p.inbound), String::new())
         };
         generated.push_str(&format!(
-            "---\napiVersion: meshward.io/v1alpha1\nkind: Workload\nmetadata: {{name: {}, namespace: {}, labels: {}}}\nspec:\n  attributes: {}\n{addr}  ports: [{{port: {}, protocol: {}{where_}}}]\n",
+            "---\napiVersion: meshward.io/v1alpha1\nkind: Workload\nmetadata: {{name: {}, namespace: {}, labels: {}}}\nspec:\n  serviceAccount: {}\n  attributes: {}\n{addr}  ports: [{{port: {}, protocol: {}{where_}}}]\n",
             e.name,
             e.namespace,
             serde_json::to_string(&e.labels)?,
+            p.sa,
             serde_json::to_string(&e.attributes)?,
             e.port,
             proto.as_str().unwrap_or("HTTP"),
@@ -390,7 +421,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
         let exe = std::env::current_exe()?;
         let mut sidecars = vec![];
         for p in &plans {
-            let identity = SpiffeId::workload(&td, &p.id.namespace, &p.id.name).map_err(|e| anyhow!("{e}"))?;
+            let identity = SpiffeId::workload(&td, &p.id.namespace, &p.sa).map_err(|e| anyhow!("{e}"))?;
             let t = admin.call("POST", "/v1/tokens", Some(&json!({"identity": identity.to_string(), "ttl_secs": 600}))).await.map_err(|e| anyhow!("token: {e}"))?;
             let pdir = state.join("proxies").join(format!("{}-{}", p.id.namespace, p.id.name));
             if let Some(iso) = &isolated {
@@ -448,8 +479,9 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
                 transparent: None,
                 limits: meshward_proxy::listener::Limits::defaults(),
         workers: 1,
-        app_host: std::net::Ipv4Addr::LOCALHOST.into(),
-        app_probe: None,
+        app_host: p.app_host.into(),
+        // Callers pass over a replica whose app stopped (the quickstart shows it).
+        app_probe: Some(Duration::from_secs(1)),
         drain: None,
             };
             let (tx, name) = (ready_tx.clone(), p.id.to_string());
@@ -473,6 +505,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
         // 5. The apps (isolated: in their namespaces, on all addresses, calling the
         // services' addresses directly — the sidecar captures it).
         let mut children = sidecars;
+        let mut app_pids = vec![];
         for (i, p) in plans.iter().enumerate() {
             let e = &p.entry;
             let called: Vec<String> = match &isolated {
@@ -480,7 +513,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
                 None => p.upstreams.iter().map(|(l, _, _)| l.to_string()).collect(),
             };
             let program: Vec<String> = if e.command.is_empty() {
-                let listen = if isolated.is_some() { format!("0.0.0.0:{}", e.port) } else { format!("127.0.0.1:{}", e.port) };
+                let listen = if isolated.is_some() { format!("0.0.0.0:{}", e.port) } else { format!("{}:{}", p.app_host, e.port) };
                 let mut c = vec![exe.display().to_string(), "demo-app".into(), "--listen".into(), listen, "--name".into(), p.id.to_string()];
                 for ((_, _, call), target) in p.upstreams.iter().zip(&called) {
                     if let Some(path) = &call.path {
@@ -508,7 +541,9 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
             for ((_, up, _), target) in p.upstreams.iter().zip(&called) {
                 cmd.env(format!("MESHWARD_UPSTREAM_{}_{}", up.service.namespace, up.service.name).to_uppercase().replace('-', "_"), target);
             }
-            children.push(cmd.spawn().with_context(|| format!("cannot start the app of {}", p.id))?);
+            let child = cmd.spawn().with_context(|| format!("cannot start the app of {}", p.id))?;
+            app_pids.push(child.id().unwrap_or(0));
+            children.push(child);
         }
         for p in &plans {
             let start = Instant::now();
@@ -529,7 +564,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
                 println!(
                     "{:<22} {:<48} {:<20} {:<30} {}",
                     p.id.to_string(),
-                    format!("spiffe://{td}/ns/{}/sa/{}", p.id.namespace, p.id.name),
+                    format!("spiffe://{td}/ns/{}/sa/{}", p.id.namespace, p.sa),
                     p.inbound.to_string(),
                     iso.netns(&p.id),
                     if calls.is_empty() { "-".into() } else { calls.join(" ") }
@@ -550,8 +585,8 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
             println!(
                 "{:<22} {:<48} {:<17} {:<17} {:<17} {}",
                 p.id.to_string(),
-                format!("spiffe://{td}/ns/{}/sa/{}", p.id.namespace, p.id.name),
-                format!("127.0.0.1:{}", p.entry.port),
+                format!("spiffe://{td}/ns/{}/sa/{}", p.id.namespace, p.sa),
+                format!("{}:{}", p.app_host, p.entry.port),
                 p.inbound.to_string(),
                 p.admin.to_string(),
                 if ups.is_empty() { "-".into() } else { ups.join(" ") }
@@ -563,6 +598,20 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
             println!("dashboard:     http://{h}/ui   (sign in with the token in {})   metrics: http://{h}/metrics   terminal: meshward top", data.join("admin.token").display());
         }
         println!("decision logs: {}/proxies/*/decisions.jsonl", state.display());
+        // Replicas: how to watch traffic move (docs/resilience.md).
+        let replicas: Vec<(usize, &Plan)> = plans.iter().enumerate().filter(|(_, p)| p.sa != p.id.name).collect();
+        if let Some((last, victim)) = replicas.last() {
+            let others: Vec<String> = replicas.iter().filter(|(i, _)| i != last).map(|(_, p)| p.id.to_string()).collect();
+            let callers: Vec<&Plan> = plans.iter().filter(|p| p.upstreams.iter().any(|(_, u, _)| u.service.namespace == victim.id.namespace)).collect();
+            println!(
+                "replicas:      {} answer for their service; stop one with `kill {}` (the app of {}): its sidecar reports it not ready and callers move to {} within ~2 s — watch the callers' lines above, and `curl -s http://{}/endpoints`",
+                replicas.iter().map(|(_, p)| p.id.to_string()).collect::<Vec<_>>().join(", "),
+                app_pids.get(*last).copied().unwrap_or(0),
+                victim.id,
+                others.join(", "),
+                callers.first().map_or_else(|| "ADMIN".to_owned(), |c| c.admin.to_string()),
+            );
+        }
         println!("mesh is up; Ctrl-C stops it");
         }
         // Ctrl-C or SIGTERM: stop the apps (and, with this process, everything else).
@@ -654,7 +703,7 @@ fn isolate(
 /// Whether the app of `p` accepts connections (inside its namespace when isolated).
 async fn app_listens(isolated: Option<&Isolation>, p: &Plan) -> bool {
     match isolated {
-        None => tokio::net::TcpStream::connect(("127.0.0.1", p.entry.port))
+        None => tokio::net::TcpStream::connect((p.app_host, p.entry.port))
             .await
             .is_ok(),
         Some(iso) => tokio::process::Command::new("ip")

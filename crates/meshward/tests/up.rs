@@ -164,15 +164,29 @@ fn quickstart_comes_up_shows_allowed_and_denied_traffic_and_stops_on_ctrl_c() {
             .find(|e| e["source"] == from && e["destination"] == to)
             .cloned()
     };
+    // Payments runs two replicas (workloads payments-0 and payments-1): an edge to either.
+    let to_payments = |g: &serde_json::Value, from: &str, key: &str| -> Option<serde_json::Value> {
+        g["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| {
+                e["source"] == from
+                    && e["destination"]
+                        .as_str()
+                        .is_some_and(|d| d.starts_with("payments/payments-"))
+            })
+            .find(|e| e[key].as_u64() > Some(0))
+            .cloned()
+    };
     let start = Instant::now();
     let g = loop {
         let o = cli(&["top", "--once", "--output", "json"]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let g: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        let ok = edge(&g, "orders/orders", "payments/payments")
-            .is_some_and(|e| e["allowed"].as_u64() > Some(0))
-            && edge(&g, "web/frontend", "payments/payments")
-                .is_some_and(|e| e["denied"].as_u64() > Some(0));
+        let ok = to_payments(&g, "orders/orders", "allowed").is_some()
+            && to_payments(&g, "web/frontend", "denied").is_some()
+            && edge(&g, "web/frontend", "orders/orders").is_some();
         if ok {
             break g;
         }
@@ -188,10 +202,14 @@ fn quickstart_comes_up_shows_allowed_and_denied_traffic_and_stops_on_ctrl_c() {
         .iter()
         .filter_map(|n| n["id"].as_str())
         .collect();
-    for n in ["web/frontend", "orders/orders", "payments/payments"] {
+    for n in ["web/frontend", "orders/orders"] {
         assert!(nodes.contains(&n), "{nodes:?}");
     }
-    let denied = edge(&g, "web/frontend", "payments/payments").unwrap();
+    assert!(
+        nodes.iter().any(|n| n.starts_with("payments/payments-")),
+        "{nodes:?}"
+    );
+    let denied = to_payments(&g, "web/frontend", "denied").unwrap();
     assert_eq!(denied["allowed"], 0, "{denied}");
     assert!(
         denied["denials"]
@@ -215,7 +233,7 @@ fn quickstart_comes_up_shows_allowed_and_denied_traffic_and_stops_on_ctrl_c() {
     let dot = String::from_utf8_lossy(&o.stdout);
     assert!(
         dot.lines()
-            .any(|l| l.contains(r#""web/frontend" -> "payments/payments""#)
+            .any(|l| l.contains(r#""web/frontend" -> "payments/payments-"#)
                 && l.contains("color=red")),
         "{dot}"
     );
@@ -257,7 +275,12 @@ fn quickstart_comes_up_shows_allowed_and_denied_traffic_and_stops_on_ctrl_c() {
         .arg(&url)
         .arg(env_of("MESHWARD_TOKEN_FILE"))
         .arg(&shot)
-        .args(["web/frontend", "orders/orders", "payments/payments"])
+        .args([
+            "web/frontend",
+            "orders/orders",
+            "payments/payments-0",
+            "payments/payments-1",
+        ])
         .output()
         .expect("node (scripts/test.sh installs chromium and tests/ui's playwright-core)");
     assert!(
@@ -269,7 +292,12 @@ fn quickstart_comes_up_shows_allowed_and_denied_traffic_and_stops_on_ctrl_c() {
     let shown: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(
         shown["nodes"],
-        serde_json::json!(["orders/orders", "payments/payments", "web/frontend"]),
+        serde_json::json!([
+            "orders/orders",
+            "payments/payments-0",
+            "payments/payments-1",
+            "web/frontend"
+        ]),
         "{shown}"
     );
     let edges = shown["edges"].as_array().unwrap();
@@ -280,19 +308,22 @@ fn quickstart_comes_up_shows_allowed_and_denied_traffic_and_stops_on_ctrl_c() {
             .map(|e| e["classes"].clone())
             .unwrap_or_default()
     };
-    assert_eq!(
-        classes("web/frontend", "payments/payments"),
-        serde_json::json!(["denied"]),
-        "{shown}"
-    );
+    for replica in ["payments/payments-0", "payments/payments-1"] {
+        let c = classes("web/frontend", replica);
+        assert!(
+            c == serde_json::json!(["denied"]) || c.is_null(),
+            "{replica}: {shown}"
+        );
+    }
     assert_eq!(
         classes("web/frontend", "orders/orders"),
         serde_json::json!(["ok"]),
         "{shown}"
     );
-    assert_eq!(
-        classes("orders/orders", "payments/payments"),
-        serde_json::json!(["ok"]),
+    assert!(
+        ["payments/payments-0", "payments/payments-1"]
+            .iter()
+            .any(|r| classes("orders/orders", r) == serde_json::json!(["ok"])),
         "{shown}"
     );
     assert!(
@@ -305,9 +336,14 @@ fn quickstart_comes_up_shows_allowed_and_denied_traffic_and_stops_on_ctrl_c() {
         "{shown}"
     );
     assert_eq!(shown["history"].as_array().unwrap().len(), 1, "{shown}");
-    assert_eq!(
-        shown["certificates"].as_array().unwrap().len(),
-        3,
+    // A row per identity: the two payments replicas share theirs.
+    let certs = shown["certificates"].as_array().unwrap();
+    assert_eq!(certs.len(), 3, "{shown}");
+    assert!(
+        certs.iter().any(|c| c
+            .as_str()
+            .unwrap_or("")
+            .contains("payments/payments-0, payments/payments-1")),
         "{shown}"
     );
     // The anomaly-detection panel renders (the quickstart's Mesh is in report mode: a row
@@ -326,6 +362,55 @@ fn quickstart_comes_up_shows_allowed_and_denied_traffic_and_stops_on_ctrl_c() {
         "no screenshot"
     );
     eprintln!("dashboard screenshot: {}", shot.display());
+
+    // Replicas: the printed way to stop one works, and the calls move to the other.
+    let hint = lines
+        .iter()
+        .find(|l| l.starts_with("replicas:"))
+        .unwrap_or_else(|| panic!("no replicas hint: {lines:#?}"));
+    let pid = hint
+        .split("`kill ")
+        .nth(1)
+        .unwrap()
+        .split('`')
+        .next()
+        .unwrap();
+    let admin = hint
+        .split("curl -s http://")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
+    assert!(hint.contains("payments/payments-1"), "{hint}");
+    let st = Command::new("kill").arg(pid).status().unwrap();
+    assert!(st.success(), "kill {pid}");
+    let start = Instant::now();
+    loop {
+        let (_, eps) = curl(admin, "GET", "/endpoints");
+        if eps.contains("\"not_ready\":\"the app is not accepting connections") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "{eps}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    while rx.try_recv().is_ok() {}
+    let (mut to_0, mut to_1) = (0, 0);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(500))
+            && l.starts_with("[orders/orders] POST")
+        {
+            to_0 += usize::from(
+                l.contains("-> 200") && l.contains(r#""service":"payments/payments-0""#),
+            );
+            to_1 += usize::from(l.contains("payments/payments-1"));
+        }
+    }
+    assert!(
+        to_0 >= 3 && to_1 == 0,
+        "to payments-0: {to_0}, to payments-1: {to_1}"
+    );
 
     // Ctrl-C stops everything.
     Command::new("kill")
