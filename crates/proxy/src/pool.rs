@@ -124,25 +124,161 @@ impl tower::Service<Uri> for MtlsConnector {
                     .parse()
                     .map_err(|_| std::io::Error::other(format!("`{uri}` names no endpoint")))?,
             };
-            let (_, _, fallback) =
-                crate::outbound::resilience_of(&shared, &up.service, up.port, false);
-            let primary = endpoints(&shared, &up);
-            let Some(identity) = primary
-                .get(addr)
-                .or_else(|| fallback.as_deref().and_then(|f| f.get(addr)))
-                .map(|e| e.identity.clone())
-            else {
-                return Err(std::io::Error::other(format!(
-                    "{addr} is no longer an endpoint of {}",
-                    up.service
-                )));
-            };
-            let allowed = vec![identity];
-            dial(&shared, &up.service, addr, allowed, None)
-                .await
-                .map(|tls| MtlsIo(TokioIo::new(tls)))
-                .map_err(std::io::Error::other)
+            dial_endpoint(&shared, &up, addr).await
         })
+    }
+}
+
+/// Opens mutual TLS to the endpoint at `addr` of `up` (or of its fallback), accepting only
+/// the identity the configuration gives that endpoint.
+async fn dial_endpoint(
+    shared: &Arc<Shared>,
+    up: &Upstream,
+    addr: SocketAddr,
+) -> std::io::Result<MtlsIo> {
+    let (_, _, fallback) = crate::outbound::resilience_of(shared, &up.service, up.port, false);
+    let primary = endpoints(shared, up);
+    let Some(identity) = primary
+        .get(addr)
+        .or_else(|| fallback.as_deref().and_then(|f| f.get(addr)))
+        .map(|e| e.identity.clone())
+    else {
+        return Err(std::io::Error::other(format!(
+            "{addr} is no longer an endpoint of {}",
+            up.service
+        )));
+    };
+    dial(shared, &up.service, addr, vec![identity], None)
+        .await
+        .map(|tls| MtlsIo(TokioIo::new(tls)))
+        .map_err(std::io::Error::other)
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Body>;
+
+/// HTTP/1.1 connections to endpoints, without hyper-util's pool (which spawned a task per
+/// request to give its connection back, and locked one pool for every request): each app
+/// connection keeps its own upstream connections ([`Local`], touched by that connection
+/// only) and hands them to this shared idle list when it closes, where the next app
+/// connection finds them. So a keep-alive app connection takes no shared lock per request.
+#[derive(Debug, Default)]
+struct H1Idle(std::sync::Mutex<std::collections::HashMap<SocketAddr, Vec<Sender>>>);
+
+/// Idle connections kept per endpoint across app connections.
+const IDLE_PER_ENDPOINT: usize = 64;
+
+impl H1Idle {
+    fn take(&self, addr: SocketAddr) -> Option<Sender> {
+        let mut m = self.0.lock().ok()?;
+        let v = m.get_mut(&addr)?;
+        while let Some(s) = v.pop() {
+            if !s.is_closed() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    fn put(&self, addr: SocketAddr, s: Sender) {
+        if s.is_closed() {
+            return;
+        }
+        if let Ok(mut m) = self.0.lock() {
+            let v = m.entry(addr).or_default();
+            if v.len() < IDLE_PER_ENDPOINT {
+                v.push(s);
+            }
+        }
+    }
+}
+
+/// One app connection's upstream HTTP/1.1 connections (a lock only it takes: its requests
+/// run one at a time, or a few at once for h2c), given to the shared idle list at its end.
+#[derive(Debug)]
+struct Local {
+    conns: std::sync::Mutex<Vec<(SocketAddr, Sender)>>,
+    idle: Arc<H1Idle>,
+}
+
+impl Local {
+    /// A ready connection to `addr` (this app connection's, else an idle one; `None`:
+    /// dial), and whether it was reused.
+    fn take(&self, addr: SocketAddr) -> Option<Sender> {
+        if let Ok(mut v) = self.conns.lock()
+            && let Some(i) = v.iter().position(|(a, s)| *a == addr && s.is_ready())
+        {
+            return Some(v.swap_remove(i).1);
+        }
+        self.idle.take(addr)
+    }
+
+    fn put(&self, addr: SocketAddr, s: Sender) {
+        if s.is_closed() {
+            return;
+        }
+        if let Ok(mut v) = self.conns.lock() {
+            v.push((addr, s));
+        }
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        if let Ok(v) = self.conns.get_mut() {
+            for (a, s) in v.drain(..) {
+                self.idle.put(a, s);
+            }
+        }
+    }
+}
+
+/// Sends `req` (origin-form) to `addr` over one of `local`'s connections, a fresh one when
+/// none is ready. A reused connection that turns out closed before the request went out
+/// (the endpoint closed it while idle) is not the endpoint's failure: the request is sent
+/// again on a new connection. `Err((true, _))`: no connection could be made.
+async fn send_h1(
+    shared: &Arc<Shared>,
+    up: &Upstream,
+    local: &Local,
+    addr: SocketAddr,
+    mut req: Request<Body>,
+) -> Result<Response<Incoming>, Fail> {
+    let mut reused = local.take(addr);
+    loop {
+        let fresh = reused.is_none();
+        let mut sender = match reused.take() {
+            Some(s) => s,
+            None => {
+                let io = dial_endpoint(shared, up, addr)
+                    .await
+                    .map_err(|e| Fail::Error(true, error_chain(&e)))?;
+                let (s, conn) = hyper::client::conn::http1::Builder::new()
+                    .handshake(io)
+                    .await
+                    .map_err(|e| Fail::Error(true, error_chain(&e)))?;
+                tokio::spawn(conn);
+                s
+            }
+        };
+        if let Err(e) = sender.ready().await {
+            if fresh {
+                return Err(Fail::Error(false, error_chain(&e)));
+            }
+            continue; // closed while idle: a new connection
+        }
+        match sender.try_send_request(req).await {
+            Ok(resp) => {
+                // Ready again once the response body has been read (before this app
+                // connection's next request); `take` checks.
+                local.put(addr, sender);
+                return Ok(resp);
+            }
+            Err(mut e) => match e.take_message() {
+                // Not sent: the connection was closing. Again, on a new one.
+                Some(back) if !fresh => req = back,
+                _ => return Err(Fail::Error(false, error_chain(&e.into_error()))),
+            },
+        }
     }
 }
 
@@ -245,7 +381,7 @@ pub async fn serve(
 impl Pooled {
     pub fn new(shared: &Arc<Shared>, up: &Upstream, protocol: UpstreamProtocol) -> Arc<Self> {
         Arc::new(Pooled {
-            client: client(shared, up, protocol, None),
+            h1: Arc::default(),
             h2: H2Clients::default(),
             shared: shared.clone(),
             up: up.clone(),
@@ -256,9 +392,13 @@ impl Pooled {
     /// Serves one app connection: each of its requests is forwarded ([`Self::forward`]).
     pub async fn serve_app(self: Arc<Self>, app: TcpStream) {
         let _ = app.set_nodelay(true);
+        let local = Arc::new(Local {
+            conns: std::sync::Mutex::new(Vec::new()),
+            idle: self.h1.clone(),
+        });
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let ctx = self.clone();
-            async move { Ok::<_, Infallible>(ctx.forward(req).await) }
+            let (ctx, local) = (self.clone(), local.clone());
+            async move { Ok::<_, Infallible>(ctx.forward(req, &local).await) }
         });
         let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         b.http1().max_buf_size(64 * 1024);
@@ -272,8 +412,8 @@ pub struct Pooled {
     shared: Arc<Shared>,
     up: Upstream,
     protocol: UpstreamProtocol,
-    /// HTTP/1.1: one pool over every endpoint (dialled by the URI's authority).
-    client: PoolClient,
+    /// HTTP/1.1: idle connections by endpoint, shared by the app connections.
+    h1: Arc<H1Idle>,
     /// HTTP/2: a client per endpoint.
     h2: H2Clients,
 }
@@ -294,12 +434,12 @@ impl Pooled {
     /// for the endpoint; a failure is tried again when the retry settings, the method, the
     /// body and the budget all allow it. A refusal by the next proxy's policy is never the
     /// endpoint's fault and never retried.
-    async fn forward(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn forward(&self, req: Request<Incoming>, local: &Local) -> Response<Body> {
         // Cheap copies (shared bytes), kept for the rare record below.
         let (method, uri) = (req.method().clone(), req.uri().clone());
         let host = req.headers().get(hyper::header::HOST).cloned();
         let mut trail = Trail::default();
-        let resp = self.attempts(req, &mut trail).await;
+        let resp = self.attempts(req, local, &mut trail).await;
         use meshward_policy::Reason;
         let (reason, detail) = match resp.extensions().get::<OwnAnswer>() {
             Some(OwnAnswer(r, msg)) => (
@@ -363,7 +503,12 @@ impl Pooled {
     }
 
     /// [`Self::forward`]'s attempts, noting in `trail` where they went.
-    async fn attempts(&self, req: Request<Incoming>, trail: &mut Trail) -> Response<Body> {
+    async fn attempts(
+        &self,
+        req: Request<Incoming>,
+        local: &Local,
+        trail: &mut Trail,
+    ) -> Response<Body> {
         let (shared, up) = (&self.shared, &self.up);
         let started = tokio::time::Instant::now();
         let eps = endpoints(shared, up);
@@ -495,6 +640,7 @@ impl Pooled {
                     "bad request target".into(),
                 );
             };
+            let addr = ep.addr();
             let span = if meshward_telemetry::trace::enabled() {
                 meshward_telemetry::trace::RequestSpan::start_client(
                     req.headers(),
@@ -511,15 +657,21 @@ impl Pooled {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            let sent = client.request(req);
+            let sent = async {
+                match client {
+                    Some(c) => c
+                        .request(req)
+                        .await
+                        .map_err(|e| Fail::Error(e.is_connect(), error_chain(&e))),
+                    None => send_h1(shared, up, local, addr, req).await,
+                }
+            };
             let outcome = match limit {
                 Some(l) => match tokio::time::timeout_at(l, sent).await {
-                    Ok(r) => r.map_err(|e| Fail::Error(e.is_connect(), error_chain(&e))),
+                    Ok(r) => r,
                     Err(_) => Err(Fail::Timeout),
                 },
-                None => sent
-                    .await
-                    .map_err(|e| Fail::Error(e.is_connect(), error_chain(&e))),
+                None => sent.await,
             };
             // With retries, a small answer is read whole before it is passed on, so an
             // endpoint that dies mid-answer is one more failed attempt, not a truncated
@@ -647,30 +799,45 @@ impl Pooled {
     /// Points `req` at the endpoint `addr`: HTTP/1.1 dials by the URI and sends the app's
     /// `Host` as it is; HTTP/2 carries the app's host in `:authority` (RFC 9113 §8.3.1),
     /// with no `Host` beside it, on a client bound to the endpoint.
-    fn prepare(&self, req: &mut Request<Body>, addr: SocketAddr) -> Option<PoolClient> {
+    ///
+    /// `Some(Some(client))`: send with that client (HTTP/2); `Some(None)`: HTTP/1.1, in
+    /// origin form over the app connection's own pool ([`send_h1`]); `None`: a target
+    /// that cannot be sent.
+    fn prepare(&self, req: &mut Request<Body>, addr: SocketAddr) -> Option<Option<PoolClient>> {
+        if self.protocol != UpstreamProtocol::Http2 {
+            // Origin form; the app's `Host` goes as it is (one is added from an
+            // absolute-form target that had none).
+            if !req.headers().contains_key(hyper::header::HOST)
+                && let Some(a) = req.uri().authority()
+            {
+                let v = hyper::header::HeaderValue::from_str(a.as_str()).ok()?;
+                req.headers_mut().insert(hyper::header::HOST, v);
+            }
+            let pq = req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
+            *req.uri_mut() = Uri::from(pq);
+            *req.version_mut() = hyper::Version::HTTP_11;
+            let _ = addr;
+            return Some(None);
+        }
         let pq = req
             .uri()
             .path_and_query()
             .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
-        let (authority, client) = match self.protocol {
-            UpstreamProtocol::Http2 => {
-                let host = req
-                    .headers()
-                    .get(hyper::header::HOST)
-                    .and_then(|v| v.to_str().ok())
-                    .or_else(|| req.uri().authority().map(|a| a.as_str()))
-                    .map_or_else(|| self.up.service.name.clone(), str::to_owned);
-                req.headers_mut().remove(hyper::header::HOST);
-                (host, self.h2.get(&self.shared, &self.up, addr))
-            }
-            _ => (addr.to_string(), self.client.clone()),
-        };
-        *req.uri_mut() = format!("http://{authority}{pq}").parse::<Uri>().ok()?;
-        *req.version_mut() = match self.protocol {
-            UpstreamProtocol::Http2 => hyper::Version::HTTP_2,
-            _ => hyper::Version::HTTP_11,
-        };
-        Some(client)
+        let host = req
+            .headers()
+            .get(hyper::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))
+            .map_or_else(|| self.up.service.name.clone(), str::to_owned);
+        req.headers_mut().remove(hyper::header::HOST);
+        let client = self.h2.get(&self.shared, &self.up, addr);
+        *req.uri_mut() = format!("http://{host}{pq}").parse::<Uri>().ok()?;
+        *req.version_mut() = hyper::Version::HTTP_2;
+        Some(Some(client))
     }
 }
 
