@@ -793,7 +793,7 @@ fn up_isolated_runs_the_quickstart_in_namespaces() {
     std::fs::create_dir_all(dir.join("policies")).unwrap();
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/quickstart");
     std::fs::copy(src.join("mesh.yaml"), dir.join("mesh.yaml")).unwrap();
-    for f in ["mesh.yaml", "policies.yaml"] {
+    for f in ["mesh.yaml", "policies.yaml", "traffic.yaml"] {
         std::fs::copy(src.join("policies").join(f), dir.join("policies").join(f)).unwrap();
     }
     // `mwt-PID…` like the harness's own namespaces, so a crashed run's are cleaned up too.
@@ -810,7 +810,7 @@ fn up_isolated_runs_the_quickstart_in_namespaces() {
             ])
             .arg(&dir)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::inherit())
             .spawn()
             .unwrap(),
     );
@@ -831,17 +831,29 @@ fn up_isolated_runs_the_quickstart_in_namespaces() {
     }
     let row = lines
         .iter()
-        .find(|l| l.starts_with("payments/payments "))
+        .find(|l| l.starts_with("payments/payments-0 "))
         .unwrap();
     assert!(
-        row.contains("10.232.0.12:18082") && row.contains(&format!("{bridge}-payments-payments")),
+        row.contains("10.232.0.12:18082") && row.contains(&format!("{bridge}-payments-payments-0")),
         "{row}"
     );
     std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-    // The denial is in payments' decision log, with the caller's identity.
-    let log = dir.join(".meshward/proxies/payments-payments/decisions.jsonl");
-    wait_record(&log, "frontend denied at payments", |v| {
-        is(v, "verdict", "deny") && is(v, "source", FRONTEND) && is(v, "path", "/charge")
+    // The denial is in the decision log of the payments replica that took the call, with
+    // the caller's identity.
+    wait_for(60, "frontend denied at a payments replica", || {
+        ["payments-payments-0", "payments-payments-1"]
+            .iter()
+            .find_map(|r| {
+                let log = dir.join(format!(".meshward/proxies/{r}/decisions.jsonl"));
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                text.lines()
+                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                    .find(|v| {
+                        is(v, "verdict", "deny")
+                            && is(v, "source", FRONTEND)
+                            && is(v, "path", "/charge")
+                    })
+            })
     });
     // From the node itself (no sidecar), a workload is unreachable, even on its app port.
     let (exit, code, body) = node.curl(&["http://10.232.0.12:18082/charge", "-X", "POST"]);

@@ -432,7 +432,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
                 meshward_identity::ca::write_atomic(&token, t["token"].as_str().unwrap_or_default().as_bytes(), true)?;
                 let mut c = tokio::process::Command::new("ip");
                 c.args(["netns", "exec", &iso.netns(&p.id)]).arg(&exe)
-                    .args(["proxy", "--transparent", "--workload", &p.id.to_string(), "--control", &proxy_api.to_string(), "--ca-file"])
+                    .args(["proxy", "--transparent", "--workload", &p.id.to_string(), "--identity", &identity.to_string(), "--control", &proxy_api.to_string(), "--ca-file"])
                     .arg(data.join("bundle.pem"))
                     .arg("--join-token-file").arg(&token)
                     .arg("--state-dir").arg(&pdir)
