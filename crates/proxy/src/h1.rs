@@ -46,17 +46,17 @@ pub enum End {
 
 /// A read buffer with a consumed prefix.
 #[derive(Debug, Default)]
-struct Buf {
+pub(crate) struct Buf {
     data: Vec<u8>,
     pos: usize,
 }
 
 impl Buf {
-    fn bytes(&self) -> &[u8] {
+    pub(crate) fn bytes(&self) -> &[u8] {
         &self.data[self.pos..]
     }
 
-    fn consume(&mut self, n: usize) {
+    pub(crate) fn consume(&mut self, n: usize) {
         self.pos += n;
         if self.pos == self.data.len() {
             self.data.clear();
@@ -65,7 +65,10 @@ impl Buf {
     }
 
     /// Reads more; `Ok(0)` at end of stream.
-    async fn fill(&mut self, io: &mut (impl AsyncRead + Unpin)) -> std::io::Result<usize> {
+    pub(crate) async fn fill(
+        &mut self,
+        io: &mut (impl AsyncRead + Unpin),
+    ) -> std::io::Result<usize> {
         if self.pos > 0 && self.data.capacity() - self.data.len() < 4096 {
             self.data.drain(..self.pos);
             self.pos = 0;
@@ -76,7 +79,7 @@ impl Buf {
 
     /// The end of the head at the start of the buffer (after CRLF CRLF), skipping the empty
     /// lines allowed before a request.
-    fn head_end(&mut self) -> Option<usize> {
+    pub(crate) fn head_end(&mut self) -> Option<usize> {
         let skip = self
             .bytes()
             .iter()
@@ -86,7 +89,7 @@ impl Buf {
         head_end(self.bytes())
     }
 
-    fn into_vec(mut self) -> Vec<u8> {
+    pub(crate) fn into_vec(mut self) -> Vec<u8> {
         self.data.drain(..self.pos);
         self.data
     }
@@ -146,11 +149,12 @@ impl HeadClock {
     }
 }
 
-/// The app connection of this downstream connection.
+/// A connection this proxy sends requests on, with its read buffer: the app connection
+/// of an inbound connection, or (outbound, [`crate::h1_out`]) a connection to an endpoint.
 #[derive(Debug)]
-struct AppConn {
-    io: TcpStream,
-    buf: Buf,
+pub(crate) struct AppConn<I = TcpStream> {
+    pub(crate) io: I,
+    pub(crate) buf: Buf,
 }
 
 /// Serves HTTP/1.1 requests from `stream` until it closes or a request needs the general
@@ -379,7 +383,7 @@ fn done(shared: &Shared, status: u16, t0: Instant) {
 }
 
 #[derive(Debug)]
-enum Failure {
+pub(crate) enum Failure {
     /// The app could not be reached or answered wrongly (nothing was sent to the peer).
     App(String),
     /// The peer's side failed, or the app's after the response had begun: close.
@@ -407,7 +411,7 @@ async fn relay<S: AsyncWrite + Unpin>(
     // A kept connection the app has closed meanwhile shows as a write error or an empty
     // read; an idempotent request is then sent again, once, on a new connection.
     let mut fresh = app.is_none();
-    let (resp_end, status, framing, keep) = loop {
+    let head = loop {
         if app.is_none() {
             *app = Some(AppConn {
                 io: connect(port.app, port.mark).await.map_err(Failure::App)?,
@@ -438,7 +442,13 @@ async fn relay<S: AsyncWrite + Unpin>(
     let Some(conn) = app.as_mut() else {
         return Err(Failure::App("no app connection".into()));
     };
-    let mut resp_end = resp_end;
+    let RespHead {
+        end: mut resp_end,
+        status,
+        framing,
+        keep,
+        ..
+    } = head;
     if retire {
         // The head with `connection: close` added (beside any `connection` header the app
         // sent: `close` wins), then the body as usual.
@@ -449,6 +459,24 @@ async fn relay<S: AsyncWrite + Unpin>(
         conn.buf.consume(resp_end);
         resp_end = 0;
     }
+    let close = relay_response(stream, conn, resp_end, framing, !keep || retire).await?;
+    // Bytes beyond the response: the app broke framing; never reuse that connection.
+    if close || !conn.buf.bytes().is_empty() {
+        *app = None;
+    }
+    Ok(Relayed { status, close })
+}
+
+/// Relays a response whose head (`resp_end` bytes) is at the start of `conn`'s buffer, and
+/// its body, to `stream`; whether the connection must close after it (`close`, or a body
+/// delimited by the close).
+pub(crate) async fn relay_response<S: AsyncWrite + Unpin, I: AsyncRead + Unpin>(
+    stream: &mut S,
+    conn: &mut AppConn<I>,
+    resp_end: usize,
+    framing: Framing,
+    close: bool,
+) -> Result<bool, Failure> {
     // The head and what of the body has arrived, in one write.
     let avail = conn.buf.bytes().len();
     let (first, rest) = match framing {
@@ -461,7 +489,7 @@ async fn relay<S: AsyncWrite + Unpin>(
         }
         Framing::Chunked(_) | Framing::UntilClose => (avail, 0),
     };
-    let mut close = !keep || retire;
+    let mut close = close;
     if let Framing::Chunked(mut c) = framing {
         match c.scan(&conn.buf.bytes()[resp_end..first]) {
             Ok(Some(n)) => {
@@ -488,11 +516,7 @@ async fn relay<S: AsyncWrite + Unpin>(
         }
     }
     stream.flush().await.map_err(|_| Failure::Peer)?;
-    // Bytes beyond the response: the app broke framing; never reuse that connection.
-    if close || !conn.buf.bytes().is_empty() {
-        *app = None;
-    }
-    Ok(Relayed { status, close })
+    Ok(close)
 }
 
 async fn connect(addr: SocketAddr, mark: Option<u32>) -> Result<TcpStream, String> {
@@ -507,7 +531,7 @@ async fn write_out<S: AsyncWrite + Unpin>(stream: &mut S, b: &[u8]) -> Result<()
 }
 
 #[derive(Debug)]
-enum ReadErr {
+pub(crate) enum ReadErr {
     /// The app closed or reset before any byte of a response.
     Closed(String),
     /// The app sent something that is not a valid response.
@@ -517,19 +541,32 @@ enum ReadErr {
 }
 
 #[derive(Debug)]
-enum Framing {
+pub(crate) enum Framing {
     Length(u64),
     Chunked(ChunkedEnd),
     UntilClose,
 }
 
-/// Reads the app's final response head (relaying 1xx interim responses to the peer):
-/// its length, status, body framing and whether the app connection may be kept.
-async fn read_response_head<S: AsyncWrite + Unpin>(
-    conn: &mut AppConn,
+/// A response head read by [`read_response_head`].
+#[derive(Debug)]
+pub(crate) struct RespHead {
+    /// Its length.
+    pub(crate) end: usize,
+    pub(crate) status: u16,
+    pub(crate) framing: Framing,
+    /// Whether the connection may carry another request after this response.
+    pub(crate) keep: bool,
+    /// Whether it carries `x-meshward-refused` (a proxy's own answer).
+    pub(crate) refused: bool,
+}
+
+/// Reads the final response head on `conn` (relaying 1xx interim responses to `stream`):
+/// its length, status, body framing and whether the connection may be kept.
+pub(crate) async fn read_response_head<S: AsyncWrite + Unpin, I: AsyncRead + Unpin>(
+    conn: &mut AppConn<I>,
     stream: &mut S,
     head_only: bool,
-) -> Result<(usize, u16, Framing, bool), ReadErr> {
+) -> Result<RespHead, ReadErr> {
     let mut any = false;
     loop {
         let end = loop {
@@ -575,6 +612,7 @@ async fn read_response_head<S: AsyncWrite + Unpin>(
             continue;
         }
         let (mut length, mut chunked, mut te, mut close) = (None, false, false, version == 0);
+        let mut refused = false;
         for h in resp.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
                 let n = std::str::from_utf8(h.value)
@@ -598,6 +636,8 @@ async fn read_response_head<S: AsyncWrite + Unpin>(
                 } else if version == 0 && has_token(h.value, "keep-alive") {
                     close = false;
                 }
+            } else if h.name.eq_ignore_ascii_case(crate::rescue::REFUSED_HEADER) {
+                refused = true;
             }
         }
         let framing = if head_only || code == 204 || code == 304 {
@@ -612,13 +652,19 @@ async fn read_response_head<S: AsyncWrite + Unpin>(
             length.map_or(Framing::UntilClose, Framing::Length)
         };
         let keep = !close && !matches!(framing, Framing::UntilClose);
-        return Ok((end, code, framing, keep));
+        return Ok(RespHead {
+            end,
+            status: code,
+            framing,
+            keep,
+            refused,
+        });
     }
 }
 
-async fn relay_length<S: AsyncWrite + Unpin>(
+async fn relay_length<S: AsyncWrite + Unpin, I: AsyncRead + Unpin>(
     stream: &mut S,
-    conn: &mut AppConn,
+    conn: &mut AppConn<I>,
     mut rest: u64,
 ) -> Result<(), Failure> {
     while rest > 0 {
@@ -636,9 +682,9 @@ async fn relay_length<S: AsyncWrite + Unpin>(
 }
 
 /// Relays a chunked body to its end.
-async fn relay_chunked<S: AsyncWrite + Unpin>(
+async fn relay_chunked<S: AsyncWrite + Unpin, I: AsyncRead + Unpin>(
     stream: &mut S,
-    conn: &mut AppConn,
+    conn: &mut AppConn<I>,
     mut c: ChunkedEnd,
 ) -> Result<(), Failure> {
     loop {
@@ -663,9 +709,9 @@ async fn relay_chunked<S: AsyncWrite + Unpin>(
     }
 }
 
-async fn relay_until_close<S: AsyncWrite + Unpin>(
+async fn relay_until_close<S: AsyncWrite + Unpin, I: AsyncRead + Unpin>(
     stream: &mut S,
-    conn: &mut AppConn,
+    conn: &mut AppConn<I>,
 ) -> Result<(), Failure> {
     loop {
         match conn.buf.fill(&mut conn.io).await {

@@ -20,6 +20,7 @@ pub mod expiry;
 pub mod fuzzing;
 pub(crate) mod gate;
 pub mod h1;
+pub mod h1_out;
 pub mod handshake;
 pub mod hygiene;
 pub mod inbound;

@@ -129,13 +129,24 @@ impl tower::Service<Uri> for MtlsConnector {
     }
 }
 
-/// Opens mutual TLS to the endpoint at `addr` of `up` (or of its fallback), accepting only
-/// the identity the configuration gives that endpoint.
+/// [`dial_tls`] as hyper's client I/O.
 async fn dial_endpoint(
     shared: &Arc<Shared>,
     up: &Upstream,
     addr: SocketAddr,
 ) -> std::io::Result<MtlsIo> {
+    dial_tls(shared, up, addr)
+        .await
+        .map(|tls| MtlsIo(TokioIo::new(tls)))
+}
+
+/// Opens mutual TLS to the endpoint at `addr` of `up` (or of its fallback), accepting only
+/// the identity the configuration gives that endpoint.
+pub(crate) async fn dial_tls(
+    shared: &Arc<Shared>,
+    up: &Upstream,
+    addr: SocketAddr,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let (_, _, fallback) = crate::outbound::resilience_of(shared, &up.service, up.port, false);
     let primary = endpoints(shared, up);
     let Some(identity) = primary
@@ -150,7 +161,6 @@ async fn dial_endpoint(
     };
     dial(shared, &up.service, addr, vec![identity], None)
         .await
-        .map(|tls| MtlsIo(TokioIo::new(tls)))
         .map_err(std::io::Error::other)
 }
 
@@ -316,9 +326,9 @@ struct OwnAnswer(&'static str, String);
 
 /// Where a request's attempts went: the endpoint tried last and how many attempts.
 #[derive(Debug, Default)]
-struct Trail {
-    endpoint: Option<SocketAddr>,
-    attempts: u32,
+pub(crate) struct Trail {
+    pub(crate) endpoint: Option<SocketAddr>,
+    pub(crate) attempts: u32,
 }
 
 type PoolClient = Client<MtlsConnector, Body>;
@@ -382,6 +392,7 @@ impl Pooled {
     pub fn new(shared: &Arc<Shared>, up: &Upstream, protocol: UpstreamProtocol) -> Arc<Self> {
         Arc::new(Pooled {
             h1: Arc::default(),
+            raw: crate::h1_out::Idle::default(),
             h2: H2Clients::default(),
             shared: shared.clone(),
             up: up.clone(),
@@ -390,8 +401,18 @@ impl Pooled {
     }
 
     /// Serves one app connection: each of its requests is forwarded ([`Self::forward`]).
-    pub async fn serve_app(self: Arc<Self>, app: TcpStream) {
+    pub async fn serve_app(self: Arc<Self>, mut app: TcpStream) {
         let _ = app.set_nodelay(true);
+        // The common HTTP/1.1 request takes the fast path; the rest of the connection
+        // moves to the general path (below) at the first request that needs it.
+        let prefix = if self.protocol == UpstreamProtocol::Http1 {
+            match crate::h1_out::serve(&self, &self.raw, &mut app).await {
+                crate::h1::End::Closed => return,
+                crate::h1::End::Handoff(bytes) => bytes,
+            }
+        } else {
+            vec![]
+        };
         let local = Arc::new(Local {
             conns: std::sync::Mutex::new(Vec::new()),
             idle: self.h1.clone(),
@@ -402,18 +423,22 @@ impl Pooled {
         });
         let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         b.http1().max_buf_size(64 * 1024);
-        let _ = b.serve_connection(TokioIo::new(app), svc).await;
+        let _ = b
+            .serve_connection(TokioIo::new(crate::h1_out::Prefixed::new(app, prefix)), svc)
+            .await;
     }
 }
 
 /// One pooled upstream: its clients and where it goes.
 #[derive(Debug)]
 pub struct Pooled {
-    shared: Arc<Shared>,
-    up: Upstream,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) up: Upstream,
     protocol: UpstreamProtocol,
     /// HTTP/1.1: idle connections by endpoint, shared by the app connections.
     h1: Arc<H1Idle>,
+    /// HTTP/1.1, the fast path's idle connections by endpoint ([`crate::h1_out`]).
+    raw: crate::h1_out::Idle,
     /// HTTP/2: a client per endpoint.
     h2: H2Clients,
 }
@@ -440,10 +465,41 @@ impl Pooled {
         let host = req.headers().get(hyper::header::HOST).cloned();
         let mut trail = Trail::default();
         let resp = self.attempts(req, local, &mut trail).await;
+        let own = resp
+            .extensions()
+            .get::<OwnAnswer>()
+            .map(|OwnAnswer(r, m)| (*r, m.as_str()));
+        self.note(
+            own,
+            resp.status().as_u16(),
+            &trail,
+            method.as_str(),
+            uri.path_and_query().map_or("/", |p| p.as_str()),
+            || {
+                host.as_ref()
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+                    .or_else(|| uri.authority().map(|a| a.to_string()))
+            },
+        );
+        resp
+    }
+
+    /// The caller's record of a request its resilience answered itself (`own`: the reason
+    /// and message of that answer) or that took more than one attempt; nothing otherwise.
+    pub(crate) fn note(
+        &self,
+        own: Option<(&'static str, &str)>,
+        status: u16,
+        trail: &Trail,
+        method: &str,
+        pq: &str,
+        host: impl FnOnce() -> Option<String>,
+    ) {
         use meshward_policy::Reason;
-        let (reason, detail) = match resp.extensions().get::<OwnAnswer>() {
-            Some(OwnAnswer(r, msg)) => (
-                match *r {
+        let (reason, detail) = match own {
+            Some((r, msg)) => (
+                match r {
                     "circuit_open" => Some(Reason::CircuitOpen),
                     "timeout" => Some(Reason::UpstreamTimeout),
                     "no_endpoint" => Some(Reason::NoEndpoint),
@@ -452,54 +508,45 @@ impl Pooled {
                     // service's, nothing to record.
                     _ => None,
                 },
-                msg.clone(),
+                msg.to_owned(),
             ),
             None if trail.attempts > 1 => (
                 Some(Reason::Retried),
-                format!(
-                    "answered {} at attempt {}",
-                    resp.status().as_u16(),
-                    trail.attempts
-                ),
+                format!("answered {status} at attempt {}", trail.attempts),
             ),
             None => (None, String::new()),
         };
-        if let Some(reason) = reason {
-            let pq = uri.path_and_query().map_or("/", |p| p.as_str());
-            let path = meshward_policy::path::normalize(pq)
-                .map(|n| n.path)
-                .unwrap_or_else(|_| uri.path().to_owned());
-            let http = meshward_policy::decision::HttpAttrs {
-                method: method.as_str().to_owned(),
-                path,
-                host: host
-                    .as_ref()
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-                    .or_else(|| uri.authority().map(|a| a.to_string())),
-                headers: vec![],
-            };
-            // The endpoint as the view in force names it (the primary set or the fallback).
-            let (_, _, fallback) =
-                crate::outbound::resilience_of(&self.shared, &self.up.service, self.up.port, false);
-            let primary = endpoints(&self.shared, &self.up);
-            let ep = trail.endpoint.and_then(|a| {
-                primary
-                    .get(a)
-                    .or_else(|| fallback.as_deref().and_then(|f| f.get(a)))
-            });
-            crate::outbound::record(
-                &self.shared,
-                &self.up.service,
-                self.up.port,
-                reason,
-                ep,
-                trail.attempts,
-                detail,
-                Some(http),
-            );
-        }
-        resp
+        let Some(reason) = reason else {
+            return;
+        };
+        let path = meshward_policy::path::normalize(pq)
+            .map(|n| n.path)
+            .unwrap_or_else(|_| pq.split('?').next().unwrap_or("/").to_owned());
+        let http = meshward_policy::decision::HttpAttrs {
+            method: method.to_owned(),
+            path,
+            host: host(),
+            headers: vec![],
+        };
+        // The endpoint as the view in force names it (the primary set or the fallback).
+        let (_, _, fallback) =
+            crate::outbound::resilience_of(&self.shared, &self.up.service, self.up.port, false);
+        let primary = endpoints(&self.shared, &self.up);
+        let ep = trail.endpoint.and_then(|a| {
+            primary
+                .get(a)
+                .or_else(|| fallback.as_deref().and_then(|f| f.get(a)))
+        });
+        crate::outbound::record(
+            &self.shared,
+            &self.up.service,
+            self.up.port,
+            reason,
+            ep,
+            trail.attempts,
+            detail,
+            Some(http),
+        );
     }
 
     /// [`Self::forward`]'s attempts, noting in `trail` where they went.
@@ -767,7 +814,7 @@ impl Pooled {
     }
 
     /// A failure the endpoint is to blame for: counted, and ejected when the detector says.
-    fn failed(
+    pub(crate) fn failed(
         &self,
         set: &crate::discovery::EndpointSet,
         ep: &crate::discovery::Endpoint,
@@ -781,7 +828,7 @@ impl Pooled {
     }
 
     /// Takes a retry from the budget, counting it or its refusal.
-    fn take_retry(
+    pub(crate) fn take_retry(
         &self,
         res: &crate::resilience::Resilience,
         budget: &crate::resilience::Retry,

@@ -500,6 +500,75 @@ async fn pooled_http1_and_http2_between_proxies() {
     assert_eq!(hosts, ["orders".to_owned()].into(), "{log}");
 }
 
+/// Pooled HTTP/1.1's fast path and the general path on one app connection: pipelined
+/// requests are answered in order; a request with a body moves the connection to the
+/// general path mid-stream, which then serves the rest; and the next app connection
+/// finds the upstream connections the first one left (no new handshake at the inbound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_http1_fast_path_hands_off_mid_connection_and_keeps_order() {
+    use meshward_proxy::pool::{self, UpstreamProtocol};
+    let m = mesh().await;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(pool::serve(
+        m.frontend.clone(),
+        Upstream {
+            service: WorkloadRef::parse("orders/orders").unwrap(),
+            port: 80,
+        },
+        l,
+        UpstreamProtocol::Http1,
+    ));
+    let r = tokio::task::spawn_blocking(move || {
+        raw(
+            addr,
+            "GET /orders/1 HTTP/1.1\r\nHost: orders\r\n\r\n\
+             GET /orders/2 HTTP/1.1\r\nHost: orders\r\n\r\n\
+             POST /orders/4 HTTP/1.1\r\nHost: orders\r\nContent-Length: 5\r\n\r\nhello\
+             GET /orders/3 HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n",
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(r.matches("HTTP/1.1 ").count(), 4, "{r}");
+    let at = |needle: &str| r.find(needle).unwrap_or_else(|| panic!("{needle}: {r}"));
+    let (one, two, post, three) = (
+        at(r#""target":"/orders/1""#),
+        at(r#""target":"/orders/2""#),
+        at("HTTP/1.1 403"),
+        at(r#""target":"/orders/3""#),
+    );
+    assert!(one < two && two < post && post < three, "out of order: {r}");
+    // The next app connection reuses an upstream connection the first one left: the
+    // inbound side holds no more connections than before.
+    let open = || -> usize {
+        m.orders
+            .listeners
+            .all()
+            .iter()
+            .filter(|l| l.is_inbound())
+            .map(|l| l.counts().0)
+            .sum()
+    };
+    // (The general path's connection closes after the app's `Connection: close`, at its
+    // own pace: wait until the count holds still.)
+    let mut before = open();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = open();
+        if now == before {
+            break;
+        }
+        before = now;
+    }
+    assert!(before >= 1, "the upstream connections were not kept");
+    let r = tokio::task::spawn_blocking(move || get(addr, "/orders/5", ""))
+        .await
+        .unwrap();
+    assert!(r.contains(r#""target":"/orders/5""#), "{r}");
+    assert_eq!(before, open(), "a new upstream connection was opened");
+}
+
 /// A pooled upstream refuses an endpoint whose certificate is not the service's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_upstream_refuses_an_impostor() {

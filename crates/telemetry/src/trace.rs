@@ -127,12 +127,7 @@ pub struct DecisionAttrs<'a> {
 }
 
 impl RequestSpan {
-    /// Starts a server span continuing the trace in `headers` (a new trace without one).
-    pub fn start(headers: &http::HeaderMap, method: &str, path: &str) -> Self {
-        let Some(t) = TRACING.get() else {
-            return RequestSpan(None);
-        };
-        let parent = t.propagator.extract(&Headers(headers));
+    fn server(t: &Tracing, parent: Context, method: &str, path: &str) -> Self {
         let span = t
             .tracer
             .span_builder(format!("meshward inbound {method}"))
@@ -143,6 +138,42 @@ impl RequestSpan {
             ])
             .start_with_context(&t.tracer, &parent);
         RequestSpan(Some(parent.with_span(span)))
+    }
+
+    fn client(t: &Tracing, parent: Context, method: &str, path: &str, service: &str) -> Self {
+        let span = t
+            .tracer
+            .span_builder(format!("meshward outbound {method}"))
+            .with_kind(SpanKind::Client)
+            .with_attributes([
+                KeyValue::new("http.request.method", method.to_owned()),
+                KeyValue::new("url.path", path.to_owned()),
+                KeyValue::new("meshward.upstream", service.to_owned()),
+            ])
+            .start_with_context(&t.tracer, &parent);
+        RequestSpan(Some(parent.with_span(span)))
+    }
+}
+
+impl<'a> Pairs<'a> {
+    /// The UTF-8 header pairs of a raw head.
+    fn of(headers: impl Iterator<Item = (&'a str, &'a [u8])>) -> Self {
+        Pairs(
+            headers
+                .filter_map(|(k, v)| Some((k, std::str::from_utf8(v).ok()?)))
+                .collect(),
+        )
+    }
+}
+
+impl RequestSpan {
+    /// Starts a server span continuing the trace in `headers` (a new trace without one).
+    pub fn start(headers: &http::HeaderMap, method: &str, path: &str) -> Self {
+        let Some(t) = TRACING.get() else {
+            return RequestSpan(None);
+        };
+        let parent = t.propagator.extract(&Headers(headers));
+        Self::server(t, parent, method, path)
     }
 
     /// [`RequestSpan::start`] for a codec that reads raw header pairs (name, value): the
@@ -156,22 +187,8 @@ impl RequestSpan {
         let Some(t) = TRACING.get() else {
             return RequestSpan(None);
         };
-        let pairs = Pairs(
-            headers
-                .filter_map(|(k, v)| Some((k, std::str::from_utf8(v).ok()?)))
-                .collect(),
-        );
-        let parent = t.propagator.extract(&pairs);
-        let span = t
-            .tracer
-            .span_builder(format!("meshward inbound {method}"))
-            .with_kind(SpanKind::Server)
-            .with_attributes([
-                KeyValue::new("http.request.method", method.to_owned()),
-                KeyValue::new("url.path", path.to_owned()),
-            ])
-            .start_with_context(&t.tracer, &parent);
-        RequestSpan(Some(parent.with_span(span)))
+        let parent = t.propagator.extract(&Pairs::of(headers));
+        Self::server(t, parent, method, path)
     }
 
     /// Whether `name` is a trace-context header [`RequestSpan::inject_with`] replaces.
@@ -200,17 +217,21 @@ impl RequestSpan {
             return RequestSpan(None);
         };
         let parent = t.propagator.extract(&Headers(headers));
-        let span = t
-            .tracer
-            .span_builder(format!("meshward outbound {method}"))
-            .with_kind(SpanKind::Client)
-            .with_attributes([
-                KeyValue::new("http.request.method", method.to_owned()),
-                KeyValue::new("url.path", path.to_owned()),
-                KeyValue::new("meshward.upstream", service.to_owned()),
-            ])
-            .start_with_context(&t.tracer, &parent);
-        RequestSpan(Some(parent.with_span(span)))
+        Self::client(t, parent, method, path, service)
+    }
+
+    /// [`RequestSpan::start_client`] for a codec that reads raw header pairs (name, value).
+    pub fn start_client_raw<'a>(
+        headers: impl Iterator<Item = (&'a str, &'a [u8])>,
+        method: &str,
+        path: &str,
+        service: &str,
+    ) -> Self {
+        let Some(t) = TRACING.get() else {
+            return RequestSpan(None);
+        };
+        let parent = t.propagator.extract(&Pairs::of(headers));
+        Self::client(t, parent, method, path, service)
     }
 
     /// Whether this request is traced (tracing is on).
