@@ -450,12 +450,7 @@ async fn exchange(
                 // Only a connect failure without retry settings insists on another
                 // endpoint; configured retries may go back to the same one.
                 last_connect = (connect && retry.is_none()).then(|| e.clone());
-                let again = can_retry
-                    && if connect {
-                        retry.is_none_or(|r| r.on.connect_failure)
-                    } else {
-                        retry.is_some_and(|r| r.on.reset)
-                    };
+                let again = can_retry && crate::resilience::retry_on_error(retry, connect);
                 if !again || !p.take_retry(&res, &budget) {
                     return Answer::Own(
                         502,

@@ -788,13 +788,7 @@ impl Pooled {
                     // Only a connect failure without retry settings insists on another
                     // endpoint; configured retries may go back to the same one.
                     last_connect = (connect && retry.is_none()).then(|| e.clone());
-                    // Nothing was sent on a connect failure: any method may go elsewhere.
-                    let again = can_retry
-                        && if connect {
-                            retry.is_none_or(|r| r.on.connect_failure)
-                        } else {
-                            retry.is_some_and(|r| r.on.reset)
-                        };
+                    let again = can_retry && crate::resilience::retry_on_error(retry, connect);
                     if !again || !self.take_retry(&res, &budget) {
                         span.finish(502);
                         return error(

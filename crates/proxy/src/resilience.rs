@@ -94,6 +94,18 @@ pub struct Retry {
     pub non_idempotent: bool,
 }
 
+/// Whether an attempt that got no answer may go again under `retry` (the budget asked
+/// after). `connect`: no connection was made, so nothing was sent and any method may go
+/// elsewhere — without retry settings too (connect-time failover); otherwise only a reset
+/// the settings name.
+pub fn retry_on_error(retry: Option<&Retry>, connect: bool) -> bool {
+    if connect {
+        retry.is_none_or(|r| r.on.connect_failure)
+    } else {
+        retry.is_some_and(|r| r.on.reset)
+    }
+}
+
 /// The budget connect-time failover draws from when the service sets no retries: 20 %
 /// of requests plus 10 per second.
 pub fn default_budget() -> Retry {

@@ -445,26 +445,32 @@ async fn certificate_rotation_under_continuous_load_fails_no_request() {
     );
 }
 
+/// A pooled outbound listener of the frontend for `orders/orders:80`.
+async fn pooled(m: &Mesh, protocol: meshward_proxy::pool::UpstreamProtocol) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(meshward_proxy::pool::serve(
+        m.frontend.clone(),
+        Upstream {
+            service: WorkloadRef::parse("orders/orders").unwrap(),
+            port: 80,
+        },
+        l,
+        protocol,
+    ));
+    addr
+}
+
 /// Pooled HTTP between the proxies, both protocols: the same answers as the tunnel (the
 /// normalized path, the verified identity, 403 with the reason), the app's `Host` reaches
 /// the inbound side's policy, a misrouted endpoint is refused, and many app connections
 /// share the pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_http1_and_http2_between_proxies() {
-    use meshward_proxy::pool::{self, UpstreamProtocol};
+    use meshward_proxy::pool::UpstreamProtocol;
     let m = mesh().await;
     for protocol in [UpstreamProtocol::Http1, UpstreamProtocol::Http2] {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(pool::serve(
-            m.frontend.clone(),
-            Upstream {
-                service: WorkloadRef::parse("orders/orders").unwrap(),
-                port: 80,
-            },
-            l,
-            protocol,
-        ));
+        let addr = pooled(&m, protocol).await;
         let rs = tokio::task::spawn_blocking(move || {
             (0..20)
                 .map(|i| get(addr, &format!("/orders/../orders/{i}"), ""))
@@ -506,19 +512,9 @@ async fn pooled_http1_and_http2_between_proxies() {
 /// finds the upstream connections the first one left (no new handshake at the inbound).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_http1_fast_path_hands_off_mid_connection_and_keeps_order() {
-    use meshward_proxy::pool::{self, UpstreamProtocol};
+    use meshward_proxy::pool::UpstreamProtocol;
     let m = mesh().await;
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(pool::serve(
-        m.frontend.clone(),
-        Upstream {
-            service: WorkloadRef::parse("orders/orders").unwrap(),
-            port: 80,
-        },
-        l,
-        UpstreamProtocol::Http1,
-    ));
+    let addr = pooled(&m, UpstreamProtocol::Http1).await;
     let r = tokio::task::spawn_blocking(move || {
         raw(
             addr,
@@ -572,19 +568,9 @@ async fn pooled_http1_fast_path_hands_off_mid_connection_and_keeps_order() {
 /// A pooled upstream refuses an endpoint whose certificate is not the service's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_upstream_refuses_an_impostor() {
-    use meshward_proxy::pool::{self, UpstreamProtocol};
+    use meshward_proxy::pool::UpstreamProtocol;
     let m = mesh_as("spiffe://shop.example/ns/evil/sa/impostor", None).await;
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(pool::serve(
-        m.frontend.clone(),
-        Upstream {
-            service: WorkloadRef::parse("orders/orders").unwrap(),
-            port: 80,
-        },
-        l,
-        UpstreamProtocol::Http1,
-    ));
+    let addr = pooled(&m, UpstreamProtocol::Http1).await;
     let r = tokio::task::spawn_blocking(move || get(addr, "/orders/1", ""))
         .await
         .unwrap();
