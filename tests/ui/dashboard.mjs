@@ -38,6 +38,7 @@ try {
     history: [...document.querySelectorAll("#history tbody tr")].map((r) => r.innerText),
     certificates: [...document.querySelectorAll("#certs tbody tr")].map((r) => r.innerText),
     anomalies: [...document.querySelectorAll("#anomalies tbody tr")].map((r) => r.innerText),
+    faults: [...document.querySelectorAll("#faults tbody tr")].map((r) => r.innerText),
     revision: document.querySelector("#rev").innerText,
   }));
   await page.screenshot({ path: screenshot, fullPage: true });

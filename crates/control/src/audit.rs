@@ -19,7 +19,7 @@ pub struct Entry {
     pub actor: String,
     /// What, e.g. `apply`, `apply.rejected`, `rollback`, `token.issue`, `token.use`,
     /// `token.refused`, `svid.issue`, `svid.refused`, `override.create`, `override.expire`,
-    /// `ratelimit.expire`, `anomaly.detected`, `anomaly.throttle`, `anomaly.quarantine`,
+    /// `ratelimit.expire`, `fault.expire`, `anomaly.detected`, `anomaly.throttle`, `anomaly.quarantine`,
     /// `quarantine.release`.
     pub action: String,
     /// What it was done to (a revision, an identity, an override).

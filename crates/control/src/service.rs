@@ -1118,26 +1118,84 @@ impl ControlPlane {
             .collect())
     }
 
-    /// Removes every expired override in one new revision, audited by the controller
-    /// (`override.expire`), then every `RateLimitPolicy` past its `expiresAt` in another
-    /// (`ratelimit.expire`). Returns what was removed.
-    pub fn expire_overrides(&self, now: SystemTime) -> Result<Vec<String>, Refused> {
-        let mut gone = self.expire_override_resources(now)?;
-        gone.extend(self.expire_rate_limits(now)?);
-        Ok(gone)
-    }
-
-    fn expire_rate_limits(&self, now: SystemTime) -> Result<Vec<String>, Refused> {
+    /// The `FaultInjection`s of the head revision: what each injects, where, and when it
+    /// expires (the dashboard's "Active faults").
+    pub fn faults(&self) -> Result<Vec<serde_json::Value>, Refused> {
         let (_, files) = self.head_files()?;
         let Some(set) = repo::load(&files).set else {
             return Ok(vec![]);
         };
-        let expired: Vec<String> = set
-            .rate_limits
+        Ok(set
+            .faults
             .iter()
-            .filter(|r| r.spec.expires_at.is_some_and(|e| e.0 <= now))
-            .map(|r| r.id.to_string())
-            .collect();
+            .map(|f| {
+                let s = &f.spec;
+                let t = &s.target;
+                let mut target: Vec<String> = t.workloads.iter().map(|w| format!("workload {w}")).collect();
+                target.extend(t.services.iter().map(|v| format!("service {v}")));
+                target.extend(t.namespaces.iter().map(|n| format!("namespace {n}")));
+                target.extend(t.labels.iter().map(|(k, v)| format!("{k}={v}")));
+                let abort = s.abort.as_ref().map(|a| {
+                    let how = match (a.http_status, &a.grpc_status, a.tcp_reset) {
+                        (Some(c), _, _) => format!("HTTP {c}"),
+                        (_, Some(g), _) => format!("gRPC {g}"),
+                        _ => "reset".to_owned(),
+                    };
+                    format!("{how} for {}%", a.percent)
+                });
+                json!({
+                    "fault": f.id.to_string(),
+                    "target": target.join(", "),
+                    "from": s.from.is_some(),
+                    "delay": s.delay.as_ref().map(|d| format!("{} for {}%", humantime::format_duration(d.fixed.0), d.percent)),
+                    "abort": abort,
+                    "expires_at": humantime::format_rfc3339(s.expires_at.0).to_string(),
+                })
+            })
+            .collect())
+    }
+
+    /// Removes every expired override in one new revision, audited by the controller
+    /// (`override.expire`), then every `RateLimitPolicy` past its `expiresAt` in another
+    /// (`ratelimit.expire`), then every `FaultInjection` past its `expiresAt`
+    /// (`fault.expire`). Returns what was removed.
+    pub fn expire_overrides(&self, now: SystemTime) -> Result<Vec<String>, Refused> {
+        let mut gone = self.expire_override_resources(now)?;
+        gone.extend(
+            self.expire_kind(now, "RateLimitPolicy", "ratelimit.expire", |set| {
+                set.rate_limits
+                    .iter()
+                    .filter(|r| r.spec.expires_at.is_some_and(|e| e.0 <= now))
+                    .map(|r| r.id.to_string())
+                    .collect()
+            })?,
+        );
+        gone.extend(
+            self.expire_kind(now, "FaultInjection", "fault.expire", |set| {
+                set.faults
+                    .iter()
+                    .filter(|f| f.spec.expires_at.0 <= now)
+                    .map(|f| f.id.to_string())
+                    .collect()
+            })?,
+        );
+        Ok(gone)
+    }
+
+    /// Removes the resources of `kind` that `expired` names (`namespace/name`) in one new
+    /// revision by the controller, audited as `action`.
+    fn expire_kind(
+        &self,
+        now: SystemTime,
+        kind: &str,
+        action: &str,
+        expired: impl Fn(&meshward_policy::model::PolicySet) -> Vec<String>,
+    ) -> Result<Vec<String>, Refused> {
+        let (_, files) = self.head_files()?;
+        let Some(set) = repo::load(&files).set else {
+            return Ok(vec![]);
+        };
+        let expired = expired(&set);
         if expired.is_empty() {
             return Ok(vec![]);
         }
@@ -1145,7 +1203,7 @@ impl ControlPlane {
         for id in &expired {
             let (ns, name) = id.split_once('/').unwrap_or(("default", id));
             let key = Key {
-                kind: "RateLimitPolicy".into(),
+                kind: kind.into(),
                 namespace: ns.into(),
                 name: name.into(),
             };
@@ -1154,22 +1212,19 @@ impl ControlPlane {
         let summary = repo::summary(&files, &next);
         let entry = NewEntry::new(
             "controller",
-            "ratelimit.expire",
+            action,
             &expired.join(","),
             json!({"summary": summary}),
         );
         self.commit(
             "controller",
-            "rate limits expired",
+            &format!("{kind} expired"),
             &summary,
             &next,
             entry,
             now,
         )?;
-        Ok(expired
-            .into_iter()
-            .map(|i| format!("RateLimitPolicy {i}"))
-            .collect())
+        Ok(expired.into_iter().map(|i| format!("{kind} {i}")).collect())
     }
 
     fn expire_override_resources(&self, now: SystemTime) -> Result<Vec<String>, Refused> {
@@ -1491,7 +1546,7 @@ fn require_reason(reason: &str) -> Result<(), Refused> {
 fn not_enforced(files: &Files) -> Vec<String> {
     repo::resources(files)
         .into_keys()
-        .filter(|k| matches!(k.kind.as_str(), "FaultInjection" | "TrustDomainFederation"))
+        .filter(|k| k.kind == "TrustDomainFederation")
         .map(|k| k.to_string())
         .collect()
 }

@@ -1,7 +1,7 @@
 //! The control plane's plain-HTTP listener (`--http-listen`, loopback by default): the
 //! Prometheus `/metrics`, and the dashboard at `/ui` — a live service graph (Cytoscape.js,
 //! vendored), denials by reason and policy with example requests, the revision timeline
-//! with who applied what, active overrides with time left, and certificate expiry per
+//! with who applied what, active overrides and injected faults with time left, and certificate expiry per
 //! workload. Signing in takes an operator token once; the browser then holds only a random
 //! session id (HttpOnly, SameSite=Strict cookie) that expires after 12 hours, is revoked on
 //! sign-out, and dies with its operator; the token itself never goes into a cookie. The
@@ -104,6 +104,7 @@ pub fn router(cp: Cp) -> Router {
         .route("/ui/api/status", get(status))
         .route("/ui/api/history", get(history))
         .route("/ui/api/overrides", get(overrides))
+        .route("/ui/api/faults", get(faults))
         .route("/ui/api/quarantines", get(quarantines))
         .route("/ui/api/certificates", get(certificates))
         .with_state(Ui {
@@ -286,6 +287,10 @@ async fn history(State(u): State<Ui>, h: HeaderMap) -> Response {
 
 async fn overrides(State(u): State<Ui>, h: HeaderMap) -> Response {
     read(u, h, |cp| cp.overrides()).await
+}
+
+async fn faults(State(u): State<Ui>, h: HeaderMap) -> Response {
+    read(u, h, |cp| cp.faults()).await
 }
 
 async fn quarantines(State(u): State<Ui>, h: HeaderMap) -> Response {

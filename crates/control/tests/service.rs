@@ -506,10 +506,7 @@ fn kinds_not_enforced_yet_are_named_by_apply() {
     };
     assert_eq!(
         not_enforced,
-        [
-            "FaultInjection orders/orders-latency-drill",
-            "TrustDomainFederation meshward-system/partner",
-        ]
+        ["TrustDomainFederation meshward-system/partner"]
     );
 }
 
@@ -598,6 +595,53 @@ fn join_tokens_are_single_use_bound_and_expiring() {
             "no `{a}` in the audit log: {actions:?}"
         );
     }
+}
+
+#[test]
+fn fault_injections_are_listed_and_expire_by_themselves() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = seeded(dir.path());
+    let doc = "apiVersion: meshward.io/v1alpha1\nkind: FaultInjection\nmetadata: {name: drill, namespace: payments}\nspec:\n  target: {workloads: [payments-api]}\n  delay: {fixed: 250ms, percent: 50}\n  abort: {httpStatus: 503, percent: 10}\n  expiresAt: 2026-11-28T11:00:00Z\n";
+    let r = cp
+        .apply(&carol(), with_doc(&cp, doc), "drill", now())
+        .unwrap();
+    assert!(matches!(r, Applied::Committed { .. }), "{r:?}");
+    let faults = cp.faults().unwrap();
+    let f = faults
+        .iter()
+        .find(|f| f["fault"] == "payments/drill")
+        .unwrap_or_else(|| panic!("{faults:?}"));
+    assert_eq!(f["target"], "workload payments-api");
+    assert_eq!(f["delay"], "250ms for 50%");
+    assert_eq!(f["abort"], "HTTP 503 for 10%");
+    assert_eq!(f["expires_at"], "2026-11-28T11:00:00Z");
+    let before = head(&cp);
+    assert!(
+        !cp.expire_overrides(now() + Duration::from_secs(60))
+            .unwrap()
+            .iter()
+            .any(|g| g.contains("payments/drill"))
+    );
+    let gone = cp.expire_overrides(t("2026-11-28T11:00:00Z")).unwrap();
+    assert!(
+        gone.contains(&"FaultInjection payments/drill".to_string()),
+        "{gone:?}"
+    );
+    assert_eq!(head(&cp), before + 1, "one revision");
+    assert!(
+        cp.faults()
+            .unwrap()
+            .iter()
+            .all(|f| f["fault"] != "payments/drill")
+    );
+    let e = cp
+        .audit(&AuditFilter {
+            action_prefix: Some("fault.expire".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(e.len(), 1);
+    assert_eq!(e[0].actor, "controller");
 }
 
 #[test]

@@ -208,8 +208,9 @@ fn apply_approve_history_rollback_with_permissions() {
     );
     // Kinds that are accepted but not enforced yet are named.
     assert!(
-        out(&o).contains("warning: 2 resource(s) have no effect yet")
-            && out(&o).contains("FaultInjection orders/orders-latency-drill")
+        out(&o).contains("warning: 1 resource(s) have no effect yet")
+            && out(&o).contains("TrustDomainFederation meshward-system/partner")
+            && !out(&o).contains("FaultInjection")
             && !out(&o).contains("TrafficPolicy orders/orders")
             && !out(&o).contains("RateLimitPolicy"),
         "{}",

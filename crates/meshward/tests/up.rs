@@ -259,6 +259,46 @@ fn quickstart_comes_up_shows_allowed_and_denied_traffic_and_stops_on_ctrl_c() {
         "{yaml}"
     );
 
+    // A drill through the CLI: a FaultInjection that answers 503 for the frontend's calls
+    // to one path of orders, for ten minutes. The orders sidecar injects it after
+    // authorization; other paths are untouched.
+    let drill = tmp.path().join("drill");
+    copy_dir(&repo, &drill);
+    let expires =
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(600));
+    std::fs::write(
+        drill.join("drill.yaml"),
+        format!(
+            "apiVersion: meshward.io/v1alpha1\nkind: FaultInjection\nmetadata: {{name: drill, namespace: orders}}\nspec:\n  target: {{workloads: [orders]}}\n  from: {{identities: [\"spiffe://shop.example/ns/web/sa/frontend\"]}}\n  to: [{{paths: [/orders/99]}}]\n  abort: {{httpStatus: 503, percent: 100}}\n  expiresAt: {expires}\n"
+        ),
+    )
+    .unwrap();
+    let o = cli(&[
+        "apply",
+        "-f",
+        drill.to_str().unwrap(),
+        "--reason",
+        "drill: orders fails for /orders/99",
+    ]);
+    assert!(
+        o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("no effect yet"),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let start = Instant::now();
+    loop {
+        let (code, body) = curl(&orders, "GET", "/orders/99");
+        if code == "503" {
+            assert!(body.contains(r#""fault":"orders/drill""#), "{body}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "{code} {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, body) = curl(&orders, "GET", "/orders/7");
+    assert_eq!(code, "200", "{body}");
+
     // The dashboard, in headless Chromium (Debian's chromium, driven by playwright-core
     // from tests/ui): sign in with the admin token, the graph shows the three services,
     // the denied edge marked denied, the denial with its reason; a screenshot is kept.
@@ -335,7 +375,15 @@ fn quickstart_comes_up_shows_allowed_and_denied_traffic_and_stops_on_ctrl_c() {
         }),
         "{shown}"
     );
-    assert_eq!(shown["history"].as_array().unwrap().len(), 1, "{shown}");
+    // The initial revision and the drill's; the drill among the injected faults.
+    assert_eq!(shown["history"].as_array().unwrap().len(), 2, "{shown}");
+    assert!(
+        shown["faults"].as_array().unwrap().iter().any(|f| {
+            let f = f.as_str().unwrap_or("");
+            f.contains("orders/drill") && f.contains("HTTP 503 for 100%")
+        }),
+        "{shown}"
+    );
     // A row per identity: the two payments replicas share theirs.
     let certs = shown["certificates"].as_array().unwrap();
     assert_eq!(certs.len(), 3, "{shown}");

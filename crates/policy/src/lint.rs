@@ -428,14 +428,9 @@ impl<'a> Linter<'a> {
     fn not_enforced(&mut self) {
         let set = self.set;
         let items = set
-            .faults
+            .federations
             .iter()
-            .map(|x| ("FaultInjection", &x.id, &x.origin))
-            .chain(
-                set.federations
-                    .iter()
-                    .map(|x| ("TrustDomainFederation", &x.id, &x.origin)),
-            );
+            .map(|x| ("TrustDomainFederation", &x.id, &x.origin));
         for (kind, id, origin) in items {
             self.out.push(
                 origin

@@ -237,6 +237,53 @@ pub struct Operation {
 }
 
 impl Operation {
+    /// The matcher of a `to` entry, or every invalid entry as (field, index, why).
+    pub fn parse(o: &r::OperationSpec) -> Result<Operation, Vec<(&'static str, usize, String)>> {
+        let mut errors = vec![];
+        let mut op = Operation {
+            ports: o.ports.clone(),
+            ..Default::default()
+        };
+        for (i, port) in o.ports.iter().enumerate() {
+            if *port == 0 {
+                errors.push(("ports", i, "port 0 is not a port".to_owned()));
+            }
+        }
+        for (name, list, out) in [
+            ("methods", &o.methods, &mut op.methods),
+            ("notMethods", &o.not_methods, &mut op.not_methods),
+        ] {
+            for (i, m) in list.iter().enumerate() {
+                match parse_method(m) {
+                    Ok(m) => out.push(m),
+                    Err(e) => errors.push((name, i, e)),
+                }
+            }
+        }
+        for (name, list, out) in [
+            ("paths", &o.paths, &mut op.paths),
+            ("notPaths", &o.not_paths, &mut op.not_paths),
+        ] {
+            for (i, p) in list.iter().enumerate() {
+                match PathPattern::parse(p) {
+                    Ok(p) => out.push(p),
+                    Err(e) => errors.push((name, i, e)),
+                }
+            }
+        }
+        for (i, h) in o.hosts.iter().enumerate() {
+            match HostPattern::parse(h) {
+                Ok(h) => op.hosts.push(h),
+                Err(e) => errors.push(("hosts", i, e)),
+            }
+        }
+        if errors.is_empty() {
+            Ok(op)
+        } else {
+            Err(errors)
+        }
+    }
+
     /// Whether any HTTP-only field is set.
     pub fn has_http(&self) -> bool {
         !(self.methods.is_empty()
@@ -1123,20 +1170,14 @@ impl Builder {
                         );
                     }
                 }
-                if s.abort
-                    .as_ref()
-                    .is_some_and(|a| !(200..=599).contains(&a.http_status))
-                {
-                    b.diags.push(
-                        d.origin
-                            .diag(
-                                "MW103",
-                                Severity::Error,
-                                &p!["spec", "abort", "httpStatus"],
-                                "`httpStatus` must be an HTTP status code (200-599)",
-                            )
-                            .resource(d.label()),
-                    );
+                if let Some(f) = &s.from {
+                    b.source(ctx, d, f, &p!["spec", "from"]);
+                }
+                for (i, o) in s.to.iter().enumerate() {
+                    b.operation(d, o, &p!["spec", "to", i]);
+                }
+                if let Some(a) = &s.abort {
+                    b.fault_abort(d, a);
                 }
                 if s.delay.is_none() && s.abort.is_none() {
                     b.diags.push(
@@ -1739,84 +1780,62 @@ impl Builder {
         ok.then_some(m)
     }
 
+    /// A `FaultInjection`'s `abort`: exactly one way to end the request, each valid.
+    fn fault_abort(&mut self, d: &Doc, a: &r::FaultAbort) {
+        let err = |b: &mut Builder, field: &str, msg: String| {
+            b.diags.push(
+                d.origin
+                    .diag("MW103", Severity::Error, &p!["spec", "abort", field], msg)
+                    .resource(d.label()),
+            );
+        };
+        let ways = usize::from(a.http_status.is_some())
+            + usize::from(a.grpc_status.is_some())
+            + usize::from(a.tcp_reset);
+        if ways != 1 {
+            err(
+                self,
+                "httpStatus",
+                "an abort ends the request one way: set exactly one of `httpStatus`, `grpcStatus` and `tcpReset: true`".into(),
+            );
+        }
+        if a.http_status.is_some_and(|c| !(200..=599).contains(&c)) {
+            err(
+                self,
+                "httpStatus",
+                "`httpStatus` must be an HTTP status code (200-599)".into(),
+            );
+        }
+        if let Some(g) = &a.grpc_status
+            && r::grpc_status_code(g).is_none_or(|c| c == 0)
+        {
+            err(
+                self,
+                "grpcStatus",
+                format!(
+                    "`{g}` is not a gRPC error status: name one such as UNAVAILABLE or DEADLINE_EXCEEDED, or give its code (1-16)"
+                ),
+            );
+        }
+    }
+
     fn operation(&mut self, d: &Doc, o: &r::OperationSpec, at: &[PathSeg]) -> Option<Operation> {
-        let fi = |name: &str, i: usize| {
-            let mut v = at.to_vec();
-            v.push(PathSeg::Key(name.into()));
-            v.push(PathSeg::Index(i));
-            v
+        let errors = match Operation::parse(o) {
+            Ok(op) => return Some(op),
+            Err(e) => e,
         };
-        let mut ok = true;
-        let mut op = Operation {
-            ports: o.ports.clone(),
-            ..Default::default()
-        };
-        for (i, port) in o.ports.iter().enumerate() {
-            if *port == 0 {
-                ok = false;
-                self.diags.push(
-                    d.origin
-                        .diag(
-                            "MW103",
-                            Severity::Error,
-                            &fi("ports", i),
-                            "port 0 is not a port",
-                        )
-                        .resource(d.label()),
-                );
+        for (field, i, msg) in errors {
+            let mut path = at.to_vec();
+            path.push(PathSeg::Key(field.into()));
+            path.push(PathSeg::Index(i));
+            let code = if field == "ports" { "MW103" } else { "MW108" };
+            let mut diag = d.origin.diag(code, Severity::Error, &path, msg);
+            if field.ends_with("aths") {
+                diag = diag.help("write `/exact`, `/prefix/*` or `/a/*/b` (whole segments)");
             }
+            self.diags.push(diag.resource(d.label()));
         }
-        for (name, list, out) in [
-            ("methods", &o.methods, &mut op.methods),
-            ("notMethods", &o.not_methods, &mut op.not_methods),
-        ] {
-            for (i, m) in list.iter().enumerate() {
-                match parse_method(m) {
-                    Ok(m) => out.push(m),
-                    Err(e) => {
-                        ok = false;
-                        self.diags.push(
-                            d.origin
-                                .diag("MW108", Severity::Error, &fi(name, i), e)
-                                .resource(d.label()),
-                        );
-                    }
-                }
-            }
-        }
-        for (name, list, out) in [
-            ("paths", &o.paths, &mut op.paths),
-            ("notPaths", &o.not_paths, &mut op.not_paths),
-        ] {
-            for (i, p) in list.iter().enumerate() {
-                match PathPattern::parse(p) {
-                    Ok(p) => out.push(p),
-                    Err(e) => {
-                        ok = false;
-                        self.diags.push(
-                            d.origin
-                                .diag("MW108", Severity::Error, &fi(name, i), e)
-                                .help("write `/exact`, `/prefix/*` or `/a/*/b` (whole segments)")
-                                .resource(d.label()),
-                        );
-                    }
-                }
-            }
-        }
-        for (i, h) in o.hosts.iter().enumerate() {
-            match HostPattern::parse(h) {
-                Ok(h) => op.hosts.push(h),
-                Err(e) => {
-                    ok = false;
-                    self.diags.push(
-                        d.origin
-                            .diag("MW108", Severity::Error, &fi("hosts", i), e)
-                            .resource(d.label()),
-                    );
-                }
-            }
-        }
-        ok.then_some(op)
+        None
     }
 
     fn condition(&mut self, d: &Doc, c: &r::ConditionSpec, at: &[PathSeg]) -> Option<Condition> {

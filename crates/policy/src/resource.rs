@@ -881,11 +881,51 @@ pub struct FaultDelay {
     pub percent: f64,
 }
 
+/// How an aborted request ends: exactly one of an HTTP status, a gRPC status (gRPC
+/// requests only) or a reset connection (HTTP/2: the stream).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FaultAbort {
-    pub http_status: u16,
+    #[serde(default)]
+    pub http_status: Option<u16>,
+    /// A gRPC status name (`UNAVAILABLE`, `DEADLINE_EXCEEDED`, ...) or code (0-16).
+    #[serde(default)]
+    pub grpc_status: Option<String>,
+    #[serde(default)]
+    pub tcp_reset: bool,
     pub percent: f64,
+}
+
+/// The gRPC status codes by name (grpc/doc/statuscodes.md).
+pub const GRPC_STATUS: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// A gRPC status given by name or code: its code.
+pub fn grpc_status_code(s: &str) -> Option<u8> {
+    if let Ok(n) = s.parse::<u8>() {
+        return (usize::from(n) < GRPC_STATUS.len()).then_some(n);
+    }
+    GRPC_STATUS
+        .iter()
+        .position(|n| n.eq_ignore_ascii_case(s))
+        .and_then(|i| u8::try_from(i).ok())
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -445,12 +445,59 @@ fn mw314_reach_beyond_the_own_namespace() {
 #[test]
 fn mw315_kinds_not_enforced_yet() {
     let d = only(
-        "apiVersion: meshward.io/v1alpha1\nkind: FaultInjection\nmetadata: {name: f, namespace: shop}\nspec:\n  target: {workloads: [web]}\n  abort: {httpStatus: 503, percent: 1}\n  expiresAt: 2030-01-01T00:00:00Z\n",
+        "apiVersion: meshward.io/v1alpha1\nkind: TrustDomainFederation\nmetadata: {name: partner, namespace: meshward-system}\nspec:\n  trustDomain: partner.example\n  bundleEndpoint: {url: https://bundle.partner.example/shop, profile: https_web}\n",
         "MW315",
     );
     assert_eq!(d.severity, Severity::Warning);
     assert_eq!((d.line, d.field.as_deref()), (2, Some("kind")));
     assert!(d.message.contains("not enforced yet"), "{}", d.message);
+    // A `FaultInjection` is enforced (crate meshward-proxy, docs/faults.md): no MW315.
+    clean(FAULT);
+}
+
+const FAULT: &str = "apiVersion: meshward.io/v1alpha1\nkind: FaultInjection\nmetadata: {name: f, namespace: shop}\nspec:\n  target: {workloads: [web]}\n  from: {namespaces: [shop]}\n  to: [{methods: [GET], paths: [/api/*]}]\n  delay: {fixed: 200ms, percent: 50}\n  abort: {grpcStatus: UNAVAILABLE, percent: 1}\n  expiresAt: 2030-01-01T00:00:00Z\n";
+
+#[test]
+fn mw103_a_fault_abort_ends_a_request_one_valid_way() {
+    for (abort, field, says) in [
+        (
+            "{httpStatus: 503, tcpReset: true, percent: 1}",
+            "spec.abort.httpStatus",
+            "exactly one",
+        ),
+        ("{percent: 1}", "spec.abort.httpStatus", "exactly one"),
+        (
+            "{httpStatus: 99, percent: 1}",
+            "spec.abort.httpStatus",
+            "200-599",
+        ),
+        (
+            "{grpcStatus: UNAVAILBLE, percent: 1}",
+            "spec.abort.grpcStatus",
+            "not a gRPC error status",
+        ),
+        (
+            "{grpcStatus: OK, percent: 1}",
+            "spec.abort.grpcStatus",
+            "not a gRPC error status",
+        ),
+    ] {
+        let doc = FAULT.replace("{grpcStatus: UNAVAILABLE, percent: 1}", abort);
+        let d = only(&doc, "MW103");
+        assert_eq!(d.field.as_deref(), Some(field), "{abort}: {d:?}");
+        assert_eq!(d.line, 9, "{abort}");
+        assert!(d.message.contains(says), "{abort}: {}", d.message);
+    }
+    // Its `to` and `from` are checked as an AuthorizationPolicy's.
+    let d = only(&FAULT.replace("/api/*", "/api*"), "MW108");
+    assert_eq!(d.field.as_deref(), Some("spec.to[0].paths[0]"), "{d:?}");
+    let d = only(&FAULT.replace("[shop]", "[shpo]"), "MW203");
+    assert!(
+        d.field
+            .as_deref()
+            .is_some_and(|f| f.starts_with("spec.from")),
+        "{d:?}"
+    );
 }
 
 #[test]

@@ -47,8 +47,8 @@ fn tier(ep: &Endpoint, caller: Option<&Locality>, failover: &[String]) -> usize 
 }
 
 /// A cheap random number per call (SplitMix64 over a shared counter): the balancer's
-/// two choices need no more.
-fn random() -> u64 {
+/// two choices and the fault draws ([`crate::fault`]) need no more.
+pub(crate) fn random() -> u64 {
     static SEQ: AtomicU64 = AtomicU64::new(0x9E37_79B9_7F4A_7C15);
     let mut z = SEQ
         .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)

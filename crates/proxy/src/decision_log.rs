@@ -31,6 +31,9 @@ pub struct Extra {
     pub endpoint: Option<std::net::SocketAddr>,
     /// The caller's sidecar: how many attempts the request took.
     pub attempts: Option<u32>,
+    /// A fault was injected into this allowed request (docs/faults.md): kept, never
+    /// sampled away, so a drill's every injected failure is on record.
+    pub injected: bool,
 }
 
 /// A destination and its metric label.
@@ -264,8 +267,9 @@ impl DecisionLog {
                 self.denied.fetch_add(1, Ordering::Relaxed);
                 1
             }
-            // The caller's record of a retried call: rare, each one kept.
-            Verdict::Allow if extra.attempts.is_some() => {
+            // The caller's record of a retried call, a request a fault was injected into:
+            // rare, each one kept.
+            Verdict::Allow if extra.attempts.is_some() || extra.injected => {
                 self.allowed.fetch_add(1, Ordering::Relaxed);
                 1
             }
@@ -284,7 +288,7 @@ impl DecisionLog {
         // Shipped: every deny; a sampled allow as the shipping budget says, weighted.
         let ship = self.ship.as_ref().and_then(|q| match d.verdict {
             Verdict::Deny => Some((q, 1)),
-            Verdict::Allow if extra.attempts.is_some() => Some((q, 1)),
+            Verdict::Allow if extra.attempts.is_some() || extra.injected => Some((q, 1)),
             Verdict::Allow => q.ship_allow().map(|f| (q, f)),
         });
         if self.tx.is_none() && ship.is_none() {

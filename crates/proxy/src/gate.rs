@@ -20,6 +20,7 @@ use meshward_policy::resource::HeadersWithUnderscores;
 use meshward_telemetry::trace::{DecisionAttrs, RequestSpan};
 
 use crate::decision_log::{Extra, Series};
+use crate::fault::Injected;
 use crate::inbound::InboundPort;
 use crate::interpret::{self, Facts, Refusal, Version};
 use crate::ratelimit::{Over, Permit, Resolved};
@@ -56,6 +57,9 @@ pub(crate) struct Admitted<'h> {
     /// Its places in the concurrency budgets (`maxConcurrent`): held until the response is
     /// done.
     pub permit: Permit,
+    /// The faults drawn for it (step 7): the codec waits the delay, then answers the abort
+    /// in the app's place.
+    pub fault: Option<Injected>,
 }
 
 /// Why the gate stopped a request.
@@ -220,6 +224,15 @@ impl<'a> Gate<'a> {
             }
             _ => Permit::default(),
         };
+        // 7. Faults: the `FaultInjection`s drawn for this allowed request (crate::fault);
+        //    a `grpcStatus` abort only for gRPC (HTTP/2 with a gRPC content type).
+        let fault = policy.as_ref().and_then(|p| {
+            let grpc = head.version == Version::Http2
+                && (head.headers)().any(|(k, v)| {
+                    k.eq_ignore_ascii_case("content-type") && v.starts_with(b"application/grpc")
+                });
+            injected(self.shared, p, &preq, grpc)
+        });
         drop(policy);
         Ok(Admitted {
             preq,
@@ -228,6 +241,7 @@ impl<'a> Gate<'a> {
             facts,
             under,
             permit,
+            fault,
         })
     }
 
@@ -239,13 +253,22 @@ impl<'a> Gate<'a> {
     }
 
     /// Records an admitted request once the app's response has started (`duration`: the
-    /// time to it).
-    pub fn forwarded(&mut self, preq: &Request, d: &Decision, duration: Duration) {
+    /// time to it), or once an injected abort answered in its place (`fault`: what was
+    /// injected, the record's detail).
+    pub fn forwarded(
+        &mut self,
+        preq: &Request,
+        d: &Decision,
+        duration: Duration,
+        fault: Option<&Injected>,
+    ) {
         self.record(
             preq,
             d,
             Extra {
                 duration: Some(duration),
+                detail: fault.map(Injected::detail),
+                injected: fault.is_some(),
                 ..Default::default()
             },
         );
@@ -305,6 +328,8 @@ pub(crate) struct TcpAdmitted {
     pub permit: Permit,
     pub req: Request,
     pub revision: u64,
+    /// The faults drawn for the connection: a delay before it reaches the app, a reset.
+    pub fault: Option<Injected>,
 }
 
 /// The TCP codec's gate: one decision per connection, then the source's rate-limit
@@ -344,12 +369,45 @@ pub(crate) fn tcp(shared: &Shared, port: InboundPort, peer: SpiffeId) -> Result<
         }
         _ => Permit::default(),
     };
-    write(shared, port, None, &req, &d, Extra::default());
+    let fault = policy
+        .as_ref()
+        .and_then(|p| injected(shared, p, &req, false));
+    let extra = Extra {
+        detail: fault.as_ref().map(Injected::detail),
+        injected: fault.is_some(),
+        ..Default::default()
+    };
+    write(shared, port, None, &req, &d, extra);
     Ok(TcpAdmitted {
         permit,
         req,
         revision: d.revision.0,
+        fault,
     })
+}
+
+/// The faults drawn for an allowed `req` under `p`, counted.
+fn injected(
+    shared: &Shared,
+    p: &crate::state::Policy,
+    req: &Request,
+    grpc: bool,
+) -> Option<Injected> {
+    if p.view.faults.is_empty() {
+        return None;
+    }
+    let f = p
+        .view
+        .faults
+        .draw(req, &p.set, &shared.workload, grpc, SystemTime::now())?;
+    let m = &shared.log.metrics;
+    if let Some((id, _)) = &f.delay {
+        m.fault_injected(id, "delay");
+    }
+    if let Some((id, a)) = &f.abort {
+        m.fault_injected(id, a.kind());
+    }
+    Some(f)
 }
 
 /// Records an open connection or stream closed because a later revision denies it

@@ -42,6 +42,9 @@ pub enum End {
     Closed,
     /// The next request needs the general path: these bytes, already read, start it.
     Handoff(Vec<u8>),
+    /// An injected fault resets the connection (crate::fault): the caller drops it with
+    /// an RST.
+    Reset,
 }
 
 /// A read buffer with a consumed prefix.
@@ -266,6 +269,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             facts,
             under,
             permit,
+            fault,
         } = match checked {
             Ok(a) => a,
             Err(Stop::Handoff) => return End::Handoff(buf.into_vec()),
@@ -285,6 +289,27 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
         };
         let close = facts.close;
+        // An injected fault (crate::fault): its delay first, then its abort in the app's
+        // place.
+        if let Some(f) = &fault {
+            f.wait().await;
+            if let Some((id, abort)) = &f.abort {
+                buf.consume(end);
+                gate.forwarded(&preq, &d, t0.elapsed(), Some(f));
+                drop(permit);
+                let crate::fault::Abort::Http(status) = *abort else {
+                    drop(span);
+                    return End::Reset;
+                };
+                let ok = crate::fault::write_h1(stream, id, status, close).await;
+                done(shared, status, t0);
+                span.finish(status);
+                if close || !ok {
+                    return End::Closed;
+                }
+                continue;
+            }
+        }
         // The head for the app: the normalized target, the verified identity (any copy
         // the peer sent is dropped), this proxy's span (tracing on), everything else as
         // sent.
@@ -337,7 +362,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         // `Connection: close`, so the client's next request goes on a new connection.
         let retire = tokio::time::Instant::now() + crate::expiry::RETIRE_EARLY >= expiry.at;
         let relayed = relay(stream, &mut app, port, &out, head_only, idempotent, retire).await;
-        gate.forwarded(&preq, &d, t_app.elapsed());
+        gate.forwarded(&preq, &d, t_app.elapsed(), fault.as_ref());
         // The response is relayed whole: its concurrency places are free again.
         drop(permit);
         match relayed {

@@ -6,7 +6,6 @@
 //! is stripped). A refusal at any stage is answered by [`crate::rescue`].
 #![deny(clippy::disallowed_types)]
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -256,6 +255,15 @@ async fn serve_tcp(
         return; // refused: the connection closes
     };
     let _permit = admitted.permit;
+    // An injected fault (crate::fault): its delay before the app is reached; a reset ends
+    // the connection with an RST.
+    if let Some(f) = &admitted.fault {
+        f.wait().await;
+        if f.abort.is_some() {
+            crate::fault::reset_on_close(stream.get_ref().0);
+            return;
+        }
+    }
     let Ok(mut app) = Connector::new(port.mark).connect(port.app).await else {
         return;
     };
@@ -291,6 +299,10 @@ async fn serve_http(
             let mut stream = stream;
             match crate::h1::serve(&shared, port, &peer, &mut stream, expiry).await {
                 crate::h1::End::Closed => return,
+                crate::h1::End::Reset => {
+                    crate::fault::reset_on_close(stream.get_ref().0);
+                    return;
+                }
                 crate::h1::End::Handoff(bytes) => (stream, bytes),
             }
         } else {
@@ -329,8 +341,13 @@ async fn serve_http(
                     .metrics
                     .request_done("inbound", status, t0.elapsed().as_secs_f64());
             }
+            if r.extensions().get::<crate::fault::ResetStream>().is_some() {
+                // An injected reset: hyper ends the request without an answer.
+                drop(span);
+                return Err(crate::fault::ResetStream);
+            }
             span.finish(status);
-            Ok::<_, Infallible>(r.map(|b| Tracked::new(b, in_flight).boxed()))
+            Ok(r.map(|b| Tracked::new(b, in_flight).boxed()))
         }
     });
     // HTTP/1.1 or HTTP/2 (by the connection preface), with bounded headers, streams and
@@ -486,7 +503,17 @@ async fn handle(
         facts,
         under,
         permit,
+        fault,
     } = admitted;
+    // An injected fault (crate::fault): its delay first, then its abort in the app's place.
+    if let Some(f) = &fault {
+        let t0 = std::time::Instant::now();
+        f.wait().await;
+        if let Some((id, abort)) = &f.abort {
+            gate.forwarded(&preq, &d, t0.elapsed(), Some(f));
+            return crate::fault::answer(id, *abort).unwrap_or_else(crate::fault::reset);
+        }
+    }
     let (host, host_header, strips) = (
         facts.host.map(str::to_owned),
         facts.host_header,
@@ -583,7 +610,7 @@ async fn handle(
         r => r,
     };
     // Allowed requests are recorded once the app's response has started, with the time.
-    gate.forwarded(&preq, &d, t0.elapsed());
+    gate.forwarded(&preq, &d, t0.elapsed(), fault.as_ref());
     match r {
         Ok(mut resp) => {
             let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS

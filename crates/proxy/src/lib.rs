@@ -16,6 +16,7 @@ pub mod decision_log;
 pub mod discovery;
 pub mod endpoint_state;
 pub mod expiry;
+pub mod fault;
 #[doc(hidden)]
 pub mod fuzzing;
 pub(crate) mod gate;

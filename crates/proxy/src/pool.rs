@@ -407,7 +407,8 @@ impl Pooled {
         // moves to the general path (below) at the first request that needs it.
         let prefix = if self.protocol == UpstreamProtocol::Http1 {
             match crate::h1_out::serve(&self, &self.raw, &mut app).await {
-                crate::h1::End::Closed => return,
+                // (The outbound side injects no faults: `Reset` is never returned here.)
+                crate::h1::End::Closed | crate::h1::End::Reset => return,
                 crate::h1::End::Handoff(bytes) => bytes,
             }
         } else {

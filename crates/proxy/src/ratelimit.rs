@@ -367,6 +367,12 @@ impl Budgets {
         });
     }
 
+    /// Requests (on a TCP port: connections) in progress over every budget (for tests and
+    /// the admin endpoint).
+    pub fn in_progress(&self) -> u32 {
+        self.0.load().values().map(|b| b.in_progress()).sum()
+    }
+
     /// How many budgets exist.
     pub fn len(&self) -> usize {
         self.0.load().len()

@@ -19,9 +19,7 @@ use std::sync::Arc;
 
 use meshward_policy::decision::WorkloadRef;
 use meshward_policy::model::{Other, PolicySet, Workload};
-use meshward_policy::resource::{
-    FaultInjectionSpec, RateLimitPolicySpec, TargetSpec, TrafficPolicySpec,
-};
+use meshward_policy::resource::{RateLimitPolicySpec, TargetSpec, TrafficPolicySpec};
 
 use crate::discovery::Discovery;
 use crate::endpoint_state::EndpointStates;
@@ -45,8 +43,9 @@ pub struct View {
     pub rate_limits: Vec<Other<RateLimitPolicySpec>>,
     /// Their limits, compiled (the gate's step 6, [`crate::limits`]).
     pub rate_limiter: crate::ratelimit::RateLimits,
-    /// The `FaultInjection`s that target this workload.
-    pub faults: Vec<Other<FaultInjectionSpec>>,
+    /// The `FaultInjection`s that target this workload, compiled (the gate's step 7,
+    /// [`crate::fault`]).
+    pub faults: crate::fault::Faults,
     /// Lower-case names of the headers some rule's condition reads, sorted.
     pub headers: Vec<String>,
 }
@@ -142,12 +141,13 @@ impl View {
             locality: own.and_then(crate::discovery::Locality::of),
             rate_limiter: crate::ratelimit::RateLimits::compile(&rate_limits),
             rate_limits,
-            faults: set
-                .faults
-                .iter()
-                .filter(|f| targets_me(&f.spec.target, &f.id))
-                .cloned()
-                .collect(),
+            faults: crate::fault::Faults::compile(
+                &set.faults
+                    .iter()
+                    .filter(|f| targets_me(&f.spec.target, &f.id))
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            ),
             headers: header_names(set),
         }
     }

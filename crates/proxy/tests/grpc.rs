@@ -166,4 +166,29 @@ spec:
     let e = client.sign(SignRequest::default()).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("rate"), "{}", e.message());
+
+    // A drill (FaultInjection): every call answered UNAVAILABLE by the signer's sidecar,
+    // then every call's stream reset — on the same HTTP/2 connection, the app untouched.
+    let expires = humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(600));
+    for (rev, abort) in [(4, "grpcStatus: UNAVAILABLE"), (5, "tcpReset: true")] {
+        let fault = format!(
+            "---\napiVersion: meshward.io/v1alpha1\nkind: FaultInjection\nmetadata: {{name: drill, namespace: pki}}\nspec:\n  target: {{workloads: [signer]}}\n  abort: {{{abort}, percent: 100}}\n  expiresAt: {expires}\n"
+        );
+        signer.set_policy(
+            rev,
+            set_with(app_port, inbound, "/meshward.v1.Identity/Sign", &fault),
+        );
+        let e = client.sign(SignRequest::default()).await.unwrap_err();
+        if rev == 4 {
+            assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+            assert!(e.message().contains("pki/drill"), "{}", e.message());
+        } else {
+            // The caller's sidecar resets the app's stream in turn.
+            assert_eq!(e.code(), tonic::Code::Internal, "{e:?}");
+            assert!(format!("{e:?}").contains("Reset("), "{e:?}");
+        }
+    }
+    let fault_free = set(app_port, inbound, "/meshward.v1.Identity/Sign");
+    signer.set_policy(6, fault_free);
+    client.sign(SignRequest::default()).await.unwrap();
 }

@@ -27,7 +27,7 @@ use meshward_proxy::decision_log::DecisionLog;
 use meshward_proxy::inbound::{self, InboundPort};
 use meshward_proxy::outbound::{self, Upstream};
 use meshward_proxy::state::Shared;
-use support::td;
+use support::{get, td};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CALLERS: [&str; 3] = ["web/frontend", "web/cart", "batch/noisy"];
@@ -197,22 +197,6 @@ async fn mesh(limits: &str, delay: Duration) -> Mesh {
     }
 }
 
-/// One GET on its own connection: the status and the whole answer.
-async fn get(addr: SocketAddr) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /x HTTP/1.1\r\nhost: orders\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {text:?}"));
-    (status, text)
-}
-
 /// `n` GETs from caller `c`, one after another: the statuses.
 async fn burst(m: &Mesh, c: usize, n: usize) -> Vec<u16> {
     let mut out = vec![];
@@ -357,8 +341,17 @@ async fn on_a_tcp_port_the_limits_count_connections() {
     other.write_all(b"hi").await.unwrap();
     let mut two = [0u8; 2];
     other.read_exact(&mut two).await.unwrap();
-    drop(first);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop((first, other));
+    // Their places come back once the inbound side has seen both halves close (under
+    // load that takes a while: wait for it rather than guess).
+    let t0 = std::time::Instant::now();
+    while m.orders.budgets.in_progress() > 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // The place is free again; the refused connection took no token, so one is left
     // (burst 2) ...
     let mut third = tokio::net::TcpStream::connect(m.callers[2].1)

@@ -128,6 +128,14 @@ pub struct EndpointLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FaultLabels {
+    /// The `FaultInjection`, `namespace/name`.
+    pub fault: String,
+    /// `delay`, `abort_http`, `abort_grpc` or `reset`.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
 }
@@ -242,6 +250,7 @@ pub struct ProxyMetrics {
     pub connections_refused: Family<RefusedLabels, Counter>,
     pub connection_timeouts: Family<KindLabels, Counter>,
     pub revoked: Family<KindLabels, Counter>,
+    pub faults: Family<FaultLabels, Counter>,
     pub accept_errors: Family<KindLabels, Counter>,
     /// Set when scraped.
     pub listener_connections: Family<ListenerLabels, Gauge>,
@@ -288,6 +297,7 @@ impl ProxyMetrics {
         let connections_refused = Family::<RefusedLabels, Counter>::default();
         let connection_timeouts = Family::<KindLabels, Counter>::default();
         let revoked = Family::<KindLabels, Counter>::default();
+        let faults = Family::<FaultLabels, Counter>::default();
         let accept_errors = Family::<KindLabels, Counter>::default();
         let listener_connections = Family::<ListenerLabels, Gauge>::default();
         let decision_log_dropped = Counter::default();
@@ -369,6 +379,11 @@ impl ProxyMetrics {
             revoked.clone(),
         );
         registry.register(
+            "meshward_faults_injected",
+            "Faults a FaultInjection injected into allowed requests and connections (delay; abort_http, abort_grpc: answered with that status instead of the app; reset: the connection or HTTP/2 stream reset)",
+            faults.clone(),
+        );
+        registry.register(
             "meshward_accept_errors",
             "Accept errors that made a listener back off (emfile, enfile, enomem, enobufs, other)",
             accept_errors.clone(),
@@ -427,6 +442,7 @@ impl ProxyMetrics {
             connections_refused,
             connection_timeouts,
             revoked,
+            faults,
             accept_errors,
             listener_connections,
             shadow,
@@ -488,6 +504,16 @@ impl ProxyMetrics {
     pub fn persist_failed(&self, kind: &'static str) {
         self.persist_failures
             .get_or_create(&KindLabels { kind })
+            .inc();
+    }
+
+    /// Counts one fault injected by `fault` (`delay`, `abort_http`, `abort_grpc`, `reset`).
+    pub fn fault_injected(&self, fault: &str, kind: &'static str) {
+        self.faults
+            .get_or_create(&FaultLabels {
+                fault: fault.to_owned(),
+                kind,
+            })
             .inc();
     }
 
