@@ -26,7 +26,7 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn client(&self) -> Result<Client> {
+    pub(crate) fn client(&self) -> Result<Client> {
         let server = self.server.clone().or_else(|| std::env::var("MESHWARD_SERVER").ok()).context(
             "no control plane address: pass --server HOST:PORT or set MESHWARD_SERVER (`meshward control` prints it)",
         )?;

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod control_cmd;
 mod demo_app;
+mod drill;
 mod policy_cmd;
 mod proxy_cmd;
 mod up;
@@ -177,6 +178,9 @@ enum Command {
         #[arg(long, default_value = "mw-br0", requires = "isolated")]
         bridge: String,
     },
+    /// Chaos drills: rehearse failures against a running mesh and judge the result.
+    #[command(subcommand)]
+    Drill(DrillCommand),
     /// The demo app: an HTTP echo server that calls its upstreams in a loop.
     #[command(
         name = "demo-app",
@@ -308,6 +312,27 @@ struct ProxyArgs {
     /// either side's certificate in any case. Unset: certificate expiry only.
     #[arg(long, value_name = "DURATION")]
     max_connection_age: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum DrillCommand {
+    /// Run a drill: probe traffic, a steady state, each step's failure for its duration
+    /// (then undone, also on Ctrl-C), expectations judged with the measured values.
+    #[command(
+        after_help = "Examples:\n  meshward drill run examples/drills/replica-loss.yaml --mesh examples/quickstart\n  meshward drill run examples/drills/slow-dependency.yaml --mesh examples/quickstart --junit drill.xml\n  meshward drill run drill.yaml --server 127.0.0.1:7443 --output json   # probes by `address`, fault steps only\n\nExit status: 0 every expectation passed, 1 one failed or the drill could not run, 130\ninterrupted. See docs/drills.md."
+    )]
+    Run {
+        file: PathBuf,
+        /// The directory of a running `meshward up` (reads DIR/.meshward/up.json): probes
+        /// by `from`/`to`, `stopApp` steps, and its control plane.
+        #[arg(long)]
+        mesh: Option<PathBuf>,
+        /// Also write the results as JUnit XML.
+        #[arg(long)]
+        junit: Option<PathBuf>,
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -777,6 +802,12 @@ fn main() -> ExitCode {
                 println!("  export MESHWARD_TOKEN_FILE={}", f.display());
                 ExitCode::SUCCESS
             }),
+        Command::Drill(DrillCommand::Run {
+            file,
+            mesh,
+            junit,
+            output,
+        }) => drill::run(&cli.conn, &file, mesh.as_deref(), junit.as_deref(), output),
         Command::Apply {
             dir,
             reason,

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -504,8 +505,9 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
 
         // 5. The apps (isolated: in their namespaces, on all addresses, calling the
         // services' addresses directly — the sidecar captures it).
-        let mut children = sidecars;
+        let children = sidecars;
         let mut app_pids = vec![];
+        let mut apps = vec![];
         for (i, p) in plans.iter().enumerate() {
             let e = &p.entry;
             let called: Vec<String> = match &isolated {
@@ -543,7 +545,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
             }
             let child = cmd.spawn().with_context(|| format!("cannot start the app of {}", p.id))?;
             app_pids.push(child.id().unwrap_or(0));
-            children.push(child);
+            apps.push(App { id: p.id.to_string(), cmd, child: Some(child), stops: 0, frozen: false });
         }
         for p in &plans {
             let start = Instant::now();
@@ -555,6 +557,30 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
             }
         }
         step(5, TOTAL, "apps running");
+
+        // What `meshward drill run --mesh DIR` reads, and the hooks it drives (docs/drills.md).
+        let apps = Arc::new(tokio::sync::Mutex::new(apps));
+        let sock = state.join("up.sock");
+        let _ = std::fs::remove_file(&sock);
+        let hooks = tokio::net::UnixListener::bind(&sock).with_context(|| format!("cannot listen on `{}`", sock.display()))?;
+        // Only this user may drive the mesh's processes.
+        std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        tokio::spawn(serve_hooks(hooks, apps.clone()));
+        // Absolute: a drill runs from anywhere.
+        let abs = |p: std::path::PathBuf| std::path::absolute(&p).unwrap_or(p);
+        let up_state = json!({
+            "control": api.to_string(),
+            "ca_file": abs(data.join("bundle.pem")),
+            "token_file": abs(data.join("admin.token")),
+            "hooks": abs(sock.clone()),
+            "workloads": plans.iter().map(|p| json!({
+                "id": p.id.to_string(),
+                "upstreams": if isolated.is_some() { vec![] } else {
+                    p.upstreams.iter().map(|(l, u, _)| json!({"service": u.service.to_string(), "port": u.port, "listen": l})).collect::<Vec<_>>()
+                },
+            })).collect::<Vec<_>>(),
+        });
+        meshward_identity::ca::write_atomic(&state.join("up.json"), serde_json::to_string_pretty(&up_state)?.as_bytes(), false)?;
 
         println!();
         if let Some(iso) = &isolated {
@@ -621,10 +647,171 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
             _ = term.recv() => {}
         }
         println!("stopping");
+        let _ = std::fs::remove_file(state.join("up.json"));
+        let _ = std::fs::remove_file(state.join("up.sock"));
+        apps.lock().await.clear();
         drop(children);
         Ok::<(), anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// An app `meshward up` runs: how to start it again after a drill stopped it.
+struct App {
+    id: String,
+    cmd: tokio::process::Command,
+    child: Option<tokio::process::Child>,
+    /// How many times it was stopped or frozen (a lease undoes only its own).
+    stops: u64,
+    /// Frozen (SIGSTOP): running, answering nothing.
+    frozen: bool,
+}
+
+/// Sends `sig` (`-STOP`, `-CONT`) to `pid` with kill(1).
+async fn signal(pid: u32, sig: &str) -> Result<()> {
+    let st = tokio::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .await?;
+    if !st.success() {
+        bail!("kill {sig} {pid} failed");
+    }
+    Ok(())
+}
+
+/// The hooks `meshward drill` drives, one line per connection on DIR/.meshward/up.sock:
+/// `stop-app WORKLOAD LEASE_SECS` kills the workload's app (SIGKILL: a crash) and starts it
+/// again after the lease unless `start-app WORKLOAD` did first; `freeze-app WORKLOAD
+/// LEASE_SECS` stops it (SIGSTOP: it hangs, connections still accepted by the kernel)
+/// until `thaw-app WORKLOAD` or the lease. Answers `ok ...` or `error ...`.
+async fn serve_hooks(l: tokio::net::UnixListener, apps: Arc<tokio::sync::Mutex<Vec<App>>>) {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    while let Ok((s, _)) = l.accept().await {
+        let apps = apps.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = s.into_split();
+            let mut line = String::new();
+            if tokio::io::BufReader::new(r)
+                .read_line(&mut line)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let answer = match hook(&apps, line.trim()).await {
+                Ok(m) => format!("ok {m}\n"),
+                Err(e) => format!("error {e}\n"),
+            };
+            let _ = w.write_all(answer.as_bytes()).await;
+        });
+    }
+}
+
+async fn hook(apps: &Arc<tokio::sync::Mutex<Vec<App>>>, line: &str) -> Result<String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let (cmd, id) = match words.as_slice() {
+        [c, id, ..] => (*c, *id),
+        _ => bail!(
+            "expected `stop-app|freeze-app WORKLOAD LEASE_SECS` or `start-app|thaw-app WORKLOAD`"
+        ),
+    };
+    let mut list = apps.lock().await;
+    let names = || {
+        list.iter()
+            .map(|a| a.id.clone())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let Some(i) = list.iter().position(|a| a.id == id) else {
+        let n = names();
+        bail!("no workload `{id}` (workloads: {n})");
+    };
+    let app = &mut list[i];
+    match (cmd, words.get(2)) {
+        ("stop-app", Some(lease)) => {
+            let lease: u64 = lease.parse().context("LEASE_SECS: a number of seconds")?;
+            let mut child = app.child.take().context("its app is stopped already")?;
+            app.frozen = false;
+            let pid = child.id().unwrap_or(0);
+            let _ = child.kill().await;
+            app.stops += 1;
+            let (stops, apps) = (app.stops, apps.clone());
+            println!("drill: app of {id} (pid {pid}) stopped for at most {lease}s");
+            let id = id.to_owned();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(lease)).await;
+                let mut list = apps.lock().await;
+                if let Some(a) = list
+                    .iter_mut()
+                    .find(|a| a.id == id && a.stops == stops && a.child.is_none())
+                {
+                    a.child = a.cmd.spawn().ok();
+                    println!("drill: lease over, app of {id} started again");
+                }
+            });
+            Ok(format!("pid {pid} killed"))
+        }
+        ("start-app", None) => {
+            if app.child.is_some() {
+                return Ok("running already".into());
+            }
+            let child = app
+                .cmd
+                .spawn()
+                .with_context(|| format!("cannot start the app of {id}"))?;
+            let pid = child.id().unwrap_or(0);
+            app.child = Some(child);
+            println!("drill: app of {id} started again (pid {pid})");
+            Ok(format!("pid {pid}"))
+        }
+        ("freeze-app", Some(lease)) => {
+            let lease: u64 = lease.parse().context("LEASE_SECS: a number of seconds")?;
+            if app.frozen {
+                bail!("its app is frozen already");
+            }
+            let pid = app
+                .child
+                .as_ref()
+                .and_then(tokio::process::Child::id)
+                .context("its app is not running")?;
+            signal(pid, "-STOP").await?;
+            app.frozen = true;
+            app.stops += 1;
+            let (stops, apps) = (app.stops, apps.clone());
+            println!("drill: app of {id} (pid {pid}) frozen for at most {lease}s");
+            let id = id.to_owned();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(lease)).await;
+                let mut list = apps.lock().await;
+                if let Some(a) = list
+                    .iter_mut()
+                    .find(|a| a.id == id && a.stops == stops && a.frozen)
+                {
+                    a.frozen = false;
+                    let _ = signal(pid, "-CONT").await;
+                    println!("drill: lease over, app of {id} thawed");
+                }
+            });
+            Ok(format!("pid {pid} frozen"))
+        }
+        ("thaw-app", None) => {
+            if !app.frozen {
+                return Ok("not frozen".into());
+            }
+            let pid = app
+                .child
+                .as_ref()
+                .and_then(tokio::process::Child::id)
+                .context("its app is not running")?;
+            signal(pid, "-CONT").await?;
+            app.frozen = false;
+            println!("drill: app of {id} thawed (pid {pid})");
+            Ok(format!("pid {pid}"))
+        }
+        _ => bail!(
+            "expected `stop-app|freeze-app WORKLOAD LEASE_SECS` or `start-app|thaw-app WORKLOAD`"
+        ),
+    }
 }
 
 /// Isolated mode: where a workload calls a service — its first virtual address, else the

@@ -170,7 +170,7 @@ pub fn render_trace(trace: &Trace) -> String {
     s
 }
 
-fn xml_escape(s: &str) -> String {
+pub fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

@@ -182,10 +182,15 @@ impl EndpointState {
         }
         let rtt = f64::from_bits(bits);
         let age = now.saturating_sub(self.rtt_at.load(Ordering::Relaxed)) as f64;
-        // Decays towards the default when no sample comes (an endpoint that was slow is
-        // tried again some time after it stopped being chosen).
+        // Decays towards zero when no sample comes (as tower's peak EWMA): an endpoint that
+        // stopped being chosen is tried again some time later, and a warm spare's cost
+        // stays comparable to the busy endpoint's — so one that hangs is passed over once
+        // a request or two are in flight on it, not after dozens (docs/resilience.md;
+        // examples/drills/replica-hangs.yaml found it: decaying towards the 30 ms default
+        // left the spare 30× dearer than a 1 ms endpoint, and a hung replica took ~30
+        // requests before the balancer moved).
         let w = (-age / DECAY_MS).exp();
-        rtt * w + default * (1.0 - w)
+        rtt * w
     }
 
     /// The balancer's cost: latency × (in flight + 1) (peak-EWMA load, as Linkerd). An

@@ -1,0 +1,1185 @@
+//! `meshward drill run FILE`: rehearse failures against a running mesh and judge whether
+//! it survives them (docs/drills.md).
+//!
+//! A drill sends its own probe traffic through callers' sidecars (what those callers see
+//! is what is judged), measures a steady state, then runs its steps one by one — each
+//! makes one failure for its duration (a `FaultInjection` committed through the control
+//! plane, an app of `meshward up` stopped) and then undoes it — and checks its
+//! expectations during every step, after each (recovery) and at the end (denied edges
+//! stayed denied, from the mesh's own decision records). Whatever a step changed is
+//! undone also on Ctrl-C, and would undo itself if the drill died: a fault expires a
+//! minute after its step, and `meshward up` restarts a stopped app when its lease ends.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, anyhow, bail};
+use meshward_control::client::Client;
+use meshward_policy::resource::Dur;
+use meshward_policy::yaml::{self, PathSeg};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+use crate::Output;
+use crate::control_cmd::Conn;
+
+// ---------------------------------------------------------------------------------------
+// The file
+
+/// `kind: Drill`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct DrillSpec {
+    probes: Vec<ProbeSpec>,
+    /// Measured before the first step and after the last (default 5s).
+    #[serde(default)]
+    steady: Option<Dur>,
+    steps: Vec<StepSpec>,
+    expect: Vec<ExpectSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ProbeSpec {
+    name: String,
+    /// The calling workload (`namespace/name`) whose sidecar carries the probe, with `to`
+    /// (`namespace/service:port`, one of its calls in mesh.yaml): needs `--mesh`.
+    #[serde(default)]
+    from: Option<String>,
+    #[serde(default)]
+    to: Option<String>,
+    /// Or the address to send to (`host:port`, a caller sidecar's upstream listener).
+    #[serde(default)]
+    address: Option<String>,
+    #[serde(default)]
+    method: Option<String>,
+    #[serde(default)]
+    path: Option<String>,
+    /// Requests per second, 1 to 200 (default 20).
+    #[serde(default)]
+    rate: Option<u32>,
+    /// A request without an answer by then counts as an error (default 2s).
+    #[serde(default)]
+    timeout: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct StepSpec {
+    name: String,
+    duration: Dur,
+    /// A `FaultInjection` spec without `expiresAt` (the drill sets it).
+    #[serde(default)]
+    fault: Option<Value>,
+    /// A workload of `meshward up` whose app is stopped (`namespace/name`).
+    #[serde(default)]
+    stop_app: Option<String>,
+    /// A workload of `meshward up` whose app hangs (SIGSTOP: connections accepted, nothing
+    /// answered) for the step.
+    #[serde(default)]
+    freeze_app: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ExpectSpec {
+    /// A probe's expectations, checked during every step and in the closing steady window.
+    #[serde(default)]
+    probe: Option<String>,
+    #[serde(default)]
+    max_error_percent: Option<f64>,
+    #[serde(default)]
+    max_p99: Option<Dur>,
+    /// After each step is undone, every probe answers again within this (no error for a
+    /// whole second).
+    #[serde(default)]
+    recover_within: Option<Dur>,
+    /// No allow appears, while the drill runs, on an edge that only had denies before.
+    #[serde(default)]
+    denied_stays_denied: Option<bool>,
+}
+
+/// A drill file, read and checked.
+struct Drill {
+    name: String,
+    namespace: String,
+    file: String,
+    spec: DrillSpec,
+    /// Line of each step's `fault`, for errors.
+    fault_lines: Vec<u32>,
+}
+
+fn err_at(file: &str, line: u32, field: &str, msg: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("{file}:{line}: {field}: {msg}")
+}
+
+fn read(path: &Path) -> Result<Drill> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read `{file}`"))?;
+    let docs = yaml::parse_documents(&text)
+        .map_err(|e| anyhow!("{file}:{}:{}: {}", e.span.line, e.span.col, e.message))?;
+    let [doc] = docs.as_slice() else {
+        bail!(
+            "{file}: a drill file holds one document (`kind: Drill`), found {}",
+            docs.len()
+        );
+    };
+    let field = |k: &str| doc.get(k).and_then(|n| yaml::from_node::<String>(n).ok());
+    if field("kind").as_deref() != Some("Drill") {
+        bail!(
+            "{file}:{}: kind: expected `Drill`, found {}",
+            doc.get("kind").map_or(doc.span.line, |n| n.span.line),
+            field("kind").map_or("nothing".into(), |k| format!("`{k}`"))
+        );
+    }
+    if field("apiVersion").as_deref() != Some("meshward.io/v1alpha1") {
+        bail!(
+            "{file}:{}: apiVersion: expected `meshward.io/v1alpha1`",
+            doc.span.line
+        );
+    }
+    let meta = doc.get("metadata").ok_or_else(|| {
+        err_at(
+            &file,
+            doc.span.line,
+            "metadata",
+            "missing: add `metadata: {name: ..., namespace: ...}`",
+        )
+    })?;
+    let get = |k: &str| meta.get(k).and_then(|n| yaml::from_node::<String>(n).ok());
+    let name =
+        get("name").ok_or_else(|| err_at(&file, meta.span.line, "metadata.name", "missing"))?;
+    let namespace = get("namespace").unwrap_or_else(|| "default".into());
+    let spec_node = doc
+        .get("spec")
+        .ok_or_else(|| err_at(&file, doc.span.line, "spec", "missing"))?;
+    let spec: DrillSpec = yaml::from_node(spec_node).map_err(|e| {
+        let mut path = vec![PathSeg::Key("spec".into())];
+        path.extend(e.path.iter().cloned());
+        let line = e.span.map_or(spec_node.span.line, |s| s.line);
+        let help = e.help.map(|h| format!(" ({h})")).unwrap_or_default();
+        err_at(
+            &file,
+            line,
+            &yaml::path_string(&path),
+            format!("{}{help}", e.message),
+        )
+    })?;
+    let at = |p: &[PathSeg]| doc.find(p).span.line;
+    let key = |s: &str| PathSeg::Key(s.into());
+    if spec.probes.is_empty() {
+        bail!(err_at(
+            &file,
+            at(&[key("spec")]),
+            "spec.probes",
+            "a drill needs at least one probe to judge"
+        ));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for (i, p) in spec.probes.iter().enumerate() {
+        let line = at(&[key("spec"), key("probes"), PathSeg::Index(i)]);
+        let f = format!("spec.probes[{i}]");
+        if !names.insert(p.name.as_str()) {
+            bail!(err_at(
+                &file,
+                line,
+                &format!("{f}.name"),
+                format!("probe `{}` is named twice", p.name)
+            ));
+        }
+        match (&p.address, &p.from, &p.to) {
+            (Some(_), None, None) | (None, Some(_), Some(_)) => {}
+            _ => bail!(err_at(
+                &file,
+                line,
+                &f,
+                "give `from` and `to` (a caller's call, with --mesh) or `address`"
+            )),
+        }
+        if p.rate.is_some_and(|r| !(1..=200).contains(&r)) {
+            bail!(err_at(
+                &file,
+                line,
+                &format!("{f}.rate"),
+                "from 1 to 200 requests per second"
+            ));
+        }
+    }
+    if spec.steps.is_empty() {
+        bail!(err_at(
+            &file,
+            at(&[key("spec")]),
+            "spec.steps",
+            "a drill needs at least one step"
+        ));
+    }
+    let mut fault_lines = vec![];
+    for (i, s) in spec.steps.iter().enumerate() {
+        let line = at(&[key("spec"), key("steps"), PathSeg::Index(i)]);
+        let f = format!("spec.steps[{i}]");
+        if usize::from(s.fault.is_some())
+            + usize::from(s.stop_app.is_some())
+            + usize::from(s.freeze_app.is_some())
+            != 1
+        {
+            bail!(err_at(
+                &file,
+                line,
+                &f,
+                "a step makes one failure: set exactly one of `fault`, `stopApp` and `freezeApp`"
+            ));
+        }
+        if s.duration.0 < Duration::from_secs(1) || s.duration.0 > Duration::from_secs(600) {
+            bail!(err_at(
+                &file,
+                line,
+                &format!("{f}.duration"),
+                "from 1s to 10m"
+            ));
+        }
+        if let Some(Value::Object(o)) = &s.fault {
+            if o.contains_key("expiresAt") {
+                bail!(err_at(
+                    &file,
+                    line,
+                    &format!("{f}.fault.expiresAt"),
+                    "the drill sets it (a minute after the step): leave it out"
+                ));
+            }
+        } else if s.fault.is_some() {
+            bail!(err_at(
+                &file,
+                line,
+                &format!("{f}.fault"),
+                "a FaultInjection spec (`target`, `delay`, `abort`, ...)"
+            ));
+        }
+        fault_lines.push(at(&[
+            key("spec"),
+            key("steps"),
+            PathSeg::Index(i),
+            key("fault"),
+        ]));
+    }
+    for (i, e) in spec.expect.iter().enumerate() {
+        let line = at(&[key("spec"), key("expect"), PathSeg::Index(i)]);
+        let f = format!("spec.expect[{i}]");
+        let probe_part = e.max_error_percent.is_some() || e.max_p99.is_some();
+        let kinds = usize::from(probe_part)
+            + usize::from(e.recover_within.is_some())
+            + usize::from(e.denied_stays_denied.is_some());
+        if kinds != 1 {
+            bail!(err_at(
+                &file,
+                line,
+                &f,
+                "one expectation per entry: `maxErrorPercent`/`maxP99` (with `probe`), `recoverWithin` or `deniedStaysDenied`"
+            ));
+        }
+        match &e.probe {
+            Some(p) if !names.contains(p.as_str()) => {
+                bail!(err_at(
+                    &file,
+                    line,
+                    &format!("{f}.probe"),
+                    format!(
+                        "no probe `{p}` (probes: {})",
+                        names.iter().copied().collect::<Vec<_>>().join(", ")
+                    )
+                ))
+            }
+            None if probe_part => bail!(err_at(
+                &file,
+                line,
+                &format!("{f}.probe"),
+                "name the probe these limits are for"
+            )),
+            _ => {}
+        }
+        if e.max_error_percent
+            .is_some_and(|p| !(0.0..=100.0).contains(&p))
+        {
+            bail!(err_at(
+                &file,
+                line,
+                &format!("{f}.maxErrorPercent"),
+                "between 0 and 100"
+            ));
+        }
+        if e.denied_stays_denied == Some(false) {
+            bail!(err_at(
+                &file,
+                line,
+                &format!("{f}.deniedStaysDenied"),
+                "only `true` (leave it out not to check)"
+            ));
+        }
+    }
+    if spec.expect.is_empty() {
+        bail!(err_at(
+            &file,
+            at(&[key("spec")]),
+            "spec.expect",
+            "a drill without expectations proves nothing"
+        ));
+    }
+    Ok(Drill {
+        name,
+        namespace,
+        file,
+        spec,
+        fault_lines,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Where it runs
+
+/// What `meshward up` wrote to DIR/.meshward/up.json.
+#[derive(Debug, Deserialize)]
+struct UpState {
+    control: String,
+    ca_file: PathBuf,
+    token_file: PathBuf,
+    hooks: PathBuf,
+    workloads: Vec<UpWorkload>,
+}
+
+#[derive(Debug, Deserialize)]
+struct UpWorkload {
+    id: String,
+    upstreams: Vec<UpUpstream>,
+}
+
+#[derive(Debug, Deserialize)]
+struct UpUpstream {
+    service: String,
+    port: u16,
+    listen: SocketAddr,
+}
+
+/// Asks `meshward up` (its hooks socket) to do something; its answer.
+async fn hook(sock: &Path, line: &str) -> Result<String> {
+    let mut s = tokio::net::UnixStream::connect(sock)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach `meshward up` at `{}`: is the mesh up?",
+                sock.display()
+            )
+        })?;
+    s.write_all(format!("{line}\n").as_bytes()).await?;
+    let mut r = tokio::io::BufReader::new(s);
+    let mut answer = String::new();
+    r.read_line(&mut answer).await?;
+    let answer = answer.trim().to_owned();
+    match answer.strip_prefix("ok") {
+        Some(rest) => Ok(rest.trim().to_owned()),
+        None => bail!(
+            "meshward up: {}",
+            answer.strip_prefix("error ").unwrap_or(&answer)
+        ),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Probes
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: Instant,
+    latency: Duration,
+    /// The status, `None`: no answer (refused, reset, timed out).
+    status: Option<u16>,
+}
+
+impl Sample {
+    fn failed(&self) -> bool {
+        self.status.is_none_or(|s| s >= 500)
+    }
+}
+
+struct Probe {
+    name: String,
+    addr: SocketAddr,
+    request: Arc<[u8]>,
+    rate: u32,
+    timeout: Duration,
+    samples: Arc<Mutex<Vec<Sample>>>,
+}
+
+async fn send(addr: SocketAddr, request: &[u8], timeout: Duration) -> Option<u16> {
+    tokio::time::timeout(timeout, async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(request).await.ok()?;
+        let mut buf = Vec::with_capacity(512);
+        s.read_to_end(&mut buf).await.ok()?;
+        let head = std::str::from_utf8(buf.get(..12)?).ok()?;
+        head.strip_prefix("HTTP/1.")?.get(2..5)?.parse().ok()
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+impl Probe {
+    /// Sends at its rate until aborted, each request on its own connection.
+    async fn run(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1) / self.rate);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let p = self.clone();
+            tokio::spawn(async move {
+                let at = Instant::now();
+                let status = send(p.addr, &p.request, p.timeout).await;
+                let s = Sample {
+                    at,
+                    latency: at.elapsed(),
+                    status,
+                };
+                if let Ok(mut v) = p.samples.lock() {
+                    v.push(s);
+                }
+            });
+        }
+    }
+
+    /// The samples sent in [from, to).
+    fn window(&self, from: Instant, to: Instant) -> Vec<Sample> {
+        self.samples
+            .lock()
+            .map(|v| {
+                v.iter()
+                    .filter(|s| s.at >= from && s.at < to)
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn p99(samples: &[Sample]) -> Option<Duration> {
+    let mut l: Vec<Duration> = samples.iter().map(|s| s.latency).collect();
+    if l.is_empty() {
+        return None;
+    }
+    l.sort();
+    let i = (l.len() * 99).div_ceil(100).saturating_sub(1);
+    l.get(i).copied()
+}
+
+// ---------------------------------------------------------------------------------------
+// Running
+
+/// One expectation judged.
+#[derive(Debug, serde::Serialize)]
+struct Check {
+    /// Where: `steady state`, a step's name, `after`, `whole drill`.
+    phase: String,
+    expectation: String,
+    measured: String,
+    passed: bool,
+}
+
+/// What a step changed, to undo.
+#[derive(Clone)]
+enum Undo {
+    Fault { file: String },
+    App { workload: String },
+    Thaw { workload: String },
+}
+
+struct Runner {
+    client: Client,
+    hooks: Option<PathBuf>,
+    drill_name: String,
+    namespace: String,
+    text: bool,
+    undo: Vec<Undo>,
+}
+
+impl Runner {
+    fn say(&self, msg: &str) {
+        if self.text {
+            println!("{msg}");
+        }
+    }
+
+    /// The head revision's files.
+    async fn head(&self) -> Result<(u64, Vec<(String, String)>)> {
+        let st = self
+            .client
+            .call("GET", "/v1/status", None)
+            .await
+            .map_err(|e| anyhow!("status: {e}"))?;
+        let head = st["revision"]
+            .as_u64()
+            .filter(|r| *r > 0)
+            .context("the control plane has no revision yet")?;
+        let rev = self
+            .client
+            .call("GET", &format!("/v1/revisions/{head}"), None)
+            .await
+            .map_err(|e| anyhow!("revision {head}: {e}"))?;
+        let files = serde_json::from_value(rev["files"].clone()).context("a revision's files")?;
+        Ok((head, files))
+    }
+
+    async fn apply(&self, files: Vec<(String, String)>, reason: &str) -> Result<u64> {
+        let r = self
+            .client
+            .call(
+                "POST",
+                "/v1/apply",
+                Some(&json!({"files": files, "reason": reason})),
+            )
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        match r["status"].as_str() {
+            Some("committed") | Some("unchanged") => Ok(r["revision"].as_u64().unwrap_or(0)),
+            Some("pending_approval") => bail!(
+                "the change waits for a second approval (proposal {}): a drill's fault must not touch mesh-wide resources",
+                r["proposal"]
+            ),
+            _ => bail!("unexpected answer: {r}"),
+        }
+    }
+
+    async fn start(&mut self, i: usize, step: &StepSpec, drill: &Drill) -> Result<String> {
+        if let Some(fault) = &step.fault {
+            let file = format!("drill.{}.{}.yaml", self.drill_name, i + 1);
+            let expires = SystemTime::now() + step.duration.0 + Duration::from_secs(60);
+            let mut spec = fault.clone();
+            if let Value::Object(o) = &mut spec {
+                o.insert(
+                    "expiresAt".into(),
+                    json!(humantime::format_rfc3339_seconds(expires).to_string()),
+                );
+            }
+            let doc = json!({
+                "apiVersion": "meshward.io/v1alpha1",
+                "kind": "FaultInjection",
+                "metadata": {"name": format!("drill-{}-{}", self.drill_name, i + 1), "namespace": self.namespace},
+                "spec": spec,
+            });
+            let (_, mut files) = self.head().await?;
+            files.retain(|(n, _)| *n != file);
+            files.push((file.clone(), serde_json::to_string_pretty(&doc)?));
+            let rev = self
+                .apply(
+                    files,
+                    &format!("drill {} step {}: {}", self.drill_name, i + 1, step.name),
+                )
+                .await
+                .map_err(|e| {
+                    anyhow!(
+                        "{}:{}: spec.steps[{i}].fault: the control plane refused it: {e}",
+                        drill.file,
+                        drill.fault_lines[i]
+                    )
+                })?;
+            self.undo.push(Undo::Fault { file });
+            return Ok(format!("fault committed as revision {rev}"));
+        }
+        if let Some(w) = &step.stop_app {
+            let hooks = self
+                .hooks
+                .clone()
+                .context("`stopApp` needs a mesh of `meshward up`: pass --mesh DIR")?;
+            // The lease: `meshward up` restarts the app by itself if this drill dies.
+            let lease = step.duration.0.as_secs() + 30;
+            let said = hook(&hooks, &format!("stop-app {w} {lease}")).await?;
+            self.undo.push(Undo::App {
+                workload: w.clone(),
+            });
+            return Ok(format!("app of {w} stopped ({said})"));
+        }
+        if let Some(w) = &step.freeze_app {
+            let hooks = self
+                .hooks
+                .clone()
+                .context("`freezeApp` needs a mesh of `meshward up`: pass --mesh DIR")?;
+            let lease = step.duration.0.as_secs() + 30;
+            let said = hook(&hooks, &format!("freeze-app {w} {lease}")).await?;
+            self.undo.push(Undo::Thaw {
+                workload: w.clone(),
+            });
+            return Ok(format!("app of {w} frozen ({said})"));
+        }
+        unreachable!("checked when read")
+    }
+
+    /// Undoes the newest change (all of them: `undo_all`).
+    async fn undo_one(&mut self) -> Result<String> {
+        let Some(u) = self.undo.last().cloned() else {
+            return Ok(String::new());
+        };
+        // Popped once done: a failed undo stays, to be tried again.
+        let said = match u {
+            Undo::Fault { file } => {
+                let (_, mut files) = self.head().await?;
+                files.retain(|(n, _)| *n != file);
+                let rev = self
+                    .apply(files, &format!("drill {}: fault removed", self.drill_name))
+                    .await?;
+                format!("fault removed in revision {rev}")
+            }
+            Undo::App { workload } => {
+                let hooks = self.hooks.clone().context("no hooks")?;
+                hook(&hooks, &format!("start-app {workload}")).await?;
+                format!("app of {workload} started again")
+            }
+            Undo::Thaw { workload } => {
+                let hooks = self.hooks.clone().context("no hooks")?;
+                hook(&hooks, &format!("thaw-app {workload}")).await?;
+                format!("app of {workload} thawed")
+            }
+        };
+        self.undo.pop();
+        Ok(said)
+    }
+
+    async fn undo_all(&mut self) -> Vec<String> {
+        let mut problems = vec![];
+        while !self.undo.is_empty() {
+            let mut tries = 0;
+            loop {
+                match self.undo_one().await {
+                    Ok(m) => {
+                        if !m.is_empty() {
+                            self.say(&format!("  undone: {m}"));
+                        }
+                        break;
+                    }
+                    Err(e) if tries < 5 => {
+                        tries += 1;
+                        self.say(&format!("  undo failed ({e}); again in 1s"));
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(e) => {
+                        // Given up: say what is left behind (a fault still expires, an
+                        // app's lease still ends).
+                        problems.push(format!("could not undo: {e:#}"));
+                        self.undo.pop();
+                        break;
+                    }
+                }
+            }
+        }
+        problems
+    }
+}
+
+/// The edges that only had denies in the window (`source → destination`).
+async fn denied_edges(client: &Client, window: Duration) -> Result<Vec<(String, String)>> {
+    let g = client
+        .call(
+            "GET",
+            &format!("/v1/graph?window_secs={}", window.as_secs().max(1)),
+            None,
+        )
+        .await
+        .map_err(|e| anyhow!("graph: {e}"))?;
+    Ok(g["edges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["allowed"] == 0 && e["denied"].as_u64().unwrap_or(0) > 0)
+        .map(|e| {
+            (
+                e["source"].as_str().unwrap_or("").to_owned(),
+                e["destination"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect())
+}
+
+async fn allowed_on(
+    client: &Client,
+    window: Duration,
+    edges: &[(String, String)],
+) -> Result<BTreeMap<String, u64>> {
+    let g = client
+        .call(
+            "GET",
+            &format!("/v1/graph?window_secs={}", window.as_secs().max(1)),
+            None,
+        )
+        .await
+        .map_err(|e| anyhow!("graph: {e}"))?;
+    let mut out = BTreeMap::new();
+    for e in g["edges"].as_array().into_iter().flatten() {
+        let k = (
+            e["source"].as_str().unwrap_or("").to_owned(),
+            e["destination"].as_str().unwrap_or("").to_owned(),
+        );
+        if edges.contains(&k) {
+            out.insert(
+                format!("{} → {}", k.0, k.1),
+                e["allowed"].as_u64().unwrap_or(0),
+            );
+        }
+    }
+    Ok(out)
+}
+
+fn judge_probe(
+    e: &ExpectSpec,
+    probe: &Probe,
+    phase: &str,
+    samples: &[Sample],
+    checks: &mut Vec<Check>,
+) {
+    let n = samples.len();
+    let failed = samples.iter().filter(|s| s.failed()).count();
+    if let Some(max) = e.max_error_percent {
+        #[allow(clippy::cast_precision_loss)] // counts far below 2^52
+        let pct = if n == 0 {
+            100.0
+        } else {
+            failed as f64 * 100.0 / n as f64
+        };
+        checks.push(Check {
+            phase: phase.into(),
+            expectation: format!("{}: error rate ≤ {max}%", probe.name),
+            measured: format!("{pct:.1}% ({failed} of {n})"),
+            passed: n > 0 && pct <= max,
+        });
+    }
+    if let Some(max) = &e.max_p99 {
+        let v = p99(samples);
+        checks.push(Check {
+            phase: phase.into(),
+            expectation: format!(
+                "{}: p99 ≤ {}",
+                probe.name,
+                humantime::format_duration(max.0)
+            ),
+            measured: v.map_or("no samples".into(), |d| format!("{} ms", d.as_millis())),
+            passed: v.is_some_and(|d| d <= max.0),
+        });
+    }
+}
+
+/// Waits until every probe has had a whole second without an error (its samples answered),
+/// at most `limit`; how long it took.
+async fn recovered(probes: &[Arc<Probe>], since: Instant, limit: Duration) -> Option<Duration> {
+    loop {
+        let now = Instant::now();
+        // A sample counts once answered or timed out: look at those sent a timeout ago.
+        let ok = probes.iter().all(|p| {
+            let end = now.checked_sub(p.timeout).unwrap_or(since);
+            let start = end.checked_sub(Duration::from_secs(1)).unwrap_or(since);
+            start >= since && {
+                let w = p.window(start, end);
+                !w.is_empty() && w.iter().all(|s| !s.failed())
+            }
+        });
+        if ok {
+            // It recovered by the start of that clean second.
+            let back =
+                probes.iter().map(|p| p.timeout).max().unwrap_or_default() + Duration::from_secs(1);
+            return Some(now.duration_since(since).saturating_sub(back));
+        }
+        if now.duration_since(since) > limit + Duration::from_secs(3) {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `meshward drill run FILE`.
+pub fn run(
+    conn: &Conn,
+    file: &Path,
+    mesh: Option<&Path>,
+    junit: Option<&Path>,
+    output: Output,
+) -> Result<ExitCode> {
+    let drill = read(file)?;
+    let up: Option<UpState> = match mesh {
+        Some(dir) => {
+            let p = dir.join(".meshward").join("up.json");
+            let text = std::fs::read_to_string(&p).with_context(|| {
+                format!(
+                    "cannot read `{}`: is `meshward up {}` running?",
+                    p.display(),
+                    dir.display()
+                )
+            })?;
+            Some(serde_json::from_str(&text).with_context(|| format!("`{}`", p.display()))?)
+        }
+        None => None,
+    };
+    let client = match &up {
+        Some(u) => Conn {
+            server: Some(u.control.clone()),
+            token_file: Some(u.token_file.clone()),
+            ca_file: Some(u.ca_file.clone()),
+        }
+        .client()?,
+        None => conn.client()?,
+    };
+    let mut probes = vec![];
+    for (i, p) in drill.spec.probes.iter().enumerate() {
+        let addr: SocketAddr = match (&p.address, &p.from, &p.to, &up) {
+            (Some(a), ..) => a
+                .parse()
+                .map_err(|e| anyhow!("{}: spec.probes[{i}].address: `{a}`: {e}", drill.file))?,
+            (None, Some(from), Some(to), Some(u)) => {
+                let w = u.workloads.iter().find(|w| w.id == *from).ok_or_else(|| anyhow!("{}: spec.probes[{i}].from: no workload `{from}` in the mesh (workloads: {})", drill.file, u.workloads.iter().map(|w| w.id.as_str()).collect::<Vec<_>>().join(", ")))?;
+                let (svc, port) = to
+                    .rsplit_once(':')
+                    .and_then(|(s, p)| Some((s, p.parse::<u16>().ok()?)))
+                    .ok_or_else(|| {
+                        anyhow!(
+                            "{}: spec.probes[{i}].to: `{to}` is not `namespace/service:port`",
+                            drill.file
+                        )
+                    })?;
+                w.upstreams
+                    .iter()
+                    .find(|x| x.service == svc && x.port == port)
+                    .map(|x| x.listen)
+                    .ok_or_else(|| {
+                        anyhow!(
+                            "{}: spec.probes[{i}].to: {from} does not call {to} (its calls: {})",
+                            drill.file,
+                            w.upstreams
+                                .iter()
+                                .map(|x| format!("{}:{}", x.service, x.port))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    })?
+            }
+            _ => bail!(
+                "{}: spec.probes[{i}]: `from`/`to` need a mesh of `meshward up`: pass --mesh DIR (or give `address`)",
+                drill.file
+            ),
+        };
+        let method = p.method.clone().unwrap_or_else(|| "GET".into());
+        let path = p.path.clone().unwrap_or_else(|| "/".into());
+        probes.push(Arc::new(Probe {
+            name: p.name.clone(),
+            addr,
+            request: format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nuser-agent: meshward-drill\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").into_bytes().into(),
+            rate: p.rate.unwrap_or(20),
+            timeout: p.timeout.as_ref().map_or(Duration::from_secs(2), |d| d.0),
+            samples: Arc::default(),
+        }));
+    }
+    let text = output == Output::Text;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut runner = Runner {
+        client,
+        hooks: up.as_ref().map(|u| u.hooks.clone()),
+        drill_name: drill.name.clone(),
+        namespace: drill.namespace.clone(),
+        text,
+        undo: vec![],
+    };
+    let started = Instant::now();
+    let (checks, problems, interrupted) = rt.block_on(async {
+        let tasks: Vec<_> = probes
+            .iter()
+            .map(|p| tokio::spawn(p.clone().run()))
+            .collect();
+        let interrupt = tokio::signal::ctrl_c();
+        tokio::pin!(interrupt);
+        let mut checks = vec![];
+        let body = async { drive(&drill, &probes, &mut runner, &mut checks, started).await };
+        let (r, interrupted) = tokio::select! {
+            r = body => (r, false),
+            _ = &mut interrupt => (Ok(()), true),
+        };
+        if interrupted {
+            runner.say("interrupted: undoing what the drill changed");
+        }
+        let mut problems = runner.undo_all().await;
+        for t in tasks {
+            t.abort();
+        }
+        if let Err(e) = r {
+            problems.insert(0, format!("{e:#}"));
+        }
+        (checks, problems, interrupted)
+    });
+    let passed = checks.iter().filter(|c| c.passed).count();
+    let failed = checks.len() - passed;
+    if let Some(path) = junit {
+        std::fs::write(
+            path,
+            junit_xml(&drill, &checks, &problems, started.elapsed()),
+        )
+        .with_context(|| format!("cannot write `{}`", path.display()))?;
+    }
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "drill": format!("{}/{}", drill.namespace, drill.name),
+                "checks": checks,
+                "passed": passed,
+                "failed": failed,
+                "errors": problems,
+                "interrupted": interrupted,
+            }))?
+        ),
+        Output::Text => {
+            for p in &problems {
+                eprintln!("error: {p}");
+            }
+            println!("{passed} passed, {failed} failed");
+        }
+    }
+    Ok(if failed == 0 && problems.is_empty() && !interrupted {
+        ExitCode::SUCCESS
+    } else if interrupted {
+        ExitCode::from(130)
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+async fn drive(
+    drill: &Drill,
+    probes: &[Arc<Probe>],
+    r: &mut Runner,
+    checks: &mut Vec<Check>,
+    started: Instant,
+) -> Result<()> {
+    let steady = drill
+        .spec
+        .steady
+        .as_ref()
+        .map_or(Duration::from_secs(5), |d| d.0);
+    let wants_denied = drill
+        .spec
+        .expect
+        .iter()
+        .any(|e| e.denied_stays_denied.is_some());
+    let total = drill.spec.steps.len();
+    r.say(&format!(
+        "drill {}/{} ({}): {} probes, {total} steps",
+        drill.namespace,
+        drill.name,
+        drill.file,
+        probes.len()
+    ));
+    let denied = if wants_denied {
+        let d = denied_edges(&r.client, Duration::from_secs(300)).await?;
+        r.say(&format!(
+            "  denied edges before the drill: {}",
+            if d.is_empty() {
+                "none".into()
+            } else {
+                d.iter()
+                    .map(|(s, t)| format!("{s} → {t}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        ));
+        d
+    } else {
+        vec![]
+    };
+    let report = |r: &Runner, checks: &[Check], from: usize| {
+        for c in &checks[from..] {
+            r.say(&format!(
+                "  {} {}: {} (measured {})",
+                if c.passed { "PASS" } else { "FAIL" },
+                c.phase,
+                c.expectation,
+                c.measured
+            ));
+        }
+    };
+    // Steady state.
+    r.say(&format!(
+        "[0/{total}] steady state for {}",
+        humantime::format_duration(steady)
+    ));
+    let t0 = Instant::now();
+    tokio::time::sleep(steady).await;
+    let mut from = checks.len();
+    for e in &drill.spec.expect {
+        if let Some(p) = probes.iter().find(|p| Some(&p.name) == e.probe.as_ref()) {
+            judge_probe(
+                e,
+                p,
+                "steady state",
+                &settled(p, t0, Instant::now()),
+                checks,
+            );
+        }
+    }
+    report(r, checks, from);
+    if checks.iter().any(|c| !c.passed) {
+        bail!(
+            "the mesh is not in a steady state before the drill: fix that first (the drill made no change)"
+        );
+    }
+    for (i, step) in drill.spec.steps.iter().enumerate() {
+        r.say(&format!(
+            "[{}/{total}] {} for {}",
+            i + 1,
+            step.name,
+            humantime::format_duration(step.duration.0)
+        ));
+        let said = r.start(i, step, drill).await?;
+        r.say(&format!("  {said}"));
+        let s0 = Instant::now();
+        tokio::time::sleep(step.duration.0).await;
+        let s1 = Instant::now();
+        let undone = r.undo_one().await?;
+        r.say(&format!("  {undone}"));
+        let u = Instant::now();
+        // Samples sent during the step, once answered.
+        tokio::time::sleep(
+            probes
+                .iter()
+                .map(|p| p.timeout)
+                .max()
+                .unwrap_or_default()
+                .min(Duration::from_secs(5)),
+        )
+        .await;
+        from = checks.len();
+        for e in &drill.spec.expect {
+            if let Some(p) = probes.iter().find(|p| Some(&p.name) == e.probe.as_ref()) {
+                judge_probe(e, p, &step.name, &p.window(s0, s1), checks);
+            }
+        }
+        for e in &drill.spec.expect {
+            if let Some(limit) = &e.recover_within {
+                let took = recovered(probes, u, limit.0).await;
+                checks.push(Check {
+                    phase: step.name.clone(),
+                    expectation: format!(
+                        "every probe recovers within {}",
+                        humantime::format_duration(limit.0)
+                    ),
+                    measured: took.map_or(
+                        format!("not within {}", humantime::format_duration(limit.0)),
+                        |d| format!("{} ms", d.as_millis()),
+                    ),
+                    passed: took.is_some_and(|d| d <= limit.0),
+                });
+            }
+        }
+        report(r, checks, from);
+    }
+    // The closing steady window.
+    r.say(&format!(
+        "[after] steady state for {}",
+        humantime::format_duration(steady)
+    ));
+    let t0 = Instant::now();
+    tokio::time::sleep(steady).await;
+    from = checks.len();
+    for e in &drill.spec.expect {
+        if let Some(p) = probes.iter().find(|p| Some(&p.name) == e.probe.as_ref()) {
+            judge_probe(e, p, "after", &settled(p, t0, Instant::now()), checks);
+        }
+    }
+    if wants_denied {
+        // Records reach the control plane within a second or two.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let allowed = allowed_on(
+            &r.client,
+            started.elapsed() + Duration::from_secs(1),
+            &denied,
+        )
+        .await?;
+        let leaked: u64 = allowed.values().sum();
+        checks.push(Check {
+            phase: "whole drill".into(),
+            expectation: "denied edges stay denied".into(),
+            measured: if denied.is_empty() {
+                "no denied edge to watch".into()
+            } else {
+                format!(
+                    "{leaked} allowed on {} denied edge(s){}",
+                    denied.len(),
+                    if leaked > 0 {
+                        format!(": {allowed:?}")
+                    } else {
+                        String::new()
+                    }
+                )
+            },
+            passed: leaked == 0,
+        });
+    }
+    report(r, checks, from);
+    Ok(())
+}
+
+/// The samples of a window that have had their time to answer.
+fn settled(p: &Probe, from: Instant, to: Instant) -> Vec<Sample> {
+    p.window(from, to.checked_sub(p.timeout).unwrap_or(from).max(from))
+}
+
+fn junit_xml(d: &Drill, checks: &[Check], problems: &[String], took: Duration) -> String {
+    use meshward_policy::scenario::xml_escape as x;
+    use std::fmt::Write as _;
+    let failures = checks.iter().filter(|c| !c.passed).count();
+    let mut s = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+    let _ = writeln!(
+        s,
+        "<testsuites name=\"meshward drill\" tests=\"{}\" failures=\"{failures}\" errors=\"{}\" time=\"{:.3}\">",
+        checks.len() + problems.len(),
+        problems.len(),
+        took.as_secs_f64()
+    );
+    let _ = writeln!(
+        s,
+        "  <testsuite name=\"{}/{}\" tests=\"{}\" failures=\"{failures}\" errors=\"{}\" time=\"{:.3}\" file=\"{}\">",
+        x(&d.namespace),
+        x(&d.name),
+        checks.len() + problems.len(),
+        problems.len(),
+        took.as_secs_f64(),
+        x(&d.file)
+    );
+    for c in checks {
+        let _ = write!(
+            s,
+            "    <testcase classname=\"{}\" name=\"{}\"",
+            x(&c.phase),
+            x(&c.expectation)
+        );
+        if c.passed {
+            let _ = writeln!(
+                s,
+                "><system-out>measured {}</system-out></testcase>",
+                x(&c.measured)
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "><failure message=\"measured {}\"/></testcase>",
+                x(&c.measured)
+            );
+        }
+    }
+    for p in problems {
+        let _ = writeln!(
+            s,
+            "    <testcase classname=\"drill\" name=\"run\"><error message=\"{}\"/></testcase>",
+            x(p)
+        );
+    }
+    s.push_str("  </testsuite>\n</testsuites>\n");
+    s
+}

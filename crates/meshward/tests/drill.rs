@@ -1,0 +1,318 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+//! `meshward drill run` against `meshward up examples/quickstart`: the suite in
+//! examples/drills passes; replica loss fails once the TrafficPolicy that protects it is
+//! removed; a drill interrupted mid-step leaves no fault and no stopped app behind.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+}
+
+fn meshward() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_meshward"))
+}
+
+struct Up {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Up {
+    fn start(dir: &Path) -> Up {
+        let mut child = meshward()
+            .arg("up")
+            .arg(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut reader = BufReader::new(child.stdout.take().unwrap());
+        let up = Up {
+            child,
+            dir: dir.to_owned(),
+        };
+        let start = Instant::now();
+        let mut lines = vec![];
+        loop {
+            let mut l = String::new();
+            assert!(
+                reader.read_line(&mut l).unwrap() > 0,
+                "`meshward up` exited: {lines:#?}"
+            );
+            lines.push(l.trim_end().to_owned());
+            if l.contains("mesh is up") {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "{lines:#?}");
+        }
+        std::thread::spawn(move || for _ in reader.lines().map_while(Result::ok) {});
+        up
+    }
+
+    fn state(&self) -> Value {
+        let p = self.dir.join(".meshward/up.json");
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    }
+
+    /// A CLI command against its control plane.
+    fn cli(&self) -> Command {
+        let s = self.state();
+        let mut c = meshward();
+        c.env("MESHWARD_SERVER", s["control"].as_str().unwrap())
+            .env("MESHWARD_CA_FILE", s["ca_file"].as_str().unwrap())
+            .env("MESHWARD_TOKEN_FILE", s["token_file"].as_str().unwrap());
+        c
+    }
+
+    fn newest_revision(&self) -> Value {
+        let o = self
+            .cli()
+            .args(["history", "--output", "json"])
+            .output()
+            .unwrap();
+        let h: Value = serde_json::from_slice(&o.stdout).unwrap();
+        h.as_array()
+            .unwrap()
+            .iter()
+            .max_by_key(|r| r["rev"].as_u64())
+            .unwrap()
+            .clone()
+    }
+
+    /// `meshward drill run FILE --mesh DIR -o json --junit J`: exit code, report, JUnit.
+    fn drill(&self, file: &str) -> (Option<i32>, Value, String) {
+        let junit = self.dir.join("junit.xml");
+        let o = meshward()
+            .args(["drill", "run"])
+            .arg(examples().join("drills").join(file))
+            .arg("--mesh")
+            .arg(&self.dir)
+            .arg("--junit")
+            .arg(&junit)
+            .args(["-o", "json"])
+            .output()
+            .unwrap();
+        let report: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{e}: {}\n{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        });
+        (
+            o.status.code(),
+            report,
+            std::fs::read_to_string(junit).unwrap(),
+        )
+    }
+
+    /// Starts a drill in text mode, waits for `marker` in its output, interrupts it.
+    fn interrupt(&self, file: &str, marker: &str) -> (Option<i32>, Vec<String>) {
+        let mut c = meshward()
+            .args(["drill", "run"])
+            .arg(examples().join("drills").join(file))
+            .arg("--mesh")
+            .arg(&self.dir)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = vec![];
+        let mut r = BufReader::new(c.stdout.take().unwrap());
+        loop {
+            let mut l = String::new();
+            assert!(r.read_line(&mut l).unwrap() > 0, "{lines:#?}");
+            lines.push(l.trim_end().to_owned());
+            if l.contains(marker) {
+                break;
+            }
+        }
+        Command::new("kill")
+            .args(["-INT", &c.id().to_string()])
+            .status()
+            .unwrap();
+        lines.extend(r.lines().map_while(Result::ok));
+        (c.wait().unwrap().code(), lines)
+    }
+}
+
+fn failed(report: &Value) -> Vec<&Value> {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["passed"] == false)
+        .collect()
+}
+
+fn listens(addr: &str) -> bool {
+    std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(1)).is_ok()
+}
+
+#[test]
+fn the_quickstart_drills_pass_detect_a_missing_traffic_policy_and_clean_up_when_interrupted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("quickstart");
+    copy_dir(&examples().join("quickstart"), &dir);
+    let up = Up::start(&dir);
+    // Let some denied traffic (frontend → payments) reach the control plane's records.
+    std::thread::sleep(Duration::from_secs(4));
+
+    // 1. A hung replica (first: a replica that hung before stays dear to the balancer for
+    //    about a minute, docs/drills.md), then replica loss: survived.
+    let (code, r, junit) = up.drill("replica-hangs.yaml");
+    assert_eq!(code, Some(0), "{r:#}");
+    // steady 1 + the step 1 + recovery 1 + after 1 + denied edges 1.
+    assert_eq!(r["passed"], 5, "{r:#}");
+    assert!(
+        junit.contains(r#"tests="5" failures="0" errors="0""#),
+        "{junit}"
+    );
+    let (code, r, junit) = up.drill("replica-loss.yaml");
+    assert_eq!(code, Some(0), "{r:#}");
+    assert_eq!(r["failed"], 0, "{r:#}");
+    // steady 2 + two steps of (2 + recovery 1) + after 2 + denied edges 1.
+    assert_eq!(r["passed"], 11, "{r:#}");
+    let denied = r["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["expectation"] == "denied edges stay denied")
+        .unwrap();
+    assert!(
+        denied["measured"]
+            .as_str()
+            .unwrap()
+            .starts_with("0 allowed on"),
+        "the frontend → payments edges are watched: {denied}"
+    );
+    assert!(
+        junit.contains(r#"tests="11" failures="0" errors="0""#),
+        "{junit}"
+    );
+    assert!(listens("127.0.0.1:18082"), "payments-0's app is back");
+    assert!(listens("127.0.0.2:18082"), "payments-1's app is back");
+
+    // 2. A slow dependency, then a flaky one (injected by orders' sidecar): within
+    //    objective, the flaky one thanks to the frontend's retries.
+    let (code, r, _) = up.drill("slow-dependency.yaml");
+    assert_eq!(code, Some(0), "{r:#}");
+    let (code, r, _) = up.drill("flaky-dependency.yaml");
+    assert_eq!(code, Some(0), "{r:#}");
+    // The fault is gone again: the newest revision removed it.
+    let rev = up.newest_revision();
+    assert!(
+        rev["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("-FaultInjection orders/drill-flaky-dependency-1"),
+        "{rev}"
+    );
+    assert_eq!(
+        rev["reason"], "drill flaky-dependency: fault removed",
+        "{rev}"
+    );
+
+    // 3. Interrupted mid-step: the fault's revision is undone, then exit 130.
+    let (code, lines) = up.interrupt("slow-dependency.yaml", "fault committed");
+    assert_eq!(code, Some(130), "{lines:#?}");
+    assert!(
+        lines.iter().any(|l| l.contains("undone: fault removed")),
+        "{lines:#?}"
+    );
+    let rev = up.newest_revision();
+    assert!(
+        rev["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("-FaultInjection orders/drill-slow-dependency-1"),
+        "{rev}"
+    );
+    // ... and a stopped app is started again.
+    let (code, lines) = up.interrupt("replica-loss.yaml", "stopped (pid");
+    assert_eq!(code, Some(130), "{lines:#?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("undone: app of payments/payments-0 started again")),
+        "{lines:#?}"
+    );
+    let t0 = Instant::now();
+    while !listens("127.0.0.1:18082") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "payments-0 stays down"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // 4. Without the TrafficPolicy that retries the frontend's calls to orders, the same
+    //    flaky dependency costs the frontend a fifth of its calls: the drill fails, on the
+    //    step's error rate — it detects real breakage.
+    let repo = dir.join(".meshward/repo");
+    let traffic = std::fs::read_to_string(repo.join("traffic.yaml")).unwrap();
+    let (payments_only, orders_policy) = traffic.split_once("\n---\n").unwrap();
+    assert!(
+        orders_policy.contains("metadata: {name: orders, namespace: orders}"),
+        "{orders_policy}"
+    );
+    std::fs::write(repo.join("traffic.yaml"), payments_only).unwrap();
+    let o = up
+        .cli()
+        .args(["apply", "-f"])
+        .arg(&repo)
+        .args(["--reason", "drop the orders TrafficPolicy"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::thread::sleep(Duration::from_secs(2));
+    let (code, r, junit) = up.drill("flaky-dependency.yaml");
+    assert_eq!(code, Some(1), "{r:#}");
+    let f = failed(&r);
+    assert!(
+        f.iter()
+            .any(|c| c["phase"] == "orders fails 20% of the frontend's calls"
+                && c["expectation"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("orders: error rate")),
+        "{r:#}"
+    );
+    assert_eq!(f.len(), 1, "only the step's error rate: {r:#}");
+    assert!(junit.contains("<failure message=\"measured"), "{junit}");
+}
