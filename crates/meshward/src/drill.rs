@@ -66,6 +66,10 @@ struct ProbeSpec {
     /// A request without an answer by then counts as an error (default 2s).
     #[serde(default)]
     timeout: Option<Dur>,
+    /// The status every answer must have (e.g. 403 for a call policy denies); default: any
+    /// 2xx or 3xx.
+    #[serde(default)]
+    expect_status: Option<u16>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,6 +87,10 @@ struct StepSpec {
     /// answered) for the step.
     #[serde(default)]
     freeze_app: Option<String>,
+    /// Stops the control plane of `meshward up` (SIGKILL) for the step: proxies must keep
+    /// enforcing what they last received.
+    #[serde(default)]
+    stop_control_plane: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -209,6 +217,17 @@ fn read(path: &Path) -> Result<Drill> {
                 "from 1 to 200 requests per second"
             ));
         }
+        if p.timeout
+            .as_ref()
+            .is_some_and(|t| t.0 < Duration::from_millis(100) || t.0 > Duration::from_secs(10))
+        {
+            bail!(err_at(
+                &file,
+                line,
+                &format!("{f}.timeout"),
+                "from 100ms to 10s"
+            ));
+        }
     }
     if spec.steps.is_empty() {
         bail!(err_at(
@@ -225,13 +244,14 @@ fn read(path: &Path) -> Result<Drill> {
         if usize::from(s.fault.is_some())
             + usize::from(s.stop_app.is_some())
             + usize::from(s.freeze_app.is_some())
+            + usize::from(s.stop_control_plane.is_some())
             != 1
         {
             bail!(err_at(
                 &file,
                 line,
                 &f,
-                "a step makes one failure: set exactly one of `fault`, `stopApp` and `freezeApp`"
+                "a step makes one failure: set exactly one of `fault`, `stopApp`, `freezeApp` and `stopControlPlane: true`"
             ));
         }
         if s.duration.0 < Duration::from_secs(1) || s.duration.0 > Duration::from_secs(600) {
@@ -240,6 +260,14 @@ fn read(path: &Path) -> Result<Drill> {
                 line,
                 &format!("{f}.duration"),
                 "from 1s to 10m"
+            ));
+        }
+        if s.stop_control_plane == Some(false) {
+            bail!(err_at(
+                &file,
+                line,
+                &format!("{f}.stopControlPlane"),
+                "only `true` (leave it out not to stop it)"
             ));
         }
         if let Some(Value::Object(o)) = &s.fault {
@@ -399,8 +427,14 @@ struct Sample {
 }
 
 impl Sample {
-    fn failed(&self) -> bool {
-        self.status.is_none_or(|s| s >= 500)
+    /// Not what the probe expects: no answer, or another status (by default, one outside
+    /// 2xx and 3xx).
+    fn failed(&self, expect: Option<u16>) -> bool {
+        match (self.status, expect) {
+            (None, _) => true,
+            (Some(s), Some(e)) => s != e,
+            (Some(s), None) => !(200..400).contains(&s),
+        }
     }
 }
 
@@ -410,6 +444,7 @@ struct Probe {
     request: Arc<[u8]>,
     rate: u32,
     timeout: Duration,
+    expect: Option<u16>,
     samples: Arc<Mutex<Vec<Sample>>>,
 }
 
@@ -493,6 +528,7 @@ enum Undo {
     Fault { file: String },
     App { workload: String },
     Thaw { workload: String },
+    Control,
 }
 
 struct Runner {
@@ -612,6 +648,16 @@ impl Runner {
             });
             return Ok(format!("app of {w} frozen ({said})"));
         }
+        if step.stop_control_plane == Some(true) {
+            let hooks = self
+                .hooks
+                .clone()
+                .context("`stopControlPlane` needs a mesh of `meshward up`: pass --mesh DIR")?;
+            let lease = step.duration.0.as_secs() + 30;
+            let said = hook(&hooks, &format!("stop-control {lease}")).await?;
+            self.undo.push(Undo::Control);
+            return Ok(format!("control plane stopped ({said})"));
+        }
         unreachable!("checked when read")
     }
 
@@ -639,6 +685,19 @@ impl Runner {
                 let hooks = self.hooks.clone().context("no hooks")?;
                 hook(&hooks, &format!("thaw-app {workload}")).await?;
                 format!("app of {workload} thawed")
+            }
+            Undo::Control => {
+                let hooks = self.hooks.clone().context("no hooks")?;
+                hook(&hooks, "start-control").await?;
+                // Back once its API answers (what the next steps and checks need).
+                let t0 = Instant::now();
+                while self.client.call("GET", "/v1/status", None).await.is_err() {
+                    if t0.elapsed() > Duration::from_secs(20) {
+                        bail!("the control plane did not answer within 20s of its restart");
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                "control plane started again".into()
             }
         };
         self.undo.pop();
@@ -737,7 +796,7 @@ fn judge_probe(
     checks: &mut Vec<Check>,
 ) {
     let n = samples.len();
-    let failed = samples.iter().filter(|s| s.failed()).count();
+    let failed = samples.iter().filter(|s| s.failed(probe.expect)).count();
     if let Some(max) = e.max_error_percent {
         #[allow(clippy::cast_precision_loss)] // counts far below 2^52
         let pct = if n == 0 {
@@ -747,7 +806,10 @@ fn judge_probe(
         };
         checks.push(Check {
             phase: phase.into(),
-            expectation: format!("{}: error rate ≤ {max}%", probe.name),
+            expectation: match probe.expect {
+                Some(st) => format!("{}: answers other than {st} ≤ {max}%", probe.name),
+                None => format!("{}: error rate ≤ {max}%", probe.name),
+            },
             measured: format!("{pct:.1}% ({failed} of {n})"),
             passed: n > 0 && pct <= max,
         });
@@ -778,7 +840,7 @@ async fn recovered(probes: &[Arc<Probe>], since: Instant, limit: Duration) -> Op
             let start = end.checked_sub(Duration::from_secs(1)).unwrap_or(since);
             start >= since && {
                 let w = p.window(start, end);
-                !w.is_empty() && w.iter().all(|s| !s.failed())
+                !w.is_empty() && w.iter().all(|s| !s.failed(p.expect))
             }
         });
         if ok {
@@ -872,6 +934,7 @@ pub fn run(
             request: format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nuser-agent: meshward-drill\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").into_bytes().into(),
             rate: p.rate.unwrap_or(20),
             timeout: p.timeout.as_ref().map_or(Duration::from_secs(2), |d| d.0),
+            expect: p.expect_status,
             samples: Arc::default(),
         }));
     }
@@ -1011,16 +1074,12 @@ async fn drive(
     ));
     let t0 = Instant::now();
     tokio::time::sleep(steady).await;
+    let t1 = Instant::now();
+    answered(probes).await;
     let mut from = checks.len();
     for e in &drill.spec.expect {
         if let Some(p) = probes.iter().find(|p| Some(&p.name) == e.probe.as_ref()) {
-            judge_probe(
-                e,
-                p,
-                "steady state",
-                &settled(p, t0, Instant::now()),
-                checks,
-            );
+            judge_probe(e, p, "steady state", &p.window(t0, t1), checks);
         }
     }
     report(r, checks, from);
@@ -1045,15 +1104,7 @@ async fn drive(
         r.say(&format!("  {undone}"));
         let u = Instant::now();
         // Samples sent during the step, once answered.
-        tokio::time::sleep(
-            probes
-                .iter()
-                .map(|p| p.timeout)
-                .max()
-                .unwrap_or_default()
-                .min(Duration::from_secs(5)),
-        )
-        .await;
+        answered(probes).await;
         from = checks.len();
         for e in &drill.spec.expect {
             if let Some(p) = probes.iter().find(|p| Some(&p.name) == e.probe.as_ref()) {
@@ -1086,10 +1137,12 @@ async fn drive(
     ));
     let t0 = Instant::now();
     tokio::time::sleep(steady).await;
+    let t1 = Instant::now();
+    answered(probes).await;
     from = checks.len();
     for e in &drill.spec.expect {
         if let Some(p) = probes.iter().find(|p| Some(&p.name) == e.probe.as_ref()) {
-            judge_probe(e, p, "after", &settled(p, t0, Instant::now()), checks);
+            judge_probe(e, p, "after", &p.window(t0, t1), checks);
         }
     }
     if wants_denied {
@@ -1125,9 +1178,9 @@ async fn drive(
     Ok(())
 }
 
-/// The samples of a window that have had their time to answer.
-fn settled(p: &Probe, from: Instant, to: Instant) -> Vec<Sample> {
-    p.window(from, to.checked_sub(p.timeout).unwrap_or(from).max(from))
+/// Waits until every request sent so far has been answered or timed out.
+async fn answered(probes: &[Arc<Probe>]) {
+    tokio::time::sleep(probes.iter().map(|p| p.timeout).max().unwrap_or_default()).await;
 }
 
 fn junit_xml(d: &Drill, checks: &[Check], problems: &[String], took: Duration) -> String {

@@ -319,7 +319,7 @@ enum DrillCommand {
     /// Run a drill: probe traffic, a steady state, each step's failure for its duration
     /// (then undone, also on Ctrl-C), expectations judged with the measured values.
     #[command(
-        after_help = "Examples:\n  meshward drill run examples/drills/replica-loss.yaml --mesh examples/quickstart\n  meshward drill run examples/drills/slow-dependency.yaml --mesh examples/quickstart --junit drill.xml\n  meshward drill run drill.yaml --server 127.0.0.1:7443 --output json   # probes by `address`, fault steps only\n\nExit status: 0 every expectation passed, 1 one failed or the drill could not run, 130\ninterrupted. See docs/drills.md."
+        after_help = "Examples:\n  meshward drill run examples/drills/replica-loss.yaml --mesh examples/quickstart\n  meshward drill run examples/drills/slow-dependency.yaml --mesh examples/quickstart --junit drill.xml\n  meshward drill run drill.yaml --server 127.0.0.1:7443 --output json   # probes by `address`, fault steps only\n\nExit status: 0 every expectation passed, 1 one failed or a step could not be made or undone,\n2 a bad file or an unreachable mesh (nothing changed), 130 interrupted. See docs/drills.md."
     )]
     Run {
         file: PathBuf,

@@ -372,31 +372,36 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        // 2. The control plane, in this process.
+        // 2. The control plane: `meshward control` as a child process on fixed ports, so a
+        //    drill can stop it and start it again where proxies look for it.
         let data = state.join("data");
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let opts = meshward_control::server::Options {
-            data_dir: data.clone(),
-            trust_domain: td.clone(),
-            listen: "127.0.0.1:0".parse()?,
-            proxy_listen: match &prefix {
-                Some(p) => format!("{p}.1:0").parse()?,
-                None => "127.0.0.1:0".parse()?,
-            },
-            controller_interval: Duration::from_secs(5),
-            http_listen: Some("127.0.0.1:0".parse()?),
-            disk_reserve: meshward_control::disk::DEFAULT_RESERVE,
+        let exe = std::env::current_exe()?;
+        let api: SocketAddr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let proxy_api: SocketAddr = match &prefix {
+            Some(p) => format!("{p}.1:{}", free_port()?).parse()?,
+            None => SocketAddr::from(([127, 0, 0, 1], free_port()?)),
         };
-        tokio::spawn(async move {
-            let r = meshward_control::server::run(opts, move |s| {
-                let _ = tx.send((s.addr, s.proxy_addr, s.http_addr));
-            }, std::future::pending())
-            .await;
-            if let Err(e) = r {
-                eprintln!("control plane stopped: {e}");
+        let http_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let http = Some(http_addr);
+        let mut control_cmd = tokio::process::Command::new(&exe);
+        control_cmd
+            .arg("control")
+            .arg("--data")
+            .arg(&data)
+            .args(["--trust-domain", td.as_str()])
+            .args(["--listen", &api.to_string(), "--proxy-listen", &proxy_api.to_string(), "--http-listen", &http_addr.to_string()])
+            .args(["--controller-interval", "5s"])
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let control = control_cmd.spawn().context("cannot start the control plane (`meshward control`)")?;
+        let t0 = Instant::now();
+        while !(tokio::net::TcpStream::connect(api).await.is_ok() && data.join("admin.token").exists()) {
+            if t0.elapsed() > Duration::from_secs(20) {
+                bail!("the control plane did not start within 20s (`meshward control --data {}`)", data.display());
             }
-        });
-        let (api, proxy_api, http) = tokio::time::timeout(Duration::from_secs(20), rx).await.context("the control plane did not start")??;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let control = Arc::new(tokio::sync::Mutex::new(Control { cmd: control_cmd, child: Some(control), stops: 0 }));
         if !data.join("up-approver.token").exists() {
             meshward_control::server::add_operator(&data, "up-approver", vec!["platform-security".into()], vec![]).map_err(anyhow::Error::msg)?;
         }
@@ -419,7 +424,6 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
 
         // 4. Sidecars, joined with one-time tokens.
         let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<String>(plans.len());
-        let exe = std::env::current_exe()?;
         let mut sidecars = vec![];
         for p in &plans {
             let identity = SpiffeId::workload(&td, &p.id.namespace, &p.sa).map_err(|e| anyhow!("{e}"))?;
@@ -565,7 +569,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
         let hooks = tokio::net::UnixListener::bind(&sock).with_context(|| format!("cannot listen on `{}`", sock.display()))?;
         // Only this user may drive the mesh's processes.
         std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-        tokio::spawn(serve_hooks(hooks, apps.clone()));
+        tokio::spawn(serve_hooks(hooks, apps.clone(), control.clone()));
         // Absolute: a drill runs from anywhere.
         let abs = |p: std::path::PathBuf| std::path::absolute(&p).unwrap_or(p);
         let up_state = json!({
@@ -651,6 +655,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
         let _ = std::fs::remove_file(state.join("up.sock"));
         apps.lock().await.clear();
         drop(children);
+        control.lock().await.child = None;
         Ok::<(), anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
@@ -665,6 +670,54 @@ struct App {
     stops: u64,
     /// Frozen (SIGSTOP): running, answering nothing.
     frozen: bool,
+}
+
+/// The control plane's process, as `meshward up` runs it.
+struct Control {
+    cmd: tokio::process::Command,
+    child: Option<tokio::process::Child>,
+    stops: u64,
+}
+
+/// `stop-control LEASE_SECS` kills the control plane (SIGKILL: a crash; its store is on
+/// disk) and starts it again after the lease unless `start-control` did first.
+async fn control_hook(control: &Arc<tokio::sync::Mutex<Control>>, line: &str) -> Result<String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let mut c = control.lock().await;
+    match words.as_slice() {
+        ["stop-control", lease] => {
+            let lease: u64 = lease.parse().context("LEASE_SECS: a number of seconds")?;
+            let mut child = c
+                .child
+                .take()
+                .context("the control plane is stopped already")?;
+            let pid = child.id().unwrap_or(0);
+            let _ = child.kill().await;
+            c.stops += 1;
+            let (stops, control) = (c.stops, control.clone());
+            println!("drill: control plane (pid {pid}) stopped for at most {lease}s");
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(lease)).await;
+                let mut c = control.lock().await;
+                if c.stops == stops && c.child.is_none() {
+                    c.child = c.cmd.spawn().ok();
+                    println!("drill: lease over, control plane started again");
+                }
+            });
+            Ok(format!("pid {pid} killed"))
+        }
+        ["start-control"] => {
+            if c.child.is_some() {
+                return Ok("running already".into());
+            }
+            let child = c.cmd.spawn().context("cannot start the control plane")?;
+            let pid = child.id().unwrap_or(0);
+            c.child = Some(child);
+            println!("drill: control plane started again (pid {pid})");
+            Ok(format!("pid {pid}"))
+        }
+        _ => bail!("expected `stop-control LEASE_SECS` or `start-control`"),
+    }
 }
 
 /// Sends `sig` (`-STOP`, `-CONT`) to `pid` with kill(1).
@@ -684,10 +737,14 @@ async fn signal(pid: u32, sig: &str) -> Result<()> {
 /// again after the lease unless `start-app WORKLOAD` did first; `freeze-app WORKLOAD
 /// LEASE_SECS` stops it (SIGSTOP: it hangs, connections still accepted by the kernel)
 /// until `thaw-app WORKLOAD` or the lease. Answers `ok ...` or `error ...`.
-async fn serve_hooks(l: tokio::net::UnixListener, apps: Arc<tokio::sync::Mutex<Vec<App>>>) {
+async fn serve_hooks(
+    l: tokio::net::UnixListener,
+    apps: Arc<tokio::sync::Mutex<Vec<App>>>,
+    control: Arc<tokio::sync::Mutex<Control>>,
+) {
     use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
     while let Ok((s, _)) = l.accept().await {
-        let apps = apps.clone();
+        let (apps, control) = (apps.clone(), control.clone());
         tokio::spawn(async move {
             let (r, mut w) = s.into_split();
             let mut line = String::new();
@@ -698,7 +755,13 @@ async fn serve_hooks(l: tokio::net::UnixListener, apps: Arc<tokio::sync::Mutex<V
             {
                 return;
             }
-            let answer = match hook(&apps, line.trim()).await {
+            let line = line.trim();
+            let r = if line.ends_with("-control") || line.contains("-control ") {
+                control_hook(&control, line).await
+            } else {
+                hook(&apps, line).await
+            };
+            let answer = match r {
                 Ok(m) => format!("ok {m}\n"),
                 Err(e) => format!("error {e}\n"),
             };

@@ -228,6 +228,27 @@ fn the_quickstart_drills_pass_detect_a_missing_traffic_policy_and_clean_up_when_
     assert!(listens("127.0.0.1:18082"), "payments-0's app is back");
     assert!(listens("127.0.0.2:18082"), "payments-1's app is back");
 
+    // Control-plane loss: enforcement goes on (allowed stays allowed, denied stays 403),
+    // and every sidecar is back on the restarted control plane.
+    let (code, r, _) = up.drill("control-plane-loss.yaml");
+    assert_eq!(code, Some(0), "{r:#}");
+    assert_eq!(r["passed"], 8, "{r:#}");
+    let t0 = Instant::now();
+    loop {
+        let o = up
+            .cli()
+            .args(["status", "--output", "json"])
+            .output()
+            .unwrap();
+        let st: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        let proxies = st["proxies"].as_array().map_or(0, Vec::len);
+        if proxies == 4 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "{st:#}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
     // 2. A slow dependency, then a flaky one (injected by orders' sidecar): within
     //    objective, the flaky one thanks to the frontend's retries.
     let (code, r, _) = up.drill("slow-dependency.yaml");
@@ -247,6 +268,47 @@ fn the_quickstart_drills_pass_detect_a_missing_traffic_policy_and_clean_up_when_
         rev["reason"], "drill flaky-dependency: fault removed",
         "{rev}"
     );
+
+    // Against a control plane address (no --mesh): probes by address, fault steps.
+    let st = up.state();
+    let orders = st["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["id"] == "web/frontend")
+        .unwrap()["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["service"] == "orders/orders")
+        .unwrap()["listen"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let file = dir.join("by-address.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: meshward.io/v1alpha1\nkind: Drill\nmetadata: {{name: by-address, namespace: orders}}\nspec:\n  steady: 2s\n  probes:\n    - {{name: orders, address: \"{orders}\", path: /orders/7}}\n  steps:\n    - name: orders slow\n      duration: 3s\n      fault: {{target: {{workloads: [orders]}}, delay: {{fixed: 100ms, percent: 100}}}}\n  expect:\n    - {{probe: orders, maxErrorPercent: 1}}\n"
+        ),
+    )
+    .unwrap();
+    let o = meshward()
+        .args(["drill", "run"])
+        .arg(&file)
+        .args(["--server", st["control"].as_str().unwrap()])
+        .args(["--ca-file", st["ca_file"].as_str().unwrap()])
+        .args(["--token-file", st["token_file"].as_str().unwrap()])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("3 passed, 0 failed"), "{out}");
+    assert!(out.contains("fault committed as revision"), "{out}");
 
     // 3. Interrupted mid-step: the fault's revision is undone, then exit 130.
     let (code, lines) = up.interrupt("slow-dependency.yaml", "fault committed");
@@ -315,4 +377,43 @@ fn the_quickstart_drills_pass_detect_a_missing_traffic_policy_and_clean_up_when_
     );
     assert_eq!(f.len(), 1, "only the step's error rate: {r:#}");
     assert!(junit.contains("<failure message=\"measured"), "{junit}");
+}
+
+#[test]
+fn a_bad_drill_file_is_refused_with_file_line_and_field_before_anything_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "    - {name: two failures, duration: 5s, stopApp: a/b, freezeApp: a/b}\n",
+            ":10: spec.steps[0]: a step makes one failure",
+        ),
+        (
+            "    - {name: x, duration: 5s, stopApp: a/b, stopApps: a/c}\n",
+            ":10: spec.steps[0].stopApps: unknown field",
+        ),
+        (
+            "    - {name: x, duration: soon, stopApp: a/b}\n",
+            ":10: spec.steps[0].duration: `soon` is not a duration",
+        ),
+    ];
+    for (step, want) in cases {
+        let f = tmp.path().join("bad.yaml");
+        std::fs::write(
+            &f,
+            format!(
+                "apiVersion: meshward.io/v1alpha1\nkind: Drill\nmetadata: {{name: bad, namespace: web}}\nspec:\n  probes:\n    - {{name: p, address: \"127.0.0.1:9\"}}\n  expect:\n    - {{probe: p, maxErrorPercent: 1}}\n  steps:\n{step}"
+            ),
+        )
+        .unwrap();
+        // No control plane is named: the file is refused before one is needed.
+        let o = meshward()
+            .args(["drill", "run"])
+            .arg(&f)
+            .env_remove("MESHWARD_SERVER")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains(&format!("bad.yaml{want}")), "{want}: {err}");
+    }
 }

@@ -68,8 +68,9 @@ pub struct Choice<'a> {
 
 /// Balancing over the endpoints that may serve: of `primary`, those not ejected and not
 /// failing, in the best locality tier that has any; if none, the same of `fallback`; if
-/// none either, any endpoint of `primary` (then `fallback`) — trying a failing endpoint
-/// beats refusing at once. Among the candidates: power of two choices on
+/// none either, an endpoint of `primary` (then `fallback`) that is merely ejected, then
+/// one that is failing, then one not ready — trying a failing endpoint beats refusing at
+/// once. Among the candidates: power of two choices on
 /// [`crate::endpoint_state::EndpointState::cost`] (peak-EWMA latency × load). `avoid`: an
 /// endpoint a retry should not go back to when another exists.
 pub fn choose<'a>(
@@ -107,17 +108,28 @@ pub fn choose<'a>(
             ));
         }
     }
-    for (set, fb) in [(Some(primary), false), (fallback, true)] {
-        let Some(set) = set else { continue };
-        if let Some(ep) = pick(set, now, |_| true, caller, settings) {
-            return Some((
-                Choice {
-                    endpoint: ep,
-                    set,
-                    fallback: fb,
-                },
-                Some(Event::AllEjected),
-            ));
+    // Panic mode: every endpoint is ejected, failing or not ready. Ejection is what gives
+    // way first — an endpoint ejected a while ago whose sidecar says it is ready beats
+    // one failing right now (which, answering fast with errors, would look cheapest) —
+    // then failing, then readiness.
+    let relaxed: [&dyn Fn(&Endpoint) -> bool; 3] = [
+        &|e: &Endpoint| e.state.is_ready() && !e.state.is_failing(now, &settings.outlier),
+        &|e: &Endpoint| e.state.is_ready(),
+        &|_: &Endpoint| true,
+    ];
+    for ok in relaxed {
+        for (set, fb) in [(Some(primary), false), (fallback, true)] {
+            let Some(set) = set else { continue };
+            if let Some(ep) = pick(set, now, ok, caller, settings) {
+                return Some((
+                    Choice {
+                        endpoint: ep,
+                        set,
+                        fallback: fb,
+                    },
+                    Some(Event::AllEjected),
+                ));
+            }
         }
     }
     None
@@ -235,5 +247,38 @@ mod tests {
             )
             .is_none()
         );
+    }
+
+    #[test]
+    fn when_all_are_ejected_a_ready_one_that_stopped_failing_is_tried_first() {
+        // payments-0 ejected a while ago, its sidecar ready again; payments-1 failing
+        // now (fast errors: it looks cheapest) and then not ready.
+        let states = EndpointStates::default();
+        let v = view(
+            1,
+            &orders(&["127.0.0.1:7001", "127.0.0.1:7002"], ""),
+            &states,
+        );
+        let set = v.discovery.explicit(&r("orders/orders"), 80);
+        let o = Settings::default().outlier;
+        let (back, broken) = (&set.endpoints[0].state, &set.endpoints[1].state);
+        back.eject(now_ms(), &o, crate::endpoint_state::Ejected::Consecutive);
+        back.eject(now_ms(), &o, crate::endpoint_state::Ejected::Consecutive);
+        for _ in 0..o.consecutive.max(1) {
+            let _ = broken.failed_at(now_ms(), &o);
+        }
+        broken.eject(now_ms(), &o, crate::endpoint_state::Ejected::Consecutive);
+        let only_back = BTreeMap::from([("127.0.0.1:7001".to_owned(), 50)]);
+        assert_eq!(counts(set, 50), only_back);
+        broken.set_not_ready(Some(std::sync::Arc::new("app down".into())));
+        assert_eq!(counts(set, 50), only_back);
+        // Both failing: readiness decides.
+        for _ in 0..o.consecutive.max(1) {
+            let _ = back.failed_at(now_ms(), &o);
+        }
+        assert_eq!(counts(set, 50), only_back);
+        let (ch, ev) = choose(set, None, None, &Settings::default(), None).unwrap();
+        assert_eq!(ch.endpoint.addr().to_string(), "127.0.0.1:7001");
+        assert!(matches!(ev, Some(Event::AllEjected)));
     }
 }

@@ -91,8 +91,30 @@ pub fn event(shared: &Shared, service: &WorkloadRef, e: Event, detail: &str) {
         .log
         .metrics
         .outbound_event(&service.to_string(), e.as_str());
-    if matches!(e, Event::Ejection | Event::AllEjected) {
-        eprintln!("meshward-proxy: {service}: {}: {detail}", e.as_str());
+    match e {
+        Event::Ejection => eprintln!("meshward-proxy: {service}: {}: {detail}", e.as_str()),
+        Event::AllEjected => {
+            // Every request while all are ejected: one line a second, the rest counted.
+            static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let now = now_ms().max(1);
+            let last = LAST.load(std::sync::atomic::Ordering::Relaxed);
+            if (last == 0 || now.saturating_sub(last) >= 1000)
+                && LAST
+                    .compare_exchange(
+                        last,
+                        now,
+                        std::sync::atomic::Ordering::Relaxed,
+                        std::sync::atomic::Ordering::Relaxed,
+                    )
+                    .is_ok()
+            {
+                eprintln!(
+                    "meshward-proxy: {service}: {}: {detail} (at most one such line a second; all of them are counted in the outbound events metric)",
+                    e.as_str()
+                );
+            }
+        }
+        _ => {}
     }
 }
 

@@ -31,11 +31,20 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const ORDERS: &str = "spiffe://shop.example/ns/orders/sa/orders-api";
 const FRONTEND: &str = "spiffe://shop.example/ns/web/sa/frontend";
 
+/// A port nothing listens on, below the kernel's ephemeral range (32768 and up here), so
+/// that no outgoing connection of a parallel test takes it as its source port between
+/// this check and the proxy's bind (a port from `bind(:0)` is in that range: the cause of
+/// a rare "never ready" when the proxy could not bind its admin or inbound port).
 fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 500) as u16 * 20;
+    loop {
+        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % 10_000;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return l.local_addr().unwrap();
+        }
+    }
 }
 
 /// The orders workload with one port per `(app port, inbound)`, all callable by the web
@@ -137,9 +146,13 @@ async fn admin_get(admin: SocketAddr, path: &str) -> Option<u16> {
     out.get(9..12)?.parse().ok()
 }
 
-async fn until_ready(admin: SocketAddr) {
+/// Waits for `/ready` to say 200; fails with the proxy's own error if it stopped.
+async fn until_ready(admin: SocketAddr, proxy: &mut tokio::task::JoinHandle<Result<(), String>>) {
     let t0 = Instant::now();
     while admin_get(admin, "/ready").await != Some(200) {
+        if proxy.is_finished() {
+            panic!("the proxy stopped before it was ready: {:?}", proxy.await);
+        }
         assert!(t0.elapsed() < Duration::from_secs(10), "never ready");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -219,7 +232,7 @@ fn a_request_right_after_ready_is_served_over_20_starts() {
             // The first revision arrives after start, as from the config stream.
             let set = policy(&[(app.port(), inbound)]);
             let opts = options(&ca, dir.path(), admin);
-            tokio::spawn(meshward_proxy::run::run_with_state(
+            let mut proxy = tokio::spawn(meshward_proxy::run::run_with_state(
                 opts,
                 move |shared| {
                     let shared = shared.clone();
@@ -230,7 +243,7 @@ fn a_request_right_after_ready_is_served_over_20_starts() {
                 },
                 |_| {},
             ));
-            until_ready(admin).await;
+            until_ready(admin, &mut proxy).await;
             let got = request(&frontend(&ca), inbound).await;
             assert_eq!(
                 got.as_deref(),
@@ -250,7 +263,7 @@ async fn a_revision_that_adds_a_port_opens_it_and_one_that_drops_it_closes_it() 
     let dir = tempfile::tempdir().unwrap();
     state_dir(&ca, dir.path(), Some(&[(app1.port(), in1)]));
     let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(meshward_proxy::run::run_with_state(
+    let mut proxy = tokio::spawn(meshward_proxy::run::run_with_state(
         options(&ca, dir.path(), admin),
         move |shared| {
             let _ = tx.send(shared.clone());
@@ -258,7 +271,7 @@ async fn a_revision_that_adds_a_port_opens_it_and_one_that_drops_it_closes_it() 
         |_| {},
     ));
     let orders = rx.await.unwrap();
-    until_ready(admin).await;
+    until_ready(admin, &mut proxy).await;
     let fe = frontend(&ca);
     assert_eq!(request(&fe, in1).await.as_deref(), Ok("HTTP/1.1 200 OK"));
     assert!(
@@ -351,8 +364,8 @@ fn two_workers_serve_concurrent_requests() {
         }
         opts.workers = 2;
         assert_eq!(opts.validate(), Vec::<String>::new());
-        tokio::spawn(meshward_proxy::run::run(opts, |_| {}));
-        until_ready(admin).await;
+        let mut proxy = tokio::spawn(meshward_proxy::run::run(opts, |_| {}));
+        until_ready(admin, &mut proxy).await;
         let fe = frontend(&ca);
         let calls: Vec<_> = (0..16)
             .map(|_| {
