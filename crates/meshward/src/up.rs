@@ -393,9 +393,13 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
             .args(["--controller-interval", "5s"])
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true);
-        let control = control_cmd.spawn().context("cannot start the control plane (`meshward control`)")?;
+        let mut control = control_cmd.spawn().context("cannot start the control plane (`meshward control`)")?;
         let t0 = Instant::now();
         while !(tokio::net::TcpStream::connect(api).await.is_ok() && data.join("admin.token").exists()) {
+            if let Some(status) = control.try_wait()? {
+                // Its own error (a port taken, a bad data directory) is printed above.
+                bail!("the control plane exited ({status}) before it answered on {api}: see its error above");
+            }
             if t0.elapsed() > Duration::from_secs(20) {
                 bail!("the control plane did not start within 20s (`meshward control --data {}`)", data.display());
             }
