@@ -66,7 +66,17 @@ pub fn lint(dir: &Path, format: LintFormat, now: Option<&str>) -> Result<ExitCod
     let out = match format {
         LintFormat::Text => diag::render_text(&diags, &loaded.sources),
         LintFormat::Json => diag::render_json(&diags) + "\n",
-        LintFormat::Sarif => diag::render_sarif(&diags, env!("CARGO_PKG_VERSION")) + "\n",
+        LintFormat::Sarif => {
+            // Code scanning maps URIs relative to the repository's root: the nearest
+            // directory above the working directory with `.git`, else the working directory.
+            let cwd = std::env::current_dir()?;
+            let root = cwd
+                .ancestors()
+                .find(|d| d.join(".git").exists())
+                .unwrap_or(&cwd)
+                .to_path_buf();
+            diag::render_sarif(&diags, env!("CARGO_PKG_VERSION"), &root, &cwd) + "\n"
+        }
     };
     print!("{out}");
     Ok(if diags.iter().any(Diagnostic::is_error) {

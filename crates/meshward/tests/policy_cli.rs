@@ -188,6 +188,66 @@ fn lint_reports_errors_as_text_json_and_valid_sarif() {
         "SARIF does not validate: {}",
         String::from_utf8_lossy(&py.stderr)
     );
+    // The temporary directory is outside any repository: an absolute file URI.
+    let loc = &v["runs"][0]["results"][0]["locations"][0]["physicalLocation"]["artifactLocation"];
+    assert!(
+        loc["uri"].as_str().unwrap().starts_with("file:///") && loc.get("uriBaseId").is_none(),
+        "{loc}"
+    );
+}
+
+#[test]
+fn sarif_uris_are_relative_to_the_repository_root_and_percent_encoded() {
+    // A repository (`.git`) holding `my policies/`, linted from a subdirectory as
+    // `../my policies`: code scanning needs `my%20policies/…` under %SRCROOT%.
+    let repo = tempfile::tempdir().unwrap();
+    std::fs::create_dir(repo.path().join(".git")).unwrap();
+    let pol = repo.path().join("my policies");
+    std::fs::create_dir(&pol).unwrap();
+    copy_examples(&pol);
+    edit(
+        &pol.join("services-policies.yaml"),
+        "        - identities: [\"spiffe://shop.example/ns/platform/sa/ingress\"]\n",
+        "        - identites: [\"spiffe://shop.example/ns/platform/sa/ingress\"]\n",
+    );
+    let sub = repo.path().join("ci");
+    std::fs::create_dir(&sub).unwrap();
+    let o = bin()
+        .current_dir(&sub)
+        .args(["policy", "lint", "../my policies", "--format", "sarif"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let run = &v["runs"][0];
+    let r = run["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["ruleId"] == "MW102")
+        .unwrap();
+    let loc = &r["locations"][0]["physicalLocation"]["artifactLocation"];
+    assert_eq!(loc["uri"], "my%20policies/services-policies.yaml", "{loc}");
+    assert_eq!(loc["uriBaseId"], "%SRCROOT%", "{loc}");
+    let root = run["originalUriBaseIds"]["%SRCROOT%"]["uri"]
+        .as_str()
+        .unwrap();
+    let want = format!("file://{}/", repo.path().display());
+    assert_eq!(root, want);
+    let sarif_path = repo.path().join("out.sarif");
+    std::fs::write(&sarif_path, &o.stdout).unwrap();
+    let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sarif-2.1.0-rtm.5.json");
+    let py = Command::new("python3")
+        .args(["-c", "import json,sys,jsonschema; jsonschema.validate(json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))); print('valid')"])
+        .arg(&sarif_path)
+        .arg(&schema)
+        .output()
+        .expect("python3 with jsonschema (scripts/test.sh installs it)");
+    assert!(
+        py.status.success(),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
 }
 
 #[test]
@@ -209,7 +269,16 @@ fn test_runs_scenarios_and_writes_junit() {
     );
     let x = std::fs::read_to_string(&junit).unwrap();
     assert_eq!(x.matches("<testcase ").count(), 22);
-    assert!(x.contains("failures=\"0\""));
+    // Strict consumers require `errors` beside `failures`.
+    assert!(
+        x.contains("tests=\"22\" failures=\"0\" errors=\"0\">"),
+        "{x}"
+    );
+    assert_eq!(
+        x.matches("<testsuite ").count(),
+        x.matches("errors=\"0\"").count() - 1,
+        "{x}"
+    );
 
     // A broken expectation fails, with the explain trace.
     let bad = dir.path().join("bad");

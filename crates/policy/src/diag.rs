@@ -164,8 +164,54 @@ pub fn render_json(diags: &[Diagnostic]) -> String {
     serde_json::to_string_pretty(diags).unwrap_or_else(|_| "[]".into())
 }
 
-/// Renders diagnostics as a SARIF 2.1.0 log.
-pub fn render_sarif(diags: &[Diagnostic], version: &str) -> String {
+/// Percent-encodes a path for a URI (RFC 3986): every byte but the unreserved characters
+/// and `/` (so `my policies/a.yaml` is `my%20policies/a.yaml`).
+fn uri_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for b in path.replace('\\', "/").bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Where a diagnostic's file is, as code scanning reads it: relative to `root` (the
+/// repository's root) with `uriBaseId` `%SRCROOT%` when the file is under it, else an
+/// absolute `file://` URI; percent-encoded either way.
+fn sarif_location(file: &str, root: &std::path::Path, cwd: &std::path::Path) -> serde_json::Value {
+    // Lexically: `../x` and `./x` as the path they name.
+    let mut abs = std::path::PathBuf::new();
+    for c in cwd.join(file).components() {
+        match c {
+            std::path::Component::ParentDir => {
+                abs.pop();
+            }
+            std::path::Component::CurDir => {}
+            c => abs.push(c),
+        }
+    }
+    match abs.strip_prefix(root) {
+        Ok(rel) => serde_json::json!({
+            "uri": uri_path(&rel.to_string_lossy()),
+            "uriBaseId": "%SRCROOT%",
+        }),
+        Err(_) => {
+            serde_json::json!({ "uri": format!("file://{}", uri_path(&abs.to_string_lossy())) })
+        }
+    }
+}
+
+/// Renders diagnostics as a SARIF 2.1.0 log. Artifact URIs are relative to `root` (the
+/// repository's root, `%SRCROOT%`) for files under it, files named relative to `cwd`.
+pub fn render_sarif(
+    diags: &[Diagnostic],
+    version: &str,
+    root: &std::path::Path,
+    cwd: &std::path::Path,
+) -> String {
     let rules: Vec<serde_json::Value> = crate::lint::CODES
         .iter()
         .map(|c| {
@@ -195,7 +241,7 @@ pub fn render_sarif(diags: &[Diagnostic], version: &str) -> String {
                 "message": { "text": text },
                 "locations": [{
                     "physicalLocation": {
-                        "artifactLocation": { "uri": d.file.replace('\\', "/") },
+                        "artifactLocation": sarif_location(&d.file, root, cwd),
                         "region": { "startLine": d.line.max(1), "startColumn": d.column.max(1) }
                     }
                 }],
@@ -216,6 +262,9 @@ pub fn render_sarif(diags: &[Diagnostic], version: &str) -> String {
                 "informationUri": "https://meshward.io/docs/policy",
                 "rules": rules,
             }},
+            "originalUriBaseIds": {
+                "%SRCROOT%": { "uri": format!("file://{}/", uri_path(&root.to_string_lossy()).trim_end_matches('/')) },
+            },
             "results": results,
         }],
     });

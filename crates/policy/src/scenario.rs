@@ -191,14 +191,14 @@ pub fn junit(results: &[ScenarioResult]) -> String {
     let mut x = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
     let _ = writeln!(
         x,
-        "<testsuites name=\"meshward policy test\" tests=\"{}\" failures=\"{failures}\">",
+        "<testsuites name=\"meshward policy test\" tests=\"{}\" failures=\"{failures}\" errors=\"0\">",
         results.len()
     );
     for (t, rs) in by_test {
         let f = rs.iter().filter(|r| !r.passed).count();
         let _ = writeln!(
             x,
-            "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{f}\">",
+            "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{f}\" errors=\"0\">",
             xml_escape(t),
             rs.len()
         );
