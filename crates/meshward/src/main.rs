@@ -195,6 +195,14 @@ enum Command {
         #[arg(long = "call")]
         calls: Vec<String>,
     },
+    /// Print a shell completion script (bash, zsh or fish).
+    #[command(
+        after_help = "Examples:\n  meshward completion bash > /etc/bash_completion.d/meshward\n  source <(meshward completion bash)\n  meshward completion zsh > \"${fpath[1]}/_meshward\"\n  meshward completion fish > ~/.config/fish/completions/meshward.fish"
+    )]
+    Completion {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
     /// Run the sidecar proxy of one workload (explicit or transparent mode).
     #[command(
         after_help = "Examples:\n  meshward proxy --workload web/frontend --control 127.0.0.1:7444 --ca-file DATA/bundle.pem \\\n    --join-token-file frontend.token --state-dir /var/lib/meshward-proxy/frontend \\\n    --upstream 127.0.0.1:15001=orders/orders:80 --admin 127.0.0.1:15000\n  ip netns exec pod1 meshward proxy --transparent --workload web/frontend --control 10.0.0.2:7444 \\\n    --ca-file bundle.pem --join-token-file frontend.token --state-dir /var/lib/meshward-proxy/frontend\n\nExplicit mode: inbound listeners are the `inbound` addresses of the workload's ports in the\npolicy set; the app listens on 127.0.0.1:PORT. Upstreams are loopback listeners the app calls\nin plaintext; the proxy carries them over mTLS.\nTransparent mode (--transparent, after `meshward proxy init-netns`): all TCP of the network\nnamespace passes through the proxy; see docs/operations.md."
@@ -697,9 +705,30 @@ struct ExplainArgs {
     output: Output,
 }
 
+/// The shells `meshward completion` writes for.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            let sh = match shell {
+                Shell::Bash => clap_complete::Shell::Bash,
+                Shell::Zsh => clap_complete::Shell::Zsh,
+                Shell::Fish => clap_complete::Shell::Fish,
+            };
+            let mut script = Vec::new();
+            clap_complete::generate(sh, &mut Cli::command(), "meshward", &mut script);
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Policy(cmd) => match cmd {
             PolicyCommand::Lint { dir, format, now } => {
                 policy_cmd::lint(&dir, format, now.as_deref())

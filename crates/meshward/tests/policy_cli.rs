@@ -62,6 +62,51 @@ fn help_has_examples() {
 }
 
 #[test]
+fn bash_completion_completes_subcommands_and_flags() {
+    // The generated script, loaded into a real bash, asked as bash asks it on <TAB>
+    // (COMP_WORDS and COMP_CWORD set; the function called with command, word, previous word).
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("meshward.bash");
+    let o = run(&["completion", "bash"]);
+    assert!(o.status.success());
+    std::fs::write(&script, &o.stdout).unwrap();
+    let complete = |line: &str| {
+        let words: Vec<&str> = line.split(' ').collect();
+        let words_q: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+        let cmd = format!(
+            "source '{}'; COMP_WORDS=({}); COMP_CWORD={}; COMP_LINE='{line}'; COMP_POINT=${{#COMP_LINE}}; _meshward meshward '{}' '{}'; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            script.display(),
+            words_q.join(" "),
+            words.len() - 1,
+            words[words.len() - 1],
+            words[words.len() - 2]
+        );
+        let o = Command::new("bash").args(["-c", &cmd]).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        stdout(&o)
+    };
+    let top = complete("meshward dr");
+    assert_eq!(top.trim(), "drill", "{top}");
+    let lint = complete("meshward policy lint --fo");
+    assert!(lint.lines().any(|l| l == "--format"), "{lint}");
+    let formats = complete("meshward policy lint --format ");
+    for f in ["text", "json", "sarif"] {
+        assert!(formats.lines().any(|l| l == f), "{formats}");
+    }
+    for sh in ["zsh", "fish"] {
+        let o = run(&["completion", sh]);
+        assert!(o.status.success());
+        assert!(stdout(&o).contains("drill"), "{sh}");
+    }
+    let o = run(&["completion", "tcsh"]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+}
+
+#[test]
 fn lint_examples_is_clean() {
     // Judged while the example's break-glass override is in force (it is dated, as every
     // override must be; afterwards lint rightly flags it as expired, MW308).
