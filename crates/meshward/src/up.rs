@@ -318,12 +318,31 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
         std::fs::write(path, t)?;
     }
     let loaded = meshward_policy::load_path(&repo);
-    let diags = meshward_policy::lint::errors(&loaded, std::time::SystemTime::now());
+    let mut diags = meshward_policy::lint::errors(&loaded, std::time::SystemTime::now());
     if !diags.is_empty() {
-        eprint!(
-            "{}",
-            meshward_policy::diag::render_text(&diags, &loaded.sources)
-        );
+        // Point at the user's files, not at their copies in the combined repository; the
+        // generated workloads say where they come from.
+        let mut sources = meshward_policy::diag::Sources::default();
+        let shown = |name: &str| -> String {
+            if name == "workloads.generated.yaml" {
+                format!(
+                    "{} (generated from {})",
+                    repo.join(name).display(),
+                    dir.join("mesh.yaml").display()
+                )
+            } else {
+                pol.join(name).display().to_string()
+            }
+        };
+        for (n, t) in &files {
+            sources.insert(shown(n).into(), t.as_str().into());
+        }
+        for d in &mut diags {
+            if let Ok(rel) = Path::new(&*d.file).strip_prefix(&repo) {
+                d.file = shown(&rel.to_string_lossy()).into();
+            }
+        }
+        eprint!("{}", meshward_policy::diag::render_text(&diags, &sources));
         bail!(
             "the mesh's policies have errors (the combined repository is in `{}`)",
             repo.display()

@@ -485,3 +485,45 @@ fn quickstart_comes_up_shows_allowed_and_denied_traffic_and_stops_on_ctrl_c() {
         );
     }
 }
+
+#[test]
+fn a_lint_error_points_at_the_users_file_not_at_the_generated_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("qs");
+    copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/quickstart"),
+        &dir,
+    );
+    let f = dir.join("policies/policies.yaml");
+    let text = std::fs::read_to_string(&f).unwrap();
+    let first = text
+        .lines()
+        .position(|l| l.contains("from: [{identities:"))
+        .unwrap();
+    std::fs::write(
+        &f,
+        text.replacen("from: [{identities:", "from: [{identites:", 1),
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_meshward"))
+        .arg("up")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("unknown field `identites`"), "{err}");
+    assert!(
+        err.contains(&format!("--> {}:{}:", f.display(), first + 1)),
+        "the user's file and line: {err}"
+    );
+    assert!(
+        !err.contains(".meshward/repo/policies.yaml"),
+        "not the copy: {err}"
+    );
+    // The source line under the arrow is the user's.
+    assert!(
+        err.contains("identites: [\"spiffe://shop.example/ns/web/sa/frontend\"]"),
+        "{err}"
+    );
+}
