@@ -70,7 +70,34 @@ struct CallEntry {
     listen: Option<u16>,
 }
 
+/// A loopback port nothing listens on, for a listener opened a moment later by a child or
+/// a sidecar. Chosen below the kernel's ephemeral range when there is room: a port from
+/// `bind(:0)` is in that range, and another program's outgoing connection can take it as
+/// its source port before our listener binds it ("address in use": a sidecar that never
+/// became ready when two meshes started at once).
 fn free_port() -> Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    const FROM: u32 = 20_000;
+    if low > FROM + 1_000 {
+        let span = low - FROM;
+        let seed = std::process::id().wrapping_mul(2_654_435_761)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+        for _ in 0..200 {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let port = FROM + seed.wrapping_add(n.wrapping_mul(7_919)) % span;
+            let port = u16::try_from(port).unwrap_or(0);
+            if port != 0 && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -446,7 +473,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
         step(3, TOTAL, &format!("policies applied: revision {rev}"));
 
         // 4. Sidecars, joined with one-time tokens.
-        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<String>(plans.len());
+        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<Result<String, String>>(plans.len() * 2);
         let mut sidecars = vec![];
         for p in &plans {
             let identity = SpiffeId::workload(&td, &p.id.namespace, &p.sa).map_err(|e| anyhow!("{e}"))?;
@@ -477,7 +504,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
                     let mut lines = tokio::io::BufReader::new(stdout).lines();
                     while let Ok(Some(l)) = lines.next_line().await {
                         if l.contains("ready") {
-                            let _ = tx.try_send(name.clone());
+                            let _ = tx.try_send(Ok(name.clone()));
                         }
                     }
                 });
@@ -515,17 +542,22 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
             let (tx, name) = (ready_tx.clone(), p.id.to_string());
             tokio::spawn(async move {
                 if let Err(e) = meshward_proxy::run::run(opts, |_| {
-                    let _ = tx.try_send(name.clone());
+                    let _ = tx.try_send(Ok(name.clone()));
                 })
                 .await
                 {
                     eprintln!("proxy {name} stopped: {e}");
+                    let _ = tx.try_send(Err(format!("the sidecar of {name} stopped: {e}")));
                 }
             });
         }
         let start = Instant::now();
         for i in 0..plans.len() {
-            let name = tokio::time::timeout(Duration::from_secs(30).saturating_sub(start.elapsed()), ready_rx.recv()).await.context("a sidecar did not become ready within 30s")?.unwrap_or_default();
+            let name = tokio::time::timeout(Duration::from_secs(30).saturating_sub(start.elapsed()), ready_rx.recv())
+                .await
+                .context("a sidecar did not become ready within 30s")?
+                .unwrap_or_else(|| Ok(String::new()))
+                .map_err(anyhow::Error::msg)?;
             println!("      sidecar {}/{} ready: {name}", i + 1, plans.len());
         }
         step(4, TOTAL, "sidecars ready");
@@ -570,13 +602,26 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
             for ((_, up, _), target) in p.upstreams.iter().zip(&called) {
                 cmd.env(format!("MESHWARD_UPSTREAM_{}_{}", up.service.namespace, up.service.name).to_uppercase().replace('-', "_"), target);
             }
+            if isolated.is_none()
+                && let Err(why) = std::net::TcpListener::bind((p.app_host, e.port))
+            {
+                // Another process (a previous `meshward up`?) holds it: the app could not
+                // listen, and a check that the port answers would be fooled by that process.
+                bail!(
+                    "the app of {} cannot listen on {}:{} ({why}): another process holds it (`ss -ltnp 'sport = :{}'` shows which); stop it, or change the workload's `port` in {}",
+                    p.id, p.app_host, e.port, e.port, dir.join("mesh.yaml").display()
+                );
+            }
             let child = cmd.spawn().with_context(|| format!("cannot start the app of {}", p.id))?;
             app_pids.push(child.id().unwrap_or(0));
             apps.push(App { id: p.id.to_string(), cmd, child: Some(child), stops: 0, frozen: false });
         }
-        for p in &plans {
+        for (i, p) in plans.iter().enumerate() {
             let start = Instant::now();
             while !app_listens(isolated.as_ref(), p).await {
+                if let Some(status) = apps[i].child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    bail!("the app of {} exited ({status}) before it listened on port {}: see its error above", p.id, p.entry.port);
+                }
                 if start.elapsed() > Duration::from_secs(15) {
                     bail!("the app of {} does not listen on port {}", p.id, p.entry.port);
                 }
@@ -593,6 +638,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
         // Only this user may drive the mesh's processes.
         std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         tokio::spawn(serve_hooks(hooks, apps.clone(), control.clone()));
+        tokio::spawn(watch_apps(apps.clone()));
         // Absolute: a drill runs from anywhere.
         let abs = |p: std::path::PathBuf| std::path::absolute(&p).unwrap_or(p);
         let up_state = json!({
@@ -760,6 +806,23 @@ async fn signal(pid: u32, sig: &str) -> Result<()> {
 /// again after the lease unless `start-app WORKLOAD` did first; `freeze-app WORKLOAD
 /// LEASE_SECS` stops it (SIGSTOP: it hangs, connections still accepted by the kernel)
 /// until `thaw-app WORKLOAD` or the lease. Answers `ok ...` or `error ...`.
+/// Says so when an app exits by itself (a drill's stop takes the child first, so it is not
+/// reported here); `start-app` starts it again.
+async fn watch_apps(apps: Arc<tokio::sync::Mutex<Vec<App>>>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for a in apps.lock().await.iter_mut() {
+            if let Some(status) = a.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                eprintln!(
+                    "up: the app of {} exited ({status}); its sidecar reports it not ready (`start-app {}` on the hooks socket starts it again)",
+                    a.id, a.id
+                );
+                a.child = None;
+            }
+        }
+    }
+}
+
 async fn serve_hooks(
     l: tokio::net::UnixListener,
     apps: Arc<tokio::sync::Mutex<Vec<App>>>,

@@ -527,3 +527,45 @@ fn a_lint_error_points_at_the_users_file_not_at_the_generated_copy() {
         "{err}"
     );
 }
+
+#[test]
+fn an_app_port_held_by_another_process_is_named_and_up_fails() {
+    // The quickstart with orders' app on a port this test holds (not 18081: the other test
+    // of this file runs the quickstart itself at the same time).
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("qs");
+    copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/quickstart"),
+        &dir,
+    );
+    for f in ["mesh.yaml", "policies/mesh.yaml", "policies/policies.yaml"] {
+        let p = dir.join(f);
+        let t = std::fs::read_to_string(&p).unwrap();
+        std::fs::write(&p, t.replace("18081", &port)).unwrap();
+    }
+    let t0 = Instant::now();
+    let o = Command::new(env!("CARGO_BIN_EXE_meshward"))
+        .arg("up")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(!o.status.success(), "{out}{err}");
+    assert!(
+        err.contains(&format!(
+            "the app of orders/orders cannot listen on 127.0.0.1:{port}"
+        )),
+        "{err}"
+    );
+    assert!(
+        !out.contains("apps running") && !out.contains("mesh is up"),
+        "{out}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    drop(held);
+}
