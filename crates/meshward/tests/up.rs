@@ -530,10 +530,15 @@ fn a_lint_error_points_at_the_users_file_not_at_the_generated_copy() {
 
 #[test]
 fn an_app_port_held_by_another_process_is_named_and_up_fails() {
-    // The quickstart with orders' app on a port this test holds (not 18081: the other test
-    // of this file runs the quickstart itself at the same time).
+    // The quickstart on app ports of its own (the other test of this file runs the
+    // quickstart on 18080–18082 at the same time), orders' held by this test.
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = held.local_addr().unwrap().port().to_string();
+    let other = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port().to_string()
+    };
+    let (frontend, payments) = (other(), other());
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("qs");
     copy_dir(
@@ -543,7 +548,11 @@ fn an_app_port_held_by_another_process_is_named_and_up_fails() {
     for f in ["mesh.yaml", "policies/mesh.yaml", "policies/policies.yaml"] {
         let p = dir.join(f);
         let t = std::fs::read_to_string(&p).unwrap();
-        std::fs::write(&p, t.replace("18081", &port)).unwrap();
+        let t = t
+            .replace("18080", &frontend)
+            .replace("18081", &port)
+            .replace("18082", &payments);
+        std::fs::write(&p, t).unwrap();
     }
     let t0 = Instant::now();
     let o = Command::new(env!("CARGO_BIN_EXE_meshward"))
