@@ -32,6 +32,22 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// Validates a SARIF file against the official 2.1.0 schema (python3 `jsonschema`).
+fn assert_valid_sarif(sarif_path: &Path) {
+    let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sarif-2.1.0-rtm.5.json");
+    let py = Command::new("python3")
+        .args(["-c", "import json,sys,jsonschema; jsonschema.validate(json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))); print('valid')"])
+        .arg(sarif_path)
+        .arg(&schema)
+        .output()
+        .expect("python3 with jsonschema (scripts/test.sh installs it)");
+    assert!(
+        py.status.success(),
+        "SARIF does not validate: {}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+}
+
 fn copy_examples(dir: &Path) {
     for e in std::fs::read_dir(examples()).unwrap() {
         let e = e.unwrap();
@@ -221,18 +237,7 @@ fn lint_reports_errors_as_text_json_and_valid_sarif() {
         .filter(|r| r["level"] == "error")
         .count();
     assert_eq!(errors, 2, "{v:#}");
-    let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sarif-2.1.0-rtm.5.json");
-    let py = Command::new("python3")
-        .args(["-c", "import json,sys,jsonschema; jsonschema.validate(json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))); print('valid')"])
-        .arg(&sarif_path)
-        .arg(&schema)
-        .output()
-        .expect("python3 with jsonschema (scripts/test.sh installs it)");
-    assert!(
-        py.status.success(),
-        "SARIF does not validate: {}",
-        String::from_utf8_lossy(&py.stderr)
-    );
+    assert_valid_sarif(&sarif_path);
     // The temporary directory is outside any repository: an absolute file URI.
     let loc = &v["runs"][0]["results"][0]["locations"][0]["physicalLocation"]["artifactLocation"];
     assert!(
@@ -281,18 +286,7 @@ fn sarif_uris_are_relative_to_the_repository_root_and_percent_encoded() {
     assert_eq!(root, want);
     let sarif_path = repo.path().join("out.sarif");
     std::fs::write(&sarif_path, &o.stdout).unwrap();
-    let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sarif-2.1.0-rtm.5.json");
-    let py = Command::new("python3")
-        .args(["-c", "import json,sys,jsonschema; jsonschema.validate(json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))); print('valid')"])
-        .arg(&sarif_path)
-        .arg(&schema)
-        .output()
-        .expect("python3 with jsonschema (scripts/test.sh installs it)");
-    assert!(
-        py.status.success(),
-        "{}",
-        String::from_utf8_lossy(&py.stderr)
-    );
+    assert_valid_sarif(&sarif_path);
 }
 
 #[test]
