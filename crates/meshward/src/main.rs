@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 mod control_cmd;
 mod demo_app;
 mod drill;
+mod logs;
 mod policy_cmd;
 mod proxy_cmd;
 mod up;
@@ -181,6 +182,48 @@ enum Command {
     /// Chaos drills: rehearse failures against a running mesh and judge the result.
     #[command(subcommand)]
     Drill(DrillCommand),
+    /// The access log: every request's status, bytes, duration, caller, verdict and reason
+    /// (every deny, sampled allows), from the sidecars' files or the control plane.
+    #[command(
+        after_help = "Examples:\n  meshward logs                                  # the mesh `meshward up` runs here\n  meshward logs -f --verdict deny                # follow the denies\n  meshward logs --mesh examples/quickstart --source web/frontend --status 4xx\n  meshward logs --file /var/lib/meshward/proxy/decisions.jsonl -o json\n  meshward logs --from-control --since 5m --destination payments\n\nFormat of each record: docs/decision-log.md. Sampled allows carry their weight (x10)."
+    )]
+    Logs {
+        /// The mesh directory of `meshward up` (its `.meshward/proxies/*/decisions.jsonl`).
+        #[arg(long, default_value = ".", conflicts_with_all = ["file", "from_control"])]
+        mesh: PathBuf,
+        /// Read these decision-log files instead (repeatable).
+        #[arg(long, conflicts_with = "from_control")]
+        file: Vec<PathBuf>,
+        /// Read the control plane's decision window (what the sidecars shipped: every
+        /// deny, allows thinned and weighted) instead of files.
+        #[arg(long)]
+        from_control: bool,
+        /// Keep printing records as the sidecars write them.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// The caller: a SPIFFE ID, `namespace/serviceaccount`, or a namespace.
+        #[arg(long)]
+        source: Option<String>,
+        /// The destination workload `namespace/name`, or a namespace.
+        #[arg(long)]
+        destination: Option<String>,
+        #[arg(long, value_parser = ["allow", "deny"])]
+        verdict: Option<String>,
+        /// A status (`403`) or a class (`5xx`).
+        #[arg(long)]
+        status: Option<String>,
+        /// A reason code (`denied_by_rule`, `rate_limited`, ...).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only records this recent (`30s`, `5m`, `1h`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// Only the last N records of what is there now (then follow).
+        #[arg(long)]
+        tail: Option<usize>,
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
     /// The demo app: an HTTP echo server that calls its upstreams in a loop.
     #[command(
         name = "demo-app",
@@ -831,6 +874,43 @@ fn main() -> ExitCode {
                 println!("  export MESHWARD_TOKEN_FILE={}", f.display());
                 ExitCode::SUCCESS
             }),
+        Command::Logs {
+            mesh,
+            file,
+            from_control,
+            follow,
+            source,
+            destination,
+            verdict,
+            status,
+            reason,
+            since,
+            tail,
+            output,
+        } => {
+            let from = if from_control {
+                logs::From::Control
+            } else if !file.is_empty() {
+                logs::From::Files(file)
+            } else {
+                logs::From::Mesh(mesh)
+            };
+            let filter = logs::Filter {
+                source,
+                destination,
+                verdict: verdict.map(|v| {
+                    if v == "allow" {
+                        meshward_policy::decision::Verdict::Allow
+                    } else {
+                        meshward_policy::decision::Verdict::Deny
+                    }
+                }),
+                status,
+                reason,
+                since,
+            };
+            logs::run(&cli.conn, from, &filter, follow, tail, output)
+        }
         Command::Drill(DrillCommand::Run {
             file,
             mesh,

@@ -674,7 +674,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
             if let Some(h) = http {
                 println!("dashboard:     http://{h}/ui   (sign in with the token in {})   metrics: http://{h}/metrics   terminal: meshward top", data.join("admin.token").display());
             }
-            println!("decision logs: {}/proxies/*/decisions.jsonl", state.display());
+            println!("access log:    meshward logs -f --mesh {}   (files: {}/proxies/*/decisions.jsonl)", dir.display(), state.display());
             println!("try: ip netns exec {} curl -s http://ADDRESS/...   (inside a workload: through its sidecar)", plans.first().map(|p| iso.netns(&p.id)).unwrap_or_default());
             println!("mesh is up; Ctrl-C stops it");
         } else {
@@ -696,7 +696,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
         if let Some(h) = http {
             println!("dashboard:     http://{h}/ui   (sign in with the token in {})   metrics: http://{h}/metrics   terminal: meshward top", data.join("admin.token").display());
         }
-        println!("decision logs: {}/proxies/*/decisions.jsonl", state.display());
+        println!("access log:    meshward logs -f --mesh {}   (files: {}/proxies/*/decisions.jsonl)", dir.display(), state.display());
         // Replicas: how to watch traffic move (docs/resilience.md).
         let replicas: Vec<(usize, &Plan)> = plans.iter().enumerate().filter(|(_, p)| p.sa != p.id.name).collect();
         if let Some((last, victim)) = replicas.last() {

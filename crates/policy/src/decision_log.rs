@@ -82,6 +82,14 @@ pub struct DecisionRecord {
     /// The caller's sidecar: how many attempts the request took.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts: Option<u32>,
+    /// HTTP: the status the caller received (the app's, an injected abort's, or the
+    /// proxy's own 502/504 when the app failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// HTTP: the response body bytes relayed to the caller (written once the response has
+    /// ended, or was cut short).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_bytes: Option<u64>,
 }
 
 fn inbound() -> String {
@@ -126,6 +134,8 @@ impl DecisionRecord {
             duration_ns: None,
             endpoint: None,
             attempts: None,
+            status: None,
+            response_bytes: None,
         }
     }
 

@@ -34,6 +34,10 @@ pub struct Extra {
     /// A fault was injected into this allowed request (docs/faults.md): kept, never
     /// sampled away, so a drill's every injected failure is on record.
     pub injected: bool,
+    /// HTTP: the status the caller received.
+    pub status: Option<u16>,
+    /// HTTP: the response body bytes relayed to the caller.
+    pub response_bytes: Option<u64>,
 }
 
 /// A destination and its metric label.
@@ -305,6 +309,8 @@ impl DecisionLog {
             .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         rec.endpoint = extra.endpoint.map(|a| a.to_string());
         rec.attempts = extra.attempts;
+        rec.status = extra.status;
+        rec.response_bytes = extra.response_bytes;
         let mut line = rec.to_line();
         if let Some((q, factor)) = ship {
             if factor > 1 {

@@ -9,6 +9,7 @@
 //! gets exactly one record.
 #![deny(clippy::disallowed_types)]
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use meshward_identity::SpiffeId;
@@ -259,19 +260,10 @@ impl<'a> Gate<'a> {
         &mut self,
         preq: &Request,
         d: &Decision,
-        duration: Duration,
+        answered: Answered,
         fault: Option<&Injected>,
     ) {
-        self.record(
-            preq,
-            d,
-            Extra {
-                duration: Some(duration),
-                detail: fault.map(Injected::detail),
-                injected: fault.is_some(),
-                ..Default::default()
-            },
-        );
+        self.record(preq, d, answered.extra(fault));
     }
 
     /// Records a request refused as malformed (reason `bad_request`, `code` as detail) and
@@ -318,6 +310,117 @@ impl<'a> Gate<'a> {
 
     fn record(&mut self, req: &Request, d: &Decision, extra: Extra) {
         write(self.shared, self.port, self.series.as_mut(), req, d, extra);
+    }
+}
+
+/// How an admitted HTTP request was answered, for its record (the access log).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Answered {
+    /// The time to the response (the app's, or an injected abort's).
+    pub duration: Duration,
+    /// The status the caller received (none: the connection was reset).
+    pub status: Option<u16>,
+    /// The response body bytes relayed (none: not relayed from the app).
+    pub bytes: Option<u64>,
+}
+
+impl Answered {
+    pub(crate) fn extra(self, fault: Option<&Injected>) -> Extra {
+        Extra {
+            duration: Some(self.duration),
+            detail: fault.map(Injected::detail),
+            injected: fault.is_some(),
+            status: self.status,
+            response_bytes: self.bytes,
+            ..Default::default()
+        }
+    }
+}
+
+/// An admitted request's response body on the general path: its bytes counted, and the
+/// request's record written once the body has ended, failed or been dropped (the caller
+/// went away), so the access log has what the caller received.
+pub(crate) struct Logged<B> {
+    inner: B,
+    pending: Option<Pending>,
+    bytes: u64,
+}
+
+struct Pending {
+    shared: Arc<Shared>,
+    port: InboundPort,
+    req: Request,
+    d: Decision,
+    extra: Extra,
+}
+
+impl<B> Logged<B> {
+    pub(crate) fn new(
+        inner: B,
+        shared: Arc<Shared>,
+        port: InboundPort,
+        req: Request,
+        d: Decision,
+        extra: Extra,
+    ) -> Self {
+        Logged {
+            inner,
+            pending: Some(Pending {
+                shared,
+                port,
+                req,
+                d,
+                extra,
+            }),
+            bytes: 0,
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(mut p) = self.pending.take() {
+            p.extra.response_bytes = Some(self.bytes);
+            write(&p.shared, p.port, None, &p.req, &p.d, p.extra);
+        }
+    }
+}
+
+impl<B> Drop for Logged<B> {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl<B> hyper::body::Body for Logged<B>
+where
+    B: hyper::body::Body + Unpin,
+    B::Data: hyper::body::Buf,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let p = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &p {
+            std::task::Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.bytes += hyper::body::Buf::remaining(d) as u64;
+                }
+            }
+            std::task::Poll::Ready(None | Some(Err(_))) => self.finish(),
+            std::task::Poll::Pending => {}
+        }
+        p
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -527,6 +630,14 @@ fn write(
     mut extra: Extra,
 ) {
     extra.address = port.mark.is_some().then_some(port.app);
+    if req.http.is_some() && d.verdict == Verdict::Deny && extra.status.is_none() {
+        // The answer the gate gave (crate::rescue): 400 malformed, 429 over a limit, 403.
+        extra.status = Some(match d.reason {
+            Reason::BadRequest => 400,
+            Reason::RateLimited => 429,
+            _ => 403,
+        });
+    }
     shared.log.record_in(series, req, d, &extra);
 }
 

@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::clock::Expired;
-use crate::gate::{Admitted, Gate, Head, Stop};
+use crate::gate::{Admitted, Answered, Gate, Head, Stop};
 use crate::hygiene::{ChunkedEnd, MAX_HEAD, State0, check_head, head_end};
 use crate::inbound::{IDENTITY_HEADER, InboundPort};
 use crate::interpret::{self, Version, has_token, split_target};
@@ -295,7 +295,15 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             f.wait().await;
             if let Some((id, abort)) = &f.abort {
                 buf.consume(end);
-                gate.forwarded(&preq, &d, t0.elapsed(), Some(f));
+                let answered = Answered {
+                    duration: t0.elapsed(),
+                    status: match abort {
+                        crate::fault::Abort::Http(s) => Some(*s),
+                        _ => None,
+                    },
+                    bytes: None,
+                };
+                gate.forwarded(&preq, &d, answered, Some(f));
                 drop(permit);
                 let crate::fault::Abort::Http(status) = *abort else {
                     drop(span);
@@ -362,7 +370,18 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         // `Connection: close`, so the client's next request goes on a new connection.
         let retire = tokio::time::Instant::now() + crate::expiry::RETIRE_EARLY >= expiry.at;
         let relayed = relay(stream, &mut app, port, &out, head_only, idempotent, retire).await;
-        gate.forwarded(&preq, &d, t_app.elapsed(), fault.as_ref());
+        let (status, bytes) = match &relayed {
+            Ok(r) => (r.status, Some(r.bytes)),
+            Err(Failure::App(_)) => (502, None),
+            // The caller went away before the response was relayed whole.
+            Err(Failure::Peer) => (499, None),
+        };
+        let answered = Answered {
+            duration: t_app.elapsed(),
+            status: Some(status),
+            bytes,
+        };
+        gate.forwarded(&preq, &d, answered, fault.as_ref());
         // The response is relayed whole: its concurrency places are free again.
         drop(permit);
         match relayed {
@@ -420,6 +439,8 @@ struct Relayed {
     status: u16,
     /// The connection must close after this response.
     close: bool,
+    /// The response body bytes relayed.
+    bytes: u64,
 }
 
 /// Sends `head` to the app (on the connection's app connection, opened when needed) and
@@ -484,12 +505,73 @@ async fn relay<S: AsyncWrite + Unpin>(
         conn.buf.consume(resp_end);
         resp_end = 0;
     }
-    let close = relay_response(stream, conn, resp_end, framing, !keep || retire).await?;
+    // Counted for the access log: what is written from here is the head left in the
+    // buffer (`resp_end` bytes) and the body.
+    let mut counted = Counting {
+        inner: stream,
+        n: 0,
+    };
+    let close = relay_response(&mut counted, conn, resp_end, framing, !keep || retire).await?;
+    let bytes = counted.n.saturating_sub(resp_end as u64);
     // Bytes beyond the response: the app broke framing; never reuse that connection.
     if close || !conn.buf.bytes().is_empty() {
         *app = None;
     }
-    Ok(Relayed { status, close })
+    Ok(Relayed {
+        status,
+        close,
+        bytes,
+    })
+}
+
+/// A writer that counts the bytes it has written.
+struct Counting<'a, S> {
+    inner: &'a mut S,
+    n: u64,
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let p = Pin::new(&mut *self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = p {
+            self.n += n as u64;
+        }
+        p
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let p = Pin::new(&mut *self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = p {
+            self.n += n as u64;
+        }
+        p
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Relays a response whose head (`resp_end` bytes) is at the start of `conn`'s buffer, and

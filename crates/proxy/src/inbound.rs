@@ -510,7 +510,15 @@ async fn handle(
         let t0 = std::time::Instant::now();
         f.wait().await;
         if let Some((id, abort)) = &f.abort {
-            gate.forwarded(&preq, &d, t0.elapsed(), Some(f));
+            let answered = crate::gate::Answered {
+                duration: t0.elapsed(),
+                status: match abort {
+                    crate::fault::Abort::Http(s) => Some(*s),
+                    _ => None,
+                },
+                bytes: None,
+            };
+            gate.forwarded(&preq, &d, answered, Some(f));
             return crate::fault::answer(id, *abort).unwrap_or_else(crate::fault::reset);
         }
     }
@@ -609,13 +617,20 @@ async fn handle(
         }
         r => r,
     };
-    // Allowed requests are recorded once the app's response has started, with the time.
-    gate.forwarded(&preq, &d, t0.elapsed(), fault.as_ref());
+    // Allowed requests are recorded with the time to the app's response head, its status,
+    // and (once the body has ended) the bytes relayed.
+    let mut answered = crate::gate::Answered {
+        duration: t0.elapsed(),
+        status: None,
+        bytes: None,
+    };
     match r {
         Ok(mut resp) => {
             let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS
                 || (preq_method(&preq) == "CONNECT" && resp.status().is_success());
+            answered.status = Some(resp.status().as_u16());
             if switching {
+                gate.forwarded(&preq, &d, answered, fault.as_ref());
                 // Relayed only for the upgrade policy allowed; then both sides are spliced.
                 let Some(down) = down else {
                     let body = serde_json::json!({"error": "the app switched protocols without an upgrade"});
@@ -642,12 +657,18 @@ async fn handle(
             }
             // Its concurrency places are held until the response body is done; a later
             // revision that denies it cuts it.
+            let extra = answered.extra(fault.as_ref());
+            let (shared2, d2) = (shared.clone(), d.clone());
             resp.map(|b| {
-                let b = Tracked::new(b, permit).map_err(crate::rescue::BodyError::App);
+                let b = Tracked::new(b, permit);
+                let b = crate::gate::Logged::new(b, shared2, port, preq, d2, extra)
+                    .map_err(crate::rescue::BodyError::App);
                 crate::recheck::Revocable::new(b, revoke, shared.clone(), port, grpc).boxed()
             })
         }
         Err(e) => {
+            answered.status = Some(502);
+            gate.forwarded(&preq, &d, answered, fault.as_ref());
             let body = serde_json::json!({"error": "the app did not answer", "detail": e});
             crate::rescue::Refused::new(Status::BadGateway, body).answer(grpc)
         }

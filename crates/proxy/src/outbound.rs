@@ -134,6 +134,24 @@ pub fn record(
     detail: String,
     http: Option<meshward_policy::decision::HttpAttrs>,
 ) {
+    record_answered(
+        shared, service, port, reason, endpoint, attempts, detail, http, None,
+    );
+}
+
+/// [`record`] of an HTTP call, with the `status` the caller's app received.
+#[allow(clippy::too_many_arguments)]
+pub fn record_answered(
+    shared: &Shared,
+    service: &WorkloadRef,
+    port: u16,
+    reason: meshward_policy::Reason,
+    endpoint: Option<&crate::discovery::Endpoint>,
+    attempts: u32,
+    detail: String,
+    http: Option<meshward_policy::decision::HttpAttrs>,
+    status: Option<u16>,
+) {
     use meshward_policy::decision::{Decision, Request, Source, Verdict};
     let source = shared
         .svid
@@ -163,6 +181,7 @@ pub fn record(
             detail: Some(detail),
             endpoint: endpoint.map(|e| e.addr()),
             attempts: Some(attempts),
+            status,
             ..Default::default()
         },
     );

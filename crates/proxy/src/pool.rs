@@ -538,7 +538,7 @@ impl Pooled {
                 .get(a)
                 .or_else(|| fallback.as_deref().and_then(|f| f.get(a)))
         });
-        crate::outbound::record(
+        crate::outbound::record_answered(
             &self.shared,
             &self.up.service,
             self.up.port,
@@ -547,6 +547,7 @@ impl Pooled {
             trail.attempts,
             detail,
             Some(http),
+            Some(status),
         );
     }
 

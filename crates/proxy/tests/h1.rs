@@ -100,7 +100,7 @@ async fn app(accepted: Arc<AtomicUsize>) -> SocketAddr {
 struct Pair {
     outbound: SocketAddr,
     accepted: Arc<AtomicUsize>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 /// Frontend sidecar (tunnel out) → orders sidecar (fast path in) → the app above. GET,
@@ -149,7 +149,7 @@ async fn pair(app_addr: Option<SocketAddr>) -> Pair {
     Pair {
         outbound,
         accepted,
-        _dir: dir,
+        dir,
     }
 }
 
@@ -315,4 +315,102 @@ async fn an_app_that_is_not_listening_gets_502() {
     .await;
     assert_eq!(r.matches("HTTP/1.1 502 Bad Gateway\r\n").count(), 2, "{r}");
     assert!(r.contains("the app did not answer"), "{r}");
+}
+
+/// The orders sidecar's records once there are `n` of them (written by a background
+/// thread), as JSON values.
+async fn records(p: &Pair, n: usize) -> Vec<serde_json::Value> {
+    let path = p.dir.path().join("decisions.jsonl");
+    for _ in 0..200 {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let recs: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if recs.len() >= n {
+            return recs;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("fewer than {n} records in {}", path.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_each_requests_status_and_bytes() {
+    let p = pair(None).await;
+    let chunked_body = "5\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t1\r\n\r\n";
+    let r = exchange(
+        p.outbound,
+        "GET /a/len HTTP/1.1\r\nHost: o\r\n\r\n\
+         HEAD /a/len?head HTTP/1.1\r\nHost: o\r\n\r\n\
+         GET /a/big HTTP/1.1\r\nHost: o\r\n\r\n\
+         GET /a/empty HTTP/1.1\r\nHost: o\r\n\r\n\
+         GET /a/chunked HTTP/1.1\r\nHost: o\r\n\r\n\
+         GET /a/missing HTTP/1.1\r\nHost: o\r\n\r\n\
+         DELETE /a/len HTTP/1.1\r\nHost: o\r\n\r\n\
+         GET /a/x%2Fy HTTP/1.1\r\nHost: o\r\n\r\n\
+         POST /a/echo HTTP/1.1\r\nHost: o\r\nContent-Length: 3\r\n\r\nabc\
+         GET /a/echo HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.matches("HTTP/1.1 200 OK").count(), 6, "{r}");
+    let recs = records(&p, 10).await;
+    let of = |method: &str, path: &str| {
+        recs.iter()
+            .find(|r| r["method"] == method && r["path"] == path)
+            .unwrap_or_else(|| panic!("no record of {method} {path}: {recs:?}"))
+            .clone()
+    };
+    let got = |method: &str, path: &str| {
+        let r = of(method, path);
+        (r["status"].as_u64(), r["response_bytes"].as_u64())
+    };
+    // The fast path: the app's status and the body bytes it relayed, whatever the framing.
+    assert_eq!(got("GET", "/a/len"), (Some(200), Some(5)));
+    assert_eq!(
+        got("HEAD", "/a/len"),
+        (Some(200), Some(0)),
+        "HEAD has no body"
+    );
+    assert_eq!(got("GET", "/a/big"), (Some(200), Some(300_000)));
+    assert_eq!(got("GET", "/a/empty"), (Some(204), Some(0)));
+    assert_eq!(
+        got("GET", "/a/chunked"),
+        (Some(200), Some(chunked_body.len() as u64)),
+        "a chunked body counts as sent, framing included"
+    );
+    assert_eq!(got("GET", "/a/missing"), (Some(404), Some(0)));
+    // Refusals: the gate's own answer, nothing relayed.
+    assert_eq!(got("DELETE", "/a/len"), (Some(403), None));
+    assert_eq!(of("DELETE", "/a/len")["verdict"], "deny");
+    assert_eq!(got("GET", "/a/x%2Fy"), (Some(400), None));
+    // The general path (a request with a body moved the connection there): the record is
+    // written once the body has been relayed, with its size.
+    let echo: Vec<&serde_json::Value> = recs.iter().filter(|r| r["path"] == "/a/echo").collect();
+    assert_eq!(echo.len(), 2, "{echo:?}");
+    for e in echo {
+        assert_eq!(e["status"], 200, "{e}");
+        let bytes = e["response_bytes"].as_u64().unwrap();
+        assert!(bytes > 40, "the echoed head and body: {e}");
+        assert!(e["duration_ns"].as_u64().is_some(), "{e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_records_502_when_the_app_is_gone() {
+    let gone = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let p = pair(Some(gone)).await;
+    let r = exchange(
+        p.outbound,
+        "GET /a/len HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 502"), "{r}");
+    let recs = records(&p, 1).await;
+    assert_eq!(recs[0]["verdict"], "allow", "{:?}", recs[0]);
+    assert_eq!(recs[0]["status"], 502, "{:?}", recs[0]);
+    assert!(recs[0].get("response_bytes").is_none(), "{:?}", recs[0]);
 }
