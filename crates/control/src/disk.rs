@@ -53,7 +53,7 @@ pub struct Disk {
 }
 
 fn log(msg: &str) {
-    eprintln!("meshward-control: {msg}");
+    tracing::warn!("{msg}");
 }
 
 impl Disk {

@@ -100,9 +100,7 @@ impl Identity for ProxyApi {
         if peer_expired(&req)
             && let Some(id) = &p
         {
-            eprintln!(
-                "meshward-control: renewing the expired SVID of {id} (within the renewal grace)"
-            );
+            tracing::info!("renewing the expired SVID of {id} (within the renewal grace)");
         }
         let r = req.into_inner();
         let cp = self.cp.clone();

@@ -262,7 +262,7 @@ pub async fn run(
         if let Err(e) =
             crate::grpc::serve(grpc_cp, proxy_listener, proxy_tls, std::future::pending()).await
         {
-            eprintln!("proxy API stopped: {e}");
+            tracing::warn!("proxy API stopped: {e}");
         }
     });
     // Controllers: expire overrides, renew the control plane's own certificate.
@@ -278,10 +278,12 @@ pub async fn run(
                 // The control plane's own certificate, at half its life.
                 match c.with_ca(|ca| cert.renew_if_due(ca, &td, now)) {
                     Ok(Ok(true)) => {
-                        eprintln!("controller: renewed the control plane's certificate")
+                        tracing::info!("controller: renewed the control plane's certificate")
                     }
                     Ok(Err(e)) => {
-                        eprintln!("controller: cannot renew the control plane's certificate: {e}")
+                        tracing::warn!(
+                            "controller: cannot renew the control plane's certificate: {e}"
+                        )
                     }
                     _ => {}
                 }
@@ -291,7 +293,7 @@ pub async fn run(
             if let Ok(Ok(names)) = r
                 && !names.is_empty()
             {
-                eprintln!("controller: expired overrides {}", names.join(", "));
+                tracing::info!("controller: expired overrides {}", names.join(", "));
             }
         }
     });
@@ -315,10 +317,10 @@ pub async fn run(
             match r {
                 Ok(Ok(steps)) => {
                     for (step, who) in steps {
-                        eprintln!("detector: {step} {who}");
+                        tracing::warn!("detector: {step} {who}");
                     }
                 }
-                Ok(Err(e)) => eprintln!("detector: {e}"),
+                Ok(Err(e)) => tracing::warn!("detector: {e}"),
                 Err(_) => {}
             }
         }

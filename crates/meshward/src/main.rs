@@ -26,6 +26,61 @@ struct Cli {
     command: Command,
     #[command(flatten)]
     conn: control_cmd::Conn,
+    /// Log lines as `text` or `json` (one object per line) [env: MESHWARD_LOG_FORMAT]. What
+    /// is logged: RUST_LOG, e.g. `info` (the default), `warn,meshward_proxy=debug`.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The log format in force, for the processes this one starts (`meshward up`).
+pub(crate) static LOG_FORMAT: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// Structured logs through `tracing` on stderr: the filter from RUST_LOG (targets and
+/// levels, `info` by default), text or JSON lines.
+fn init_logs(format: Option<LogFormat>) -> Result<(), String> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let format = match format {
+        Some(f) => f,
+        None => match std::env::var("MESHWARD_LOG_FORMAT").ok().as_deref() {
+            None | Some("" | "text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(format!(
+                    "MESHWARD_LOG_FORMAT `{other}`: use `text` or `json`"
+                ));
+            }
+        },
+    };
+    let _ = LOG_FORMAT.set(if format == LogFormat::Json {
+        "json"
+    } else {
+        "text"
+    });
+    let spec = std::env::var("RUST_LOG").unwrap_or_default();
+    let spec = if spec.trim().is_empty() {
+        "info".to_owned()
+    } else {
+        spec
+    };
+    let filter: tracing_subscriber::filter::Targets = spec.parse().map_err(|e| {
+        format!("RUST_LOG `{spec}`: {e} (write levels and targets, e.g. `info` or `warn,meshward_proxy=debug`)")
+    })?;
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(false);
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Json => registry.with(fmt.json().flatten_event(true)).try_init(),
+        LogFormat::Text => registry.with(fmt).try_init(),
+    }
+    .map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Subcommand)]
@@ -758,6 +813,10 @@ enum Shell {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = init_logs(cli.log_format) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Completion { shell } => {
             use clap::CommandFactory;

@@ -430,6 +430,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
         let http_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let http = Some(http_addr);
         let mut control_cmd = tokio::process::Command::new(&exe);
+        control_cmd.env("MESHWARD_LOG_FORMAT", crate::LOG_FORMAT.get().copied().unwrap_or("text"));
         control_cmd
             .arg("control")
             .arg("--data")
@@ -486,6 +487,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
                 let token = pdir.join("join.token");
                 meshward_identity::ca::write_atomic(&token, t["token"].as_str().unwrap_or_default().as_bytes(), true)?;
                 let mut c = tokio::process::Command::new("ip");
+                c.env("MESHWARD_LOG_FORMAT", crate::LOG_FORMAT.get().copied().unwrap_or("text"));
                 c.args(["netns", "exec", &iso.netns(&p.id)]).arg(&exe)
                     .args(["proxy", "--transparent", "--workload", &p.id.to_string(), "--identity", &identity.to_string(), "--control", &proxy_api.to_string(), "--ca-file"])
                     .arg(data.join("bundle.pem"))
@@ -546,7 +548,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
                 })
                 .await
                 {
-                    eprintln!("proxy {name} stopped: {e}");
+                    tracing::error!("proxy {name} stopped: {e}");
                     let _ = tx.try_send(Err(format!("the sidecar of {name} stopped: {e}")));
                 }
             });

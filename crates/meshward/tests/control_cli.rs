@@ -869,3 +869,85 @@ fn operators_may_authenticate_with_a_client_certificate() {
         .unwrap_err();
     assert!(e.to_string().contains("is not an operator"), "{e}");
 }
+
+/// A proxy that cannot reach its control plane for about two seconds, its stderr.
+fn proxy_logs(ca: &Path, state: &Path, args: &[&str], rust_log: &str) -> String {
+    let mut c = Command::new(bin());
+    c.args([
+        "proxy",
+        "--workload",
+        "web/frontend",
+        "--identity",
+        "spiffe://shop.example/ns/web/sa/frontend",
+        // Loopback, nothing listening: the agent's retries are logged.
+        "--control",
+        "127.0.0.1:1",
+        "--join-token-file",
+        "/dev/null",
+        "--ca-file",
+    ])
+    .arg(ca)
+    .arg("--state-dir")
+    .arg(state)
+    .args(args)
+    .env("RUST_LOG", rust_log)
+    .env_remove("MESHWARD_LOG_FORMAT")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let _ = child.kill();
+    let o = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn logs_are_structured_filtered_by_rust_log_and_json_on_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Control::start(tmp.path());
+    c.kill9();
+    let ca = tmp.path().join("bundle.pem");
+    let state = tmp.path().join("proxy");
+    // JSON lines: each an object with time, level, target and message.
+    let json = proxy_logs(&ca, &state, &["--log-format", "json"], "");
+    let lines: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    let retry = lines
+        .iter()
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("cannot get a certificate"))
+        })
+        .unwrap_or_else(|| panic!("{json}"));
+    assert_eq!(retry["level"], "WARN", "{retry}");
+    assert_eq!(retry["target"], "meshward_proxy::agent", "{retry}");
+    assert!(
+        retry["timestamp"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{retry}"
+    );
+    // Text by default, one line per event with its level and target.
+    let text = proxy_logs(&ca, &state, &[], "");
+    assert!(
+        text.lines()
+            .any(|l| l.contains(" WARN meshward_proxy::agent: cannot get a certificate")),
+        "{text}"
+    );
+    // RUST_LOG filters by level and target.
+    let quiet = proxy_logs(&ca, &state, &[], "error");
+    assert!(!quiet.contains("cannot get a certificate"), "{quiet}");
+    let quiet = proxy_logs(&ca, &state, &[], "info,meshward_proxy::agent=off");
+    assert!(!quiet.contains("cannot get a certificate"), "{quiet}");
+    // A filter that does not parse is refused before anything runs.
+    let o = Command::new(bin())
+        .args(["status"])
+        .env("RUST_LOG", "meshward=loud")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(out(&o).contains("RUST_LOG `meshward=loud`"), "{}", out(&o));
+}

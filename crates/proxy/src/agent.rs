@@ -53,7 +53,11 @@ pub struct AgentConfig {
 }
 
 fn log(msg: &str) {
-    eprintln!("meshward-proxy: {msg}");
+    tracing::info!("{msg}");
+}
+
+fn warn(msg: &str) {
+    tracing::warn!("{msg}");
 }
 
 /// A hung control plane (it accepts connections and answers nothing: stopped, or
@@ -100,7 +104,7 @@ impl Health {
                 let msg = format!("cannot save the {what}: {e}");
                 let again = self.persist_error.load().as_deref() == Some(&msg);
                 if !again {
-                    log(&format!(
+                    warn(&format!(
                         "{msg}; it is in use, but a restart would not find it (see docs/operations.md)"
                     ));
                 }
@@ -133,7 +137,7 @@ impl Health {
             return;
         }
         match &why {
-            Some(w) => log(&format!("not ready: {w}")),
+            Some(w) => warn(&format!("not ready: {w}")),
             None => log("ready: the app accepts connections again"),
         }
         self.app_down.store(why.map(Arc::new));
@@ -236,7 +240,7 @@ pub fn restore(shared: &Shared, dir: &Path, td: &TrustDomain) {
                 ));
                 shared.svid.store(Some(Arc::new(s)));
             }
-            Err(e) => log(&format!("the stored SVID is unusable: {e}")),
+            Err(e) => warn(&format!("the stored SVID is unusable: {e}")),
         }
     }
     if let Ok(b) = std::fs::read_to_string(dir.join("bundle.pem")) {
@@ -259,7 +263,7 @@ pub fn restore(shared: &Shared, dir: &Path, td: &TrustDomain) {
                     dir.display()
                 ));
             }
-            Err(e) => log(&format!("the stored snapshot is invalid, ignoring it: {e}")),
+            Err(e) => warn(&format!("the stored snapshot is invalid, ignoring it: {e}")),
         }
     }
 }
@@ -368,7 +372,7 @@ where
                 let e = format!("{addr}: {e}");
                 shared.health.control_failed(shared, &e);
                 if k < last {
-                    log(&format!("{e}; trying the next control-plane address"));
+                    warn(&format!("{e}; trying the next control-plane address"));
                 }
                 errors.push(e);
             }
@@ -506,7 +510,7 @@ pub async fn identity_loop(shared: Arc<Shared>, cfg: AgentConfig) {
             }
             Err(e) => {
                 let wait = backoff.delay();
-                log(&format!(
+                warn(&format!(
                     "cannot get a certificate ({e}); retrying in {wait:.1?}"
                 ));
                 tokio::time::sleep(wait).await;
@@ -533,7 +537,7 @@ pub async fn config_loop(shared: Arc<Shared>, cfg: AgentConfig) {
                         backoff.reset();
                     }
                     let wait = backoff.delay();
-                    log(&format!(
+                    warn(&format!(
                         "config stream: {e}; keeping revision {} and retrying in {wait:.1?}",
                         shared.policy.load().as_ref().map_or(0, |p| p.revision)
                     ));
@@ -693,7 +697,7 @@ async fn stream_once(
                     }
                     false => {
                         let kept = shared.health.persisted_revision.load(Ordering::Relaxed);
-                        log(&format!(
+                        warn(&format!(
                             "enforcing revision {} (not saved: a restart without the control plane would enforce revision {kept})",
                             snap.revision
                         ));
@@ -709,7 +713,7 @@ async fn stream_once(
                 status(shared, snap.revision, persist_error)
             }
             Err(e) => {
-                log(&format!("rejecting revision {}: {e}", snap.revision));
+                warn(&format!("rejecting revision {}: {e}", snap.revision));
                 ConfigAck {
                     accepted: false,
                     error: e,
@@ -786,7 +790,7 @@ async fn ship_loop(q: Arc<crate::decision_log::ShipQueue>, ch: tonic::transport:
             let n = records.len();
             if let Err(e) = client.ship(DecisionBatch { records, dropped }).await {
                 q.lost(n as u64);
-                log(&format!(
+                warn(&format!(
                     "shipping decisions: {}; {n} records dropped",
                     e.message()
                 ));

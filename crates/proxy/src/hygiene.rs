@@ -410,9 +410,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Hygiene<S> {
             return Poll::Ready(Ok(())); // EOF
         }
         if let Err((pass, r)) = this.feed(&buf.filled()[before..]) {
-            eprintln!(
-                "meshward-proxy: refusing an HTTP/1 request head ({r:?}); closing the connection"
-            );
+            tracing::warn!("refusing an HTTP/1 request head ({r:?}); closing the connection");
             // The refused head and all after it never reach the parser; the bytes before
             // it do, and the next read reports the refusal.
             buf.set_filled(before + pass);

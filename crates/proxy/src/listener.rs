@@ -401,7 +401,7 @@ pub async fn accept_loop(
             let p = listener.poll_accept(cx);
             if p.is_pending() && !me.accepting() {
                 // Nothing waiting, nothing failing: accepting again.
-                eprintln!("meshward-proxy: {} is accepting again", me.name);
+                tracing::info!("{} is accepting again", me.name);
                 me.set_backoff(None);
             }
             p
@@ -410,7 +410,7 @@ pub async fn accept_loop(
         match r {
             Ok((tcp, peer)) => {
                 if !me.accepting() {
-                    eprintln!("meshward-proxy: {} is accepting again", me.name);
+                    tracing::info!("{} is accepting again", me.name);
                     me.set_backoff(None);
                 }
                 backoff = BACKOFF.0;
@@ -424,7 +424,7 @@ pub async fn accept_loop(
                 }
                 let why = format!("accept failed: {e}; retrying in {backoff:?}");
                 if me.accepting() {
-                    eprintln!("meshward-proxy: {}: {why}", me.name);
+                    tracing::warn!("{}: {why}", me.name);
                 }
                 me.set_backoff(Some(why));
                 tokio::time::sleep(backoff).await;

@@ -92,7 +92,7 @@ pub fn event(shared: &Shared, service: &WorkloadRef, e: Event, detail: &str) {
         .metrics
         .outbound_event(&service.to_string(), e.as_str());
     match e {
-        Event::Ejection => eprintln!("meshward-proxy: {service}: {}: {detail}", e.as_str()),
+        Event::Ejection => tracing::warn!("{service}: {}: {detail}", e.as_str()),
         Event::AllEjected => {
             // Every request while all are ejected: one line a second, the rest counted.
             static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -108,8 +108,8 @@ pub fn event(shared: &Shared, service: &WorkloadRef, e: Event, detail: &str) {
                     )
                     .is_ok()
             {
-                eprintln!(
-                    "meshward-proxy: {service}: {}: {detail} (at most one such line a second; all of them are counted in the outbound events metric)",
+                tracing::warn!(
+                    "{service}: {}: {detail} (at most one such line a second; all of them are counted in the outbound events metric)",
                     e.as_str()
                 );
             }
@@ -375,16 +375,15 @@ pub async fn serve(shared: Arc<Shared>, up: Upstream, listener: TcpListener) -> 
                 Ok(mut t) => {
                     let _ = tokio::io::copy_bidirectional(&mut app, &mut t.tls).await;
                 }
-                Err(ConnectError::CircuitOpen) => eprintln!(
-                    "meshward-proxy: {}: circuit open (circuitBreaker.maxConnections); closing",
+                Err(ConnectError::CircuitOpen) => tracing::warn!(
+                    "{}: circuit open (circuitBreaker.maxConnections); closing",
                     up.service
                 ),
-                Err(ConnectError::NoEndpoint) => eprintln!(
-                    "meshward-proxy: no endpoint for {}:{}; closing",
-                    up.service, up.port
-                ),
+                Err(ConnectError::NoEndpoint) => {
+                    tracing::warn!("no endpoint for {}:{}; closing", up.service, up.port)
+                }
                 Err(ConnectError::Refused(e)) => {
-                    eprintln!("meshward-proxy: refusing endpoint of {}: {e}", up.service)
+                    tracing::warn!("refusing endpoint of {}: {e}", up.service)
                 }
             }
         });

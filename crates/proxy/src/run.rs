@@ -232,7 +232,7 @@ pub async fn run_with_state(
         if current.is_some() && current != shared.listeners.bound() {
             // Not fatal after start: `/ready` stays 503 and the next tick tries again.
             if let Err(e) = open.reconcile(&shared, opts.transparent.as_ref()).await {
-                eprintln!("meshward-proxy: {e}; retrying");
+                tracing::warn!("{e}; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
@@ -251,12 +251,10 @@ async fn drain(shared: Arc<Shared>, drain: Option<Duration>) {
         return std::future::pending().await;
     };
     term.recv().await;
-    eprintln!(
-        "meshward-proxy: SIGTERM: draining for {drain:?} (callers are told to pass this endpoint over)"
-    );
+    tracing::info!("SIGTERM: draining for {drain:?} (callers are told to pass this endpoint over)");
     shared.health.set_draining();
     tokio::time::sleep(drain).await;
-    eprintln!("meshward-proxy: drained; exiting");
+    tracing::info!("drained; exiting");
 }
 
 /// Checks every `every` that the app accepts TCP connections on each port the workload
@@ -357,10 +355,7 @@ impl Inbound {
                 task.abort();
                 let _ = task.await; // the listening socket is closed once this returns
                 shared.listeners.deregister(&format!("inbound {a}"));
-                eprintln!(
-                    "meshward-proxy: closed inbound {a} (port {port}, revision {})",
-                    p.revision
-                );
+                tracing::info!("closed inbound {a} (port {port}, revision {})", p.revision);
             }
         }
         let mut bound = vec![];
@@ -378,7 +373,7 @@ impl Inbound {
             );
             let task = tokio::spawn(async move {
                 if let Err(e) = inbound::serve(shared, ip, l).await {
-                    eprintln!("meshward-proxy: inbound {addr}: {e}");
+                    tracing::warn!("inbound {addr}: {e}");
                 }
             });
             self.0.insert(addr, (port, protocol, task));

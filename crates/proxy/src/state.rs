@@ -164,8 +164,8 @@ impl rustls::server::ResolvesServerCert for ServerCert {
     fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let c = self.0.current_svid();
         if c.is_none() {
-            eprintln!(
-                "meshward-proxy: no valid certificate (expired or not yet issued): refusing the connection (fail closed)"
+            tracing::warn!(
+                "no valid certificate (expired or not yet issued): refusing the connection (fail closed)"
             );
         }
         c

@@ -251,8 +251,8 @@ async fn outbound_connection(
                     let _ = tokio::io::copy_bidirectional(&mut app, &mut t.tls).await;
                 }
                 Err(crate::outbound::ConnectError::CircuitOpen) => {
-                    eprintln!(
-                        "meshward-proxy: {destination} ({dst}): circuit open (circuitBreaker.maxConnections)"
+                    tracing::warn!(
+                        "{destination} ({dst}): circuit open (circuitBreaker.maxConnections)"
                     )
                 }
                 Err(crate::outbound::ConnectError::NoEndpoint) => {
@@ -260,7 +260,7 @@ async fn outbound_connection(
                     out.log(destination, Verdict::Deny, Reason::UnknownDestination, why);
                 }
                 Err(crate::outbound::ConnectError::Refused(e)) => {
-                    eprintln!("meshward-proxy: {destination} ({dst}): {e}")
+                    tracing::warn!("{destination} ({dst}): {e}")
                 }
             }
         }
