@@ -128,27 +128,27 @@ enum Command {
         dir: PathBuf,
         #[arg(long, default_value = "")]
         reason: String,
-        #[arg(long, value_enum, default_value = "text")]
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
     /// The changes waiting for a second platform-security operator: who proposed what,
     /// what it changes, and whose approval it waits for.
     #[command(after_help = "Example:\n  meshward proposals\n  meshward proposals --output json")]
     Proposals {
-        #[arg(long, value_enum, default_value = "text")]
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
     /// Approve a pending change (a second platform-security operator).
     #[command(after_help = "Example:\n  meshward approve 3")]
     Approve {
         id: u64,
-        #[arg(long, value_enum, default_value = "text")]
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
     /// List the revisions of the policy set.
     #[command(after_help = "Example:\n  meshward history --output json")]
     History {
-        #[arg(long, value_enum, default_value = "text")]
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
     /// Restore an earlier revision as a new one.
@@ -160,13 +160,13 @@ enum Command {
         to: u64,
         #[arg(long, default_value = "")]
         reason: String,
-        #[arg(long, value_enum, default_value = "text")]
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
     /// The head revision and the revision every connected proxy runs (stale ones marked).
     #[command(after_help = "Example:\n  meshward status --output json")]
     Status {
-        #[arg(long, value_enum, default_value = "text")]
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
     /// The service graph from the decisions proxies ship: workloads, and edges with
@@ -178,7 +178,7 @@ enum Command {
         /// How far back (e.g. 5m, 1h).
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         window: std::time::Duration,
-        #[arg(long, value_enum, default_value = "text")]
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: GraphFormat,
     },
     /// A live table of the mesh's traffic: every edge's rate, allows, denies, deny reasons,
@@ -196,7 +196,7 @@ enum Command {
         /// Print once and exit.
         #[arg(long)]
         once: bool,
-        #[arg(long, value_enum, default_value = "text")]
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
     /// Read and verify the hash-chained audit log.
@@ -484,7 +484,7 @@ struct InitNetnsArgs {
     /// Remove Meshward's rules instead.
     #[arg(long)]
     remove: bool,
-    #[arg(long, value_enum, default_value = "text")]
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
     output: Output,
 }
 
@@ -519,7 +519,7 @@ enum AuditCommand {
         action: Option<String>,
         #[arg(long)]
         limit: Option<usize>,
-        #[arg(long, value_enum, default_value = "text")]
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
     /// Check the hash chain; names the first edited, deleted or reordered entry.
@@ -530,7 +530,7 @@ enum AuditCommand {
         /// Verify the store in this data directory directly (no server needed).
         #[arg(long)]
         data: Option<PathBuf>,
-        #[arg(long, value_enum, default_value = "text")]
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
 }
@@ -546,7 +546,7 @@ enum WorkloadCommand {
         identity: String,
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         ttl: std::time::Duration,
-        #[arg(long, value_enum, default_value = "text")]
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
 }
@@ -583,13 +583,13 @@ enum OverrideCommand {
         approver: Option<String>,
         #[arg(long, value_parser = humantime::parse_duration)]
         expires_in: std::time::Duration,
-        #[arg(long, value_enum, default_value = "text")]
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
     /// List overrides in force.
     #[command(after_help = "Example:\n  meshward override list --output json")]
     List {
-        #[arg(long, value_enum, default_value = "text")]
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
     /// Revoke an override before it expires.
@@ -597,7 +597,7 @@ enum OverrideCommand {
     Revoke {
         /// `namespace/name`.
         name: String,
-        #[arg(long, value_enum, default_value = "text")]
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
 }
@@ -639,7 +639,7 @@ enum CaCommand {
         /// Finish a root rotation.
         #[arg(long, requires = "root")]
         finish: bool,
-        #[arg(long, value_enum, default_value = "text")]
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
 }
@@ -676,7 +676,14 @@ enum PolicyCommand {
     Lint {
         /// A directory of YAML files (read recursively) or one file.
         dir: PathBuf,
-        #[arg(long, value_enum, default_value = "text")]
+        /// `-o`/`--output` as in every other command.
+        #[arg(
+            short = 'o',
+            long,
+            visible_alias = "output",
+            value_enum,
+            default_value = "text"
+        )]
         format: LintFormat,
         /// Judge override expiry against this time (RFC 3339) instead of now.
         #[arg(long)]
@@ -691,7 +698,7 @@ enum PolicyCommand {
         /// Also write JUnit XML to this file.
         #[arg(long)]
         junit: Option<PathBuf>,
-        #[arg(long, value_enum, default_value = "text")]
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
         /// Evaluate scenarios without their own time at this time (RFC 3339) instead of now.
         #[arg(long)]
@@ -709,7 +716,7 @@ enum PolicyCommand {
     Diff {
         old: PathBuf,
         new: PathBuf,
-        #[arg(long, value_enum, default_value = "text")]
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
         /// Evaluate at this time (RFC 3339) instead of now.
         #[arg(long)]
@@ -742,7 +749,7 @@ enum PolicyCommand {
         /// Evaluate every record at this time (RFC 3339) instead of the record's own.
         #[arg(long)]
         at: Option<String>,
-        #[arg(long, value_enum, default_value = "text")]
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
         /// Exit 1 when any recorded request would flip.
         #[arg(long)]
@@ -799,7 +806,7 @@ struct ExplainArgs {
     /// Evaluate at this time (RFC 3339) instead of now.
     #[arg(long)]
     at: Option<String>,
-    #[arg(long, value_enum, default_value = "text")]
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
     output: Output,
 }
 

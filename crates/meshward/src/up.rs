@@ -815,8 +815,8 @@ async fn watch_apps(apps: Arc<tokio::sync::Mutex<Vec<App>>>) {
         tokio::time::sleep(Duration::from_millis(500)).await;
         for a in apps.lock().await.iter_mut() {
             if let Some(status) = a.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                eprintln!(
-                    "up: the app of {} exited ({status}); its sidecar reports it not ready (`start-app {}` on the hooks socket starts it again)",
+                tracing::warn!(
+                    "the app of {} exited ({status}); its sidecar reports it not ready (`start-app {}` on the hooks socket starts it again)",
                     a.id, a.id
                 );
                 a.child = None;

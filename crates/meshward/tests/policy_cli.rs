@@ -196,6 +196,20 @@ fn lint_reports_errors_as_text_json_and_valid_sarif() {
         "2026-11-28T10:00:00Z",
     ]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // `-o`/`--output`, as in every other command, say the same as `--format`.
+    for flag in ["-o", "--output"] {
+        let o = run(&[
+            "policy",
+            "lint",
+            d,
+            flag,
+            "json",
+            "--now",
+            "2026-11-28T10:00:00Z",
+        ]);
+        let same: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(same, v, "{flag}");
+    }
     let codes: Vec<&str> = v
         .as_array()
         .unwrap()

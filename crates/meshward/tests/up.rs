@@ -13,6 +13,23 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A failed assertion stops the `meshward up` under test (Ctrl-C, then SIGKILL): left
+/// running, it and its apps would hold the test harness's output pipe and ports, and the
+/// whole run would hang instead of failing.
+struct StopOnPanic(u32);
+
+impl Drop for StopOnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let pid = self.0.to_string();
+        let _ = Command::new("kill").args(["-INT", &pid]).status();
+        std::thread::sleep(Duration::from_secs(3));
+        let _ = Command::new("kill").args(["-9", &pid]).status();
+    }
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
@@ -62,6 +79,7 @@ fn quickstart_comes_up_shows_allowed_and_denied_traffic_and_stops_on_ctrl_c() {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
+    let _stop = StopOnPanic(child.id());
     let mut reader = BufReader::new(child.stdout.take().unwrap());
     let mut lines = vec![];
     let start = Instant::now();

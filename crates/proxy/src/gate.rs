@@ -325,6 +325,18 @@ pub(crate) struct Answered {
 }
 
 impl Answered {
+    /// An injected abort answered after `duration` (a reset has no status).
+    pub(crate) fn aborted(duration: Duration, abort: crate::fault::Abort) -> Self {
+        Answered {
+            duration,
+            status: match abort {
+                crate::fault::Abort::Http(s) => Some(s),
+                _ => None,
+            },
+            bytes: None,
+        }
+    }
+
     pub(crate) fn extra(self, fault: Option<&Injected>) -> Extra {
         Extra {
             duration: Some(self.duration),

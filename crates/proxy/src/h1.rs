@@ -247,6 +247,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         // refusal. The span (tracing on) is the general path's too.
         let (authority, origin) = split_target(target);
         let span = RequestSpan::start_raw(
+            shared.tracer.get(),
             req.headers.iter().map(|h| (h.name, h.value)),
             method,
             origin.split('?').next().unwrap_or(origin),
@@ -295,15 +296,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             f.wait().await;
             if let Some((id, abort)) = &f.abort {
                 buf.consume(end);
-                let answered = Answered {
-                    duration: t0.elapsed(),
-                    status: match abort {
-                        crate::fault::Abort::Http(s) => Some(*s),
-                        _ => None,
-                    },
-                    bytes: None,
-                };
-                gate.forwarded(&preq, &d, answered, Some(f));
+                gate.forwarded(&preq, &d, Answered::aborted(t0.elapsed(), *abort), Some(f));
                 drop(permit);
                 let crate::fault::Abort::Http(status) = *abort else {
                     drop(span);

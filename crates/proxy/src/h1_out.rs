@@ -224,6 +224,7 @@ pub(crate) async fn serve(p: &Pooled, idle: &Idle, app: &mut TcpStream) -> End {
         // connection, not the upstream one) and, with tracing on, with this proxy's span
         // as the trace context.
         let span = RequestSpan::start_client_raw(
+            p.shared.tracer.get(),
             req.headers.iter().map(|h| (h.name, h.value)),
             method,
             target.split('?').next().unwrap_or(target),

@@ -322,6 +322,7 @@ async fn serve_http(
         async move {
             let t0 = std::time::Instant::now();
             let span = meshward_telemetry::trace::RequestSpan::start(
+                shared.tracer.get(),
                 req.headers(),
                 req.method().as_str(),
                 req.uri().path(),
@@ -510,14 +511,7 @@ async fn handle(
         let t0 = std::time::Instant::now();
         f.wait().await;
         if let Some((id, abort)) = &f.abort {
-            let answered = crate::gate::Answered {
-                duration: t0.elapsed(),
-                status: match abort {
-                    crate::fault::Abort::Http(s) => Some(*s),
-                    _ => None,
-                },
-                bytes: None,
-            };
+            let answered = crate::gate::Answered::aborted(t0.elapsed(), *abort);
             gate.forwarded(&preq, &d, answered, Some(f));
             return crate::fault::answer(id, *abort).unwrap_or_else(crate::fault::reset);
         }

@@ -690,8 +690,10 @@ impl Pooled {
                 );
             };
             let addr = ep.addr();
-            let span = if meshward_telemetry::trace::enabled() {
+            let tracer = shared.tracer.get();
+            let span = if tracer.is_some() || meshward_telemetry::trace::enabled() {
                 meshward_telemetry::trace::RequestSpan::start_client(
+                    tracer,
                     req.headers(),
                     req.method().as_str(),
                     req.uri().path(),

@@ -142,9 +142,14 @@ pub async fn run_with_state(
     ready: impl FnOnce(&[(SocketAddr, u16)]),
 ) -> Result<(), String> {
     meshward_identity::install_crypto_provider();
-    if let Some(e) = &opts.otlp_endpoint {
-        meshward_telemetry::trace::init_otlp(e, &format!("meshward-proxy {}", opts.workload))?;
-    }
+    // Each sidecar its own exporter and `service.name`, also several in one process.
+    let tracer = match &opts.otlp_endpoint {
+        Some(e) => Some(meshward_telemetry::trace::otlp(
+            e,
+            &format!("meshward-proxy {}", opts.workload),
+        )?),
+        None => None,
+    };
     std::fs::create_dir_all(&opts.agent.state_dir)
         .map_err(|e| format!("cannot create `{}`: {e}", opts.agent.state_dir.display()))?;
     let log = match &opts.decision_log {
@@ -172,6 +177,9 @@ pub async fn run_with_state(
         log,
         opts.limits,
     );
+    if let Some(t) = tracer {
+        let _ = shared.tracer.set(t);
+    }
     agent::restore(&shared, &opts.agent.state_dir, &opts.agent.trust_domain);
     state(&shared);
     let admin = tokio::net::TcpListener::bind(opts.admin)

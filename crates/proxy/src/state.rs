@@ -68,6 +68,9 @@ pub struct Shared {
     pub revisions: tokio::sync::watch::Sender<u64>,
     /// What the control-plane agent could not do (save state, reach the control plane).
     pub health: crate::agent::Health,
+    /// This sidecar's span exporter (`--otlp-endpoint`), under its own `service.name`;
+    /// unset, spans go to the process's default tracer, if any.
+    pub tracer: std::sync::OnceLock<meshward_telemetry::trace::Tracer>,
 }
 
 impl Shared {
@@ -99,6 +102,7 @@ impl Shared {
             budgets: crate::ratelimit::Budgets::default(),
             revisions: tokio::sync::watch::Sender::new(0),
             health: crate::agent::Health::default(),
+            tracer: std::sync::OnceLock::new(),
         })
     }
 

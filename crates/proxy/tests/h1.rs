@@ -153,6 +153,14 @@ async fn pair(app_addr: Option<SocketAddr>) -> Pair {
     }
 }
 
+/// A port nothing listens on (bound, then released).
+fn gone() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 /// Sends `requests` on one connection and reads until the proxy closes it.
 async fn exchange(addr: SocketAddr, requests: &str) -> String {
     let requests = requests.to_owned();
@@ -302,12 +310,7 @@ async fn a_request_with_a_body_moves_the_connection_to_the_general_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_that_is_not_listening_gets_502() {
-    // A port nothing listens on (bound, then released).
-    let gone = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let p = pair(Some(gone)).await;
+    let p = pair(Some(gone())).await;
     let r = exchange(
         p.outbound,
         "GET /a/len HTTP/1.1\r\nHost: o\r\n\r\nGET /a/len HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n",
@@ -398,11 +401,7 @@ async fn the_access_log_has_each_requests_status_and_bytes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_access_log_records_502_when_the_app_is_gone() {
-    let gone = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let p = pair(Some(gone)).await;
+    let p = pair(Some(gone())).await;
     let r = exchange(
         p.outbound,
         "GET /a/len HTTP/1.1\r\nHost: o\r\nConnection: close\r\n\r\n",

@@ -82,8 +82,21 @@ impl TraceService for Receiver {
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut spans = self.0.lock().unwrap();
         for rs in req.into_inner().resource_spans {
+            // The exporter's `service.name`, kept on each span (as `resource.service.name`).
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| r.attributes.iter())
+                .find(|a| a.key == "service.name")
+                .cloned();
             for ss in rs.scope_spans {
-                spans.extend(ss.spans);
+                for mut span in ss.spans {
+                    if let Some(mut a) = service.clone() {
+                        a.key = "resource.service.name".into();
+                        span.attributes.push(a);
+                    }
+                    spans.push(span);
+                }
             }
         }
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
@@ -244,6 +257,15 @@ spec:
     let set = support::policy_set(&yaml);
     let frontend = proxy(&ca, "web/frontend", FRONTEND, &set);
     let relay = proxy(&ca, "mid/relay", RELAY, &set);
+    // The relay's sidecar exports under its own name (as each sidecar of `meshward up`,
+    // all in one process, does); the others use the process's default tracer.
+    relay
+        .tracer
+        .set(
+            meshward_telemetry::trace::otlp(&format!("http://{otlp}"), "meshward-proxy mid/relay")
+                .unwrap(),
+        )
+        .unwrap();
     let backend = proxy(&ca, "orders/orders-api", BACKEND, &set);
     tokio::spawn(inbound::serve(
         relay.clone(),
@@ -308,6 +330,16 @@ spec:
     };
     let relay_span = find("mid/relay", "/orders/7");
     let backend_span = find("orders/orders-api", "/orders/7");
+    assert_eq!(
+        attr(relay_span, "resource.service.name").as_deref(),
+        Some("meshward-proxy mid/relay"),
+        "the relay's own service.name"
+    );
+    assert_eq!(
+        attr(backend_span, "resource.service.name").as_deref(),
+        Some("meshward-test"),
+        "the process's default"
+    );
     assert_eq!(
         hex(&relay_span.parent_span_id),
         root,

@@ -3,7 +3,9 @@
 //! opens one span per request carrying the authorization decision, and passes its own
 //! span on to the app, so a trace follows a request across every sidecar it crosses.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, LazyLock, OnceLock};
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
@@ -15,20 +17,34 @@ use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 struct Tracing {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
-    propagator: TraceContextPropagator,
 }
 
-static TRACING: OnceLock<Tracing> = OnceLock::new();
+/// One exporter of spans under one `service.name` (each sidecar has its own, also when
+/// several run in one process, as under `meshward up`). Cheap to clone.
+#[derive(Clone)]
+pub struct Tracer(Arc<Tracing>);
 
-/// Starts exporting spans to the OTLP/gRPC `endpoint` (e.g. `http://127.0.0.1:4317`) as
-/// `service` (a batch exporter; spans are dropped, never waited for, when the collector is
-/// away). Call inside a Tokio runtime. The first call in a process wins; later ones do
-/// nothing.
-pub fn init_otlp(endpoint: &str, service: &str) -> Result<(), String> {
-    use opentelemetry_otlp::WithExportConfig as _;
-    if TRACING.get().is_some() {
-        return Ok(());
+impl std::fmt::Debug for Tracer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tracer")
     }
+}
+
+/// The process's tracer for spans started without one of their own ([`init_otlp`]).
+static DEFAULT: OnceLock<Tracer> = OnceLock::new();
+/// Every tracer made, so [`flush`] exports all of them.
+static ALL: LazyLock<ArcSwap<Vec<Tracer>>> = LazyLock::new(ArcSwap::default);
+
+/// The W3C trace-context propagator (stateless).
+fn propagator() -> TraceContextPropagator {
+    TraceContextPropagator::new()
+}
+
+/// A tracer exporting to the OTLP/gRPC `endpoint` (e.g. `http://127.0.0.1:4317`) as
+/// `service` (a batch exporter; spans are dropped, never waited for, when the collector is
+/// away). Call inside a Tokio runtime.
+pub fn otlp(endpoint: &str, service: &str) -> Result<Tracer, String> {
+    use opentelemetry_otlp::WithExportConfig as _;
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .with_endpoint(endpoint)
@@ -44,24 +60,41 @@ pub fn init_otlp(endpoint: &str, service: &str) -> Result<(), String> {
         )
         .build();
     let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "meshward-proxy");
-    let _ = TRACING.set(Tracing {
-        provider,
-        tracer,
-        propagator: TraceContextPropagator::new(),
+    let t = Tracer(Arc::new(Tracing { provider, tracer }));
+    ALL.rcu(|all| {
+        let mut all = Vec::clone(all);
+        all.push(t.clone());
+        all
     });
+    Ok(t)
+}
+
+/// Starts exporting the spans of every request started without a tracer of its own, as
+/// `service` ([`otlp`]). The first call in a process wins; later ones do nothing.
+pub fn init_otlp(endpoint: &str, service: &str) -> Result<(), String> {
+    if DEFAULT.get().is_some() {
+        return Ok(());
+    }
+    let t = otlp(endpoint, service)?;
+    let _ = DEFAULT.set(t);
     Ok(())
 }
 
 /// Exports what is buffered (for tests and shutdown).
 pub fn flush() {
-    if let Some(t) = TRACING.get() {
-        let _ = t.provider.force_flush();
+    for t in ALL.load().iter() {
+        let _ = t.0.provider.force_flush();
     }
 }
 
-/// Whether spans are being recorded.
+/// Whether spans are being recorded by the process's default tracer.
 pub fn enabled() -> bool {
-    TRACING.get().is_some()
+    DEFAULT.get().is_some()
+}
+
+/// The tracer a span uses: its own, else the process's default.
+fn pick(t: Option<&Tracer>) -> Option<&Tracer> {
+    t.or_else(|| DEFAULT.get())
 }
 
 struct Headers<'a>(&'a http::HeaderMap);
@@ -127,30 +160,30 @@ pub struct DecisionAttrs<'a> {
 }
 
 impl RequestSpan {
-    fn server(t: &Tracing, parent: Context, method: &str, path: &str) -> Self {
-        let span = t
-            .tracer
-            .span_builder(format!("meshward inbound {method}"))
-            .with_kind(SpanKind::Server)
-            .with_attributes([
-                KeyValue::new("http.request.method", method.to_owned()),
-                KeyValue::new("url.path", path.to_owned()),
-            ])
-            .start_with_context(&t.tracer, &parent);
+    fn server(t: &Tracer, parent: Context, method: &str, path: &str) -> Self {
+        let span =
+            t.0.tracer
+                .span_builder(format!("meshward inbound {method}"))
+                .with_kind(SpanKind::Server)
+                .with_attributes([
+                    KeyValue::new("http.request.method", method.to_owned()),
+                    KeyValue::new("url.path", path.to_owned()),
+                ])
+                .start_with_context(&t.0.tracer, &parent);
         RequestSpan(Some(parent.with_span(span)))
     }
 
-    fn client(t: &Tracing, parent: Context, method: &str, path: &str, service: &str) -> Self {
-        let span = t
-            .tracer
-            .span_builder(format!("meshward outbound {method}"))
-            .with_kind(SpanKind::Client)
-            .with_attributes([
-                KeyValue::new("http.request.method", method.to_owned()),
-                KeyValue::new("url.path", path.to_owned()),
-                KeyValue::new("meshward.upstream", service.to_owned()),
-            ])
-            .start_with_context(&t.tracer, &parent);
+    fn client(t: &Tracer, parent: Context, method: &str, path: &str, service: &str) -> Self {
+        let span =
+            t.0.tracer
+                .span_builder(format!("meshward outbound {method}"))
+                .with_kind(SpanKind::Client)
+                .with_attributes([
+                    KeyValue::new("http.request.method", method.to_owned()),
+                    KeyValue::new("url.path", path.to_owned()),
+                    KeyValue::new("meshward.upstream", service.to_owned()),
+                ])
+                .start_with_context(&t.0.tracer, &parent);
         RequestSpan(Some(parent.with_span(span)))
     }
 }
@@ -168,11 +201,16 @@ impl<'a> Pairs<'a> {
 
 impl RequestSpan {
     /// Starts a server span continuing the trace in `headers` (a new trace without one).
-    pub fn start(headers: &http::HeaderMap, method: &str, path: &str) -> Self {
-        let Some(t) = TRACING.get() else {
+    pub fn start(
+        tracer: Option<&Tracer>,
+        headers: &http::HeaderMap,
+        method: &str,
+        path: &str,
+    ) -> Self {
+        let Some(t) = pick(tracer) else {
             return RequestSpan(None);
         };
-        let parent = t.propagator.extract(&Headers(headers));
+        let parent = propagator().extract(&Headers(headers));
         Self::server(t, parent, method, path)
     }
 
@@ -180,14 +218,15 @@ impl RequestSpan {
     /// same span, so a request is traced alike whichever codec serves it. Nothing is
     /// read or allocated when tracing is off.
     pub fn start_raw<'a>(
+        tracer: Option<&Tracer>,
         headers: impl Iterator<Item = (&'a str, &'a [u8])>,
         method: &str,
         path: &str,
     ) -> Self {
-        let Some(t) = TRACING.get() else {
+        let Some(t) = pick(tracer) else {
             return RequestSpan(None);
         };
-        let parent = t.propagator.extract(&Pairs::of(headers));
+        let parent = propagator().extract(&Pairs::of(headers));
         Self::server(t, parent, method, path)
     }
 
@@ -199,38 +238,40 @@ impl RequestSpan {
     /// [`RequestSpan::inject`] for a codec that writes raw headers: `set(name, value)` for
     /// each trace-context header of this span.
     pub fn inject_with(&self, set: impl FnMut(&str, &str)) {
-        let (Some(cx), Some(t)) = (&self.0, TRACING.get()) else {
+        let Some(cx) = &self.0 else {
             return;
         };
-        t.propagator.inject_context(cx, &mut Setter(set));
+        propagator().inject_context(cx, &mut Setter(set));
     }
 
     /// Starts a client span for a request the outbound proxy forwards (pooled HTTP),
     /// continuing the app's trace; `service` is the upstream called.
     pub fn start_client(
+        tracer: Option<&Tracer>,
         headers: &http::HeaderMap,
         method: &str,
         path: &str,
         service: &str,
     ) -> Self {
-        let Some(t) = TRACING.get() else {
+        let Some(t) = pick(tracer) else {
             return RequestSpan(None);
         };
-        let parent = t.propagator.extract(&Headers(headers));
+        let parent = propagator().extract(&Headers(headers));
         Self::client(t, parent, method, path, service)
     }
 
     /// [`RequestSpan::start_client`] for a codec that reads raw header pairs (name, value).
     pub fn start_client_raw<'a>(
+        tracer: Option<&Tracer>,
         headers: impl Iterator<Item = (&'a str, &'a [u8])>,
         method: &str,
         path: &str,
         service: &str,
     ) -> Self {
-        let Some(t) = TRACING.get() else {
+        let Some(t) = pick(tracer) else {
             return RequestSpan(None);
         };
-        let parent = t.propagator.extract(&Pairs::of(headers));
+        let parent = propagator().extract(&Pairs::of(headers));
         Self::client(t, parent, method, path, service)
     }
 
@@ -262,10 +303,10 @@ impl RequestSpan {
     /// Puts this span's context into the request forwarded to the app (replacing the
     /// caller's), so the app's own calls continue the trace as children of this span.
     pub fn inject(&self, headers: &mut http::HeaderMap) {
-        let (Some(cx), Some(t)) = (&self.0, TRACING.get()) else {
+        let Some(cx) = &self.0 else {
             return;
         };
-        t.propagator.inject_context(cx, &mut HeadersMut(headers));
+        propagator().inject_context(cx, &mut HeadersMut(headers));
     }
 
     /// Ends the span with the response status.
