@@ -67,11 +67,13 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 /// A refusal by the control plane: as the server phrased it, and its JSON body.
 #[derive(Debug)]
-struct Refusal {
+pub(crate) struct Refusal {
     status: u16,
     message: String,
     body: Value,
 }
+
+impl std::error::Error for Refusal {}
 
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -103,7 +105,7 @@ fn call(
     }
 }
 
-/// Prints a result and returns the exit code: 0, or 1 for a refusal. With `--output json`
+/// Prints a result and returns the exit code: 0, or 4 for a refusal (docs/cli.md). With `--output json`
 /// a refusal is printed on stdout too (`{"status": "refused", "http_status", "code",
 /// "error", "diagnostics"}`), so tools read one document either way.
 fn finish(
@@ -135,7 +137,7 @@ fn finish(
                 println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
             }
             eprintln!("{e}");
-            ExitCode::from(1)
+            ExitCode::from(crate::EXIT_REFUSED)
         }
     }
 }
@@ -640,7 +642,7 @@ pub fn fetch_decisions(conn: &Conn, window: Option<Duration>) -> Result<String> 
     match call(conn, "GET", &path, None)? {
         Ok(Value::String(s)) => Ok(s),
         Ok(_) => Ok(String::new()),
-        Err(e) => bail!("reading the decision window: {e}"),
+        Err(e) => Err(anyhow::Error::new(e).context("reading the decision window")),
     }
 }
 
@@ -724,7 +726,7 @@ fn fetch_graph(conn: &Conn, window: Duration) -> Result<Value> {
         None,
     )? {
         Ok(v) => Ok(v),
-        Err(e) => bail!("reading the service graph: {e}"),
+        Err(e) => Err(anyhow::Error::new(e).context("reading the service graph")),
     }
 }
 

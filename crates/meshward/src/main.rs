@@ -38,6 +38,32 @@ enum LogFormat {
     Json,
 }
 
+/// Exit codes (docs/cli.md): 0 done; 1 findings (lint errors, failed tests, failed drill
+/// expectations, a broken audit chain); 2 a usage error or bad input; 3 the control plane
+/// could not be reached; 4 the control plane refused; 130 interrupted.
+pub(crate) const EXIT_USAGE: u8 = 2;
+pub(crate) const EXIT_UNREACHABLE: u8 = 3;
+pub(crate) const EXIT_REFUSED: u8 = 4;
+
+/// The exit code of a command that failed with `e`: unreachable and refused by what the
+/// error chain holds, everything else a usage or input error.
+fn exit_code_of(e: &anyhow::Error) -> u8 {
+    use meshward_control::client::ClientError;
+    for cause in e.chain() {
+        match cause.downcast_ref::<ClientError>() {
+            Some(ClientError::Connect { .. } | ClientError::Protocol(_)) => {
+                return EXIT_UNREACHABLE;
+            }
+            Some(ClientError::Status { .. }) => return EXIT_REFUSED,
+            _ => {}
+        }
+        if cause.downcast_ref::<control_cmd::Refusal>().is_some() {
+            return EXIT_REFUSED;
+        }
+    }
+    EXIT_USAGE
+}
+
 /// The log format in force, for the processes this one starts (`meshward up`).
 pub(crate) static LOG_FORMAT: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
 
@@ -1080,7 +1106,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(2)
+            ExitCode::from(exit_code_of(&e))
         }
     }
 }

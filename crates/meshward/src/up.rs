@@ -817,7 +817,8 @@ async fn watch_apps(apps: Arc<tokio::sync::Mutex<Vec<App>>>) {
             if let Some(status) = a.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 tracing::warn!(
                     "the app of {} exited ({status}); its sidecar reports it not ready (`start-app {}` on the hooks socket starts it again)",
-                    a.id, a.id
+                    a.id,
+                    a.id
                 );
                 a.child = None;
             }

@@ -238,7 +238,7 @@ fn apply_approve_history_rollback_with_permissions() {
         "proposals are listed without their files"
     );
     let o = c.cli("alice", &["approve", "1"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(4));
     assert!(
         out(&o).contains("refused (403): `alice` proposed change 1 and cannot also approve it"),
         "{}",
@@ -280,7 +280,7 @@ fn apply_approve_history_rollback_with_permissions() {
         "carol",
         &["apply", "-f", base.to_str().unwrap(), "--reason", "x"],
     );
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(4));
     assert!(
         out(&o).contains("refused (403)") && out(&o).contains("platform-security"),
         "{}",
@@ -302,7 +302,7 @@ fn apply_approve_history_rollback_with_permissions() {
         "carol",
         &["apply", "-f", bad.to_str().unwrap(), "--reason", "x"],
     );
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(4));
     assert!(
         out(&o).contains("refused (422)")
             && out(&o).contains("error[MW102]: unknown field `namespacs`"),
@@ -325,7 +325,7 @@ fn apply_approve_history_rollback_with_permissions() {
         "carol",
         &["apply", "-f", broken.to_str().unwrap(), "--reason", "x"],
     );
-    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert_eq!(o.status.code(), Some(4), "{}", out(&o));
     assert!(
         out(&o).contains("refused (422)")
             && out(&o).contains("error[MW101]")
@@ -345,7 +345,7 @@ fn apply_approve_history_rollback_with_permissions() {
             "json",
         ],
     );
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(4));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["status"], "refused");
     assert_eq!(v["code"], "invalid");
@@ -361,7 +361,7 @@ fn apply_approve_history_rollback_with_permissions() {
     // A change without a reason is refused.
     let o = c.cli("carol", &["apply", "-f", web.to_str().unwrap()]);
     assert!(
-        o.status.code() == Some(1) && out(&o).contains("needs a reason"),
+        o.status.code() == Some(4) && out(&o).contains("needs a reason"),
         "{}",
         out(&o)
     );
@@ -950,4 +950,41 @@ fn logs_are_structured_filtered_by_rust_log_and_json_on_request() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(out(&o).contains("RUST_LOG `meshward=loud`"), "{}", out(&o));
+}
+
+#[test]
+fn exit_codes_tell_refused_unreachable_and_usage_apart() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_operators(tmp.path());
+    let mut c = Control::start(tmp.path());
+    let ca = tmp.path().join("bundle.pem");
+    // Refused (4): no token.
+    let o = c.cli("", &["status"]);
+    assert_eq!(o.status.code(), Some(4), "{}", out(&o));
+    // Done (0).
+    let o = c.cli("alice", &["status", "-o", "json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    c.kill9();
+    // Unreachable (3): the same address, nothing listening any more.
+    let o = c.cli("alice", &["status"]);
+    assert_eq!(o.status.code(), Some(3), "{}", out(&o));
+    assert!(
+        out(&o).contains("cannot reach the control plane"),
+        "{}",
+        out(&o)
+    );
+    // Usage (2): no address at all, or a flag clap refuses.
+    let o = Command::new(bin())
+        .args(["status", "--ca-file"])
+        .arg(&ca)
+        .env_remove("MESHWARD_SERVER")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", out(&o));
+    assert!(out(&o).contains("no control plane address"), "{}", out(&o));
+    let o = Command::new(bin())
+        .args(["status", "--bogus"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", out(&o));
 }
