@@ -261,8 +261,19 @@ impl Config for ProxyApi {
                     cp.proxy_readiness(conn, &ack.workload, why);
                 }
                 let now = crate::store::ms(SystemTime::now());
+                let at = |secs: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
                 cp.proxy_update(conn, |s| {
                     s.last_seen_ms = now;
+                    if s.workloads.contains(&ack.workload) {
+                        s.workload = Some(ack.workload.clone());
+                    }
+                    if !ack.cert_serial.is_empty() {
+                        s.certificate = Some(crate::service::HeldCertificate {
+                            serial: ack.cert_serial.clone(),
+                            not_before: at(ack.cert_not_before),
+                            not_after: at(ack.cert_not_after),
+                        });
+                    }
                     if ack.accepted {
                         s.acked_revision = ack.revision;
                         s.rejected = None;

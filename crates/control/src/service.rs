@@ -143,6 +143,24 @@ pub struct ProxyState {
     /// would enforce an older revision.
     pub not_persisted: Option<String>,
     pub last_seen_ms: i64,
+    /// The workload it serves, as it says (one of its identity's).
+    pub workload: Option<String>,
+    /// The certificate it presents now, as it says (after each renewal).
+    pub certificate: Option<HeldCertificate>,
+}
+
+/// A certificate a proxy holds.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct HeldCertificate {
+    pub serial: String,
+    #[serde(serialize_with = "rfc3339")]
+    pub not_before: SystemTime,
+    #[serde(serialize_with = "rfc3339")]
+    pub not_after: SystemTime,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_seconds(*t))
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -978,34 +996,50 @@ impl ControlPlane {
             .records(since.and_then(|d| now.checked_sub(d)), limit)?)
     }
 
-    /// The latest certificate issued per identity (by this replica since it started):
-    /// `[{identity, workloads, not_after, seconds_left}]`.
+    /// The certificate each connected sidecar holds (as it reports it after every
+    /// renewal): `[{sidecar, identity, serial, not_before, not_after, seconds_left,
+    /// stale}]`; then identities this replica issued a certificate to that no connected
+    /// sidecar reports (`sidecar: null`, the latest issued expiry).
     pub fn certificates(&self, now: SystemTime) -> Result<Vec<serde_json::Value>, Refused> {
-        let set = self.store.head()?.and_then(|r| repo::load(&r.files).set);
+        let head = self.store.head()?.map_or(0, |r| r.rev);
+        let rfc = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+        let left = |t: SystemTime| t.duration_since(now).map_or(0, |d| d.as_secs());
+        let mut out = vec![];
+        let mut held = std::collections::BTreeSet::new();
+        {
+            let proxies = self
+                .proxies
+                .lock()
+                .map_err(|_| Refused::Internal("proxy registry unavailable".into()))?;
+            let mut rows: Vec<&ProxyState> = proxies.values().collect();
+            rows.sort_by(|a, b| {
+                (a.workload.as_ref(), &a.identity).cmp(&(b.workload.as_ref(), &b.identity))
+            });
+            for p in rows {
+                let Some(c) = &p.certificate else { continue };
+                held.insert(p.identity.clone());
+                out.push(json!({
+                    "sidecar": p.workload.clone().or_else(|| p.workloads.first().cloned()),
+                    "identity": p.identity,
+                    "serial": c.serial,
+                    "not_before": rfc(c.not_before),
+                    "not_after": rfc(c.not_after),
+                    "seconds_left": left(c.not_after),
+                    "stale": p.acked_revision < head,
+                }));
+            }
+        }
         let m = self
             .issued
             .lock()
             .map_err(|_| Refused::Internal("certificate registry unavailable".into()))?;
-        Ok(m.iter()
-            .map(|(id, t)| {
-                let workloads: Vec<String> = set
-                    .as_ref()
-                    .map(|s| {
-                        s.workloads
-                            .iter()
-                            .filter(|w| w.identity.as_str() == id)
-                            .map(|w| w.id.to_string())
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                json!({
-                    "identity": id,
-                    "workloads": workloads,
-                    "not_after": humantime::format_rfc3339_seconds(*t).to_string(),
-                    "seconds_left": t.duration_since(now).map_or(0, |d| d.as_secs()),
-                })
-            })
-            .collect())
+        for (id, t) in m.iter().filter(|(id, _)| !held.contains(*id)) {
+            out.push(json!({
+                "sidecar": null, "identity": id, "serial": null, "not_before": null,
+                "not_after": rfc(*t), "seconds_left": left(*t), "stale": false,
+            }));
+        }
+        Ok(out)
     }
 
     /// The service graph of the last `window`: the head revision's workloads as nodes,
@@ -1022,6 +1056,33 @@ impl ControlPlane {
             set.as_ref(),
             window.as_secs(),
         ))
+    }
+
+    /// A time series of the last `window` in steps of `step`, for `of`, with the revisions
+    /// of the window as markers (the dashboard's series).
+    pub fn series(
+        &self,
+        of: &crate::decisions::SeriesOf,
+        window: Duration,
+        step: Duration,
+        now: SystemTime,
+    ) -> Result<crate::decisions::Series, Refused> {
+        let step = step.max(Duration::from_secs(1));
+        let steps = (window.as_millis() / step.as_millis()).clamp(1, 1_000) as usize;
+        let step_ms = i64::try_from(step.as_millis()).unwrap_or(i64::MAX);
+        // Aligned to the step so that successive refreshes bucket alike.
+        let end_ms = (ms(now) / step_ms + 1) * step_ms;
+        let start_ms = end_ms - step_ms * steps as i64;
+        let since = now
+            .checked_sub(Duration::from_millis(
+                u64::try_from(ms(now) - start_ms).unwrap_or(0),
+            ))
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let records = self.window()?.records(Some(since), 1_000_000)?;
+        let set = self.store.head()?.and_then(|r| repo::load(&r.files).set);
+        let mut s = crate::decisions::series(&records, set.as_ref(), of, start_ms, step_ms, steps);
+        s.markers = crate::decisions::revision_markers(&self.store.history()?, start_ms);
+        Ok(s)
     }
 
     // -- overrides --------------------------------------------------------------------------
@@ -1359,6 +1420,8 @@ impl ControlPlane {
                     rejected: None,
                     not_persisted: None,
                     last_seen_ms: ms(now),
+                    workload: None,
+                    certificate: None,
                 },
             );
         }
@@ -1485,7 +1548,7 @@ impl ControlPlane {
             m.audit_held
                 .set(i64::try_from(d.held()).unwrap_or(i64::MAX));
         }
-        m.encode()
+        m.encode() + &meshward_telemetry::process_text("control")
     }
 
     /// Signs for the proxy API: with a join token, or renewing the peer's identity.

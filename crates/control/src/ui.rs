@@ -101,6 +101,7 @@ pub fn router(cp: Cp) -> Router {
         .route("/ui/logout", post(logout))
         .route("/ui/cytoscape.min.js", get(cytoscape))
         .route("/ui/api/graph", get(graph))
+        .route("/ui/api/series", get(series))
         .route("/ui/api/status", get(status))
         .route("/ui/api/history", get(history))
         .route("/ui/api/overrides", get(overrides))
@@ -161,7 +162,7 @@ fn operator(u: &Ui, h: &HeaderMap) -> Option<crate::auth::Operator> {
     u.cp.operators().by_name(&name).cloned()
 }
 
-const LOGIN: &str = r#"<!doctype html><html><head><meta charset="utf-8"><title>Meshward — sign in</title>
+const LOGIN: &str = r#"<!doctype html><html><head><meta charset="utf-8"><title>Meshward — sign in</title><link rel="icon" href="data:,">
 <style>body{font-family:system-ui,sans-serif;background:#0f172a;color:#e2e8f0;display:grid;place-items:center;height:100vh;margin:0}
 form{background:#1e293b;padding:2rem;border-radius:8px;min-width:24rem}input{width:100%;padding:.5rem;margin:.5rem 0 1rem;box-sizing:border-box}
 button{padding:.5rem 1rem}.err{color:#f87171}</style></head><body>
@@ -299,4 +300,44 @@ async fn quarantines(State(u): State<Ui>, h: HeaderMap) -> Response {
 
 async fn certificates(State(u): State<Ui>, h: HeaderMap) -> Response {
     read(u, h, |cp| cp.certificates(SystemTime::now())).await
+}
+
+#[derive(serde::Deserialize)]
+struct SeriesQuery {
+    window_secs: Option<u64>,
+    step_secs: Option<u64>,
+    source: Option<String>,
+    destination: Option<String>,
+    node: Option<String>,
+    service: Option<String>,
+}
+
+async fn series(State(u): State<Ui>, h: HeaderMap, Query(q): Query<SeriesQuery>) -> Response {
+    use crate::decisions::SeriesOf;
+    let of = match (q.source, q.destination, q.node, q.service) {
+        (Some(s), Some(d), None, None) => SeriesOf::Edge(s, d),
+        (None, None, Some(n), None) => SeriesOf::Node(n),
+        (None, None, None, Some(s)) => SeriesOf::Service(s),
+        (None, None, None, None) => SeriesOf::Mesh,
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(
+                    json!({"error": "give source and destination, or node, or service, or none"}),
+                ),
+            )
+                .into_response();
+        }
+    };
+    let window = Duration::from_secs(q.window_secs.unwrap_or(300).clamp(10, 86_400));
+    let step = Duration::from_secs(
+        q.step_secs
+            .unwrap_or(window.as_secs() / 60)
+            .max(window.as_secs() / 1_000)
+            .max(1),
+    );
+    read(u, h, move |cp| {
+        cp.series(&of, window, step, SystemTime::now())
+    })
+    .await
 }

@@ -291,6 +291,17 @@ pub fn validate(
     }
 }
 
+/// A certificate's serial number (lower-case hex) and validity period.
+pub fn serial_and_validity(cert: &CertificateDer<'_>) -> Option<(String, SystemTime, SystemTime)> {
+    let (_, c) = X509Certificate::from_der(cert).ok()?;
+    let at = |t: i64| Some(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(t).ok()?));
+    Some((
+        c.raw_serial().iter().map(|b| format!("{b:02x}")).collect(),
+        at(c.validity().not_before.timestamp())?,
+        at(c.validity().not_after.timestamp())?,
+    ))
+}
+
 /// When a certificate expires.
 pub fn not_after(cert: &CertificateDer<'_>) -> Option<SystemTime> {
     let (_, c) = X509Certificate::from_der(cert).ok()?;

@@ -115,15 +115,14 @@ fn finish(
 ) -> ExitCode {
     match r {
         Ok(v) => {
-            if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            } else {
-                print!("{}", text(&v));
+            match output.doc(&v) {
+                Some(d) => println!("{d}"),
+                None => print!("{}", text(&v)),
             }
             ExitCode::SUCCESS
         }
         Err(e) => {
-            if output == Output::Json {
+            if output != Output::Text {
                 let mut doc = json!({
                     "status": "refused",
                     "http_status": e.status,
@@ -134,7 +133,7 @@ fn finish(
                         doc[k] = v.clone();
                     }
                 }
-                println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+                println!("{}", output.doc(&doc).unwrap_or_default());
             }
             eprintln!("{e}");
             ExitCode::from(crate::EXIT_REFUSED)
@@ -443,8 +442,8 @@ pub fn audit_verify(conn: &Conn, data: Option<&Path>, output: Output) -> Result<
             }
         }
     };
-    if output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+    if let Some(d) = output.doc(&v) {
+        println!("{d}");
     } else if ok {
         println!(
             "audit log intact: {} entries, head {}",
@@ -534,8 +533,16 @@ pub fn override_create(conn: &Conn, o: &OverrideInput, output: Output) -> Result
     }))
 }
 
-pub fn override_list(conn: &Conn, output: Output) -> Result<ExitCode> {
-    let r = call(conn, "GET", "/v1/overrides", None)?;
+pub fn override_list(conn: &Conn, namespace: Option<&str>, output: Output) -> Result<ExitCode> {
+    let mut r = call(conn, "GET", "/v1/overrides", None)?;
+    if let (Some(ns), Ok(Value::Array(list))) = (namespace, &mut r) {
+        let prefix = format!("{ns}/");
+        list.retain(|o| {
+            o["override"]
+                .as_str()
+                .is_some_and(|id| id.starts_with(&prefix))
+        });
+    }
     Ok(finish(r, output, |v| {
         let mut s = String::new();
         for o in v.as_array().into_iter().flatten() {
@@ -718,16 +725,37 @@ pub fn status(conn: &Conn, output: Output) -> Result<ExitCode> {
     }))
 }
 
-fn fetch_graph(conn: &Conn, window: Duration) -> Result<Value> {
-    match call(
+fn fetch_graph(conn: &Conn, window: Duration, namespace: Option<&str>) -> Result<Value> {
+    let mut g = match call(
         conn,
         "GET",
         &format!("/v1/graph?window_secs={}", window.as_secs().max(1)),
         None,
     )? {
-        Ok(v) => Ok(v),
-        Err(e) => Err(anyhow::Error::new(e).context("reading the service graph")),
+        Ok(v) => v,
+        Err(e) => return Err(anyhow::Error::new(e).context("reading the service graph")),
+    };
+    if let Some(ns) = namespace {
+        // The namespace's workloads and every edge that touches one of them.
+        let prefix = format!("{ns}/");
+        let inside = |id: &Value| id.as_str().is_some_and(|s| s.starts_with(&prefix));
+        let mut keep = std::collections::BTreeSet::new();
+        if let Some(edges) = g["edges"].as_array_mut() {
+            edges.retain(|e| inside(&e["source"]) || inside(&e["destination"]));
+            for e in edges.iter() {
+                for k in ["source", "destination"] {
+                    keep.insert(e[k].as_str().unwrap_or("").to_owned());
+                }
+            }
+        }
+        if let Some(nodes) = g["nodes"].as_array_mut() {
+            nodes.retain(|n| inside(&n["id"]) || keep.contains(n["id"].as_str().unwrap_or("")));
+        }
+        if let Some(services) = g["services"].as_array_mut() {
+            services.retain(|s| inside(&s["id"]));
+        }
     }
+    Ok(g)
 }
 
 fn dot_id(s: &str) -> String {
@@ -821,10 +849,16 @@ fn edges_table(g: &Value) -> String {
 }
 
 /// `meshward graph`.
-pub fn graph(conn: &Conn, window: Duration, output: crate::GraphFormat) -> Result<ExitCode> {
-    let g = fetch_graph(conn, window)?;
+pub fn graph(
+    conn: &Conn,
+    window: Duration,
+    namespace: Option<&str>,
+    output: crate::GraphFormat,
+) -> Result<ExitCode> {
+    let g = fetch_graph(conn, window, namespace)?;
     match output {
         crate::GraphFormat::Json => println!("{}", serde_json::to_string_pretty(&g)?),
+        crate::GraphFormat::Yaml => println!("{}", crate::to_yaml(&g)),
         crate::GraphFormat::Dot => print!("{}", graph_dot(&g)),
         crate::GraphFormat::Text => {
             let nodes: Vec<&str> = g["nodes"]
@@ -852,14 +886,17 @@ pub fn top(
     window: Duration,
     interval: Duration,
     once: bool,
+    namespace: Option<&str>,
     output: Output,
 ) -> Result<ExitCode> {
     use std::io::IsTerminal as _;
     let tty = std::io::stdout().is_terminal();
     loop {
-        let g = fetch_graph(conn, window)?;
+        let g = fetch_graph(conn, window, namespace)?;
         if output == Output::Json {
             println!("{}", serde_json::to_string(&g)?);
+        } else if let Some(d) = output.doc(&g) {
+            println!("{d}");
         } else {
             if tty && !once {
                 print!("\x1b[2J\x1b[H");

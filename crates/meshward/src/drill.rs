@@ -987,16 +987,18 @@ pub fn run(
         .with_context(|| format!("cannot write `{}`", path.display()))?;
     }
     match output {
-        Output::Json => println!(
+        Output::Json | Output::Yaml => println!(
             "{}",
-            serde_json::to_string_pretty(&json!({
-                "drill": format!("{}/{}", drill.namespace, drill.name),
-                "checks": checks,
-                "passed": passed,
-                "failed": failed,
-                "errors": problems,
-                "interrupted": interrupted,
-            }))?
+            output
+                .doc(&json!({
+                    "drill": format!("{}/{}", drill.namespace, drill.name),
+                    "checks": checks,
+                    "passed": passed,
+                    "failed": failed,
+                    "errors": problems,
+                    "interrupted": interrupted,
+                }))
+                .unwrap_or_default()
         ),
         Output::Text => {
             for p in &problems {

@@ -172,6 +172,7 @@ pub fn row(r: &DecisionRecord) -> String {
 fn print(r: &DecisionRecord, output: Output, out: &mut impl std::io::Write) -> std::io::Result<()> {
     match output {
         Output::Json => writeln!(out, "{}", r.to_line()),
+        Output::Yaml => writeln!(out, "{}", output.doc(r).unwrap_or_default()),
         Output::Text => writeln!(out, "{}", row(r)),
     }
 }

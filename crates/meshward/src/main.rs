@@ -204,6 +204,9 @@ enum Command {
         /// How far back (e.g. 5m, 1h).
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         window: std::time::Duration,
+        /// Only this namespace (its workloads' edges).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: GraphFormat,
     },
@@ -222,6 +225,9 @@ enum Command {
         /// Print once and exit.
         #[arg(long)]
         once: bool,
+        /// Only this namespace (its workloads' edges).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
@@ -288,6 +294,10 @@ enum Command {
         /// The destination workload `namespace/name`, or a namespace.
         #[arg(long)]
         destination: Option<String>,
+        /// Only records whose destination is in this namespace (with --destination NAME:
+        /// that workload of the namespace).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
         #[arg(long, value_parser = ["allow", "deny"])]
         verdict: Option<String>,
         /// A status (`403`) or a class (`5xx`).
@@ -613,16 +623,25 @@ enum OverrideCommand {
         output: Output,
     },
     /// List overrides in force.
-    #[command(after_help = "Example:\n  meshward override list --output json")]
+    #[command(
+        after_help = "Examples:\n  meshward override list --output json\n  meshward override list -n payments"
+    )]
     List {
+        /// Only overrides of this namespace.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
     /// Revoke an override before it expires.
-    #[command(after_help = "Example:\n  meshward override revoke payments/inc-4711")]
+    #[command(
+        after_help = "Examples:\n  meshward override revoke payments/inc-4711\n  meshward override revoke inc-4711 -n payments"
+    )]
     Revoke {
-        /// `namespace/name`.
+        /// `namespace/name`, or `name` with -n.
         name: String,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
@@ -675,6 +694,45 @@ enum CaCommand {
 pub enum Output {
     Text,
     Json,
+    Yaml,
+}
+
+impl Output {
+    /// `v` as the structured format's document (`None`: text output).
+    pub fn doc<T: serde::Serialize + ?Sized>(self, v: &T) -> Option<String> {
+        let v = serde_json::to_value(v).unwrap_or_default();
+        match self {
+            Output::Text => None,
+            Output::Json => Some(serde_json::to_string_pretty(&v).unwrap_or_default()),
+            Output::Yaml => Some(to_yaml(&v)),
+        }
+    }
+}
+
+/// A JSON value as one YAML document (`---` first; strings that would read as another
+/// type are quoted).
+pub fn to_yaml(v: &serde_json::Value) -> String {
+    fn conv(v: &serde_json::Value) -> yaml_rust2::Yaml {
+        use yaml_rust2::Yaml;
+        match v {
+            serde_json::Value::Null => Yaml::Null,
+            serde_json::Value::Bool(b) => Yaml::Boolean(*b),
+            serde_json::Value::Number(n) => match n.as_i64() {
+                Some(i) => Yaml::Integer(i),
+                None => Yaml::Real(n.to_string()),
+            },
+            serde_json::Value::String(s) => Yaml::String(s.clone()),
+            serde_json::Value::Array(a) => Yaml::Array(a.iter().map(conv).collect()),
+            serde_json::Value::Object(o) => Yaml::Hash(
+                o.iter()
+                    .map(|(k, v)| (Yaml::String(k.clone()), conv(v)))
+                    .collect(),
+            ),
+        }
+    }
+    let mut out = String::new();
+    let _ = yaml_rust2::YamlEmitter::new(&mut out).dump(&conv(v));
+    out
 }
 
 /// Output format for `graph`.
@@ -682,6 +740,7 @@ pub enum Output {
 pub enum GraphFormat {
     Text,
     Json,
+    Yaml,
     Dot,
 }
 
@@ -690,6 +749,7 @@ pub enum GraphFormat {
 pub enum LintFormat {
     Text,
     Json,
+    Yaml,
     Sarif,
 }
 
@@ -932,13 +992,25 @@ fn main() -> ExitCode {
             disk_reserve,
         ),
         Command::Status { output } => control_cmd::status(&cli.conn, output),
-        Command::Graph { window, output } => control_cmd::graph(&cli.conn, window, output),
+        Command::Graph {
+            window,
+            namespace,
+            output,
+        } => control_cmd::graph(&cli.conn, window, namespace.as_deref(), output),
         Command::Top {
             window,
             interval,
             once,
+            namespace,
             output,
-        } => control_cmd::top(&cli.conn, window, interval, once, output),
+        } => control_cmd::top(
+            &cli.conn,
+            window,
+            interval,
+            once,
+            namespace.as_deref(),
+            output,
+        ),
         Command::Proxy(a) => proxy_cmd::run(*a, &cli.conn),
         Command::Up {
             dir,
@@ -973,6 +1045,7 @@ fn main() -> ExitCode {
             follow,
             source,
             destination,
+            namespace,
             verdict,
             status,
             reason,
@@ -980,6 +1053,14 @@ fn main() -> ExitCode {
             tail,
             output,
         } => {
+            let destination = match (namespace, destination) {
+                (None, d) => Ok(d),
+                (Some(ns), None) => Ok(Some(ns)),
+                (Some(ns), Some(d)) if !d.contains('/') => Ok(Some(format!("{ns}/{d}"))),
+                (Some(_), Some(_)) => Err(anyhow::anyhow!(
+                    "with -n NAMESPACE give --destination as a workload name, not `namespace/name`"
+                )),
+            };
             let from = if from_control {
                 logs::From::Control
             } else if !file.is_empty() {
@@ -987,21 +1068,23 @@ fn main() -> ExitCode {
             } else {
                 logs::From::Mesh(mesh)
             };
-            let filter = logs::Filter {
-                source,
-                destination,
-                verdict: verdict.map(|v| {
-                    if v == "allow" {
-                        meshward_policy::decision::Verdict::Allow
-                    } else {
-                        meshward_policy::decision::Verdict::Deny
-                    }
-                }),
-                status,
-                reason,
-                since,
-            };
-            logs::run(&cli.conn, from, &filter, follow, tail, output)
+            destination.and_then(|destination| {
+                let filter = logs::Filter {
+                    source,
+                    destination,
+                    verdict: verdict.map(|v| {
+                        if v == "allow" {
+                            meshward_policy::decision::Verdict::Allow
+                        } else {
+                            meshward_policy::decision::Verdict::Deny
+                        }
+                    }),
+                    status,
+                    reason,
+                    since,
+                };
+                logs::run(&cli.conn, from, &filter, follow, tail, output)
+            })
         }
         Command::Drill(DrillCommand::Run {
             file,
@@ -1083,12 +1166,22 @@ fn main() -> ExitCode {
                 ),
             }
         }
-        Command::Override(OverrideCommand::List { output }) => {
-            control_cmd::override_list(&cli.conn, output)
+        Command::Override(OverrideCommand::List { namespace, output }) => {
+            control_cmd::override_list(&cli.conn, namespace.as_deref(), output)
         }
-        Command::Override(OverrideCommand::Revoke { name, output }) => match name.split_once('/') {
-            Some((ns, n)) => control_cmd::override_revoke(&cli.conn, ns, n, output),
-            None => Err(anyhow::anyhow!("name the override as `namespace/name`")),
+        Command::Override(OverrideCommand::Revoke {
+            name,
+            namespace,
+            output,
+        }) => match (name.split_once('/'), namespace) {
+            (Some((ns, n)), None) => control_cmd::override_revoke(&cli.conn, ns, n, output),
+            (None, Some(ns)) => control_cmd::override_revoke(&cli.conn, &ns, &name, output),
+            (Some(_), Some(_)) => Err(anyhow::anyhow!(
+                "give the override as `namespace/name` or as `name -n namespace`, not both"
+            )),
+            (None, None) => Err(anyhow::anyhow!(
+                "name the override as `namespace/name` or `name -n namespace`"
+            )),
         },
         Command::Quarantine(QuarantineCommand::List { output }) => {
             control_cmd::quarantine_list(&cli.conn, output)

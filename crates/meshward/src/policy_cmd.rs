@@ -66,6 +66,9 @@ pub fn lint(dir: &Path, format: LintFormat, now: Option<&str>) -> Result<ExitCod
     let out = match format {
         LintFormat::Text => diag::render_text(&diags, &loaded.sources),
         LintFormat::Json => diag::render_json(&diags) + "\n",
+        LintFormat::Yaml => {
+            crate::to_yaml(&serde_json::from_str(&diag::render_json(&diags))?) + "\n"
+        }
         LintFormat::Sarif => {
             // Code scanning maps URIs relative to the repository's root: the nearest
             // directory above the working directory with `.git`, else the working directory.
@@ -102,13 +105,10 @@ pub fn test(
     }
     let passed = results.iter().filter(|r| r.passed).count();
     let failed = results.len() - passed;
-    if output == Output::Json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({ "passed": passed, "failed": failed, "results": results })
-            )?
-        );
+    if let Some(d) =
+        output.doc(&serde_json::json!({ "passed": passed, "failed": failed, "results": results }))
+    {
+        println!("{d}");
     } else {
         for r in &results {
             if r.passed {
@@ -193,11 +193,11 @@ pub fn explain(a: &ExplainInput) -> Result<ExitCode> {
             "internal error: the compiled engine and the reference evaluator disagree on this request; please report it with the policy set"
         );
     }
-    if a.output == Output::Json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "decision": d, "trace": trace }))?
-        );
+    if let Some(doc) = a
+        .output
+        .doc(&serde_json::json!({ "decision": d, "trace": trace }))
+    {
+        println!("{doc}");
         return Ok(ExitCode::SUCCESS);
     }
     println!(
@@ -263,8 +263,8 @@ pub fn diff(
         pb.set_position(done);
     });
     pb.finish_and_clear();
-    if output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&d)?);
+    if let Some(doc) = output.doc(&d) {
+        println!("{doc}");
     } else {
         if d.changes.is_empty() {
             println!(
@@ -411,8 +411,8 @@ pub fn impact(
     .with_context(|| format!("cannot read {}", log.label()))?;
     pb.finish_and_clear();
     let r = replay.finish();
-    if output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+    if let Some(doc) = output.doc(&r) {
+        println!("{doc}");
     } else {
         println!(
             "replayed {} records ({} requests) against `{}`: {} allowed would be denied, {} denied would be allowed",

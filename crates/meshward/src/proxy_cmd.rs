@@ -445,19 +445,21 @@ fn init_netns(a: &InitNetnsArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let v6 = install_capture(netns, &o)?;
-    if a.output == Output::Json {
+    if a.output != Output::Text {
         println!(
             "{}",
-            serde_json::json!({
-                "netns": netns,
-                "inbound_port": o.inbound_port,
-                "outbound_port": o.outbound_port,
-                "mark": o.mark,
-                "proxy_uid": o.proxy_uid,
-                "exclude_inbound_ports": o.exclude_inbound_ports,
-                "exclude_outbound_ports": o.exclude_outbound_ports,
-                "ipv6": v6,
-            })
+            a.output
+                .doc(&serde_json::json!({
+                    "netns": netns,
+                    "inbound_port": o.inbound_port,
+                    "outbound_port": o.outbound_port,
+                    "mark": o.mark,
+                    "proxy_uid": o.proxy_uid,
+                    "exclude_inbound_ports": o.exclude_inbound_ports,
+                    "exclude_outbound_ports": o.exclude_outbound_ports,
+                    "ipv6": v6,
+                }))
+                .unwrap_or_default()
         );
     } else {
         println!(

@@ -227,6 +227,37 @@ fn step(n: usize, total: usize, msg: &str) {
     println!("[{n}/{total}] {msg}");
 }
 
+/// Makes this process the one `meshward up` of the mesh whose state is `state`: refused
+/// while another one (its pid in `up.pid`, alive and a meshward process) runs it, since a
+/// second run would rewrite the repository and the ports under the first one's feet.
+fn claim(state: &Path) -> Result<()> {
+    std::fs::create_dir_all(state)?;
+    let pid_file = state.join("up.pid");
+    if let Some(pid) = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .filter(|&p| p != std::process::id())
+    {
+        let alive = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("meshward"));
+        if alive {
+            let control = std::fs::read_to_string(state.join("up.json"))
+                .ok()
+                .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+                .and_then(|v| v["control"].as_str().map(str::to_owned))
+                .map(|c| format!(", its control plane on {c}"))
+                .unwrap_or_default();
+            bail!(
+                "a `meshward up` (pid {pid}{control}) is already running the mesh of `{}`: use that one, or stop it first (Ctrl-C in its terminal, or `kill -INT {pid}`) and run again",
+                state.parent().unwrap_or(state).display()
+            );
+        }
+    }
+    std::fs::write(&pid_file, format!("{}\n", std::process::id()))
+        .with_context(|| format!("cannot write `{}`", pid_file.display()))?;
+    Ok(())
+}
+
 pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
     let mesh = read_mesh(dir)?;
     let prefix = match &isolated {
@@ -241,6 +272,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
     let td = TrustDomain::parse(&mesh.trust_domain)
         .map_err(|e| anyhow!("mesh.yaml trustDomain: {e}"))?;
     let state = dir.join(".meshward");
+    claim(&state)?;
     let repo = state.join("repo");
     let _ = std::fs::remove_dir_all(&repo);
     std::fs::create_dir_all(&repo)?;
@@ -723,6 +755,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
         }
         println!("stopping");
         let _ = std::fs::remove_file(state.join("up.json"));
+        let _ = std::fs::remove_file(state.join("up.pid"));
         let _ = std::fs::remove_file(state.join("up.sock"));
         apps.lock().await.clear();
         drop(children);

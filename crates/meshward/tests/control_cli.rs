@@ -498,6 +498,20 @@ fn overrides_expire_by_themselves() {
         out(&o)
     );
     assert!(out(&c.cli("carol", &["override", "list"])).contains("payments/hotfix"));
+    // -n NAMESPACE filters the list; -o yaml is the same document as -o json.
+    assert!(
+        out(&c.cli("carol", &["override", "list", "-n", "payments"])).contains("payments/hotfix")
+    );
+    assert!(out(&c.cli("carol", &["override", "list", "-n", "web"])).contains("no overrides"));
+    let yaml = c.cli(
+        "carol",
+        &["override", "list", "-n", "payments", "-o", "yaml"],
+    );
+    let yaml = String::from_utf8_lossy(&yaml.stdout).into_owned();
+    assert!(
+        yaml.starts_with("---\n") && yaml.contains("override: payments/hotfix"),
+        "{yaml}"
+    );
     let start = Instant::now();
     loop {
         if !out(&c.cli("carol", &["override", "list"])).contains("payments/hotfix") {

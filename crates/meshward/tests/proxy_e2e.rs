@@ -516,6 +516,13 @@ spec:
         "meshward_config_revision 1",
         "meshward_decision_duration_seconds_count 2",
         "meshward_shadow_decisions_total{",
+        "process_cpu_seconds_total ",
+        "process_start_time_seconds ",
+        "process_max_fds ",
+        r#"component="proxy"} 1"#,
+        &format!(
+            r#"meshward_tcp_connections_opened_total{{listener="inbound 127.0.0.1:{inbound}"}} "#
+        ),
     ] {
         assert!(
             proxy_metrics.contains(series),
@@ -531,6 +538,8 @@ spec:
         "meshward_control_certificates_issued_total 2",
         "meshward_control_revision 1",
         r#"meshward_control_applies_total{result="pending_approval"} 1"#,
+        "process_resident_memory_bytes ",
+        r#"component="control"} 1"#,
     ] {
         assert!(cp_text.contains(series), "no `{series}` in:\n{cp_text}");
     }

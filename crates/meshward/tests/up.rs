@@ -150,6 +150,21 @@ fn quickstart_comes_up_shows_allowed_and_denied_traffic_and_stops_on_ctrl_c() {
     }
     assert!(allowed && denied, "allowed {allowed}, denied {denied}");
 
+    // Running `up` again while this one runs is refused, naming it; this one goes on.
+    let o = Command::new(env!("CARGO_BIN_EXE_meshward"))
+        .arg("up")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("pid {}", child.id())) && err.contains("already running"),
+        "{err}"
+    );
+    let (code, body) = curl(&orders, "GET", "/orders/7");
+    assert_eq!(code, "200", "the first mesh still serves: {body}");
+
     // The sidecars ship their decisions to the control plane: `meshward top` and
     // `meshward graph` show the traffic, the denied edge marked; `policy impact|suggest
     // --from-control` read the same window.
@@ -238,6 +253,24 @@ fn quickstart_comes_up_shows_allowed_and_denied_traffic_and_stops_on_ctrl_c() {
         "{denied}"
     );
     assert_eq!(denied["example_denied"], "POST /charge", "{denied}");
+    // Each deny reason carries its own example.
+    let examples = denied["denial_examples"].as_object().unwrap();
+    assert!(
+        examples
+            .iter()
+            .any(|(k, v)| k.starts_with("no_allow_at_tier") && v == "POST /charge"),
+        "{denied}"
+    );
+    // -n NAMESPACE and -o yaml: the payments namespace's edges only, as YAML.
+    let o = cli(&["graph", "-n", "payments", "-o", "yaml"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let yaml = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(yaml.starts_with("---\n"), "{yaml}");
+    assert!(yaml.contains("destination: payments/payments-"), "{yaml}");
+    assert!(
+        !yaml.contains("destination: orders/orders"),
+        "an edge outside the namespace: {yaml}"
+    );
     let allowed = edge(&g, "web/frontend", "orders/orders").unwrap();
     assert_eq!(allowed["mtls"], true, "{allowed}");
     assert!(allowed["p99_ms"].as_f64().is_some(), "{allowed}");
@@ -323,6 +356,20 @@ fn quickstart_comes_up_shows_allowed_and_denied_traffic_and_stops_on_ctrl_c() {
         assert!(r["duration_ns"].as_u64().is_some(), "{r}");
     }
     assert!(logs(&["--destination", "orders/orders", "--status", "5xx"]).is_empty());
+    // -n NAMESPACE: only destinations of that namespace; with --destination NAME, that
+    // workload of it.
+    let in_payments = logs(&["-n", "payments"]);
+    assert!(!in_payments.is_empty());
+    assert!(
+        in_payments.iter().all(|r| r["destination"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("payments/"))),
+        "{in_payments:?}"
+    );
+    assert_eq!(
+        logs(&["-n", "orders", "--destination", "orders", "--status", "2xx"]).len(),
+        ok.len()
+    );
     let o = cli(&["logs", "--from-control", "--verdict", "deny", "--tail", "3"]);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -490,16 +537,28 @@ fn quickstart_comes_up_shows_allowed_and_denied_traffic_and_stops_on_ctrl_c() {
         }),
         "{shown}"
     );
-    // A row per identity: the two payments replicas share theirs.
-    let certs = shown["certificates"].as_array().unwrap();
-    assert_eq!(certs.len(), 3, "{shown}");
-    assert!(
-        certs.iter().any(|c| c
-            .as_str()
-            .unwrap_or("")
-            .contains("payments/payments-0, payments/payments-1")),
-        "{shown}"
-    );
+    // A row per sidecar with the certificate it holds: the two payments replicas each
+    // have their own (same identity, different serials).
+    let certs: Vec<&str> = shown["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c.as_str())
+        .collect();
+    assert_eq!(certs.len(), 4, "{shown}");
+    for w in [
+        "web/frontend",
+        "orders/orders",
+        "payments/payments-0",
+        "payments/payments-1",
+    ] {
+        assert!(
+            certs
+                .iter()
+                .any(|c| c.starts_with(w) && c.contains("spiffe://shop.example/")),
+            "no certificate row for {w}: {shown}"
+        );
+    }
     // The anomaly-detection panel renders (the quickstart's Mesh is in report mode: a row
     // per reported identity, or the empty-table row).
     let anomalies = shown["anomalies"].as_array().unwrap();
@@ -511,6 +570,19 @@ fn quickstart_comes_up_shows_allowed_and_denied_traffic_and_stops_on_ctrl_c() {
         "{shown}"
     );
     assert_eq!(shown["errors"], serde_json::json!([]), "{shown}");
+    // Readable: no two labels overlap; a real click on the denied edge shows its details
+    // (the reason with its own example) and its series with the two revisions as markers.
+    assert_eq!(shown["overlaps"], serde_json::json!([]), "{shown}");
+    let details = &shown["details"];
+    let text = details["details"].as_str().unwrap_or("");
+    assert!(
+        text.contains("web/frontend → payments/payments-")
+            && text.contains("no_allow_at_tier")
+            && text.contains("POST /charge"),
+        "{details}"
+    );
+    assert!(details["series_points"].as_u64() > Some(10), "{details}");
+    assert!(details["series_markers"].as_u64() >= Some(2), "{details}");
     assert!(
         std::fs::metadata(&shot).unwrap().len() > 10_000,
         "no screenshot"

@@ -120,6 +120,8 @@ pub struct Service {
     pub addresses: Vec<std::net::IpAddr>,
     /// The app routes paths case-insensitively (`spec.pathCaseInsensitive`).
     pub path_case_insensitive: bool,
+    /// `spec.objective.availability`: percent of requests answered without a 5xx.
+    pub objective: Option<f64>,
     pub origin: Origin,
 }
 
@@ -1563,12 +1565,32 @@ impl Builder {
                 ),
             }
         }
+        let objective = match &s.objective {
+            Some(o) if !(o.availability > 0.0 && o.availability < 100.0) => {
+                self.diags.push(
+                    d.origin
+                        .diag(
+                            "MW103",
+                            Severity::Error,
+                            &p!["spec", "objective", "availability"],
+                            format!(
+                                "availability `{}` is not a percentage strictly between 0 and 100 (for example 99.9)",
+                                o.availability
+                            ),
+                        )
+                        .resource(d.label()),
+                );
+                None
+            }
+            o => o.as_ref().map(|o| o.availability),
+        };
         Service {
             id: WorkloadRef {
                 namespace: d.namespace.clone(),
                 name: d.meta.name.0.clone(),
             },
             workloads: members.into_iter().collect(),
+            objective,
             ports: s.ports,
             hosts: s.hosts,
             addresses,

@@ -513,6 +513,19 @@ pub struct ServiceSpec {
     /// `/admin`). Path patterns of policies on its workloads must then be lower-case.
     #[serde(default)]
     pub path_case_insensitive: bool,
+    /// A service-level objective: the dashboard shows the service's availability against it
+    /// and the burn rate of its error budget.
+    #[serde(default)]
+    pub objective: Option<ObjectiveSpec>,
+}
+
+/// `spec.objective` of a `Service`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ObjectiveSpec {
+    /// Percent of requests that get an answer other than a 5xx (for example `99.9`),
+    /// strictly between 0 and 100. Requests policy denies do not count against it.
+    pub availability: f64,
 }
 
 // ---------------------------------------------------------------------------------------

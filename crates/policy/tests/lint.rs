@@ -609,3 +609,23 @@ fn traffic_routes_retries_that_can_never_apply_are_said_and_the_retryable_mark_s
         assert!(fields.iter().any(|x| x == f), "{f} not in {d:#?}");
     }
 }
+
+#[test]
+fn a_service_objective_is_a_percentage_strictly_between_0_and_100() {
+    let svc = |a: &str| {
+        format!(
+            "apiVersion: meshward.io/v1alpha1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\nspec:\n  selector: {{app: web}}\n  objective: {{availability: {a}}}\n"
+        )
+    };
+    clean(&svc("99.9"));
+    for bad in ["100", "0", "-1", "250"] {
+        let d = only(&svc(bad), "MW103");
+        assert_eq!(
+            d.field.as_deref(),
+            Some("spec.objective.availability"),
+            "{bad}"
+        );
+        assert_eq!(d.line, 6, "{bad}");
+        assert!(d.message.contains("strictly between 0 and 100"), "{d:?}");
+    }
+}

@@ -196,9 +196,10 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
         .map_or_else(|_| "admin".into(), |a| format!("admin {a}"));
     // Not in `shared.listeners`: `/ready` is answered here, so it can only report others.
     let me = Listener::unlisted(name);
-    crate::listener::accept_loop(&shared, &me, listener, Some(&reserve), |s, _| {
+    crate::listener::accept_loop(&shared, &me, listener, Some(&reserve), |s, _, conn| {
         let (shared, reserve) = (shared.clone(), reserve.clone());
         tokio::spawn(async move {
+            let _conn = conn;
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let r = route(&shared, req.uri().path());

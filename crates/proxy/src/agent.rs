@@ -84,7 +84,7 @@ pub struct Health {
     draining: std::sync::atomic::AtomicBool,
     /// Why the app is not accepting connections (the sidecar's own probe).
     app_down: ArcSwapOption<String>,
-    /// Readiness changed: the config stream tells the control plane.
+    /// Readiness or the certificate changed: the config stream tells the control plane.
     readiness_changed: tokio::sync::Notify,
 }
 
@@ -435,6 +435,8 @@ async fn sign(
     shared.bundles.store(tb);
     // New handshakes use the new certificate; established connections are untouched.
     shared.svid.store(Some(Arc::new(svid)));
+    // The control plane learns which certificate this sidecar holds (the dashboard).
+    shared.health.readiness_changed.notify_one();
     let (key_pem, chain_pem, bundle_pem) = (
         key_pem(&key),
         chain.iter().map(cert_pem).collect::<String>(),
@@ -606,13 +608,26 @@ async fn stream_once(
     })
     .await?;
     let mut delivered = 0u64;
-    let status = |shared: &Shared, revision: u64, persist_error: String| ConfigAck {
-        revision,
-        accepted: true,
-        error: String::new(),
-        persist_error,
-        workload: shared.workload.to_string(),
-        not_ready: shared.health.not_ready().unwrap_or_default(),
+    let status = |shared: &Shared, revision: u64, persist_error: String| {
+        let cert = shared
+            .svid
+            .load_full()
+            .and_then(|s| meshward_identity::svid::serial_and_validity(s.key.cert.first()?));
+        let secs = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        };
+        ConfigAck {
+            revision,
+            accepted: true,
+            error: String::new(),
+            persist_error,
+            workload: shared.workload.to_string(),
+            not_ready: shared.health.not_ready().unwrap_or_default(),
+            cert_serial: cert.as_ref().map(|c| c.0.clone()).unwrap_or_default(),
+            cert_not_before: cert.as_ref().map_or(0, |c| secs(c.1)),
+            cert_not_after: cert.as_ref().map_or(0, |c| secs(c.2)),
+        }
     };
     loop {
         let msg = tokio::select! {

@@ -140,16 +140,13 @@ pub async fn serve(
     let client = app_client(port.protocol, port.mark);
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let me = shared.listeners.register(format!("inbound {addr}"));
-    crate::listener::accept_loop(&shared, &me, listener, None, |tcp, _| {
+    crate::listener::accept_loop(&shared, &me, listener, None, |tcp, _, conn| {
         if let Some(slot) = admit(&shared, &me, port) {
-            tokio::spawn(connection(
-                shared.clone(),
-                port,
-                tcp,
-                tls.clone(),
-                client.clone(),
-                slot,
-            ));
+            let served = connection(shared.clone(), port, tcp, tls.clone(), client.clone(), slot);
+            tokio::spawn(async move {
+                let _conn = conn;
+                served.await;
+            });
         }
     })
     .await;
@@ -271,7 +268,10 @@ async fn serve_tcp(
     let kind = crate::recheck::Kind::default();
     let revoke = crate::recheck::revoke(shared.clone(), admitted.req, admitted.revision, kind);
     tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut stream, &mut app) => {}
+        _ = async {
+            let mut peer = crate::transport::Metered::new(&mut stream, &shared, "inbound");
+            tokio::io::copy_bidirectional(&mut peer, &mut app).await
+        } => {}
         r = revoke => crate::gate::revoked(&shared, port, &r, "tcp"),
         () = expiry.reached(&shared) => {
             let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
@@ -636,7 +636,10 @@ async fn handle(
                     if let (Ok(d), Ok(u)) = (down.await, up.await) {
                         let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
                         tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut d, &mut u) => {}
+                            _ = async {
+                                let mut d = crate::transport::Metered::new(&mut d, &shared, "inbound");
+                                tokio::io::copy_bidirectional(&mut d, &mut u).await
+                            } => {}
                             r = revoke => crate::gate::revoked(&shared, port, &r, "tunnel"),
                             // The connection it took over ends at its certificates' expiry.
                             () = expiry.reached(&shared) => {}

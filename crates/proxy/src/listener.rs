@@ -393,8 +393,13 @@ pub async fn accept_loop(
     me: &Listener,
     listener: TcpListener,
     reserve: Option<&Reserve>,
-    mut on_conn: impl FnMut(TcpStream, SocketAddr),
+    mut on_conn: impl FnMut(TcpStream, SocketAddr, Conn),
 ) {
+    let name = meshward_telemetry::ListenerNameLabels {
+        listener: me.name.clone(),
+    };
+    let opened = shared.log.metrics.tcp_opened.get_or_create(&name).clone();
+    let closed = shared.log.metrics.tcp_closed.get_or_create(&name).clone();
     let mut backoff = BACKOFF.0;
     loop {
         let r = std::future::poll_fn(|cx| {
@@ -414,7 +419,8 @@ pub async fn accept_loop(
                     me.set_backoff(None);
                 }
                 backoff = BACKOFF.0;
-                on_conn(tcp, peer);
+                opened.inc();
+                on_conn(tcp, peer, Conn(closed.clone()));
             }
             Err(e) if transient(&e) => {}
             Err(e) => {
@@ -431,6 +437,17 @@ pub async fn accept_loop(
                 backoff = (backoff * 2).min(BACKOFF.1);
             }
         }
+    }
+}
+
+/// An accepted connection, counted closed (`meshward_tcp_connections_closed_total`) when
+/// dropped: whoever serves the connection holds it as long as the socket.
+#[derive(Debug)]
+pub struct Conn(meshward_telemetry::Counter);
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.0.inc();
     }
 }
 

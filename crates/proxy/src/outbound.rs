@@ -354,7 +354,7 @@ pub async fn serve(shared: Arc<Shared>, up: Upstream, listener: TcpListener) -> 
         crate::pool::Pooled::new(&shared, &up, crate::pool::UpstreamProtocol::Http1),
         crate::pool::Pooled::new(&shared, &up, crate::pool::UpstreamProtocol::Http2),
     ];
-    crate::listener::accept_loop(&shared, &me, listener, None, |mut app, _| {
+    crate::listener::accept_loop(&shared, &me, listener, None, |mut app, _, conn| {
         // Per-request settings on an HTTP port need the requests: pooled HTTP for this
         // connection (decided per connection, so a new revision applies to the next one).
         let pooled = shared
@@ -364,15 +364,21 @@ pub async fn serve(shared: Arc<Shared>, up: Upstream, listener: TcpListener) -> 
             .and_then(|p| p.view.resilience(&up.service).pooled(up.port));
         if let Some(proto) = pooled {
             let i = usize::from(proto == crate::pool::UpstreamProtocol::Http2);
-            tokio::spawn(pools[i].clone().serve_app(app));
+            let served = pools[i].clone().serve_app(app);
+            tokio::spawn(async move {
+                let _conn = conn;
+                served.await;
+            });
             return;
         }
         let (shared, up) = (shared.clone(), up.clone());
         tokio::spawn(async move {
+            let _conn = conn;
             let _ = app.set_nodelay(true);
             let endpoints = endpoints(&shared, &up);
             match connect(&shared, &up.service, up.port, &endpoints, None).await {
                 Ok(mut t) => {
+                    let mut app = crate::transport::Metered::new(&mut app, &shared, "outbound");
                     let _ = tokio::io::copy_bidirectional(&mut app, &mut t.tls).await;
                 }
                 Err(ConnectError::CircuitOpen) => tracing::warn!(

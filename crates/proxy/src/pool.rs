@@ -381,8 +381,12 @@ pub async fn serve(
     let ctx = Pooled::new(&shared, &up, protocol);
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let me = shared.listeners.register(format!("outbound {addr}"));
-    crate::listener::accept_loop(&shared, &me, listener, None, |app, _| {
-        tokio::spawn(ctx.clone().serve_app(app));
+    crate::listener::accept_loop(&shared, &me, listener, None, |app, _, conn| {
+        let served = ctx.clone().serve_app(app);
+        tokio::spawn(async move {
+            let _conn = conn;
+            served.await;
+        });
     })
     .await;
     Ok(())

@@ -205,13 +205,12 @@ pub async fn serve_outbound(
     let me = shared
         .listeners
         .register(format!("outbound capture {addr}"));
-    crate::listener::accept_loop(&shared, &me, listener, None, |app, _| {
-        tokio::spawn(outbound_connection(
-            shared.clone(),
-            identity.clone(),
-            mark,
-            app,
-        ));
+    crate::listener::accept_loop(&shared, &me, listener, None, |app, _, conn| {
+        let served = outbound_connection(shared.clone(), identity.clone(), mark, app);
+        tokio::spawn(async move {
+            let _conn = conn;
+            served.await;
+        });
     })
     .await;
     Ok(())
@@ -248,6 +247,7 @@ async fn outbound_connection(
                 crate::outbound::connect(&shared, &destination, dst.port(), &endpoints, Some(mark));
             match conn.await {
                 Ok(mut t) => {
+                    let mut app = crate::transport::Metered::new(&mut app, &shared, "outbound");
                     let _ = tokio::io::copy_bidirectional(&mut app, &mut t.tls).await;
                 }
                 Err(crate::outbound::ConnectError::CircuitOpen) => {
@@ -306,7 +306,10 @@ async fn outbound_connection(
                             .map(|o| o.id.to_string())
                     });
                 tokio::select! {
-                    _ = tokio::io::copy_bidirectional(&mut app, &mut up) => {}
+                    _ = async {
+                        let mut app = crate::transport::Metered::new(&mut app, &shared, "outbound");
+                        tokio::io::copy_bidirectional(&mut app, &mut up).await
+                    } => {}
                     id = quarantined => {
                         shared.log.metrics.revoked("tcp");
                         let why = format!("revoked: this workload is quarantined ({id}); the connection leaving the mesh is closed");
@@ -330,7 +333,7 @@ pub async fn serve_inbound(
     let h2: AppClient = inbound::app_client(Protocol::Http2, Some(mark));
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let me = shared.listeners.register(format!("inbound capture {addr}"));
-    crate::listener::accept_loop(&shared, &me, listener, None, |tcp, _| {
+    crate::listener::accept_loop(&shared, &me, listener, None, |tcp, _, conn| {
         let Ok(dst) = original_dst(&tcp) else {
             return;
         };
@@ -387,14 +390,11 @@ pub async fn serve_inbound(
         let Some(slot) = inbound::admit(&shared, &me, port) else {
             return;
         };
-        tokio::spawn(inbound::connection(
-            shared.clone(),
-            port,
-            tcp,
-            tls,
-            client,
-            slot,
-        ));
+        let served = inbound::connection(shared.clone(), port, tcp, tls, client, slot);
+        tokio::spawn(async move {
+            let _conn = conn;
+            served.await;
+        });
     })
     .await;
     Ok(())

@@ -164,3 +164,70 @@ mod tests {
         Ok(())
     }
 }
+
+/// The caller's side of an opaque TCP relay, counting what it relays: bytes read from it
+/// into `meshward_tcp_received_bytes_total{direction}`, bytes written to it into
+/// `meshward_tcp_sent_bytes_total{direction}` (counted as they pass, so a relay cut short
+/// by a revocation or a timeout has counted what it moved).
+#[derive(Debug)]
+pub struct Metered<'a, S> {
+    inner: &'a mut S,
+    received: meshward_telemetry::Counter,
+    sent: meshward_telemetry::Counter,
+}
+
+impl<'a, S> Metered<'a, S> {
+    pub fn new(inner: &'a mut S, shared: &crate::state::Shared, direction: &'static str) -> Self {
+        let l = meshward_telemetry::DirectionLabels { direction };
+        let m = &shared.log.metrics;
+        Metered {
+            inner,
+            received: m.tcp_received.get_or_create(&l).clone(),
+            sent: m.tcp_sent.get_or_create(&l).clone(),
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Metered<'_, S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut *self.inner).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before);
+        if n > 0 {
+            self.received.inc_by(n as u64);
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Metered<'_, S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut *self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.sent.inc_by(*n as u64);
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}

@@ -385,3 +385,75 @@ async fn a_quarantine_ends_the_open_http2_streams_it_denies_and_only_those() {
     assert_eq!(revoked[0]["path"], "/meshward.v1.Config/Stream");
     assert_eq!(m.metric("stream"), "1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_bytes_and_connections_are_counted() {
+    let m = mesh().await;
+    let value = |text: &str, series: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let listener = format!("{{listener=\"inbound {}\"}}", m.ports.2);
+    {
+        let mut s = open_tcp(m.callers[1].0).await;
+        assert!(round_trip(&mut s).await);
+        let text = m.orders.log.metrics.encode();
+        // Two lines of 5 bytes each way, counted as they pass.
+        assert_eq!(
+            value(
+                &text,
+                r#"meshward_tcp_received_bytes_total{direction="inbound"}"#
+            ),
+            10,
+            "{text}"
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"meshward_tcp_sent_bytes_total{direction="inbound"}"#
+            ),
+            10,
+            "{text}"
+        );
+        assert_eq!(
+            value(
+                &text,
+                &format!("meshward_tcp_connections_opened_total{listener}")
+            ),
+            1,
+            "{text}"
+        );
+        assert_eq!(
+            value(
+                &text,
+                &format!("meshward_tcp_connections_closed_total{listener}")
+            ),
+            0,
+            "{text}"
+        );
+    }
+    // Closed by the caller: the sidecar counts it closed once its relay ends.
+    let start = Instant::now();
+    loop {
+        let text = m.orders.log.metrics.encode();
+        if value(
+            &text,
+            &format!("meshward_tcp_connections_closed_total{listener}"),
+        ) == 1
+        {
+            assert!(text.contains("process_resident_memory_bytes "), "{text}");
+            assert!(text.contains("process_open_fds "), "{text}");
+            assert!(
+                text.contains(&format!(
+                    "meshward_build_info{{version=\"{}\",component=\"proxy\"}} 1",
+                    env!("CARGO_PKG_VERSION")
+                )),
+                "{text}"
+            );
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+pub use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -50,6 +50,112 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
         }
         out.push('\n');
     }
+    out
+}
+
+/// The standard process metrics (`process_cpu_seconds_total`,
+/// `process_resident_memory_bytes`, `process_virtual_memory_bytes`,
+/// `process_start_time_seconds`, `process_open_fds`, `process_max_fds`, `process_threads`)
+/// read from `/proc/self` (none elsewhere), and `meshward_build_info{version,component} 1`.
+pub fn process_text(component: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, v: f64| {
+        let _ = write!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+        );
+    };
+    // USER_HZ is 100 on every Linux ABI the proxy builds for.
+    const TICKS: f64 = 100.0;
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // After the command name in parentheses (which may hold spaces): field 3 onwards.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<f64>().ok());
+    if let (Some(u), Some(k)) = (field(14), field(15)) {
+        metric(
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            (u + k) / TICKS,
+        );
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .map(|k| k * 1024.0)
+    };
+    if let Some(v) = kib("VmRSS:") {
+        metric(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            v,
+        );
+    }
+    if let Some(v) = kib("VmSize:") {
+        metric(
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            v,
+        );
+    }
+    let btime = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    });
+    if let (Some(b), Some(start)) = (btime, field(22)) {
+        metric(
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            b + start / TICKS,
+        );
+    }
+    if let Ok(d) = std::fs::read_dir("/proc/self/fd") {
+        metric(
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            d.count() as f64,
+        );
+    }
+    let max_fds = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Max open files"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        });
+    if let Some(v) = max_fds {
+        metric(
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            v,
+        );
+    }
+    if let Some(v) = field(20) {
+        metric(
+            "process_threads",
+            "gauge",
+            "Number of OS threads in the process.",
+            v,
+        );
+    }
+    let _ = write!(
+        out,
+        "# HELP meshward_build_info The build: version and component.\n# TYPE meshward_build_info gauge\nmeshward_build_info{{version=\"{}\",component=\"{component}\"}} 1\n",
+        env!("CARGO_PKG_VERSION")
+    );
     out
 }
 
@@ -138,6 +244,18 @@ pub struct FaultLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerNameLabels {
+    /// The listener, e.g. `inbound 127.0.0.1:15006`.
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -254,6 +372,10 @@ pub struct ProxyMetrics {
     pub accept_errors: Family<KindLabels, Counter>,
     /// Set when scraped.
     pub listener_connections: Family<ListenerLabels, Gauge>,
+    pub tcp_opened: Family<ListenerNameLabels, Counter>,
+    pub tcp_closed: Family<ListenerNameLabels, Counter>,
+    pub tcp_received: Family<DirectionLabels, Counter>,
+    pub tcp_sent: Family<DirectionLabels, Counter>,
     pub shadow: Family<ShadowLabels, Counter>,
     pub decision_log_dropped: Counter,
     pub decision_ship_dropped: Counter,
@@ -300,6 +422,30 @@ impl ProxyMetrics {
         let faults = Family::<FaultLabels, Counter>::default();
         let accept_errors = Family::<KindLabels, Counter>::default();
         let listener_connections = Family::<ListenerLabels, Gauge>::default();
+        let tcp_opened = Family::<ListenerNameLabels, Counter>::default();
+        let tcp_closed = Family::<ListenerNameLabels, Counter>::default();
+        let tcp_received = Family::<DirectionLabels, Counter>::default();
+        let tcp_sent = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "meshward_tcp_connections_opened",
+            "Connections accepted, by listener",
+            tcp_opened.clone(),
+        );
+        registry.register(
+            "meshward_tcp_connections_closed",
+            "Connections accepted and since closed, by listener",
+            tcp_closed.clone(),
+        );
+        registry.register(
+            "meshward_tcp_received_bytes",
+            "Bytes relayed from the caller's side of opaque TCP connections (inbound: from the peer sidecar, outbound: from the app)",
+            tcp_received.clone(),
+        );
+        registry.register(
+            "meshward_tcp_sent_bytes",
+            "Bytes relayed back to the caller's side of opaque TCP connections",
+            tcp_sent.clone(),
+        );
         let decision_log_dropped = Counter::default();
         let decision_ship_dropped = Counter::default();
         let certificate_expiry = FGauge::default();
@@ -445,6 +591,10 @@ impl ProxyMetrics {
             faults,
             accept_errors,
             listener_connections,
+            tcp_opened,
+            tcp_closed,
+            tcp_received,
+            tcp_sent,
             shadow,
             decision_log_dropped,
             decision_ship_dropped,
@@ -466,7 +616,7 @@ impl ProxyMetrics {
 
     /// The exposition ([`CONTENT_TYPE`]).
     pub fn encode(&self) -> String {
-        encode(&self.registry)
+        encode(&self.registry) + &process_text("proxy")
     }
 
     /// Counts a handshake failure.
