@@ -462,24 +462,15 @@ pub fn series(
             .iter()
             .find(|s| s.id.to_string() == *id)
             .and_then(|s| s.objective),
-        SeriesOf::Node(n) => set
+        // The destination's: the first service of the workload with an objective.
+        SeriesOf::Node(w) | SeriesOf::Edge(_, w) => set
             .services
             .iter()
             .filter(|s| {
                 s.workloads
                     .iter()
                     .filter_map(|&i| set.workloads.get(i))
-                    .any(|w| w.id.to_string() == *n)
-            })
-            .find_map(|s| s.objective),
-        SeriesOf::Edge(_, d) => set
-            .services
-            .iter()
-            .filter(|s| {
-                s.workloads
-                    .iter()
-                    .filter_map(|&i| set.workloads.get(i))
-                    .any(|w| w.id.to_string() == *d)
+                    .any(|x| x.id.to_string() == *w)
             })
             .find_map(|s| s.objective),
         SeriesOf::Mesh => None,

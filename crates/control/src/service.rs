@@ -1523,7 +1523,8 @@ impl ControlPlane {
             })
             .unwrap_or_default();
         Ok(
-            json!({"revision": head, "trust_domain": self.cfg.trust_domain.to_string(), "proxies": proxies, "interception": interception, "degraded": self.disk_condition().into_iter().collect::<Vec<_>>()}),
+            json!({"revision": head, "trust_domain": self.cfg.trust_domain.to_string(), "proxies": proxies, "interception": interception, "degraded": self.disk_condition().into_iter().collect::<Vec<_>>(),
+                "not_ready": self.not_ready().into_iter().map(|(w, why)| json!({"workload": w, "why": why})).collect::<Vec<_>>()}),
         )
     }
 

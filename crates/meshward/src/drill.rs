@@ -829,9 +829,34 @@ fn judge_probe(
     }
 }
 
-/// Waits until every probe has had a whole second without an error (its samples answered),
-/// at most `limit`; how long it took.
-async fn recovered(probes: &[Arc<Probe>], since: Instant, limit: Duration) -> Option<Duration> {
+/// The workloads the control plane has a not-ready report for (`None`: it does not
+/// answer, e.g. while it restarts after a `stopControlPlane` step).
+async fn not_ready(client: &Client) -> Option<std::collections::BTreeSet<String>> {
+    let st = client.call("GET", "/v1/status", None).await.ok()?;
+    Some(
+        st["not_ready"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n["workload"].as_str().map(str::to_owned))
+            .collect(),
+    )
+}
+
+/// Waits, at most `limit`, until the mesh is back in its steady state: every probe has had
+/// a whole second without an error (its samples answered), and the control plane reports
+/// no workload not ready beyond those it reported before the drill (`baseline`) — a
+/// stopped app that serves again is ready for its callers before the next step starts.
+/// How long it took.
+async fn recovered(
+    probes: &[Arc<Probe>],
+    since: Instant,
+    limit: Duration,
+    client: &Client,
+    baseline: &std::collections::BTreeSet<String>,
+) -> Option<Duration> {
+    let mut answering: Option<Duration> = None;
+    let mut waited_ready = false;
     loop {
         let now = Instant::now();
         // A sample counts once answered or timed out: look at those sent a timeout ago.
@@ -843,11 +868,26 @@ async fn recovered(probes: &[Arc<Probe>], since: Instant, limit: Duration) -> Op
                 !w.is_empty() && w.iter().all(|s| !s.failed(p.expect))
             }
         });
-        if ok {
-            // It recovered by the start of that clean second.
+        if ok && answering.is_none() {
+            // The probes recovered by the start of that clean second.
             let back =
                 probes.iter().map(|p| p.timeout).max().unwrap_or_default() + Duration::from_secs(1);
-            return Some(now.duration_since(since).saturating_sub(back));
+            answering = Some(now.duration_since(since).saturating_sub(back));
+        }
+        if let Some(t) = answering {
+            if not_ready(client)
+                .await
+                .is_some_and(|n| n.is_subset(baseline))
+            {
+                // Ready at the first look: the probes' time is the recovery's; else the
+                // time readiness was seen.
+                return Some(if waited_ready {
+                    now.duration_since(since)
+                } else {
+                    t
+                });
+            }
+            waited_ready = true;
         }
         if now.duration_since(since) > limit + Duration::from_secs(3) {
             return None;
@@ -1090,6 +1130,8 @@ async fn drive(
             "the mesh is not in a steady state before the drill: fix that first (the drill made no change)"
         );
     }
+    // What was not ready before the drill is not the drill's to restore.
+    let baseline = not_ready(&r.client).await.unwrap_or_default();
     for (i, step) in drill.spec.steps.iter().enumerate() {
         r.say(&format!(
             "[{}/{total}] {} for {}",
@@ -1113,9 +1155,17 @@ async fn drive(
                 judge_probe(e, p, &step.name, &p.window(s0, s1), checks);
             }
         }
+        // Back to the steady state before the next step (at most the expectation's
+        // limit, else 10 s), judged when expected.
+        let limit = drill
+            .spec
+            .expect
+            .iter()
+            .find_map(|e| e.recover_within.as_ref().map(|l| l.0))
+            .unwrap_or(Duration::from_secs(10));
+        let took = recovered(probes, u, limit, &r.client, &baseline).await;
         for e in &drill.spec.expect {
             if let Some(limit) = &e.recover_within {
-                let took = recovered(probes, u, limit.0).await;
                 checks.push(Check {
                     phase: step.name.clone(),
                     expectation: format!(
