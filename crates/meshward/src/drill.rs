@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -91,6 +92,31 @@ struct StepSpec {
     /// enforcing what they last received.
     #[serde(default)]
     stop_control_plane: Option<bool>,
+    /// Floods a service from one identity (through its sidecar) for the step.
+    #[serde(default)]
+    flood: Option<FloodSpec>,
+}
+
+/// `flood`: requests from one workload's sidecar to one of its calls, at `rate` per second,
+/// each on its own connection.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FloodSpec {
+    /// The flooding workload (`namespace/name`), with `to` (`namespace/service:port`, one
+    /// of its calls in mesh.yaml): needs `--mesh`.
+    #[serde(default)]
+    from: Option<String>,
+    #[serde(default)]
+    to: Option<String>,
+    /// Or the address to send to (a caller sidecar's upstream listener).
+    #[serde(default)]
+    address: Option<String>,
+    #[serde(default)]
+    method: Option<String>,
+    #[serde(default)]
+    path: Option<String>,
+    /// Requests per second, 1 to 2000.
+    rate: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -245,13 +271,24 @@ fn read(path: &Path) -> Result<Drill> {
             + usize::from(s.stop_app.is_some())
             + usize::from(s.freeze_app.is_some())
             + usize::from(s.stop_control_plane.is_some())
+            + usize::from(s.flood.is_some())
             != 1
         {
             bail!(err_at(
                 &file,
                 line,
                 &f,
-                "a step makes one failure: set exactly one of `fault`, `stopApp`, `freezeApp` and `stopControlPlane: true`"
+                "a step makes one failure: set exactly one of `fault`, `stopApp`, `freezeApp`, `stopControlPlane: true` and `flood`"
+            ));
+        }
+        if let Some(fl) = &s.flood
+            && !(1..=2000).contains(&fl.rate)
+        {
+            bail!(err_at(
+                &file,
+                line,
+                &format!("{f}.flood.rate"),
+                "from 1 to 2000 requests per second"
             ));
         }
         if s.duration.0 < Duration::from_secs(1) || s.duration.0 > Duration::from_secs(600) {
@@ -525,14 +562,77 @@ struct Check {
 /// What a step changed, to undo.
 #[derive(Clone)]
 enum Undo {
-    Fault { file: String },
-    App { workload: String },
-    Thaw { workload: String },
+    Fault {
+        file: String,
+    },
+    App {
+        workload: String,
+    },
+    Thaw {
+        workload: String,
+    },
     Control,
+    Flood {
+        flood: Arc<Flood>,
+        task: tokio::task::AbortHandle,
+    },
+}
+
+/// A flood's target and what it got back.
+#[derive(Debug)]
+struct Flood {
+    target: String,
+    addr: SocketAddr,
+    request: Arc<[u8]>,
+    rate: u32,
+    sent: AtomicU64,
+    ok: AtomicU64,
+    limited: AtomicU64,
+    refused: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Flood {
+    /// Sends at its rate until aborted, each request on its own connection.
+    async fn run(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1) / self.rate);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let f = self.clone();
+            f.sent.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let counter = match send(f.addr, &f.request, Duration::from_secs(2)).await {
+                    Some(200..=399) => &f.ok,
+                    Some(429) => &f.limited,
+                    Some(400..=499) => &f.refused,
+                    _ => &f.failed,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            });
+        }
+    }
+
+    fn summary(&self) -> String {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "flood of {} stopped: {} sent, {} answered 2xx/3xx, {} rate-limited (429), {} refused (other 4xx), {} failed (5xx or no answer)",
+            self.target,
+            n(&self.sent),
+            n(&self.ok),
+            n(&self.limited),
+            n(&self.refused),
+            n(&self.failed)
+        )
+    }
 }
 
 struct Runner {
     client: Client,
+    /// Each step's flood, resolved when the drill starts.
+    floods: Vec<Option<Arc<Flood>>>,
+    /// What each step did and what undoing it said (`-o json`'s `steps`).
+    steps: Vec<Value>,
     hooks: Option<PathBuf>,
     drill_name: String,
     namespace: String,
@@ -658,6 +758,12 @@ impl Runner {
             self.undo.push(Undo::Control);
             return Ok(format!("control plane stopped ({said})"));
         }
+        if let Some(flood) = self.floods.get(i).cloned().flatten() {
+            let task = tokio::spawn(flood.clone().run()).abort_handle();
+            let said = format!("flooding {} at {}/s", flood.target, flood.rate);
+            self.undo.push(Undo::Flood { flood, task });
+            return Ok(said);
+        }
         unreachable!("checked when read")
     }
 
@@ -698,6 +804,12 @@ impl Runner {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 "control plane started again".into()
+            }
+            Undo::Flood { flood, task } => {
+                task.abort();
+                // Let the requests in flight answer (each has 2 s at most).
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                flood.summary()
             }
         };
         self.undo.pop();
@@ -896,6 +1008,64 @@ async fn recovered(
     }
 }
 
+/// The address a probe or flood sends to: `address`, or the upstream listener of `from`'s
+/// sidecar for its call `to` in a mesh of `meshward up`.
+fn resolve(
+    file: &str,
+    field: &str,
+    address: Option<&str>,
+    from: Option<&str>,
+    to: Option<&str>,
+    up: Option<&UpState>,
+) -> Result<SocketAddr> {
+    Ok(match (address, from, to, up) {
+        (Some(a), ..) => a
+            .parse()
+            .map_err(|e| anyhow!("{}: {field}.address: `{a}`: {e}", file))?,
+        (None, Some(from), Some(to), Some(u)) => {
+            let w = u.workloads.iter().find(|w| w.id == *from).ok_or_else(|| {
+                anyhow!(
+                    "{}: {field}.from: no workload `{from}` in the mesh (workloads: {})",
+                    file,
+                    u.workloads
+                        .iter()
+                        .map(|w| w.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?;
+            let (svc, port) = to
+                .rsplit_once(':')
+                .and_then(|(s, p)| Some((s, p.parse::<u16>().ok()?)))
+                .ok_or_else(|| {
+                    anyhow!(
+                        "{}: {field}.to: `{to}` is not `namespace/service:port`",
+                        file
+                    )
+                })?;
+            w.upstreams
+                .iter()
+                .find(|x| x.service == svc && x.port == port)
+                .map(|x| x.listen)
+                .ok_or_else(|| {
+                    anyhow!(
+                        "{}: {field}.to: {from} does not call {to} (its calls: {})",
+                        file,
+                        w.upstreams
+                            .iter()
+                            .map(|x| format!("{}:{}", x.service, x.port))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })?
+        }
+        _ => bail!(
+            "{}: {field}: `from`/`to` need a mesh of `meshward up`: pass --mesh DIR (or give `address`)",
+            file
+        ),
+    })
+}
+
 /// `meshward drill run FILE`.
 pub fn run(
     conn: &Conn,
@@ -930,42 +1100,14 @@ pub fn run(
     };
     let mut probes = vec![];
     for (i, p) in drill.spec.probes.iter().enumerate() {
-        let addr: SocketAddr = match (&p.address, &p.from, &p.to, &up) {
-            (Some(a), ..) => a
-                .parse()
-                .map_err(|e| anyhow!("{}: spec.probes[{i}].address: `{a}`: {e}", drill.file))?,
-            (None, Some(from), Some(to), Some(u)) => {
-                let w = u.workloads.iter().find(|w| w.id == *from).ok_or_else(|| anyhow!("{}: spec.probes[{i}].from: no workload `{from}` in the mesh (workloads: {})", drill.file, u.workloads.iter().map(|w| w.id.as_str()).collect::<Vec<_>>().join(", ")))?;
-                let (svc, port) = to
-                    .rsplit_once(':')
-                    .and_then(|(s, p)| Some((s, p.parse::<u16>().ok()?)))
-                    .ok_or_else(|| {
-                        anyhow!(
-                            "{}: spec.probes[{i}].to: `{to}` is not `namespace/service:port`",
-                            drill.file
-                        )
-                    })?;
-                w.upstreams
-                    .iter()
-                    .find(|x| x.service == svc && x.port == port)
-                    .map(|x| x.listen)
-                    .ok_or_else(|| {
-                        anyhow!(
-                            "{}: spec.probes[{i}].to: {from} does not call {to} (its calls: {})",
-                            drill.file,
-                            w.upstreams
-                                .iter()
-                                .map(|x| format!("{}:{}", x.service, x.port))
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        )
-                    })?
-            }
-            _ => bail!(
-                "{}: spec.probes[{i}]: `from`/`to` need a mesh of `meshward up`: pass --mesh DIR (or give `address`)",
-                drill.file
-            ),
-        };
+        let addr = resolve(
+            &drill.file,
+            &format!("spec.probes[{i}]"),
+            p.address.as_deref(),
+            p.from.as_deref(),
+            p.to.as_deref(),
+            up.as_ref(),
+        )?;
         let method = p.method.clone().unwrap_or_else(|| "GET".into());
         let path = p.path.clone().unwrap_or_else(|| "/".into());
         probes.push(Arc::new(Probe {
@@ -978,6 +1120,39 @@ pub fn run(
             samples: Arc::default(),
         }));
     }
+    let mut floods = vec![];
+    for (i, step) in drill.spec.steps.iter().enumerate() {
+        floods.push(match &step.flood {
+            None => None,
+            Some(f) => {
+                let addr = resolve(
+                    &drill.file,
+                    &format!("spec.steps[{i}].flood"),
+                    f.address.as_deref(),
+                    f.from.as_deref(),
+                    f.to.as_deref(),
+                    up.as_ref(),
+                )?;
+                let method = f.method.clone().unwrap_or_else(|| "GET".into());
+                let path = f.path.clone().unwrap_or_else(|| "/".into());
+                let target = match (&f.from, &f.to) {
+                    (Some(a), Some(b)) => format!("{b} from {a} ({method} {path})"),
+                    _ => format!("{addr} ({method} {path})"),
+                };
+                Some(Arc::new(Flood {
+                    target,
+                    addr,
+                    request: format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nuser-agent: meshward-drill-flood\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").into_bytes().into(),
+                    rate: f.rate,
+                    sent: AtomicU64::new(0),
+                    ok: AtomicU64::new(0),
+                    limited: AtomicU64::new(0),
+                    refused: AtomicU64::new(0),
+                    failed: AtomicU64::new(0),
+                }))
+            }
+        });
+    }
     let text = output == Output::Text;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -985,6 +1160,8 @@ pub fn run(
         .build()?;
     let mut runner = Runner {
         client,
+        floods,
+        steps: vec![],
         hooks: up.as_ref().map(|u| u.hooks.clone()),
         drill_name: drill.name.clone(),
         namespace: drill.namespace.clone(),
@@ -1033,6 +1210,7 @@ pub fn run(
                 .doc(&json!({
                     "drill": format!("{}/{}", drill.namespace, drill.name),
                     "checks": checks,
+                    "steps": runner.steps,
                     "passed": passed,
                     "failed": failed,
                     "errors": problems,
@@ -1146,6 +1324,8 @@ async fn drive(
         let s1 = Instant::now();
         let undone = r.undo_one().await?;
         r.say(&format!("  {undone}"));
+        r.steps
+            .push(json!({"step": step.name, "did": said, "undone": undone}));
         let u = Instant::now();
         // Samples sent during the step, once answered.
         answered(probes).await;

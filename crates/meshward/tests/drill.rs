@@ -253,6 +253,22 @@ fn the_quickstart_drills_pass_detect_a_missing_traffic_policy_and_clean_up_when_
     //    objective, the flaky one thanks to the frontend's retries.
     let (code, r, _) = up.drill("slow-dependency.yaml");
     assert_eq!(code, Some(0), "{r:#}");
+    // A flood from one identity: it really sent (about 300/s for 8 s, answered), and the
+    // other edge kept its objective.
+    let (code, r, _) = up.drill("flood.yaml");
+    assert_eq!(code, Some(0), "{r:#}");
+    let said = r["steps"][0]["undone"].as_str().unwrap_or("");
+    // "flood of … stopped: 2400 sent, 2398 answered 2xx/3xx, 0 rate-limited (429), …"
+    let count = |what: &str| -> u64 {
+        said.split_once("stopped: ")
+            .map_or("", |(_, counts)| counts)
+            .split(", ")
+            .find_map(|p| p.split_once(' ').filter(|(_, w)| w.starts_with(what)))
+            .and_then(|(n, _)| n.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(count("sent") >= 1_200, "{said}");
+    assert!(count("answered 2xx/3xx") >= 1_200, "{said}");
     let (code, r, _) = up.drill("flaky-dependency.yaml");
     assert_eq!(code, Some(0), "{r:#}");
     // The fault is gone again: the newest revision removed it.
@@ -394,6 +410,14 @@ fn a_bad_drill_file_is_refused_with_file_line_and_field_before_anything_runs() {
         (
             "    - {name: x, duration: soon, stopApp: a/b}\n",
             ":10: spec.steps[0].duration: `soon` is not a duration",
+        ),
+        (
+            "    - {name: x, duration: 5s, flood: {address: \"127.0.0.1:9\", rate: 5000}}\n",
+            ":10: spec.steps[0].flood.rate: from 1 to 2000",
+        ),
+        (
+            "    - {name: x, duration: 5s, flood: {address: \"127.0.0.1:9\"}}\n",
+            ":10: spec.steps[0].flood: missing field `rate`",
         ),
     ];
     for (step, want) in cases {
