@@ -95,6 +95,10 @@ struct StepSpec {
     /// Floods a service from one identity (through its sidecar) for the step.
     #[serde(default)]
     flood: Option<FloodSpec>,
+    /// Sets the `Mesh`'s `certificateLifetime` (1m or more) for the step: every sidecar
+    /// renews at once and then at half that lifetime — certificate churn.
+    #[serde(default)]
+    certificate_lifetime: Option<Dur>,
 }
 
 /// `flood`: requests from one workload's sidecar to one of its calls, at `rate` per second,
@@ -272,13 +276,24 @@ fn read(path: &Path) -> Result<Drill> {
             + usize::from(s.freeze_app.is_some())
             + usize::from(s.stop_control_plane.is_some())
             + usize::from(s.flood.is_some())
+            + usize::from(s.certificate_lifetime.is_some())
             != 1
         {
             bail!(err_at(
                 &file,
                 line,
                 &f,
-                "a step makes one failure: set exactly one of `fault`, `stopApp`, `freezeApp`, `stopControlPlane: true` and `flood`"
+                "a step makes one failure: set exactly one of `fault`, `stopApp`, `freezeApp`, `stopControlPlane: true`, `flood` and `certificateLifetime`"
+            ));
+        }
+        if let Some(l) = &s.certificate_lifetime
+            && (l.0 < Duration::from_secs(60) || l.0 > Duration::from_secs(24 * 3600))
+        {
+            bail!(err_at(
+                &file,
+                line,
+                &format!("{f}.certificateLifetime"),
+                "from 1m to 24h (the Mesh's bounds)"
             ));
         }
         if let Some(fl) = &s.flood
@@ -576,6 +591,45 @@ enum Undo {
         flood: Arc<Flood>,
         task: tokio::task::AbortHandle,
     },
+    /// The Mesh file as it was, and each sidecar's certificate serial when the step began.
+    Lifetime {
+        file: String,
+        text: String,
+        serials: BTreeMap<String, String>,
+    },
+}
+
+/// `text` (a policy file) with the `Mesh` document's `spec.certificateLifetime` set to
+/// `lifetime`, or `None` when the file holds no `Mesh`. Edited as text, so the rest of
+/// the file (comments, order) stays as the operator wrote it.
+fn with_lifetime(text: &str, lifetime: &str) -> Result<Option<String>> {
+    let mut out = String::new();
+    let mut found = false;
+    for (n, doc) in text.split_inclusive("\n---").enumerate() {
+        let is_mesh = doc.lines().any(|l| l.trim_end() == "kind: Mesh");
+        if !is_mesh {
+            out.push_str(doc);
+            continue;
+        }
+        found = true;
+        let mut lines: Vec<String> = doc.split('\n').map(str::to_owned).collect();
+        if let Some(i) = lines
+            .iter()
+            .position(|l| l.trim_start().starts_with("certificateLifetime:") && l.starts_with(' '))
+        {
+            let indent = lines[i].len() - lines[i].trim_start().len();
+            lines[i] = format!("{}certificateLifetime: {lifetime}", " ".repeat(indent));
+        } else if let Some(i) = lines.iter().position(|l| l.trim_end() == "spec:") {
+            lines.insert(i + 1, format!("  certificateLifetime: {lifetime}"));
+        } else {
+            bail!(
+                "document {} of the Mesh's file: `spec:` is not in block style (one field per line); a drill cannot set its certificateLifetime",
+                n + 1
+            );
+        }
+        out.push_str(&lines.join("\n"));
+    }
+    Ok(found.then_some(out))
 }
 
 /// A flood's target and what it got back.
@@ -633,6 +687,8 @@ struct Runner {
     floods: Vec<Option<Arc<Flood>>>,
     /// What each step did and what undoing it said (`-o json`'s `steps`).
     steps: Vec<Value>,
+    /// A second operator for mesh-wide changes (`meshward up`'s `up-approver`).
+    approver: Option<Client>,
     hooks: Option<PathBuf>,
     drill_name: String,
     namespace: String,
@@ -683,6 +739,60 @@ impl Runner {
                 "the change waits for a second approval (proposal {}): a drill's fault must not touch mesh-wide resources",
                 r["proposal"]
             ),
+            _ => bail!("unexpected answer: {r}"),
+        }
+    }
+
+    /// Each connected sidecar's certificate serial (by the workload it serves).
+    async fn serials(&self) -> Result<BTreeMap<String, String>> {
+        let st = self
+            .client
+            .call("GET", "/v1/status", None)
+            .await
+            .map_err(|e| anyhow!("status: {e}"))?;
+        Ok(st["proxies"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| {
+                Some((
+                    p["workload"].as_str()?.to_owned(),
+                    p["certificate"]["serial"].as_str()?.to_owned(),
+                ))
+            })
+            .collect())
+    }
+
+    /// Applies a mesh-wide change, approved by the second operator when it needs one.
+    async fn apply_approved(&self, files: Vec<(String, String)>, reason: &str) -> Result<u64> {
+        let r = self
+            .client
+            .call(
+                "POST",
+                "/v1/apply",
+                Some(&json!({"files": files, "reason": reason})),
+            )
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        match r["status"].as_str() {
+            Some("committed") | Some("unchanged") => Ok(r["revision"].as_u64().unwrap_or(0)),
+            Some("pending_approval") => {
+                let approver = self.approver.as_ref().with_context(|| {
+                    format!(
+                        "the change waits for a second operator's approval (proposal {}): run the drill against a mesh of `meshward up` (--mesh), whose second operator approves it",
+                        r["proposal"]
+                    )
+                })?;
+                let a = approver
+                    .call(
+                        "POST",
+                        "/v1/approve",
+                        Some(&json!({"proposal": r["proposal"]})),
+                    )
+                    .await
+                    .map_err(|e| anyhow!("approving proposal {}: {e}", r["proposal"]))?;
+                Ok(a["revision"].as_u64().unwrap_or(0))
+            }
             _ => bail!("unexpected answer: {r}"),
         }
     }
@@ -758,6 +868,41 @@ impl Runner {
             self.undo.push(Undo::Control);
             return Ok(format!("control plane stopped ({said})"));
         }
+        if let Some(l) = &step.certificate_lifetime {
+            let lifetime = humantime::format_duration(l.0).to_string();
+            let (_, mut files) = self.head().await?;
+            let mut edited = None;
+            for (name, text) in files.iter_mut() {
+                if let Some(t) = with_lifetime(text, &lifetime)
+                    .with_context(|| format!("spec.steps[{i}].certificateLifetime: `{name}`"))?
+                {
+                    edited = Some((name.clone(), std::mem::replace(text, t)));
+                    break;
+                }
+            }
+            let (file, text) =
+                edited.context("the head revision has no `Mesh` to set the lifetime on")?;
+            let serials = self.serials().await?;
+            let rev = self
+                .apply_approved(
+                    files,
+                    &format!(
+                        "drill {} step {}: {}: certificate lifetime {lifetime}",
+                        self.drill_name,
+                        i + 1,
+                        step.name
+                    ),
+                )
+                .await?;
+            self.undo.push(Undo::Lifetime {
+                file,
+                text,
+                serials,
+            });
+            return Ok(format!(
+                "certificate lifetime {lifetime} committed as revision {rev}"
+            ));
+        }
         if let Some(flood) = self.floods.get(i).cloned().flatten() {
             let task = tokio::spawn(flood.clone().run()).abort_handle();
             let said = format!("flooding {} at {}/s", flood.target, flood.rate);
@@ -804,6 +949,35 @@ impl Runner {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 "control plane started again".into()
+            }
+            Undo::Lifetime {
+                file,
+                text,
+                serials,
+            } => {
+                // Counted before the restore (which renews nothing: certificates of the
+                // short lifetime renew at half of it, then get the mesh's again).
+                let now = self.serials().await?;
+                let renewed = serials
+                    .iter()
+                    .filter(|(w, s)| now.get(*w).is_some_and(|n| n != *s))
+                    .count();
+                let (_, mut files) = self.head().await?;
+                for (n, t) in files.iter_mut() {
+                    if *n == file {
+                        *t = text.clone();
+                    }
+                }
+                let rev = self
+                    .apply_approved(
+                        files,
+                        &format!("drill {}: certificate lifetime restored", self.drill_name),
+                    )
+                    .await?;
+                format!(
+                    "certificate lifetime restored in revision {rev}; {renewed} of {} sidecars renewed during the step",
+                    serials.len()
+                )
             }
             Undo::Flood { flood, task } => {
                 task.abort();
@@ -1120,6 +1294,26 @@ pub fn run(
             samples: Arc::default(),
         }));
     }
+    // `meshward up` keeps a second operator for its own approvals: a drill of its mesh uses
+    // it for a mesh-wide step (certificateLifetime).
+    let approver = match &up {
+        Some(u) => {
+            let t = u.token_file.with_file_name("up-approver.token");
+            if t.exists() {
+                Some(
+                    Conn {
+                        server: Some(u.control.clone()),
+                        token_file: Some(t),
+                        ca_file: Some(u.ca_file.clone()),
+                    }
+                    .client()?,
+                )
+            } else {
+                None
+            }
+        }
+        None => None,
+    };
     let mut floods = vec![];
     for (i, step) in drill.spec.steps.iter().enumerate() {
         floods.push(match &step.flood {
@@ -1162,6 +1356,7 @@ pub fn run(
         client,
         floods,
         steps: vec![],
+        approver,
         hooks: up.as_ref().map(|u| u.hooks.clone()),
         drill_name: drill.name.clone(),
         namespace: drill.namespace.clone(),

@@ -269,6 +269,19 @@ fn the_quickstart_drills_pass_detect_a_missing_traffic_policy_and_clean_up_when_
     };
     assert!(count("sent") >= 1_200, "{said}");
     assert!(count("answered 2xx/3xx") >= 1_200, "{said}");
+    // Certificate churn: one-minute certificates for 70 s, every sidecar renewed (at once,
+    // then every ~30 s), no request failed; the lifetime is restored.
+    let (code, r, _) = up.drill("certificate-churn.yaml");
+    assert_eq!(code, Some(0), "{r:#}");
+    let said = r["steps"][0]["undone"].as_str().unwrap_or("");
+    assert!(said.contains("4 of 4 sidecars renewed"), "{r:#}");
+    let rev = up.newest_revision();
+    assert!(
+        rev["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("certificate lifetime restored")),
+        "{rev}"
+    );
     let (code, r, _) = up.drill("flaky-dependency.yaml");
     assert_eq!(code, Some(0), "{r:#}");
     // The fault is gone again: the newest revision removed it.

@@ -471,6 +471,56 @@ fn renew_in(not_after: SystemTime) -> Duration {
     Duration::from_millis(u64::try_from(half.as_millis()).unwrap_or(u64::MAX) / 1000 * factor)
 }
 
+/// Waits until `svid` is due for renewal: at about half its remaining life — counted to
+/// its expiry, or to when the mesh's `certificateLifetime` (as the policy in force says)
+/// would have it expire if that is sooner. A lifetime shortened below what the
+/// certificate was issued with (a drill forcing renewals, a policy tightening) renews it
+/// at once, not half an hour later. The policy is looked at every second.
+async fn renewal_due(shared: &Shared, svid: &Svid) {
+    let not_before = svid
+        .key
+        .cert
+        .first()
+        .and_then(meshward_identity::svid::serial_and_validity)
+        .map(|(_, nb, _)| nb);
+    let mut planned: Option<(Option<Duration>, SystemTime)> = None;
+    loop {
+        let lifetime = shared
+            .policy
+            .load()
+            .as_ref()
+            .map(|p| p.set.mesh.certificate_lifetime);
+        let at = match planned {
+            Some((l, at)) if l == lifetime => at,
+            _ => {
+                // Issued for longer than the mesh allows now (beyond the CA's 30 s
+                // back-dating and some skew): due as if issued with the lifetime in force.
+                let due = match (lifetime, not_before) {
+                    (Some(l), Some(nb))
+                        if svid
+                            .not_after
+                            .duration_since(nb)
+                            .is_ok_and(|issued| issued > l + Duration::from_secs(120)) =>
+                    {
+                        svid.not_after.min(nb + l)
+                    }
+                    _ => svid.not_after,
+                };
+                let at = SystemTime::now() + renew_in(due);
+                planned = Some((lifetime, at));
+                at
+            }
+        };
+        let Ok(left) = at.duration_since(SystemTime::now()) else {
+            return;
+        };
+        if left.is_zero() {
+            return;
+        }
+        tokio::time::sleep(left.min(Duration::from_secs(1))).await;
+    }
+}
+
 /// Keeps the SVID fresh forever: join if needed, then renew at about half its lifetime.
 pub async fn identity_loop(shared: Arc<Shared>, cfg: AgentConfig) {
     let mut backoff = Backoff::new(Duration::from_secs(5));
@@ -482,7 +532,7 @@ pub async fn identity_loop(shared: Arc<Shared>, cfg: AgentConfig) {
                 None => Err("no SVID and no join token: pass --join-token-file".into()),
             },
             Some(s) if s.not_after > SystemTime::now() => {
-                tokio::time::sleep(renew_in(s.not_after)).await;
+                renewal_due(&shared, s).await;
                 sign(&shared, &cfg, None).await
             }
             Some(_) => {
