@@ -500,6 +500,13 @@ struct Probe {
     samples: Arc<Mutex<Vec<Sample>>>,
 }
 
+/// One HTTP/1.1 request without a body, on a connection of its own.
+fn request(method: &str, path: &str, addr: SocketAddr, agent: &str) -> Arc<[u8]> {
+    format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nuser-agent: {agent}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        .into_bytes()
+        .into()
+}
+
 async fn send(addr: SocketAddr, request: &[u8], timeout: Duration) -> Option<u16> {
     tokio::time::timeout(timeout, async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
@@ -723,24 +730,10 @@ impl Runner {
         Ok((head, files))
     }
 
+    /// Applies a change the drill's namespace owns (a fault): one needing a second
+    /// operator is refused.
     async fn apply(&self, files: Vec<(String, String)>, reason: &str) -> Result<u64> {
-        let r = self
-            .client
-            .call(
-                "POST",
-                "/v1/apply",
-                Some(&json!({"files": files, "reason": reason})),
-            )
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
-        match r["status"].as_str() {
-            Some("committed") | Some("unchanged") => Ok(r["revision"].as_u64().unwrap_or(0)),
-            Some("pending_approval") => bail!(
-                "the change waits for a second approval (proposal {}): a drill's fault must not touch mesh-wide resources",
-                r["proposal"]
-            ),
-            _ => bail!("unexpected answer: {r}"),
-        }
+        self.submit(files, reason, false).await
     }
 
     /// Each connected sidecar's certificate serial (by the workload it serves).
@@ -765,6 +758,15 @@ impl Runner {
 
     /// Applies a mesh-wide change, approved by the second operator when it needs one.
     async fn apply_approved(&self, files: Vec<(String, String)>, reason: &str) -> Result<u64> {
+        self.submit(files, reason, true).await
+    }
+
+    async fn submit(
+        &self,
+        files: Vec<(String, String)>,
+        reason: &str,
+        mesh_wide: bool,
+    ) -> Result<u64> {
         let r = self
             .client
             .call(
@@ -776,6 +778,10 @@ impl Runner {
             .map_err(|e| anyhow!("{e}"))?;
         match r["status"].as_str() {
             Some("committed") | Some("unchanged") => Ok(r["revision"].as_u64().unwrap_or(0)),
+            Some("pending_approval") if !mesh_wide => bail!(
+                "the change waits for a second approval (proposal {}): a drill's fault must not touch mesh-wide resources",
+                r["proposal"]
+            ),
             Some("pending_approval") => {
                 let approver = self.approver.as_ref().with_context(|| {
                     format!(
@@ -1287,7 +1293,7 @@ pub fn run(
         probes.push(Arc::new(Probe {
             name: p.name.clone(),
             addr,
-            request: format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nuser-agent: meshward-drill\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").into_bytes().into(),
+            request: request(&method, &path, addr, "meshward-drill"),
             rate: p.rate.unwrap_or(20),
             timeout: p.timeout.as_ref().map_or(Duration::from_secs(2), |d| d.0),
             expect: p.expect_status,
@@ -1336,7 +1342,7 @@ pub fn run(
                 Some(Arc::new(Flood {
                     target,
                     addr,
-                    request: format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nuser-agent: meshward-drill-flood\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").into_bytes().into(),
+                    request: request(&method, &path, addr, "meshward-drill-flood"),
                     rate: f.rate,
                     sent: AtomicU64::new(0),
                     ok: AtomicU64::new(0),
