@@ -113,6 +113,7 @@ try {
     certificates: [...document.querySelectorAll("#certs tbody tr")].map((r) => r.innerText),
     anomalies: [...document.querySelectorAll("#anomalies tbody tr")].map((r) => r.innerText),
     faults: [...document.querySelectorAll("#faults tbody tr")].map((r) => r.innerText),
+    rollout: { state: window.meshward.rollout, text: document.querySelector("#rollout-body").innerText, edges: [...document.querySelectorAll("#rollout-edges tbody tr")].map((r) => r.innerText) },
     revision: document.querySelector("#rev").innerText,
   }));
   const { overlaps, offscreen, zoom, label_px, layout } = await page.evaluate(readability);

@@ -42,6 +42,7 @@ impl IntoResponse for Refused {
             Refused::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Refused::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Refused::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Refused::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             // The data directory is full: nothing was written (crate::disk).
             Refused::Store(e) if e.is_full() => (StatusCode::INSUFFICIENT_STORAGE, "disk_full"),
             Refused::Store(_) | Refused::Internal(_) => {
@@ -128,6 +129,9 @@ struct ApplyReq {
     files: Files,
     #[serde(default)]
     reason: String,
+    /// A progressive rollout (docs/rollout.md) instead of an apply.
+    #[serde(default)]
+    progressive: Option<crate::service::rollout::Options>,
 }
 
 async fn apply(
@@ -137,7 +141,61 @@ async fn apply(
     Json(r): Json<ApplyReq>,
 ) -> Response {
     let op = op!(cp, h, p);
-    reply(blocking(move || cp.apply(&op, r.files, &r.reason, SystemTime::now())).await)
+    reply(
+        blocking(move || match &r.progressive {
+            Some(o) => cp.start_rollout(&op, r.files, &r.reason, o, SystemTime::now()),
+            None => cp.apply(&op, r.files, &r.reason, SystemTime::now()),
+        })
+        .await,
+    )
+}
+
+/// The rollout running now or the last one, with its evidence.
+async fn rollout_status(
+    State(cp): State<Cp>,
+    Extension(p): Extension<Peer>,
+    h: HeaderMap,
+) -> Response {
+    let _op = op!(cp, h, p);
+    reply(blocking(move || cp.rollout_status(SystemTime::now())).await)
+}
+
+#[derive(Debug, Deserialize)]
+struct RolloutReq {
+    #[serde(default)]
+    reason: String,
+}
+
+async fn rollout_promote(
+    State(cp): State<Cp>,
+    Extension(p): Extension<Peer>,
+    h: HeaderMap,
+    Json(r): Json<RolloutReq>,
+) -> Response {
+    let op = op!(cp, h, p);
+    reply(
+        blocking(move || {
+            cp.promote_rollout(&op, &r.reason, SystemTime::now())
+                .map(|m| json!({"message": m}))
+        })
+        .await,
+    )
+}
+
+async fn rollout_abort(
+    State(cp): State<Cp>,
+    Extension(p): Extension<Peer>,
+    h: HeaderMap,
+    Json(r): Json<RolloutReq>,
+) -> Response {
+    let op = op!(cp, h, p);
+    reply(
+        blocking(move || {
+            cp.abort_rollout(&op, &r.reason, SystemTime::now())
+                .map(|m| json!({"message": m}))
+        })
+        .await,
+    )
 }
 
 #[derive(Debug, Deserialize)]
@@ -502,6 +560,9 @@ pub fn router(cp: Cp) -> Router {
         .route("/v1/approve", post(approve))
         .route("/v1/proposals", get(proposals))
         .route("/v1/rollback", post(rollback))
+        .route("/v1/rollout", get(rollout_status))
+        .route("/v1/rollout/promote", post(rollout_promote))
+        .route("/v1/rollout/abort", post(rollout_abort))
         .route("/v1/history", get(history))
         .route("/v1/revisions/{rev}", get(revision))
         .route("/v1/audit", get(audit_log))

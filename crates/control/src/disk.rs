@@ -385,4 +385,19 @@ impl Store for GuardedStore {
     fn drop_proposal(&self, id: u64) -> Result<(), StoreError> {
         self.inner.drop_proposal(id)
     }
+    fn state(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.inner.state(key)
+    }
+    fn set_state(
+        &self,
+        key: &str,
+        value: &str,
+        entry: Option<NewEntry>,
+        now: SystemTime,
+    ) -> Result<(), StoreError> {
+        let about = entry
+            .clone()
+            .unwrap_or_else(|| NewEntry::new("control-plane", "state", key, serde_json::json!({})));
+        self.change(&about, now, || self.inner.set_state(key, value, entry, now))
+    }
 }

@@ -186,6 +186,7 @@ impl Config for ProxyApi {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let mut head = cp.subscribe();
         let mut readiness = cp.subscribe_readiness();
+        let mut rollout = cp.subscribe_rollout();
         // Sender: a snapshot now and on every new head revision.
         let send_cp = cp.clone();
         let send_id = id.clone();
@@ -222,6 +223,16 @@ impl Config for ProxyApi {
                                 .into_iter()
                                 .map(|(workload, reason)| NotReady { workload, reason })
                                 .collect(),
+                            candidate_rollout: snap.candidate.as_ref().map_or(0, |c| c.0),
+                            candidate_files: snap
+                                .candidate
+                                .iter()
+                                .flat_map(|c| c.1.iter())
+                                .map(|(name, text)| File {
+                                    name: name.clone(),
+                                    text: text.clone(),
+                                })
+                                .collect(),
                         })
                     }
                     Ok(Err(e)) => Err(status(e)),
@@ -239,6 +250,7 @@ impl Config for ProxyApi {
                 let alive = tokio::select! {
                     h = head.changed() => h.is_ok(),
                     r = readiness.changed() => r.is_ok(),
+                    r = rollout.changed() => r.is_ok(),
                 };
                 if !alive {
                     break;
@@ -274,6 +286,9 @@ impl Config for ProxyApi {
                             not_after: at(ack.cert_not_after),
                         });
                     }
+                    s.candidate_rollout = ack.candidate_rollout;
+                    s.candidate_error =
+                        (!ack.candidate_error.is_empty()).then(|| ack.candidate_error.clone());
                     if ack.accepted {
                         s.acked_revision = ack.revision;
                         s.rejected = None;

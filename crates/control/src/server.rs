@@ -325,6 +325,19 @@ pub async fn run(
             }
         }
     });
+    // Progressive rollout (service::rollout): its clock, twice a second.
+    let ro = cp.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let c = ro.clone();
+            match tokio::task::spawn_blocking(move || c.rollout_tick(SystemTime::now())).await {
+                Ok(Ok(Some(step))) => tracing::warn!("{step}"),
+                Ok(Err(e)) => tracing::warn!("rollout: {e}"),
+                _ => {}
+            }
+        }
+    });
     crate::api::serve(cp, listener, Arc::new(tls), shutdown).await;
     Ok(())
 }

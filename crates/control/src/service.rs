@@ -22,6 +22,7 @@ use crate::store::{
 };
 
 pub mod detector;
+pub mod rollout;
 
 /// Why an operation was refused. Each maps to an HTTP status in the API.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,9 @@ pub enum Refused {
     NotFound(String),
     #[error("{0}")]
     BadRequest(String),
+    /// Another change is under way (a progressive rollout).
+    #[error("{0}")]
+    Conflict(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{0}")]
@@ -64,6 +68,13 @@ pub enum Applied {
     },
     /// Nothing to change.
     Unchanged { revision: u64 },
+    /// `apply --progressive`: the candidate is in shadow (docs/rollout.md).
+    RolloutStarted {
+        rollout: u64,
+        summary: String,
+        bake_seconds: f64,
+        watch_seconds: f64,
+    },
 }
 
 /// Configuration of a control plane.
@@ -93,9 +104,13 @@ pub struct ControlPlane {
     readiness: Mutex<std::collections::BTreeMap<String, String>>,
     /// Bumped on every readiness change; config streams listen.
     readiness_gen: tokio::sync::watch::Sender<u64>,
+    /// Bumped on every change of the progressive rollout; config streams listen.
+    rollout_gen: tokio::sync::watch::Sender<u64>,
+    /// One rollout transition at a time.
+    rollout_lock: Mutex<()>,
     tls_bundles: Option<meshward_identity::verifier::SharedBundles>,
-    /// Snapshots of the head revision by identity.
-    snapshots: Mutex<(u64, std::collections::HashMap<SpiffeId, Arc<Snapshot>>)>,
+    /// Snapshots of the head revision (and rollout generation) by identity.
+    snapshots: Mutex<SnapshotCache>,
     pub metrics: Arc<meshward_telemetry::ControlMetrics>,
     /// Decision records shipped by proxies (a bounded window).
     decisions: Option<Arc<crate::decisions::DecisionWindow>>,
@@ -107,12 +122,21 @@ pub struct ControlPlane {
     pub disk: Option<Arc<crate::disk::Disk>>,
 }
 
+/// Snapshots by identity, for one (head revision, rollout generation).
+type SnapshotCache = (
+    (u64, u64),
+    std::collections::HashMap<SpiffeId, Arc<Snapshot>>,
+);
+
 /// What one proxy identity receives at one revision.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub revision: u64,
     pub workloads: Vec<String>,
     pub files: Files,
+    /// A progressive rollout's candidate in shadow: `(rollout, files)`, selected as
+    /// `files` are.
+    pub candidate: Option<(u64, Files)>,
 }
 
 /// What `meshward ca rotate` rotates.
@@ -147,6 +171,10 @@ pub struct ProxyState {
     pub workload: Option<String>,
     /// The certificate it presents now, as it says (after each renewal).
     pub certificate: Option<HeldCertificate>,
+    /// The rollout whose candidate it evaluates in shadow (0: none), and why it could not
+    /// take the one it was sent.
+    pub candidate_rollout: u64,
+    pub candidate_error: Option<String>,
 }
 
 /// A certificate a proxy holds.
@@ -188,7 +216,9 @@ impl ControlPlane {
             next_proxy: std::sync::atomic::AtomicU64::new(1),
             readiness: Mutex::new(std::collections::BTreeMap::new()),
             readiness_gen: tokio::sync::watch::channel(0).0,
-            snapshots: Mutex::new((u64::MAX, std::collections::HashMap::new())),
+            rollout_gen: tokio::sync::watch::channel(0).0,
+            rollout_lock: Mutex::new(()),
+            snapshots: Mutex::new(((u64::MAX, 0), std::collections::HashMap::new())),
             tls_bundles: None,
             metrics: Arc::default(),
             decisions: None,
@@ -514,6 +544,7 @@ impl ControlPlane {
         now: SystemTime,
     ) -> Result<Applied, Refused> {
         require_reason(reason)?;
+        self.refuse_during_rollout()?;
         // A set that does not parse is refused before anything else, with the diagnostics
         // `meshward policy lint` prints: what it would change cannot even be read.
         let loaded = repo::load(&files);
@@ -620,6 +651,9 @@ impl ControlPlane {
             );
             Err(e)
         };
+        if let Err(e) = self.refuse_during_rollout() {
+            return refuse(e);
+        }
         if !op.is_platform_security() {
             return refuse(Refused::Forbidden(format!(
                 "`{}` may not approve: approvals need the platform-security role",
@@ -671,6 +705,7 @@ impl ControlPlane {
         now: SystemTime,
     ) -> Result<Applied, Refused> {
         let result = require_reason(reason).and_then(|()| {
+            self.refuse_during_rollout()?;
             let target = self
                 .store
                 .revision(to)
@@ -1343,59 +1378,39 @@ impl ControlPlane {
     /// The snapshot a proxy running as `identity` needs at the head revision:
     /// `(revision, its workloads, files)`.
     pub fn snapshot_for(&self, identity: &SpiffeId) -> Result<Arc<Snapshot>, Refused> {
-        let rev = *self.head.borrow();
+        let key = (*self.head.borrow(), *self.rollout_gen.borrow());
         if let Ok(c) = self.snapshots.lock()
-            && c.0 == rev
+            && c.0 == key
             && let Some(s) = c.1.get(identity)
         {
             return Ok(s.clone());
         }
-        // Built once per (revision, identity) and shared by every proxy of that identity.
+        // Built once per (revision, rollout, identity) and shared by every proxy of that
+        // identity.
         let (rev, files) = self.head_files()?;
-        let loaded = repo::load(&files);
-        let Some(set) = loaded.set else {
-            return Ok(Arc::new(Snapshot {
-                revision: rev,
-                workloads: vec![],
-                files: vec![],
-            }));
-        };
-        let mine: Vec<&meshward_policy::model::Workload> = set
-            .workloads
-            .iter()
-            .filter(|w| w.identity == *identity)
-            .collect();
-        let names = mine.iter().map(|w| w.id.to_string()).collect();
-        let targets_mine = |id: &str| {
-            set.policies
-                .iter()
-                .find(|p| &*p.id == id)
-                .is_some_and(|p| mine.iter().any(|w| p.target.matches(w)))
-        };
-        let selected = repo::select(&files, |k| match k.kind.as_str() {
-            "Mesh"
-            | "Workload"
-            | "Service"
-            | "TrustDomainFederation"
-            | "Override"
-            | "RateLimitPolicy"
-            | "TrafficPolicy"
-            | "FaultInjection" => true,
-            "AuthorizationPolicy" => targets_mine(&format!("{}/{}", k.namespace, k.name)),
-            _ => false,
+        let (names, selected) = select_for(&files, identity);
+        let candidate = self.shadow_candidate().map(|(id, cfiles)| {
+            let (_, mine) = select_for(&cfiles, identity);
+            (id, mine)
         });
         let snap = Arc::new(Snapshot {
             revision: rev,
             workloads: names,
             files: selected,
+            candidate,
         });
         if let Ok(mut c) = self.snapshots.lock() {
-            if c.0 != rev {
-                *c = (rev, std::collections::HashMap::new());
+            if c.0 != key {
+                *c = (key, std::collections::HashMap::new());
             }
             c.1.insert(identity.clone(), snap.clone());
         }
         Ok(snap)
+    }
+
+    /// Bumped whenever a rollout changes (config streams resend).
+    pub fn subscribe_rollout(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.rollout_gen.subscribe()
     }
 
     /// Registers a config stream; returns its id.
@@ -1422,6 +1437,8 @@ impl ControlPlane {
                     last_seen_ms: ms(now),
                     workload: None,
                     certificate: None,
+                    candidate_rollout: 0,
+                    candidate_error: None,
                 },
             );
         }
@@ -1597,6 +1614,41 @@ fn changed_attributes(
 }
 
 /// Every change says why: the reason goes into the history and the audit log.
+/// What a proxy running as `identity` needs of `files`: the names of its workloads, and
+/// the Mesh, every Workload and Service (identities and attributes), the policies that
+/// target its workloads, and the overrides, rate limits, traffic policies and faults.
+fn select_for(files: &Files, identity: &SpiffeId) -> (Vec<String>, Files) {
+    let loaded = repo::load(files);
+    let Some(set) = loaded.set else {
+        return (vec![], vec![]);
+    };
+    let mine: Vec<&meshward_policy::model::Workload> = set
+        .workloads
+        .iter()
+        .filter(|w| w.identity == *identity)
+        .collect();
+    let names = mine.iter().map(|w| w.id.to_string()).collect();
+    let targets_mine = |id: &str| {
+        set.policies
+            .iter()
+            .find(|p| &*p.id == id)
+            .is_some_and(|p| mine.iter().any(|w| p.target.matches(w)))
+    };
+    let selected = repo::select(files, |k| match k.kind.as_str() {
+        "Mesh"
+        | "Workload"
+        | "Service"
+        | "TrustDomainFederation"
+        | "Override"
+        | "RateLimitPolicy"
+        | "TrafficPolicy"
+        | "FaultInjection" => true,
+        "AuthorizationPolicy" => targets_mine(&format!("{}/{}", k.namespace, k.name)),
+        _ => false,
+    });
+    (names, selected)
+}
+
 fn require_reason(reason: &str) -> Result<(), Refused> {
     if reason.trim().is_empty() {
         return Err(Refused::BadRequest(

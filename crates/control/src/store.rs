@@ -148,6 +148,16 @@ pub trait Store: Send + Sync {
     fn proposal(&self, id: u64) -> Result<Option<Proposal>, StoreError>;
     fn proposals(&self) -> Result<Vec<Proposal>, StoreError>;
     fn drop_proposal(&self, id: u64) -> Result<(), StoreError>;
+    /// Named state kept beside the revisions (the progressive rollout: `rollout`).
+    fn state(&self, key: &str) -> Result<Option<String>, StoreError>;
+    /// Writes named state and its audit entry, if any, in one transaction.
+    fn set_state(
+        &self,
+        key: &str,
+        value: &str,
+        entry: Option<NewEntry>,
+        now: SystemTime,
+    ) -> Result<(), StoreError>;
 }
 
 pub(crate) fn ms(t: SystemTime) -> i64 {
@@ -195,7 +205,8 @@ impl SqliteStore {
              CREATE TABLE IF NOT EXISTS tokens (hash TEXT PRIMARY KEY, identity TEXT NOT NULL, expires_ms INTEGER NOT NULL,
                  used_ms INTEGER, created_by TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS proposals (id INTEGER PRIMARY KEY, created_ms INTEGER NOT NULL, author TEXT NOT NULL,
-                 reason TEXT NOT NULL, summary TEXT NOT NULL, base INTEGER NOT NULL, files TEXT NOT NULL);",
+                 reason TEXT NOT NULL, summary TEXT NOT NULL, base INTEGER NOT NULL, files TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
         )?;
         Ok(SqliteStore {
             group: Group::default(),
@@ -480,6 +491,38 @@ impl Store for SqliteStore {
     fn drop_proposal(&self, id: u64) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute("DELETE FROM proposals WHERE id = ?1", [id])?;
+            Ok(())
+        })
+    }
+
+    fn state(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT value FROM state WHERE key = ?1")?;
+            let mut rows = st.query([key])?;
+            Ok(match rows.next()? {
+                Some(r) => Some(r.get(0)?),
+                None => None,
+            })
+        })
+    }
+
+    fn set_state(
+        &self,
+        key: &str,
+        value: &str,
+        entry: Option<NewEntry>,
+        now: SystemTime,
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO state (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![key, value],
+            )?;
+            if let Some(e) = entry {
+                append(&tx, e, now)?;
+            }
+            tx.commit()?;
             Ok(())
         })
     }

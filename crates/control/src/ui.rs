@@ -106,6 +106,7 @@ pub fn router(cp: Cp) -> Router {
         .route("/ui/api/history", get(history))
         .route("/ui/api/overrides", get(overrides))
         .route("/ui/api/faults", get(faults))
+        .route("/ui/api/rollout", get(rollout))
         .route("/ui/api/quarantines", get(quarantines))
         .route("/ui/api/certificates", get(certificates))
         .with_state(Ui {
@@ -288,6 +289,10 @@ async fn history(State(u): State<Ui>, h: HeaderMap) -> Response {
 
 async fn overrides(State(u): State<Ui>, h: HeaderMap) -> Response {
     read(u, h, |cp| cp.overrides()).await
+}
+
+async fn rollout(State(u): State<Ui>, h: HeaderMap) -> Response {
+    read(u, h, |cp| cp.rollout_status(SystemTime::now())).await
 }
 
 async fn faults(State(u): State<Ui>, h: HeaderMap) -> Response {

@@ -237,7 +237,13 @@ pub fn control(
 }
 
 /// `meshward apply -f DIR`.
-pub fn apply(conn: &Conn, dir: &Path, reason: &str, output: Output) -> Result<ExitCode> {
+pub fn apply(
+    conn: &Conn,
+    dir: &Path,
+    reason: &str,
+    progressive: Option<Value>,
+    output: Output,
+) -> Result<ExitCode> {
     let files = meshward_policy::model::yaml_files(dir)
         .with_context(|| format!("cannot read `{}`", dir.display()))?;
     if files.is_empty() {
@@ -254,9 +260,16 @@ pub fn apply(conn: &Conn, dir: &Path, reason: &str, output: Output) -> Result<Ex
         conn,
         "POST",
         "/v1/apply",
-        Some(json!({"files": body, "reason": reason})),
+        Some(json!({"files": body, "reason": reason, "progressive": progressive})),
     )?;
     Ok(finish(r, output, |v| match v["status"].as_str() {
+        Some("rollout_started") => format!(
+            "rollout {} started ({}): in shadow for {}s beside the enforced revision, then enforced if it denies nothing allowed today, then watched for {}s\nfollow it: meshward rollout status --watch\n",
+            v["rollout"],
+            v["summary"].as_str().unwrap_or(""),
+            v["bake_seconds"],
+            v["watch_seconds"]
+        ),
         Some("committed") => format!(
             "applied: revision {} ({})\n{}",
             v["revision"],
@@ -914,4 +927,166 @@ pub fn top(
         }
         std::thread::sleep(interval);
     }
+}
+
+/// One rollout as text: stage, time left, edges, sidecars, outcome.
+fn rollout_text(v: &Value) -> String {
+    let r = &v["rollout"];
+    if r.is_null() {
+        return "no rollout has run\n".into();
+    }
+    let mut s = format!(
+        "rollout {}  {}  by {}: {}\n  change: {}\n  base revision {}",
+        r["id"],
+        r["stage"].as_str().unwrap_or("").to_uppercase(),
+        r["author"].as_str().unwrap_or(""),
+        r["reason"].as_str().unwrap_or(""),
+        r["summary"].as_str().unwrap_or(""),
+        r["base"]
+    );
+    if let Some(e) = r["enforced"].as_u64() {
+        s.push_str(&format!(", enforced as revision {e}"));
+    }
+    if let Some(e) = r["rolled_back_to"].as_u64() {
+        s.push_str(&format!(", rolled back by revision {e}"));
+    }
+    s.push('\n');
+    if let Some(left) = r["stage_remaining_seconds"].as_f64() {
+        s.push_str(&format!(
+            "  {} for {}s more\n",
+            r["stage"].as_str().unwrap_or(""),
+            left
+        ));
+    }
+    if let Some(why) = r["why"].as_str() {
+        s.push_str(&format!("  why: {why}\n"));
+    }
+    let sc = &r["sidecars"];
+    if sc.is_object() {
+        s.push_str(&format!(
+            "  sidecars: {} connected, {} evaluating the candidate{}\n",
+            sc["connected"],
+            sc["shadowing"],
+            sc["enforcing"]
+                .as_u64()
+                .map(|n| format!(", {n} enforcing it"))
+                .unwrap_or_default()
+        ));
+        for e in sc["rejected"].as_array().into_iter().flatten() {
+            s.push_str(&format!("  REJECTED {}\n", e.as_str().unwrap_or("")));
+        }
+    }
+    let gate = r["gate"].as_array().cloned().unwrap_or_default();
+    if !gate.is_empty() {
+        s.push_str(&format!(
+            "  {:<46} {:<24} {:>8} {:>8} {:>10} {:>8}\n",
+            "SOURCE", "DESTINATION", "ALLOWED", "→DENY", "→DENY %", "→ALLOW"
+        ));
+        for e in &gate {
+            let mark = match (e["held"].as_bool(), e["critical"].as_bool()) {
+                (Some(true), Some(true)) => "  HELD (critical)",
+                (Some(true), _) => "  HELD",
+                _ => "",
+            };
+            s.push_str(&format!(
+                "  {:<46} {:<24} {:>8} {:>8} {:>10} {:>8}{mark}\n",
+                e["source"].as_str().unwrap_or(""),
+                e["destination"].as_str().unwrap_or(""),
+                e["allowed"].to_string(),
+                e["would_deny"].to_string(),
+                e["would_deny_percent"].to_string(),
+                e["would_allow"].to_string()
+            ));
+            if let Some(x) = e["example"].as_str() {
+                s.push_str(&format!("      e.g. {x}\n"));
+            }
+        }
+    }
+    if let Some(rp) = r["replayed"].as_object() {
+        s.push_str(&format!(
+            "  replay of the recorded window: {} requests, {} allowed → denied, {} denied → allowed\n",
+            rp["requests"], rp["allow_to_deny"], rp["deny_to_allow"]
+        ));
+    }
+    let watched = r["watched"].as_array().cloned().unwrap_or_default();
+    if !watched.is_empty() {
+        s.push_str(&format!(
+            "  {:<46} {:<24} {:<9} {:>8} {:>7} {:>7}\n",
+            "WATCHED SOURCE", "DESTINATION", "SIDE", "REQUESTS", "DENY %", "5XX %"
+        ));
+        for e in &watched {
+            s.push_str(&format!(
+                "  {:<46} {:<24} {:<9} {:>8} {:>7} {:>7}\n",
+                e["source"].as_str().unwrap_or(""),
+                e["destination"].as_str().unwrap_or(""),
+                e["direction"].as_str().unwrap_or(""),
+                e["requests"].to_string(),
+                e["deny_percent"].to_string(),
+                e["error_percent"].to_string()
+            ));
+        }
+    }
+    match r["stage"].as_str() {
+        Some("waiting") => s.push_str(
+            "  next: `meshward rollout promote --reason …` to enforce it, or `meshward rollout abort --reason …`\n",
+        ),
+        Some("shadow" | "watch") => {
+            s.push_str("  next: it moves on by itself (`meshward rollout status --watch` follows it)\n")
+        }
+        _ => {}
+    }
+    s
+}
+
+/// `meshward rollout status [--watch]`.
+pub fn rollout_status(conn: &Conn, watch: bool, output: Output) -> Result<ExitCode> {
+    if !watch {
+        let r = call(conn, "GET", "/v1/rollout", None)?;
+        return Ok(finish(r, output, rollout_text));
+    }
+    // Follow it: a line per change of stage, the whole status at the end.
+    let mut last: Option<(Value, Value)> = None;
+    let started = std::time::Instant::now();
+    loop {
+        let v = match call(conn, "GET", "/v1/rollout", None)? {
+            Ok(v) => v,
+            Err(e) => return Ok(finish(Err(e), output, rollout_text)),
+        };
+        let r = &v["rollout"];
+        let key = (r["id"].clone(), r["stage"].clone());
+        if last.as_ref() != Some(&key) && output == Output::Text {
+            eprintln!(
+                "[{:>4}s] rollout {}: {}{}",
+                started.elapsed().as_secs(),
+                r["id"],
+                r["stage"].as_str().unwrap_or("none"),
+                r["why"]
+                    .as_str()
+                    .map(|w| format!(" ({w})"))
+                    .unwrap_or_default()
+            );
+        }
+        last = Some(key);
+        let active = matches!(r["stage"].as_str(), Some("shadow" | "watch"));
+        if !active {
+            // For scripts and CI: success only when the change was promoted.
+            let promoted = r["stage"] == "promoted";
+            let code = finish(Ok(v), output, rollout_text);
+            return Ok(if promoted { code } else { ExitCode::FAILURE });
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// `meshward rollout promote | abort`.
+pub fn rollout_act(conn: &Conn, act: &str, reason: &str, output: Output) -> Result<ExitCode> {
+    let r = call(
+        conn,
+        "POST",
+        &format!("/v1/rollout/{act}"),
+        Some(json!({"reason": reason})),
+    )?;
+    Ok(finish(r, output, |v| {
+        format!("{}\n", v["message"].as_str().unwrap_or(""))
+    }))
 }

@@ -39,7 +39,8 @@ enum LogFormat {
 }
 
 /// Exit codes (docs/cli.md): 0 done; 1 findings (lint errors, failed tests, failed drill
-/// expectations, a broken audit chain); 2 a usage error or bad input; 3 the control plane
+/// expectations, a broken audit chain, a rollout followed with `--watch` that was not
+/// promoted); 2 a usage error or bad input; 3 the control plane
 /// could not be reached; 4 the control plane refused; 130 interrupted.
 pub(crate) const EXIT_USAGE: u8 = 2;
 pub(crate) const EXIT_UNREACHABLE: u8 = 3;
@@ -147,16 +148,36 @@ enum Command {
     },
     /// Apply a policy repository as a new revision (validated, tested, permission-checked).
     #[command(
-        after_help = "Example:\n  meshward apply -f examples/policies --reason \"allow storefronts to POST orders\"\n\nBaseline, Mesh and federation changes wait for a second platform-security operator:\n`meshward approve ID`."
+        after_help = "Examples:\n  meshward apply -f examples/policies --reason \"allow storefronts to POST orders\"\n  meshward apply -f examples/policies --progressive --reason \"tighten payments\"\n\nBaseline, Mesh and federation changes wait for a second platform-security operator:\n`meshward approve ID`. --progressive runs the change in shadow, enforces it only if it\ndenies nothing allowed today, and rolls it back if healthy edges get worse\n(docs/rollout.md; follow it with `meshward rollout status`)."
     )]
     Apply {
         #[arg(short = 'f', long = "filename")]
         dir: PathBuf,
         #[arg(long, default_value = "")]
         reason: String,
+        /// Roll the change out progressively: shadow, gate, enforce, watch, roll back on
+        /// harm (docs/rollout.md).
+        #[arg(long)]
+        progressive: bool,
+        /// With --progressive: how long the shadow runs (default: the Mesh's
+        /// `rollout.bake`, else 60s).
+        #[arg(long, value_parser = humantime::parse_duration, requires = "progressive")]
+        bake: Option<std::time::Duration>,
+        /// With --progressive: how long healthy edges are watched after enforcement
+        /// (default: the Mesh's `rollout.watch`, else 120s).
+        #[arg(long, value_parser = humantime::parse_duration, requires = "progressive")]
+        watch: Option<std::time::Duration>,
+        /// With --progressive: enforce even when no traffic reached the affected sidecars
+        /// during the bake (a replay of the recorded window must still be clean).
+        #[arg(long, requires = "progressive")]
+        allow_no_traffic: bool,
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// A progressive rollout (`apply --progressive`): its stage and evidence; promote it
+    /// past its gate or end it.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
     /// The changes waiting for a second platform-security operator: who proposed what,
     /// what it changes, and whose approval it waits for.
     #[command(after_help = "Example:\n  meshward proposals\n  meshward proposals --output json")]
@@ -582,6 +603,44 @@ enum WorkloadCommand {
         identity: String,
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         ttl: std::time::Duration,
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RolloutCommand {
+    /// The rollout running now (or the last one): stage, time left, the edges the
+    /// candidate would change with counts, the sidecars, the outcome.
+    #[command(
+        after_help = "Examples:\n  meshward rollout status\n  meshward rollout status --watch\n  meshward rollout status -o json"
+    )]
+    Status {
+        /// Follow it until it ends, printing every change of stage.
+        #[arg(long)]
+        watch: bool,
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Enforce a rollout now (in shadow or held at the gate; the watch still follows),
+    /// or end its watch as promoted.
+    #[command(
+        after_help = "Example:\n  meshward rollout promote --reason \"the denied caller is retired (INC-88)\""
+    )]
+    Promote {
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// End a rollout: before enforcement nothing changes; during the watch the change is
+    /// rolled back.
+    #[command(
+        after_help = "Example:\n  meshward rollout abort --reason \"breaks the nightly export\""
+    )]
+    Abort {
+        #[arg(long, default_value = "")]
+        reason: String,
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
@@ -1095,8 +1154,30 @@ fn main() -> ExitCode {
         Command::Apply {
             dir,
             reason,
+            progressive,
+            bake,
+            watch,
+            allow_no_traffic,
             output,
-        } => control_cmd::apply(&cli.conn, &dir, &reason, output),
+        } => {
+            let progressive = progressive.then(|| {
+                serde_json::json!({
+                    "bake_seconds": bake.map(|d| d.as_secs_f64()),
+                    "watch_seconds": watch.map(|d| d.as_secs_f64()),
+                    "allow_no_traffic": allow_no_traffic,
+                })
+            });
+            control_cmd::apply(&cli.conn, &dir, &reason, progressive, output)
+        }
+        Command::Rollout(RolloutCommand::Status { watch, output }) => {
+            control_cmd::rollout_status(&cli.conn, watch, output)
+        }
+        Command::Rollout(RolloutCommand::Promote { reason, output }) => {
+            control_cmd::rollout_act(&cli.conn, "promote", &reason, output)
+        }
+        Command::Rollout(RolloutCommand::Abort { reason, output }) => {
+            control_cmd::rollout_act(&cli.conn, "abort", &reason, output)
+        }
         Command::Approve { id, output } => control_cmd::approve(&cli.conn, id, output),
         Command::Proposals { output } => control_cmd::proposals(&cli.conn, output),
         Command::History { output } => control_cmd::history(&cli.conn, output),

@@ -299,6 +299,16 @@ pub struct ShadowDecision {
     pub rule: Option<Arc<str>>,
 }
 
+/// What a progressive rollout's candidate revision decided, beside the enforced one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CandidateDecision {
+    /// The rollout the candidate belongs to.
+    pub rollout: u64,
+    pub verdict: Verdict,
+    pub reason: Reason,
+    pub policy: Option<Arc<str>>,
+}
+
 /// The result of authorizing one request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Decision {
@@ -313,6 +323,9 @@ pub struct Decision {
     /// Present when a dry-run policy applies to the destination: the verdict with every
     /// dry-run policy enforced.
     pub shadow: Option<ShadowDecision>,
+    /// During a progressive rollout's shadow stage: what the candidate decided.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<CandidateDecision>,
     /// AUDIT rules that matched.
     pub audit: Vec<RuleRef>,
     /// How long the decision took.
@@ -335,6 +348,7 @@ impl Decision {
             rule: None,
             revision,
             shadow: None,
+            candidate: None,
             audit: vec![],
             elapsed: Duration::ZERO,
         }

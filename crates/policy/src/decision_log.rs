@@ -57,6 +57,15 @@ pub struct DecisionRecord {
     pub shadow_verdict: Option<Verdict>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow_policy: Option<String>,
+    /// A progressive rollout's shadow stage: the rollout, and what its candidate decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_rollout: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_verdict: Option<Verdict>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_reason: Option<Reason>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_policy: Option<String>,
     /// Time the decision took, in nanoseconds.
     #[serde(default)]
     pub decision_ns: u64,
@@ -127,6 +136,13 @@ impl DecisionRecord {
                 .shadow
                 .as_ref()
                 .and_then(|s| s.policy.as_deref().map(String::from)),
+            candidate_rollout: d.candidate.as_ref().map(|c| c.rollout),
+            candidate_verdict: d.candidate.as_ref().map(|c| c.verdict),
+            candidate_reason: d.candidate.as_ref().map(|c| c.reason),
+            candidate_policy: d
+                .candidate
+                .as_ref()
+                .and_then(|c| c.policy.as_deref().map(String::from)),
             decision_ns: u64::try_from(d.elapsed.as_nanos()).unwrap_or(u64::MAX),
             weight,
             detail: None,

@@ -21,6 +21,7 @@ pub mod model;
 pub mod path;
 pub mod reference;
 pub mod resource;
+pub mod rollout;
 pub mod scenario;
 pub mod scope;
 pub mod suggest;

@@ -77,6 +77,8 @@ pub struct Mesh {
     pub connection_limits: r::ConnectionLimits,
     /// The control plane's anomaly detection (validated, with defaults).
     pub anomaly: crate::anomaly::AnomalyDetection,
+    /// Progressive rollout's settings (validated, with defaults).
+    pub rollout: crate::rollout::RolloutSettings,
     pub origin: Option<Origin>,
 }
 
@@ -1316,8 +1318,22 @@ impl Builder {
                     .resource(d.label()),
             );
         }
+        let (rollout, problems) = crate::rollout::validate(s.rollout.as_ref());
+        for (field, why) in problems {
+            self.diags.push(
+                d.origin
+                    .diag(
+                        "MW103",
+                        Severity::Error,
+                        &p!["spec", "rollout", field.as_str()],
+                        format!("`{field}` {why}"),
+                    )
+                    .resource(d.label()),
+            );
+        }
         Mesh {
             anomaly,
+            rollout,
             trust_domain: s.trust_domain.clone(),
             default_action: s.default_action,
             mtls_mode: s.mtls_mode,

@@ -237,6 +237,52 @@ pub struct MeshSpec {
     /// The control plane's anomaly detection (docs/containment.md).
     #[serde(default)]
     pub anomaly_detection: Option<AnomalyDetectionSpec>,
+    /// Progressive rollout's defaults (`meshward apply --progressive`, docs/rollout.md).
+    #[serde(default)]
+    pub rollout: Option<RolloutSpec>,
+}
+
+/// `Mesh.spec.rollout`: how a progressive rollout bakes, gates and watches a change.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// How long the candidate runs in shadow beside the enforced revision (default 60s).
+    #[serde(default)]
+    pub bake: Option<Dur>,
+    /// How long healthy edges are watched after enforcement (default 120s).
+    #[serde(default)]
+    pub watch: Option<Dur>,
+    /// Gate 1: the most of an edge's currently allowed requests the candidate may deny,
+    /// in percent (default 0: any new deny of live traffic waits for an operator).
+    #[serde(default)]
+    pub max_new_deny_percent: Option<f64>,
+    /// Watch: how many percentage points an edge's deny rate may rise (default 5).
+    #[serde(default)]
+    pub max_deny_rate_increase: Option<f64>,
+    /// Watch: how many percentage points an edge's 5xx rate may rise (default 5).
+    #[serde(default)]
+    pub max_error_rate_increase: Option<f64>,
+    /// Requests an edge needs in a stage for its rates to count (default 5).
+    #[serde(default)]
+    pub min_requests: Option<u64>,
+    /// How long sidecars have to acknowledge the candidate or the enforced revision
+    /// (default 30s).
+    #[serde(default)]
+    pub ack_timeout: Option<Dur>,
+    /// Edges a candidate may never deny live requests on (beside those a `PolicyTest`
+    /// expects allowed).
+    #[serde(default)]
+    pub critical_edges: Vec<CriticalEdgeSpec>,
+}
+
+/// An edge marked critical: a source and a destination workload.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CriticalEdgeSpec {
+    /// A SPIFFE ID (`spiffe://td/ns/NS/sa/SA`).
+    pub from: String,
+    /// `namespace/name` of the destination workload.
+    pub to: String,
 }
 
 /// What anomaly detection does with what it finds.

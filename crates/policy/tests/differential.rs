@@ -311,6 +311,7 @@ fn gen_set(g: &mut Gen) -> PolicySet {
     let mesh = Mesh {
         trust_domain: td,
         anomaly: Default::default(),
+        rollout: Default::default(),
         default_action: if g.chance(20) {
             DefaultAction::Allow
         } else {

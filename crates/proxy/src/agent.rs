@@ -86,6 +86,8 @@ pub struct Health {
     app_down: ArcSwapOption<String>,
     /// Readiness or the certificate changed: the config stream tells the control plane.
     readiness_changed: tokio::sync::Notify,
+    /// The rollout whose candidate this proxy could not compile, and why.
+    pub candidate_error: ArcSwapOption<(u64, String)>,
 }
 
 impl Health {
@@ -677,6 +679,19 @@ async fn stream_once(
             cert_serial: cert.as_ref().map(|c| c.0.clone()).unwrap_or_default(),
             cert_not_before: cert.as_ref().map_or(0, |c| secs(c.1)),
             cert_not_after: cert.as_ref().map_or(0, |c| secs(c.2)),
+            candidate_rollout: shared
+                .policy
+                .load()
+                .as_ref()
+                .and_then(|p| p.candidate.as_ref())
+                .map_or(0, |c| c.rollout),
+            candidate_error: shared
+                .health
+                .candidate_error
+                .load()
+                .as_ref()
+                .map(|e| format!("rollout {}: {}", e.0, e.1))
+                .unwrap_or_default(),
         }
     };
     loop {
@@ -720,9 +735,20 @@ async fn stream_once(
             .endpoints
             .set_not_ready(not_ready, current.as_ref().map(|p| &p.view.discovery));
         // The revision in force, already saved: only readiness (or a reconnect) changed.
+        // The candidate in shadow now, or the one this proxy could not take.
+        let candidate_now = current.as_ref().and_then(|p| p.candidate.as_ref()).map_or(
+            shared
+                .health
+                .candidate_error
+                .load()
+                .as_ref()
+                .map_or(0, |e| e.0),
+            |c| c.rollout,
+        );
         if let Some(p) = &current
             && p.revision == snap.revision
             && shared.health.persisted_revision.load(Ordering::Relaxed) == snap.revision
+            && candidate_now == snap.candidate_rollout
         {
             take_bundle(shared, cfg, &snap.bundle);
             if delivered == 1 {
@@ -742,9 +768,37 @@ async fn stream_once(
         }
         let files: Vec<(String, String)> =
             snap.files.into_iter().map(|f| (f.name, f.text)).collect();
+        // A rollout's candidate: evaluated beside the revision, never enforced. One that
+        // does not compile here is reported (the rollout stops) and the revision is
+        // enforced as it is.
+        let candidate = match snap.candidate_rollout {
+            0 => {
+                shared.health.candidate_error.store(None);
+                None
+            }
+            id => {
+                let cfiles: Vec<(String, String)> = snap
+                    .candidate_files
+                    .into_iter()
+                    .map(|f| (f.name, f.text))
+                    .collect();
+                match compile(&cfiles) {
+                    Ok(set) => {
+                        shared.health.candidate_error.store(None);
+                        log(&format!("evaluating rollout {id}'s candidate in shadow"));
+                        Some((id, set))
+                    }
+                    Err(e) => {
+                        warn(&format!("cannot evaluate rollout {id}'s candidate: {e}"));
+                        shared.health.candidate_error.store(Some(Arc::new((id, e))));
+                        None
+                    }
+                }
+            }
+        };
         let ack = match compile(&files) {
             Ok(set) => {
-                shared.set_policy(snap.revision, set);
+                shared.set_policy_with(snap.revision, set, candidate);
                 let mut saved = Ok(());
                 take_bundle(shared, cfg, &snap.bundle);
                 if let Ok(json) = serde_json::to_string(&(snap.revision, &files)) {

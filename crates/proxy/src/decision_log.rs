@@ -273,7 +273,7 @@ impl DecisionLog {
             }
             // The caller's record of a retried call, a request a fault was injected into:
             // rare, each one kept.
-            Verdict::Allow if extra.attempts.is_some() || extra.injected => {
+            Verdict::Allow if extra.attempts.is_some() || extra.injected || flips(d) => {
                 self.allowed.fetch_add(1, Ordering::Relaxed);
                 1
             }
@@ -292,7 +292,9 @@ impl DecisionLog {
         // Shipped: every deny; a sampled allow as the shipping budget says, weighted.
         let ship = self.ship.as_ref().and_then(|q| match d.verdict {
             Verdict::Deny => Some((q, 1)),
-            Verdict::Allow if extra.attempts.is_some() || extra.injected => Some((q, 1)),
+            Verdict::Allow if extra.attempts.is_some() || extra.injected || flips(d) => {
+                Some((q, 1))
+            }
             Verdict::Allow => q.ship_allow().map(|f| (q, f)),
         });
         if self.tx.is_none() && ship.is_none() {
@@ -395,6 +397,12 @@ impl DecisionLog {
     }
 }
 
+/// A rollout's candidate decides this request otherwise than the enforced revision: the
+/// evidence the rollout's gate counts, so each one is kept (never sampled away).
+fn flips(d: &Decision) -> bool {
+    d.candidate.as_ref().is_some_and(|c| c.verdict != d.verdict)
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, SystemTime};
@@ -424,6 +432,50 @@ mod tests {
         assert_eq!(ship_every(101, tick, 500), 2);
         assert_eq!(ship_every(960, tick, 500), 10);
         assert_eq!(ship_every(1_000_000, tick, 0), 1, "0: no limit");
+    }
+
+    #[test]
+    fn an_allow_the_rollouts_candidate_would_deny_is_never_sampled_away() {
+        let log = DecisionLog::without_file(10).with_shipping(100_000, 500);
+        let q = log.ship.clone().unwrap_or_else(|| panic!("shipping is on"));
+        let req = request();
+        let mut same = Decision::bare(Verdict::Allow, Reason::AllowedByRule, PolicyRevision(1));
+        same.candidate = Some(meshward_policy::decision::CandidateDecision {
+            rollout: 4,
+            verdict: Verdict::Allow,
+            reason: Reason::AllowedByRule,
+            policy: None,
+        });
+        let mut flip = same.clone();
+        if let Some(c) = flip.candidate.as_mut() {
+            c.verdict = Verdict::Deny;
+            c.reason = Reason::NoAllowAtTier;
+        }
+        for _ in 0..100 {
+            log.record(&req, &same);
+        }
+        for _ in 0..7 {
+            log.record(&req, &flip);
+        }
+        let recs: Vec<DecisionRecord> = q
+            .take(usize::MAX)
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        let flips: Vec<&DecisionRecord> = recs
+            .iter()
+            .filter(|r| r.candidate_verdict == Some(Verdict::Deny))
+            .collect();
+        assert_eq!(flips.len(), 7, "every flip, each of weight 1");
+        assert!(flips.iter().all(|r| r.weight == 1
+            && r.candidate_rollout == Some(4)
+            && r.candidate_reason == Some(Reason::NoAllowAtTier)));
+        let same_weight: u64 = recs
+            .iter()
+            .filter(|r| r.candidate_verdict == Some(Verdict::Allow))
+            .map(|r| u64::from(r.weight))
+            .sum();
+        assert_eq!(same_weight, 100, "the others sampled (1 in 10), weighted");
     }
 
     #[test]

@@ -184,7 +184,11 @@ impl<'a> Gate<'a> {
             at: SystemTime::now(),
         };
         let d = match policy.as_ref() {
-            Some(p) => interpret::upgrade_allowed(&p.set, &facts, p.engine.decide(&preq)),
+            Some(p) => p.with_candidate(
+                interpret::upgrade_allowed(&p.set, &facts, p.engine.decide(&preq)),
+                |set, d| interpret::upgrade_allowed(set, &facts, d),
+                &preq,
+            ),
             None => Decision::bare(Verdict::Deny, Reason::NoPolicy, PolicyRevision(0)),
         };
         if span.is_recording() {
@@ -460,7 +464,7 @@ pub(crate) fn tcp(shared: &Shared, port: InboundPort, peer: SpiffeId) -> Result<
     };
     let policy = shared.policy.load();
     let d = match policy.as_ref() {
-        Some(p) => p.engine.decide(&req),
+        Some(p) => p.with_candidate(p.engine.decide(&req), |_, d| d, &req),
         // No configuration at all: fail closed.
         None => Decision::bare(Verdict::Deny, Reason::NoPolicy, PolicyRevision(0)),
     };

@@ -30,9 +30,40 @@ pub struct Policy {
     /// The data-plane view compiled from the same revision (endpoint tables, resolved
     /// settings, header lists).
     pub view: crate::view::View,
+    /// A progressive rollout's candidate, evaluated beside this revision and never
+    /// enforced (docs/rollout.md).
+    pub candidate: Option<Candidate>,
+}
+
+/// A rollout's candidate set, compiled.
+#[derive(Debug)]
+pub struct Candidate {
+    pub rollout: u64,
+    pub set: PolicySet,
+    pub engine: Engine,
 }
 
 impl Policy {
+    /// `d`, the enforced revision's decision on `req`, with what the candidate decides
+    /// beside it (through `judge`, the same steps the enforced decision went through).
+    pub fn with_candidate(
+        &self,
+        mut d: meshward_policy::Decision,
+        judge: impl FnOnce(&PolicySet, meshward_policy::Decision) -> meshward_policy::Decision,
+        req: &meshward_policy::Request,
+    ) -> meshward_policy::Decision {
+        if let Some(c) = &self.candidate {
+            let cd = judge(&c.set, c.engine.decide(req));
+            d.candidate = Some(meshward_policy::decision::CandidateDecision {
+                rollout: c.rollout,
+                verdict: cd.verdict,
+                reason: cd.reason,
+                policy: cd.policy,
+            });
+        }
+        d
+    }
+
     /// What to do with request headers named with `_`.
     pub fn underscores(&self) -> meshward_policy::resource::HeadersWithUnderscores {
         self.set.mesh.headers_with_underscores
@@ -116,6 +147,17 @@ impl Shared {
 
     /// Compiles and swaps in a policy set.
     pub fn set_policy(&self, revision: u64, set: PolicySet) {
+        self.set_policy_with(revision, set, None);
+    }
+
+    /// Compiles and swaps in a policy set, with a rollout's candidate `(rollout, set)` to
+    /// evaluate beside it.
+    pub fn set_policy_with(
+        &self,
+        revision: u64,
+        set: PolicySet,
+        candidate: Option<(u64, PolicySet)>,
+    ) {
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
@@ -128,7 +170,18 @@ impl Shared {
         let view = crate::view::View::build(revision, &set, &self.workload, &self.endpoints);
         self.endpoints.apply_readiness(&view.discovery);
         self.budgets.retain(&view.rate_limiter);
-        let headers = view.headers.clone();
+        let candidate = candidate.map(|(rollout, set)| Candidate {
+            rollout,
+            engine: Engine::compile(&set),
+            set,
+        });
+        // The headers either set's conditions read: the candidate judges the same request.
+        let mut headers = view.headers.clone();
+        if let Some(c) = &candidate {
+            headers.extend(crate::view::header_names(&c.set));
+            headers.sort();
+            headers.dedup();
+        }
         let lower_paths = set
             .workloads
             .iter()
@@ -145,6 +198,7 @@ impl Shared {
             lower_paths,
             limits,
             view,
+            candidate,
         })));
         // Open connections and streams are decided again under it.
         self.revisions.send_replace(revision);

@@ -378,7 +378,10 @@ async fn on_a_tcp_port_the_limits_count_connections() {
         // Its place must be free too, or the next one is refused for concurrency.
         places_come_back(&m).await;
     };
-    assert!(refused >= 1, "the token the refused connection did not take is left");
+    assert!(
+        refused >= 1,
+        "the token the refused connection did not take is left"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let kinds: Vec<String> = m
         .records()

@@ -775,6 +775,9 @@ pub struct ControlMetrics {
     pub certificates_refused: Counter,
     pub applies: Family<ResultLabels, Counter>,
     pub rollbacks: Counter,
+    /// Progressive rollouts by what happened: started, enforced, promoted, stopped
+    /// (held at the gate or by a sidecar), rolled_back, aborted.
+    pub rollouts: Family<ResultLabels, Counter>,
     pub revision: Gauge,
     pub decisions_received: Counter,
     pub decisions_lost: Counter,
@@ -799,6 +802,7 @@ impl ControlMetrics {
         let certificates_refused = Counter::default();
         let applies = Family::<ResultLabels, Counter>::default();
         let rollbacks = Counter::default();
+        let rollouts = Family::<ResultLabels, Counter>::default();
         let revision = Gauge::default();
         let decisions_received = Counter::default();
         let decisions_lost = Counter::default();
@@ -855,6 +859,11 @@ impl ControlMetrics {
             rollbacks.clone(),
         );
         registry.register(
+            "meshward_control_rollouts",
+            "Progressive rollouts by event: started, enforced, promoted, stopped, rolled_back, aborted",
+            rollouts.clone(),
+        );
+        registry.register(
             "meshward_control_revision",
             "The head policy revision",
             revision.clone(),
@@ -867,6 +876,7 @@ impl ControlMetrics {
             certificates_refused,
             applies,
             rollbacks,
+            rollouts,
             revision,
             decisions_received,
             decisions_lost,
