@@ -677,6 +677,14 @@ impl ControlPlane {
         if let Err(e) = self.validate(&p.files, now) {
             return refuse(e);
         }
+        // Filed by `apply --progressive`: the approval starts its rollout.
+        match self.progressive_proposal(id) {
+            Ok(Some(opts)) => {
+                return self.begin_approved(op, &p, &opts, now).or_else(refuse);
+            }
+            Ok(None) => {}
+            Err(e) => return refuse(e),
+        }
         let summary = repo::summary(&old, &p.files);
         let rev = self.commit(
             &format!("operator:{}", p.author),

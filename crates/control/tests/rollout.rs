@@ -379,14 +379,53 @@ fn a_restarted_control_plane_carries_on() {
     assert_eq!(v["rollout"]["stage"], "shadow");
     let again = cp.apply(&carol(), repo("\"/x\""), "meanwhile", t0());
     assert!(matches!(again, Err(Refused::Conflict(_))), "{again:?}");
-    // Progressive rollouts of a change that needs approval are refused, saying why.
+}
+
+#[test]
+fn a_change_that_needs_approval_is_rolled_out_once_approved() {
+    let p = plane();
+    let base = p.head();
     let alice = op("alice", &[PLATFORM_SECURITY], &[]);
-    cp.abort_rollout(&carol(), "restart test", t0()).unwrap();
+    let bob = op("bob", &[PLATFORM_SECURITY], &[]);
     let mut files = repo("\"/orders/*\"");
     files[0].1 = files[0].1.replace("watch: 20s", "watch: 30s");
-    let r = cp.start_rollout(&alice, files, "mesh change", &Options::default(), t0());
+    let opts = Options {
+        allow_no_traffic: true,
+        ..Default::default()
+    };
+    // A Mesh change: filed for a second approval, no rollout yet.
+    let Applied::PendingApproval { proposal, .. } =
+        p.cp.start_rollout(&alice, files, "longer watch", &opts, t0())
+            .unwrap()
+    else {
+        panic!("the Mesh needs approval")
+    };
+    assert!(p.cp.active_rollout().unwrap().is_none());
+    // Bob's approval starts it (not a commit).
+    let r =
+        p.cp.approve(&bob, proposal, t0() + Duration::from_secs(1))
+            .unwrap();
     assert!(
-        matches!(r, Err(Refused::BadRequest(ref m)) if m.contains("second platform-security approval")),
+        matches!(r, Applied::RolloutStarted { rollout: 1, .. }),
         "{r:?}"
     );
+    assert_eq!(p.head(), base);
+    let st = p.cp.rollout_status(t0()).unwrap();
+    assert_eq!(st["rollout"]["author"], "alice");
+    assert_eq!(st["rollout"]["approved_by"], "bob");
+    assert_eq!(
+        st["rollout"]["settings"]["watch"], 30.0,
+        "the candidate's own settings"
+    );
+    assert_eq!(p.audit("rollout.started")[0]["approved_by"], "bob");
+    // Carol owns orders but not the Mesh: she may not promote it.
+    let no =
+        p.cp.promote_rollout(&carol(), "mine", t0() + Duration::from_secs(2));
+    assert!(matches!(no, Err(Refused::Forbidden(_))), "{no:?}");
+    assert!(
+        p.tick(Duration::from_secs(12))
+            .unwrap()
+            .contains("enforced")
+    );
+    assert_eq!(p.head(), base + 1);
 }

@@ -263,13 +263,7 @@ pub fn apply(
         Some(json!({"files": body, "reason": reason, "progressive": progressive})),
     )?;
     Ok(finish(r, output, |v| match v["status"].as_str() {
-        Some("rollout_started") => format!(
-            "rollout {} started ({}): in shadow for {}s beside the enforced revision, then enforced if it denies nothing allowed today, then watched for {}s\nfollow it: meshward rollout status --watch\n",
-            v["rollout"],
-            v["summary"].as_str().unwrap_or(""),
-            v["bake_seconds"],
-            v["watch_seconds"]
-        ),
+        Some("rollout_started") => rollout_started(v),
         Some("committed") => format!(
             "applied: revision {} ({})\n{}",
             v["revision"],
@@ -328,13 +322,25 @@ pub fn proposals(conn: &Conn, output: Output) -> Result<ExitCode> {
 
 pub fn approve(conn: &Conn, id: u64, output: Output) -> Result<ExitCode> {
     let r = call(conn, "POST", "/v1/approve", Some(json!({"proposal": id})))?;
-    Ok(finish(r, output, |v| {
-        format!(
+    Ok(finish(r, output, |v| match v["status"].as_str() {
+        // Filed by `apply --progressive`: the approval starts the rollout.
+        Some("rollout_started") => format!("approved: {}", rollout_started(v)),
+        _ => format!(
             "approved: revision {} ({})\n",
             v["revision"],
             v["summary"].as_str().unwrap_or("")
-        )
+        ),
     }))
+}
+
+fn rollout_started(v: &Value) -> String {
+    format!(
+        "rollout {} started ({}): in shadow for {}s beside the enforced revision, then enforced if it denies nothing allowed today, then watched for {}s\nfollow it: meshward rollout status --watch\n",
+        v["rollout"],
+        v["summary"].as_str().unwrap_or(""),
+        v["bake_seconds"],
+        v["watch_seconds"]
+    )
 }
 
 fn when(ms: &Value) -> String {

@@ -140,6 +140,10 @@ struct ExpectSpec {
     /// No allow appears, while the drill runs, on an edge that only had denies before.
     #[serde(default)]
     denied_stays_denied: Option<bool>,
+    /// Every probe request a sidecar answered is in the control plane's records, or
+    /// counted as lost by the proxies (a full queue, a control plane away).
+    #[serde(default)]
+    no_lost_records: Option<bool>,
 }
 
 /// A drill file, read and checked.
@@ -352,13 +356,22 @@ fn read(path: &Path) -> Result<Drill> {
         let probe_part = e.max_error_percent.is_some() || e.max_p99.is_some();
         let kinds = usize::from(probe_part)
             + usize::from(e.recover_within.is_some())
-            + usize::from(e.denied_stays_denied.is_some());
+            + usize::from(e.denied_stays_denied.is_some())
+            + usize::from(e.no_lost_records.is_some());
         if kinds != 1 {
             bail!(err_at(
                 &file,
                 line,
                 &f,
-                "one expectation per entry: `maxErrorPercent`/`maxP99` (with `probe`), `recoverWithin` or `deniedStaysDenied`"
+                "one expectation per entry: `maxErrorPercent`/`maxP99` (with `probe`), `recoverWithin`, `deniedStaysDenied` or `noLostRecords`"
+            ));
+        }
+        if e.no_lost_records == Some(false) {
+            bail!(err_at(
+                &file,
+                line,
+                &format!("{f}.noLostRecords"),
+                "only `true` (leave it out not to check)"
             ));
         }
         match &e.probe {
@@ -498,6 +511,9 @@ struct Probe {
     timeout: Duration,
     expect: Option<u16>,
     samples: Arc<Mutex<Vec<Sample>>>,
+    /// The edge it travels: the calling workload, and the workloads of the service it
+    /// calls (`from`/`to` probes of a `meshward up` mesh).
+    edge: Option<(String, Vec<String>)>,
 }
 
 /// One HTTP/1.1 request without a body, on a connection of its own.
@@ -1246,6 +1262,60 @@ fn resolve(
     })
 }
 
+/// The workloads behind `to` (`namespace/service[:port]`) in the repository `meshward up`
+/// applied for `mesh`; `to` itself when it names no service (a workload).
+fn members(mesh: Option<&Path>, to: &str) -> Vec<String> {
+    let id = to.rsplit_once(':').map_or(to, |(s, _)| s);
+    let set = mesh.and_then(|d| meshward_policy::load_path(&d.join(".meshward").join("repo")).set);
+    set.and_then(|set| {
+        let svc = set.services.iter().find(|s| s.id.to_string() == id)?;
+        Some(
+            svc.workloads
+                .iter()
+                .filter_map(|&i| set.workloads.get(i))
+                .map(|w| w.id.to_string())
+                .collect(),
+        )
+    })
+    .unwrap_or_else(|| vec![id.to_owned()])
+}
+
+/// The records proxies said they lost, as the control plane counts them.
+async fn records_lost(client: &Client) -> Result<u64> {
+    let v = client
+        .call("GET", "/metrics", None)
+        .await
+        .map_err(|e| anyhow!("metrics: {e}"))?;
+    let text = v.as_str().unwrap_or_default();
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("meshward_control_decisions_lost_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64))
+}
+
+/// Requests on record (allowed and denied, weighted) per edge over `window`.
+async fn on_record(client: &Client, window: Duration) -> Result<BTreeMap<(String, String), u64>> {
+    let g = client
+        .call(
+            "GET",
+            &format!("/v1/graph?window_secs={}", window.as_secs().max(1)),
+            None,
+        )
+        .await
+        .map_err(|e| anyhow!("graph: {e}"))?;
+    let mut out = BTreeMap::new();
+    for e in g["edges"].as_array().into_iter().flatten() {
+        let k = (
+            e["source"].as_str().unwrap_or("").to_owned(),
+            e["destination"].as_str().unwrap_or("").to_owned(),
+        );
+        *out.entry(k).or_default() +=
+            e["allowed"].as_u64().unwrap_or(0) + e["denied"].as_u64().unwrap_or(0);
+    }
+    Ok(out)
+}
+
 /// `meshward drill run FILE`.
 pub fn run(
     conn: &Conn,
@@ -1290,6 +1360,10 @@ pub fn run(
         )?;
         let method = p.method.clone().unwrap_or_else(|| "GET".into());
         let path = p.path.clone().unwrap_or_else(|| "/".into());
+        let edge = match (&p.from, &p.to) {
+            (Some(from), Some(to)) => Some((from.clone(), members(mesh, to))),
+            _ => None,
+        };
         probes.push(Arc::new(Probe {
             name: p.name.clone(),
             addr,
@@ -1298,6 +1372,7 @@ pub fn run(
             timeout: p.timeout.as_ref().map_or(Duration::from_secs(2), |d| d.0),
             expect: p.expect_status,
             samples: Arc::default(),
+            edge,
         }));
     }
     // `meshward up` keeps a second operator for its own approvals: a drill of its mesh uses
@@ -1460,6 +1535,16 @@ async fn drive(
         drill.file,
         probes.len()
     ));
+    let wants_records = drill
+        .spec
+        .expect
+        .iter()
+        .any(|e| e.no_lost_records.is_some());
+    let lost_before = if wants_records {
+        records_lost(&r.client).await?
+    } else {
+        0
+    };
     let denied = if wants_denied {
         let d = denied_edges(&r.client, Duration::from_secs(300)).await?;
         r.say(&format!(
@@ -1578,9 +1663,48 @@ async fn drive(
             judge_probe(e, p, "after", &p.window(t0, t1), checks);
         }
     }
-    if wants_denied {
+    if wants_denied || wants_records {
         // Records reach the control plane within a second or two.
         tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    if wants_records {
+        let records = on_record(&r.client, started.elapsed() + Duration::from_secs(1)).await?;
+        let lost = records_lost(&r.client).await?.saturating_sub(lost_before);
+        for p in probes {
+            let answered = p
+                .window(started, Instant::now())
+                .iter()
+                .filter(|s| s.status.is_some())
+                .count() as u64;
+            let (measured, passed) = match &p.edge {
+                None => (
+                    "not checked: the probe names an address, not an edge (`from`/`to`)".to_owned(),
+                    true,
+                ),
+                Some((from, to)) => {
+                    let kept: u64 = records
+                        .iter()
+                        .filter(|((s, d), _)| s == from && to.contains(d))
+                        .map(|(_, n)| n)
+                        .sum();
+                    (
+                        format!(
+                            "{answered} answered, {kept} on record on {from} → {}, {lost} counted as lost",
+                            to.join("|")
+                        ),
+                        kept + lost >= answered,
+                    )
+                }
+            };
+            checks.push(Check {
+                phase: "whole drill".into(),
+                expectation: format!("no decision record of probe {} lost uncounted", p.name),
+                measured,
+                passed,
+            });
+        }
+    }
+    if wants_denied {
         let allowed = allowed_on(
             &r.client,
             started.elapsed() + Duration::from_secs(1),

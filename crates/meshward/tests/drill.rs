@@ -232,7 +232,21 @@ fn the_quickstart_drills_pass_detect_a_missing_traffic_policy_and_clean_up_when_
     // and every sidecar is back on the restarted control plane.
     let (code, r, _) = up.drill("control-plane-loss.yaml");
     assert_eq!(code, Some(0), "{r:#}");
-    assert_eq!(r["passed"], 8, "{r:#}");
+    // ... and the 8 checks of before, plus one per probe: no record lost uncounted.
+    assert_eq!(r["passed"], 10, "{r:#}");
+    let kept = r["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["expectation"] == "no decision record of probe charge lost uncounted")
+        .unwrap();
+    let measured = kept["measured"].as_str().unwrap();
+    let answered: u64 = measured.split(' ').next().unwrap().parse().unwrap();
+    assert!(answered > 100, "about 10/s for the whole drill: {measured}");
+    assert!(
+        measured.contains("on record on orders/orders → payments/payments-0|payments/payments-1"),
+        "{measured}"
+    );
     let t0 = Instant::now();
     loop {
         let o = up

@@ -151,6 +151,10 @@ pub struct Rollout {
     pub settings: RolloutSettings,
     pub allow_no_traffic: bool,
     pub started_ms: i64,
+    /// The second platform-security operator whose approval started it (a change that
+    /// needs one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved_by: Option<String>,
     pub stage: Stage,
     /// When the current stage began.
     pub stage_ms: i64,
@@ -172,7 +176,7 @@ pub struct Rollout {
 }
 
 /// What `apply --progressive` asks for beside the files.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 pub struct Options {
     /// Seconds; the Mesh's `rollout.bake` otherwise.
     #[serde(default)]
@@ -181,6 +185,40 @@ pub struct Options {
     pub watch_seconds: Option<f64>,
     #[serde(default)]
     pub allow_no_traffic: bool,
+}
+
+fn proposal_key(id: u64) -> String {
+    format!("proposal/{id}/progressive")
+}
+
+/// The candidate's `Mesh.rollout` with the apply's `--bake` / `--watch`.
+fn settings_of(
+    loaded: &meshward_policy::model::Loaded,
+    opts: &Options,
+) -> Result<RolloutSettings, Refused> {
+    let mut settings = loaded
+        .set
+        .as_ref()
+        .map(|s| s.mesh.rollout.clone())
+        .unwrap_or_default();
+    let secs = |v: Option<f64>, what: &str| -> Result<Option<Duration>, Refused> {
+        match v {
+            None => Ok(None),
+            Some(x) if x.is_finite() && (1.0..=86_400.0).contains(&x) => {
+                Ok(Some(Duration::from_secs_f64(x)))
+            }
+            Some(x) => Err(Refused::BadRequest(format!(
+                "--{what} {x}s: must be between 1s and 24h"
+            ))),
+        }
+    };
+    if let Some(d) = secs(opts.bake_seconds, "bake")? {
+        settings.bake = d;
+    }
+    if let Some(d) = secs(opts.watch_seconds, "watch")? {
+        settings.watch = d;
+    }
+    Ok(settings)
 }
 
 fn at_ms(t: i64) -> SystemTime {
@@ -517,40 +555,112 @@ impl ControlPlane {
         if repo::changes(&old, &files).is_empty() {
             return Ok(Applied::Unchanged { revision: base });
         }
-        if self.authorize(op, &old, &files)? {
-            return Err(Refused::BadRequest(
-                "this change needs a second platform-security approval, and a progressive rollout of a change awaiting approval is not supported yet: apply it without --progressive (docs/rollout.md)".into(),
-            ));
-        }
+        let needs_approval = self.authorize(op, &old, &files)?;
         self.validate(&files, now)?;
-        let mut settings = loaded
-            .set
-            .as_ref()
-            .map(|s| s.mesh.rollout.clone())
-            .unwrap_or_default();
-        let secs = |v: Option<f64>, what: &str| -> Result<Option<Duration>, Refused> {
-            match v {
-                None => Ok(None),
-                Some(x) if x.is_finite() && (1.0..=86_400.0).contains(&x) => {
-                    Ok(Some(Duration::from_secs_f64(x)))
-                }
-                Some(x) => Err(Refused::BadRequest(format!(
-                    "--{what} {x}s: must be between 1s and 24h"
-                ))),
-            }
-        };
-        if let Some(d) = secs(opts.bake_seconds, "bake")? {
-            settings.bake = d;
+        let settings = settings_of(&loaded, opts)?;
+        if needs_approval {
+            // Filed like any change that needs a second approval; the approval starts
+            // the rollout instead of committing it (ControlPlane::approve).
+            let summary = repo::summary(&old, &files);
+            let p = crate::store::Proposal {
+                id: 0,
+                created_ms: ms(now),
+                author: op.name.clone(),
+                reason: reason.into(),
+                summary: summary.clone(),
+                base,
+                files: files.clone(),
+            };
+            let id = self.store.propose(
+                &p,
+                NewEntry::new(
+                    &op.actor(),
+                    "apply.proposed",
+                    "policy-set",
+                    json!({"summary": summary, "reason": reason, "progressive": opts}),
+                ),
+                now,
+            )?;
+            let text = serde_json::to_string(opts).map_err(|e| Refused::Internal(e.to_string()))?;
+            self.store.set_state(&proposal_key(id), &text, None, now)?;
+            return Ok(Applied::PendingApproval {
+                proposal: id,
+                summary,
+                not_enforced: vec![],
+            });
         }
-        if let Some(d) = secs(opts.watch_seconds, "watch")? {
-            settings.watch = d;
-        }
+        self.begin(
+            &op.actor(),
+            &op.name,
+            None,
+            reason,
+            (base, old),
+            files,
+            settings,
+            opts,
+            now,
+        )
+    }
+
+    /// A proposal's progressive options, when its approval is to start a rollout.
+    pub(super) fn progressive_proposal(&self, id: u64) -> Result<Option<Options>, Refused> {
+        Ok(self
+            .store
+            .state(&proposal_key(id))?
+            .and_then(|t| serde_json::from_str(&t).ok()))
+    }
+
+    /// Approval of a progressive proposal: its rollout starts (the approver is on record).
+    pub(super) fn begin_approved(
+        &self,
+        approver: &Operator,
+        p: &crate::store::Proposal,
+        opts: &Options,
+        now: SystemTime,
+    ) -> Result<Applied, Refused> {
+        let _g = self
+            .rollout_lock
+            .lock()
+            .map_err(|_| Refused::Internal("rollout lock".into()))?;
+        self.refuse_during_rollout()?;
+        let (base, old) = self.head_files()?;
+        let loaded = repo::load(&p.files);
+        let settings = settings_of(&loaded, opts)?;
+        self.store.drop_proposal(p.id)?;
+        self.begin(
+            &approver.actor(),
+            &p.author,
+            Some(&approver.name),
+            &p.reason,
+            (base, old),
+            p.files.clone(),
+            settings,
+            opts,
+            now,
+        )
+    }
+
+    /// Records a new rollout in shadow.
+    #[allow(clippy::too_many_arguments, reason = "one call site each, all named")]
+    fn begin(
+        &self,
+        actor: &str,
+        author: &str,
+        approved_by: Option<&str>,
+        reason: &str,
+        (base, old): (u64, Files),
+        files: Files,
+        settings: RolloutSettings,
+        opts: &Options,
+        now: SystemTime,
+    ) -> Result<Applied, Refused> {
         let id = self.rollout()?.map_or(1, |r| r.id + 1);
         let summary = repo::summary(&old, &files);
         let critical = critical_edges(&files, &settings);
         let r = Rollout {
             id,
-            author: op.name.clone(),
+            author: author.to_owned(),
+            approved_by: approved_by.map(str::to_owned),
             reason: reason.to_owned(),
             summary: summary.clone(),
             base,
@@ -574,10 +684,10 @@ impl ControlPlane {
         self.save_rollout(
             &r,
             Some(NewEntry::new(
-                &op.actor(),
+                actor,
                 "rollout.started",
                 &format!("rollout/{id}"),
-                json!({"summary": summary, "reason": reason, "base": base,
+                json!({"summary": summary, "reason": reason, "base": base, "author": author, "approved_by": approved_by,
                     "bake_seconds": r.settings.bake.as_secs_f64(), "watch_seconds": r.settings.watch.as_secs_f64(),
                     "allow_no_traffic": r.allow_no_traffic, "critical_edges": r.critical}),
             )),
@@ -996,9 +1106,11 @@ impl ControlPlane {
         let mut r = self
             .active_rollout()?
             .ok_or_else(|| Refused::NotFound("no rollout is running".into()))?;
-        if self.authorize(op, &r.base_files, &r.candidate)? {
+        // A change that needed a second approval: promoting it past its gate is
+        // platform-security's call.
+        if self.authorize(op, &r.base_files, &r.candidate)? && !op.is_platform_security() {
             return Err(Refused::Forbidden(format!(
-                "`{}` may not promote rollout {}: the change needs a second approval",
+                "`{}` may not promote rollout {}: it changes what only platform-security may",
                 op.name, r.id
             )));
         }
