@@ -166,33 +166,26 @@ struct RolloutReq {
     reason: String,
 }
 
-async fn rollout_promote(
+/// `POST /v1/rollout/promote` and `/v1/rollout/abort`.
+async fn rollout_act(
     State(cp): State<Cp>,
     Extension(p): Extension<Peer>,
+    Path(act): Path<String>,
     h: HeaderMap,
     Json(r): Json<RolloutReq>,
 ) -> Response {
     let op = op!(cp, h, p);
     reply(
         blocking(move || {
-            cp.promote_rollout(&op, &r.reason, SystemTime::now())
-                .map(|m| json!({"message": m}))
-        })
-        .await,
-    )
-}
-
-async fn rollout_abort(
-    State(cp): State<Cp>,
-    Extension(p): Extension<Peer>,
-    h: HeaderMap,
-    Json(r): Json<RolloutReq>,
-) -> Response {
-    let op = op!(cp, h, p);
-    reply(
-        blocking(move || {
-            cp.abort_rollout(&op, &r.reason, SystemTime::now())
-                .map(|m| json!({"message": m}))
+            let now = SystemTime::now();
+            match act.as_str() {
+                "promote" => cp.promote_rollout(&op, &r.reason, now),
+                "abort" => cp.abort_rollout(&op, &r.reason, now),
+                other => Err(Refused::NotFound(format!(
+                    "no rollout action `{other}`: promote or abort"
+                ))),
+            }
+            .map(|m| json!({"message": m}))
         })
         .await,
     )
@@ -561,8 +554,7 @@ pub fn router(cp: Cp) -> Router {
         .route("/v1/proposals", get(proposals))
         .route("/v1/rollback", post(rollback))
         .route("/v1/rollout", get(rollout_status))
-        .route("/v1/rollout/promote", post(rollout_promote))
-        .route("/v1/rollout/abort", post(rollout_abort))
+        .route("/v1/rollout/{act}", post(rollout_act))
         .route("/v1/history", get(history))
         .route("/v1/revisions/{rev}", get(revision))
         .route("/v1/audit", get(audit_log))

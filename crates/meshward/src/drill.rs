@@ -1043,8 +1043,8 @@ impl Runner {
     }
 }
 
-/// The edges that only had denies in the window (`source → destination`).
-async fn denied_edges(client: &Client, window: Duration) -> Result<Vec<(String, String)>> {
+/// The edges of the control plane's service graph over `window`.
+async fn graph_edges(client: &Client, window: Duration) -> Result<Vec<Value>> {
     let g = client
         .call(
             "GET",
@@ -1053,10 +1053,14 @@ async fn denied_edges(client: &Client, window: Duration) -> Result<Vec<(String, 
         )
         .await
         .map_err(|e| anyhow!("graph: {e}"))?;
-    Ok(g["edges"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    Ok(g["edges"].as_array().cloned().unwrap_or_default())
+}
+
+/// The edges that only had denies in the window (`source → destination`).
+async fn denied_edges(client: &Client, window: Duration) -> Result<Vec<(String, String)>> {
+    let edges = graph_edges(client, window).await?;
+    Ok(edges
+        .iter()
         .filter(|e| e["allowed"] == 0 && e["denied"].as_u64().unwrap_or(0) > 0)
         .map(|e| {
             (
@@ -1072,16 +1076,8 @@ async fn allowed_on(
     window: Duration,
     edges: &[(String, String)],
 ) -> Result<BTreeMap<String, u64>> {
-    let g = client
-        .call(
-            "GET",
-            &format!("/v1/graph?window_secs={}", window.as_secs().max(1)),
-            None,
-        )
-        .await
-        .map_err(|e| anyhow!("graph: {e}"))?;
     let mut out = BTreeMap::new();
-    for e in g["edges"].as_array().into_iter().flatten() {
+    for e in &graph_edges(client, window).await? {
         let k = (
             e["source"].as_str().unwrap_or("").to_owned(),
             e["destination"].as_str().unwrap_or("").to_owned(),
@@ -1296,16 +1292,9 @@ async fn records_lost(client: &Client) -> Result<u64> {
 
 /// Requests on record (allowed and denied, weighted) per edge over `window`.
 async fn on_record(client: &Client, window: Duration) -> Result<BTreeMap<(String, String), u64>> {
-    let g = client
-        .call(
-            "GET",
-            &format!("/v1/graph?window_secs={}", window.as_secs().max(1)),
-            None,
-        )
-        .await
-        .map_err(|e| anyhow!("graph: {e}"))?;
+    let edges = graph_edges(client, window).await?;
     let mut out = BTreeMap::new();
-    for e in g["edges"].as_array().into_iter().flatten() {
+    for e in &edges {
         let k = (
             e["source"].as_str().unwrap_or("").to_owned(),
             e["destination"].as_str().unwrap_or("").to_owned(),

@@ -456,6 +456,28 @@ fn critical_edges(files: &Files, settings: &RolloutSettings) -> Vec<(String, Str
 }
 
 impl ControlPlane {
+    /// One rollout transition at a time.
+    fn lock_rollouts(&self) -> Result<std::sync::MutexGuard<'_, ()>, Refused> {
+        self.rollout_lock
+            .lock()
+            .map_err(|_| Refused::Internal("the rollout lock is poisoned".into()))
+    }
+
+    /// `r`, with its refusal audited (`action` on `subject`).
+    fn audited<T>(
+        &self,
+        op: &Operator,
+        action: &str,
+        subject: &str,
+        now: SystemTime,
+        r: Result<T, Refused>,
+    ) -> Result<T, Refused> {
+        if let Err(e) = &r {
+            self.audit_refusal(&op.actor(), action, subject, e, now);
+        }
+        r
+    }
+
     /// The rollout on record (the last one, active or not).
     pub fn rollout(&self) -> Result<Option<Rollout>, Refused> {
         match self.store.state(STATE_KEY)? {
@@ -522,10 +544,7 @@ impl ControlPlane {
         now: SystemTime,
     ) -> Result<Applied, Refused> {
         let result = self.start_inner(op, files, reason, opts, now);
-        if let Err(e) = &result {
-            self.audit_refusal(&op.actor(), "rollout.rejected", "policy-set", e, now);
-        }
-        result
+        self.audited(op, "rollout.rejected", "policy-set", now, result)
     }
 
     fn start_inner(
@@ -537,10 +556,7 @@ impl ControlPlane {
         now: SystemTime,
     ) -> Result<Applied, Refused> {
         require_reason(reason)?;
-        let _g = self
-            .rollout_lock
-            .lock()
-            .map_err(|_| Refused::Internal("rollout lock".into()))?;
+        let _g = self.lock_rollouts()?;
         self.refuse_during_rollout()?;
         let loaded = repo::load(&files);
         if loaded
@@ -618,10 +634,7 @@ impl ControlPlane {
         opts: &Options,
         now: SystemTime,
     ) -> Result<Applied, Refused> {
-        let _g = self
-            .rollout_lock
-            .lock()
-            .map_err(|_| Refused::Internal("rollout lock".into()))?;
+        let _g = self.lock_rollouts()?;
         self.refuse_during_rollout()?;
         let (base, old) = self.head_files()?;
         let loaded = repo::load(&p.files);
@@ -774,10 +787,7 @@ impl ControlPlane {
 
     /// One step of every rollout's clock (the controller calls it every second).
     pub fn rollout_tick(&self, now: SystemTime) -> Result<Option<String>, Refused> {
-        let _g = self
-            .rollout_lock
-            .lock()
-            .map_err(|_| Refused::Internal("rollout lock".into()))?;
+        let _g = self.lock_rollouts()?;
         let Some(mut r) = self.active_rollout()? else {
             return Ok(None);
         };
@@ -1086,10 +1096,7 @@ impl ControlPlane {
         now: SystemTime,
     ) -> Result<String, Refused> {
         let result = self.promote_inner(op, reason, now);
-        if let Err(e) = &result {
-            self.audit_refusal(&op.actor(), "rollout.promote_rejected", "rollout", e, now);
-        }
-        result
+        self.audited(op, "rollout.promote_rejected", "rollout", now, result)
     }
 
     fn promote_inner(
@@ -1099,10 +1106,7 @@ impl ControlPlane {
         now: SystemTime,
     ) -> Result<String, Refused> {
         require_reason(reason)?;
-        let _g = self
-            .rollout_lock
-            .lock()
-            .map_err(|_| Refused::Internal("rollout lock".into()))?;
+        let _g = self.lock_rollouts()?;
         let mut r = self
             .active_rollout()?
             .ok_or_else(|| Refused::NotFound("no rollout is running".into()))?;
@@ -1146,10 +1150,7 @@ impl ControlPlane {
     ) -> Result<String, Refused> {
         let result = (|| {
             require_reason(reason)?;
-            let _g = self
-                .rollout_lock
-                .lock()
-                .map_err(|_| Refused::Internal("rollout lock".into()))?;
+            let _g = self.lock_rollouts()?;
             let r = self
                 .active_rollout()?
                 .ok_or_else(|| Refused::NotFound("no rollout is running".into()))?;
@@ -1165,10 +1166,7 @@ impl ControlPlane {
             }
             self.end(r, Stage::Aborted, why, &op.actor(), now)
         })();
-        if let Err(e) = &result {
-            self.audit_refusal(&op.actor(), "rollout.abort_rejected", "rollout", e, now);
-        }
-        result
+        self.audited(op, "rollout.abort_rejected", "rollout", now, result)
     }
 }
 
