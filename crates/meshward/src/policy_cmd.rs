@@ -62,7 +62,19 @@ fn all_diagnostics(loaded: &Loaded, now: SystemTime) -> Vec<Diagnostic> {
 pub fn lint(dir: &Path, format: LintFormat, now: Option<&str>) -> Result<ExitCode> {
     let now = parse_time(now)?;
     let loaded = load_path(dir);
-    let diags = all_diagnostics(&loaded, now);
+    let mut diags = all_diagnostics(&loaded, now);
+    // Drills beside the policies: the drill's own checks (`meshward drill run` runs the
+    // same before it changes anything). A directory of drills alone has no policy set
+    // to miss a Mesh.
+    let (drills, others) = drill_files(dir);
+    if !drills.is_empty() && others == 0 {
+        diags.retain(|d| d.code != "MW204");
+    }
+    for f in &drills {
+        if let Err(e) = crate::drill::check(f) {
+            diags.push(drill_diagnostic(f, &format!("{e:#}")));
+        }
+    }
     let out = match format {
         LintFormat::Text => diag::render_text(&diags, &loaded.sources),
         LintFormat::Json => diag::render_json(&diags) + "\n",
@@ -87,6 +99,60 @@ pub fn lint(dir: &Path, format: LintFormat, now: Option<&str>) -> Result<ExitCod
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The YAML files under `dir` with a `kind: Drill` document, and how many documents of
+/// other kinds there are.
+fn drill_files(dir: &Path) -> (Vec<PathBuf>, usize) {
+    let mut drills = vec![];
+    let mut others = 0;
+    for f in meshward_policy::model::yaml_files(dir).unwrap_or_default() {
+        let Ok(text) = std::fs::read_to_string(&f) else {
+            continue;
+        };
+        let docs = meshward_policy::yaml::parse_documents(&text).unwrap_or_default();
+        let is_drill = |d: &meshward_policy::yaml::Node| {
+            d.get("kind").and_then(meshward_policy::yaml::Node::as_str)
+                == Some(meshward_policy::model::DRILL)
+        };
+        others += docs.iter().filter(|d| !is_drill(d)).count();
+        if docs.iter().any(is_drill) {
+            drills.push(f);
+        }
+    }
+    (drills, others)
+}
+
+/// A drill's error (`file:line: field: why`, or `file: why`) as a lint diagnostic.
+fn drill_diagnostic(f: &Path, e: &str) -> Diagnostic {
+    let file = f.display().to_string();
+    let rest = e
+        .strip_prefix(&format!("{file}:"))
+        .unwrap_or(e)
+        .trim_start();
+    let (line, rest) = match rest.split_once(':') {
+        Some((n, r)) if n.parse::<u32>().is_ok() => (n.parse().unwrap_or(1), r.trim_start()),
+        _ => (1, rest),
+    };
+    // `spec.steps[0]: why`, or `COL: why` from the YAML parser.
+    let (field, message) = match rest.split_once(": ") {
+        Some((f, m)) if f.starts_with("spec") || f == "kind" || f == "metadata" => {
+            (Some(f.to_owned()), m.to_owned())
+        }
+        Some((c, m)) if c.parse::<u32>().is_ok() => (None, m.to_owned()),
+        _ => (None, rest.to_owned()),
+    };
+    Diagnostic {
+        code: "MW110",
+        severity: diag::Severity::Error,
+        message,
+        help: Some("see docs/drills.md for the step and expectation vocabulary".into()),
+        file: file.into(),
+        line,
+        column: 1,
+        field,
+        resource: None,
+    }
 }
 
 pub fn test(

@@ -768,3 +768,55 @@ fn impact_shows_progress_on_a_terminal() {
     );
     assert!(screen.contains("replayed 240000 records"), "{screen}");
 }
+
+#[test]
+fn lint_checks_drills_beside_the_policies() {
+    // The quickstart's drill suite: every drill passes the drill's own checks, and a
+    // directory of drills alone does not miss a Mesh.
+    let o = run(&[
+        "policy",
+        "lint",
+        examples().join("../drills").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    // A broken drill beside policies: MW110 at its line and field, and the policies are
+    // linted as ever (the Drill is not part of the policy set).
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(examples().join("mesh.yaml"), tmp.path().join("mesh.yaml")).unwrap();
+    let drill = std::fs::read_to_string(examples().join("../drills/flood.yaml")).unwrap();
+    assert!(drill.contains("duration: 8s"));
+    std::fs::write(
+        tmp.path().join("flood.yaml"),
+        drill.replace("duration: 8s", "duration: 8x"),
+    )
+    .unwrap();
+    let o = run(&[
+        "policy",
+        "lint",
+        tmp.path().to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let d = v
+        .as_array()
+        .or_else(|| v["diagnostics"].as_array())
+        .unwrap()
+        .iter()
+        .find(|d| d["code"] == "MW110")
+        .unwrap_or_else(|| panic!("{v:#}"))
+        .clone();
+    let line = drill
+        .lines()
+        .position(|l| l.contains("duration: 8s"))
+        .unwrap()
+        + 1;
+    assert_eq!(d["line"], line, "{d:#}");
+    assert_eq!(d["field"], "spec.steps[0].duration", "{d:#}");
+    assert!(d["file"].as_str().unwrap().ends_with("flood.yaml"), "{d:#}");
+    assert!(
+        !v.to_string().contains("MW105"),
+        "a Drill is a known kind: {v:#}"
+    );
+}

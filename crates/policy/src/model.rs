@@ -40,6 +40,10 @@ impl Origin {
     }
 }
 
+/// A `Drill` (crates/meshward/src/drill.rs): beside the policies in a repository, not in
+/// the policy set.
+pub const DRILL: &str = "Drill";
+
 /// Builds a field path: `p!["spec", "rules", 0]`.
 #[macro_export]
 macro_rules! p {
@@ -757,6 +761,9 @@ impl Builder {
             }
         }
         let kind = match doc.get("kind").and_then(Node::as_str) {
+            // Read and checked by `meshward drill run` (and `meshward policy lint`, which
+            // runs the drill's own checks: MW110); not part of the policy set.
+            Some(DRILL) => return,
             Some(k) if r::KINDS.contains(&k) => k.to_owned(),
             Some(k) => {
                 let span = doc.find(&p!["kind"]).span;
