@@ -188,6 +188,7 @@ impl<'a> Gate<'a> {
                 interpret::upgrade_allowed(&p.set, &facts, p.engine.decide(&preq)),
                 |set, d| interpret::upgrade_allowed(set, &facts, d),
                 &preq,
+                false,
             ),
             None => Decision::bare(Verdict::Deny, Reason::NoPolicy, PolicyRevision(0)),
         };
@@ -464,7 +465,7 @@ pub(crate) fn tcp(shared: &Shared, port: InboundPort, peer: SpiffeId) -> Result<
     };
     let policy = shared.policy.load();
     let d = match policy.as_ref() {
-        Some(p) => p.with_candidate(p.engine.decide(&req), |_, d| d, &req),
+        Some(p) => p.with_candidate(p.engine.decide(&req), |_, d| d, &req, true),
         // No configuration at all: fail closed.
         None => Decision::bare(Verdict::Deny, Reason::NoPolicy, PolicyRevision(0)),
     };

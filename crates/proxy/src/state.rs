@@ -41,19 +41,38 @@ pub struct Candidate {
     pub rollout: u64,
     pub set: PolicySet,
     pub engine: Engine,
+    /// Its `RateLimitPolicy`s for this workload, metered on budgets of their own (the
+    /// shadow never spends the enforced revision's).
+    pub rate_limiter: crate::ratelimit::RateLimits,
+    pub budgets: crate::ratelimit::Budgets,
 }
 
 impl Policy {
     /// `d`, the enforced revision's decision on `req`, with what the candidate decides
-    /// beside it (through `judge`, the same steps the enforced decision went through).
+    /// beside it (through `judge`, the same steps the enforced decision went through),
+    /// its rate limits included (`tcp`: a connection on a TCP port). The shadow meters
+    /// rates and quotas; it takes no place of a concurrency cap (the permit is given back
+    /// at once).
     pub fn with_candidate(
         &self,
         mut d: meshward_policy::Decision,
         judge: impl FnOnce(&PolicySet, meshward_policy::Decision) -> meshward_policy::Decision,
         req: &meshward_policy::Request,
+        tcp: bool,
     ) -> meshward_policy::Decision {
         if let Some(c) = &self.candidate {
-            let cd = judge(&c.set, c.engine.decide(req));
+            let mut cd = judge(&c.set, c.engine.decide(req));
+            if cd.verdict == meshward_policy::Verdict::Allow && !c.rate_limiter.is_empty() {
+                let source = req.source.identity();
+                let r =
+                    c.rate_limiter
+                        .resolve(c.rollout, &c.budgets, &c.set, &req.destination, source);
+                if let Err(over) = r.request(tcp) {
+                    cd.verdict = meshward_policy::Verdict::Deny;
+                    cd.reason = meshward_policy::Reason::RateLimited;
+                    cd.policy = Some(over.policy);
+                }
+            }
             d.candidate = Some(meshward_policy::decision::CandidateDecision {
                 rollout: c.rollout,
                 verdict: cd.verdict,
@@ -173,6 +192,11 @@ impl Shared {
         let candidate = candidate.map(|(rollout, set)| Candidate {
             rollout,
             engine: Engine::compile(&set),
+            rate_limiter: crate::ratelimit::RateLimits::compile(&crate::view::rate_limits_for(
+                &set,
+                &self.workload,
+            )),
+            budgets: crate::ratelimit::Budgets::default(),
             set,
         });
         // The headers either set's conditions read: the candidate judges the same request.
@@ -245,5 +269,59 @@ impl rustls::client::ResolvesClientCert for ClientCert {
 
     fn has_certs(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::view::tests::{orders, r};
+    use meshward_policy::{Decision, Reason, Request, Source, Verdict};
+
+    #[test]
+    fn the_candidates_rate_limits_are_metered_in_shadow_on_budgets_of_their_own() {
+        let allow_all = "---\napiVersion: meshward.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: all, namespace: orders}\nspec: {tier: service, action: ALLOW, target: {workloads: [orders-api-0]}, rules: [{name: any, from: [{identities: [\"spiffe://shop.example/ns/web/sa/frontend\"]}]}]}\n";
+        let limit = "---\napiVersion: meshward.io/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: tight, namespace: orders}\nspec: {target: {workloads: [orders-api-0]}, limits: [{requestsPerSecond: 1, burst: 2}]}\n";
+        let enforced = orders(&["127.0.0.1:1"], allow_all);
+        let candidate = orders(&["127.0.0.1:1"], &format!("{allow_all}{limit}"));
+        let shared = Shared::new(
+            r("orders/orders-api-0"),
+            SharedBundles::default(),
+            crate::decision_log::DecisionLog::disabled(),
+        );
+        shared.set_policy_with(3, enforced, Some((7, candidate)));
+        let p = shared.policy.load_full().unwrap();
+        let req = Request {
+            source: Source::Authenticated(
+                meshward_identity::SpiffeId::parse("spiffe://shop.example/ns/web/sa/frontend")
+                    .unwrap(),
+            ),
+            destination: r("orders/orders-api-0"),
+            port: 8080,
+            http: None,
+            at: SystemTime::now(),
+        };
+        let verdicts: Vec<(Verdict, Verdict, Reason)> = (0..4)
+            .map(|_| {
+                let d: Decision = p.with_candidate(p.engine.decide(&req), |_, d| d, &req, true);
+                let c = d.candidate.unwrap();
+                assert_eq!(c.rollout, 7);
+                (d.verdict, c.verdict, c.reason)
+            })
+            .collect();
+        // Enforced: all allowed. Candidate: the burst (2), then over its rate.
+        assert!(
+            verdicts.iter().all(|v| v.0 == Verdict::Allow),
+            "{verdicts:?}"
+        );
+        assert_eq!(
+            verdicts.iter().map(|v| v.1).collect::<Vec<_>>(),
+            [Verdict::Allow, Verdict::Allow, Verdict::Deny, Verdict::Deny]
+        );
+        assert_eq!(verdicts[3].2, Reason::RateLimited);
+        assert!(
+            shared.budgets.is_empty(),
+            "the enforced budgets are untouched"
+        );
     }
 }

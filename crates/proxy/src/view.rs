@@ -121,12 +121,7 @@ impl View {
         states.commit(b);
         let targets_me =
             |t: &TargetSpec, id: &str| own.is_some_and(|w| selects(t, namespace_of(id), set, w));
-        let rate_limits: Vec<_> = set
-            .rate_limits
-            .iter()
-            .filter(|r| targets_me(&r.spec.target, &r.id))
-            .cloned()
-            .collect();
+        let rate_limits = rate_limits_for(set, workload);
         View {
             revision,
             discovery,
@@ -158,6 +153,16 @@ impl View {
             .get(service)
             .unwrap_or(&self.default_resilience)
     }
+}
+
+/// The `RateLimitPolicy`s of `set` that target `workload`.
+pub fn rate_limits_for(set: &PolicySet, workload: &WorkloadRef) -> Vec<Other<RateLimitPolicySpec>> {
+    let own = set.workload(workload);
+    set.rate_limits
+        .iter()
+        .filter(|r| own.is_some_and(|w| selects(&r.spec.target, namespace_of(&r.id), set, w)))
+        .cloned()
+        .collect()
 }
 
 /// Lower-case names of the headers some rule's condition reads: only these are copied out
