@@ -84,6 +84,10 @@ struct StepSpec {
     /// A workload of `meshward up` whose app is stopped (`namespace/name`).
     #[serde(default)]
     stop_app: Option<String>,
+    /// A workload of `meshward up` whose sidecar is stopped (its listeners and its
+    /// control-plane stream closed) for the step, then started again from its state.
+    #[serde(default)]
+    stop_sidecar: Option<String>,
     /// A workload of `meshward up` whose app hangs (SIGSTOP: connections accepted, nothing
     /// answered) for the step.
     #[serde(default)]
@@ -283,6 +287,7 @@ fn read(path: &Path) -> Result<Drill> {
         let f = format!("spec.steps[{i}]");
         if usize::from(s.fault.is_some())
             + usize::from(s.stop_app.is_some())
+            + usize::from(s.stop_sidecar.is_some())
             + usize::from(s.freeze_app.is_some())
             + usize::from(s.stop_control_plane.is_some())
             + usize::from(s.flood.is_some())
@@ -293,7 +298,7 @@ fn read(path: &Path) -> Result<Drill> {
                 &file,
                 line,
                 &f,
-                "a step makes one failure: set exactly one of `fault`, `stopApp`, `freezeApp`, `stopControlPlane: true`, `flood` and `certificateLifetime`"
+                "a step makes one failure: set exactly one of `fault`, `stopApp`, `stopSidecar`, `freezeApp`, `stopControlPlane: true`, `flood` and `certificateLifetime`"
             ));
         }
         if let Some(l) = &s.certificate_lifetime
@@ -615,6 +620,9 @@ enum Undo {
     Thaw {
         workload: String,
     },
+    Sidecar {
+        workload: String,
+    },
     Control,
     Flood {
         flood: Arc<Flood>,
@@ -874,6 +882,19 @@ impl Runner {
             });
             return Ok(format!("app of {w} stopped ({said})"));
         }
+        if let Some(w) = &step.stop_sidecar {
+            let hooks = self
+                .hooks
+                .clone()
+                .context("`stopSidecar` needs a mesh of `meshward up`: pass --mesh DIR")?;
+            // The lease: `meshward up` starts the sidecar again by itself if this drill dies.
+            let lease = step.duration.0.as_secs() + 30;
+            let said = hook(&hooks, &format!("stop-sidecar {w} {lease}")).await?;
+            self.undo.push(Undo::Sidecar {
+                workload: w.clone(),
+            });
+            return Ok(format!("sidecar of {w} {said}"));
+        }
         if let Some(w) = &step.freeze_app {
             let hooks = self
                 .hooks
@@ -964,6 +985,11 @@ impl Runner {
                 let hooks = self.hooks.clone().context("no hooks")?;
                 hook(&hooks, &format!("thaw-app {workload}")).await?;
                 format!("app of {workload} thawed")
+            }
+            Undo::Sidecar { workload } => {
+                let hooks = self.hooks.clone().context("no hooks")?;
+                let said = hook(&hooks, &format!("start-sidecar {workload}")).await?;
+                format!("sidecar of {workload} {said}")
             }
             Undo::Control => {
                 let hooks = self.hooks.clone().context("no hooks")?;

@@ -508,6 +508,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
         // 4. Sidecars, joined with one-time tokens.
         let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<Result<String, String>>(plans.len() * 2);
         let mut sidecars = vec![];
+        let mut in_process: Vec<Sidecar> = vec![];
         for p in &plans {
             let identity = SpiffeId::workload(&td, &p.id.namespace, &p.sa).map_err(|e| anyhow!("{e}"))?;
             let t = admin.call("POST", "/v1/tokens", Some(&json!({"identity": identity.to_string(), "ttl_secs": 600}))).await.map_err(|e| anyhow!("token: {e}"))?;
@@ -574,17 +575,23 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
         drain: None,
             };
             let (tx, name) = (ready_tx.clone(), p.id.to_string());
-            tokio::spawn(async move {
-                if let Err(e) = meshward_proxy::run::run(opts, |_| {
-                    let _ = tx.try_send(Ok(name.clone()));
-                })
-                .await
-                {
-                    tracing::error!("proxy {name} stopped: {e}");
-                    let _ = tx.try_send(Err(format!("the sidecar of {name} stopped: {e}")));
+            let ready = {
+                let (tx, name) = (tx.clone(), name.clone());
+                move || {
+                    let _ = tx.try_send(Ok(name));
                 }
+            };
+            let stop = run_sidecar(opts.clone(), ready, move |e| {
+                let _ = tx.try_send(Err(format!("the sidecar of {name} stopped: {e}")));
+            })?;
+            in_process.push(Sidecar {
+                id: p.id.to_string(),
+                opts,
+                stop: Some(stop),
+                stops: 0,
             });
         }
+        let in_process = Arc::new(tokio::sync::Mutex::new(in_process));
         let start = Instant::now();
         for i in 0..plans.len() {
             let name = tokio::time::timeout(Duration::from_secs(30).saturating_sub(start.elapsed()), ready_rx.recv())
@@ -671,7 +678,7 @@ pub fn run(dir: &Path, isolated: Option<Isolation>) -> Result<ExitCode> {
         let hooks = tokio::net::UnixListener::bind(&sock).with_context(|| format!("cannot listen on `{}`", sock.display()))?;
         // Only this user may drive the mesh's processes.
         std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-        tokio::spawn(serve_hooks(hooks, apps.clone(), control.clone()));
+        tokio::spawn(serve_hooks(hooks, apps.clone(), control.clone(), in_process.clone()));
         tokio::spawn(watch_apps(apps.clone()));
         // Absolute: a drill runs from anywhere.
         let abs = |p: std::path::PathBuf| std::path::absolute(&p).unwrap_or(p);
@@ -859,14 +866,130 @@ async fn watch_apps(apps: Arc<tokio::sync::Mutex<Vec<App>>>) {
     }
 }
 
+/// A sidecar `up` runs in its own process: on a thread with a runtime of its own, so a
+/// drill can stop it alone (every task, socket and stream of it goes with its runtime)
+/// and start it again from its state directory.
+struct Sidecar {
+    id: String,
+    opts: meshward_proxy::run::Options,
+    /// Stops it; `None` while it is stopped.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// How many times it was stopped (a lease undoes only its own stop).
+    stops: u64,
+}
+
+/// Starts a sidecar on a thread and runtime of its own; `ready` when its listeners are
+/// open, `failed` if it ends by itself. The sender stops it.
+fn run_sidecar(
+    opts: meshward_proxy::run::Options,
+    ready: impl FnOnce() + Send + 'static,
+    failed: impl FnOnce(String) + Send + 'static,
+) -> Result<tokio::sync::oneshot::Sender<()>> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let name = opts.workload.to_string();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(format!("sidecar {name}"))
+        .enable_all()
+        .build()
+        .with_context(|| format!("cannot start a runtime for the sidecar of {name}"))?;
+    std::thread::Builder::new()
+        .name(format!("sidecar {name}"))
+        .spawn(move || {
+            let r = rt.block_on(async move {
+                tokio::select! {
+                    r = meshward_proxy::run::run(opts, |_| ready()) => r.err(),
+                    _ = rx => None,
+                }
+            });
+            if let Some(e) = r {
+                tracing::error!("proxy {name} stopped: {e}");
+                failed(e);
+            }
+            // Every task of the sidecar ends with its runtime: listeners and streams close.
+            rt.shutdown_timeout(Duration::from_secs(2));
+        })
+        .with_context(|| "cannot start a sidecar thread".to_string())?;
+    Ok(tx)
+}
+
+/// `stop-sidecar WORKLOAD LEASE_SECS` and `start-sidecar WORKLOAD`.
+async fn sidecar_hook(
+    sidecars: &Arc<tokio::sync::Mutex<Vec<Sidecar>>>,
+    line: &str,
+) -> Result<String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let mut list = sidecars.lock().await;
+    let (cmd, id) = match words.as_slice() {
+        [c, id, ..] => (*c, *id),
+        _ => bail!("expected `stop-sidecar WORKLOAD LEASE_SECS` or `start-sidecar WORKLOAD`"),
+    };
+    let Some(i) = list.iter().position(|s| s.id == id) else {
+        let names: Vec<String> = list.iter().map(|s| s.id.clone()).collect();
+        if names.is_empty() {
+            bail!(
+                "no sidecar runs inside `meshward up` (with --isolated each sidecar is a process of its own: stopping one is not supported yet)"
+            );
+        }
+        bail!("no sidecar of `{id}` (sidecars: {})", names.join(", "));
+    };
+    let s = &mut list[i];
+    match (cmd, words.get(2)) {
+        ("stop-sidecar", Some(lease)) => {
+            let lease: u64 = lease.parse().context("LEASE_SECS: a number of seconds")?;
+            let stop = s.stop.take().context("its sidecar is stopped already")?;
+            let _ = stop.send(());
+            s.stops += 1;
+            let (stops, all, id) = (s.stops, sidecars.clone(), id.to_owned());
+            println!("drill: sidecar of {id} stopped for at most {lease}s");
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(lease)).await;
+                let mut list = all.lock().await;
+                if let Some(s) = list
+                    .iter_mut()
+                    .find(|s| s.id == id && s.stops == stops && s.stop.is_none())
+                    && let Ok(stop) = restart(s)
+                {
+                    s.stop = Some(stop);
+                    println!("drill: lease over, sidecar of {id} started again");
+                }
+            });
+            Ok("stopped: its listeners and its control-plane stream are closed".into())
+        }
+        ("start-sidecar", None) => {
+            if s.stop.is_some() {
+                return Ok("running already".into());
+            }
+            s.stop = Some(restart(s)?);
+            println!("drill: sidecar of {id} started again");
+            Ok("started from its state directory".into())
+        }
+        _ => bail!("expected `stop-sidecar WORKLOAD LEASE_SECS` or `start-sidecar WORKLOAD`"),
+    }
+}
+
+/// Starts a stopped sidecar again: from its state directory (its certificate and the last
+/// policy it enforced), without a join token (the first one was used).
+fn restart(s: &Sidecar) -> Result<tokio::sync::oneshot::Sender<()>> {
+    let mut opts = s.opts.clone();
+    opts.agent.join_token = None;
+    let name = s.id.clone();
+    run_sidecar(
+        opts,
+        || {},
+        move |e| tracing::error!("the sidecar of {name} stopped: {e}"),
+    )
+}
+
 async fn serve_hooks(
     l: tokio::net::UnixListener,
     apps: Arc<tokio::sync::Mutex<Vec<App>>>,
     control: Arc<tokio::sync::Mutex<Control>>,
+    sidecars: Arc<tokio::sync::Mutex<Vec<Sidecar>>>,
 ) {
     use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
     while let Ok((s, _)) = l.accept().await {
-        let (apps, control) = (apps.clone(), control.clone());
+        let (apps, control, sidecars) = (apps.clone(), control.clone(), sidecars.clone());
         tokio::spawn(async move {
             let (r, mut w) = s.into_split();
             let mut line = String::new();
@@ -880,6 +1003,8 @@ async fn serve_hooks(
             let line = line.trim();
             let r = if line.ends_with("-control") || line.contains("-control ") {
                 control_hook(&control, line).await
+            } else if line.starts_with("stop-sidecar ") || line.starts_with("start-sidecar ") {
+                sidecar_hook(&sidecars, line).await
             } else {
                 hook(&apps, line).await
             };

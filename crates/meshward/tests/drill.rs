@@ -228,6 +228,26 @@ fn the_quickstart_drills_pass_detect_a_missing_traffic_policy_and_clean_up_when_
     assert!(listens("127.0.0.1:18082"), "payments-0's app is back");
     assert!(listens("127.0.0.2:18082"), "payments-1's app is back");
 
+    // Sidecar loss: payments-1's sidecar stopped alone (listeners and stream closed),
+    // orders' charges go on, and it comes back from its state directory.
+    let (code, r, _) = up.drill("sidecar-loss.yaml");
+    assert_eq!(code, Some(0), "{r:#}");
+    assert_eq!(r["failed"], 0, "{r:#}");
+    assert!(
+        r["steps"][0]["did"]
+            .as_str()
+            .unwrap()
+            .contains("listeners and its control-plane stream are closed"),
+        "{r:#}"
+    );
+    assert!(
+        r["steps"][0]["undone"]
+            .as_str()
+            .unwrap()
+            .contains("started from its state directory"),
+        "{r:#}"
+    );
+
     // Control-plane loss: enforcement goes on (allowed stays allowed, denied stays 403),
     // and every sidecar is back on the restarted control plane.
     let (code, r, _) = up.drill("control-plane-loss.yaml");
