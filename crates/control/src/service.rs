@@ -108,6 +108,8 @@ pub struct ControlPlane {
     rollout_gen: tokio::sync::watch::Sender<u64>,
     /// One rollout transition at a time.
     rollout_lock: Mutex<()>,
+    /// No rollout runs (known once the store was read): the clock's tick reads nothing.
+    rollout_idle: std::sync::atomic::AtomicBool,
     tls_bundles: Option<meshward_identity::verifier::SharedBundles>,
     /// Snapshots of the head revision (and rollout generation) by identity.
     snapshots: Mutex<SnapshotCache>,
@@ -218,6 +220,7 @@ impl ControlPlane {
             readiness_gen: tokio::sync::watch::channel(0).0,
             rollout_gen: tokio::sync::watch::channel(0).0,
             rollout_lock: Mutex::new(()),
+            rollout_idle: std::sync::atomic::AtomicBool::new(false),
             snapshots: Mutex::new(((u64::MAX, 0), std::collections::HashMap::new())),
             tls_bundles: None,
             metrics: Arc::default(),

@@ -833,6 +833,26 @@ impl Runner {
         }
     }
 
+    /// Asks `meshward up` to `cmd` (a `field` step) on workload `w` (empty: the control
+    /// plane) for the step, with a lease: `up` undoes it by itself if this drill dies.
+    async fn leased(&self, field: &str, cmd: &str, w: &str, step: &StepSpec) -> Result<String> {
+        let hooks = self
+            .hooks
+            .clone()
+            .with_context(|| format!("`{field}` needs a mesh of `meshward up`: pass --mesh DIR"))?;
+        let lease = step.duration.0.as_secs() + 30;
+        let line = match w {
+            "" => format!("{cmd} {lease}"),
+            w => format!("{cmd} {w} {lease}"),
+        };
+        hook(&hooks, &line).await
+    }
+
+    /// Sends `line` to `meshward up`'s hooks (an undo).
+    async fn hook(&self, line: &str) -> Result<String> {
+        hook(self.hooks.as_deref().context("no hooks")?, line).await
+    }
+
     async fn start(&mut self, i: usize, step: &StepSpec, drill: &Drill) -> Result<String> {
         if let Some(fault) = &step.fault {
             let file = format!("drill.{}.{}.yaml", self.drill_name, i + 1);
@@ -870,50 +890,30 @@ impl Runner {
             return Ok(format!("fault committed as revision {rev}"));
         }
         if let Some(w) = &step.stop_app {
-            let hooks = self
-                .hooks
-                .clone()
-                .context("`stopApp` needs a mesh of `meshward up`: pass --mesh DIR")?;
-            // The lease: `meshward up` restarts the app by itself if this drill dies.
-            let lease = step.duration.0.as_secs() + 30;
-            let said = hook(&hooks, &format!("stop-app {w} {lease}")).await?;
+            let said = self.leased("stopApp", "stop-app", w, step).await?;
             self.undo.push(Undo::App {
                 workload: w.clone(),
             });
             return Ok(format!("app of {w} stopped ({said})"));
         }
         if let Some(w) = &step.stop_sidecar {
-            let hooks = self
-                .hooks
-                .clone()
-                .context("`stopSidecar` needs a mesh of `meshward up`: pass --mesh DIR")?;
-            // The lease: `meshward up` starts the sidecar again by itself if this drill dies.
-            let lease = step.duration.0.as_secs() + 30;
-            let said = hook(&hooks, &format!("stop-sidecar {w} {lease}")).await?;
+            let said = self.leased("stopSidecar", "stop-sidecar", w, step).await?;
             self.undo.push(Undo::Sidecar {
                 workload: w.clone(),
             });
             return Ok(format!("sidecar of {w} {said}"));
         }
         if let Some(w) = &step.freeze_app {
-            let hooks = self
-                .hooks
-                .clone()
-                .context("`freezeApp` needs a mesh of `meshward up`: pass --mesh DIR")?;
-            let lease = step.duration.0.as_secs() + 30;
-            let said = hook(&hooks, &format!("freeze-app {w} {lease}")).await?;
+            let said = self.leased("freezeApp", "freeze-app", w, step).await?;
             self.undo.push(Undo::Thaw {
                 workload: w.clone(),
             });
             return Ok(format!("app of {w} frozen ({said})"));
         }
         if step.stop_control_plane == Some(true) {
-            let hooks = self
-                .hooks
-                .clone()
-                .context("`stopControlPlane` needs a mesh of `meshward up`: pass --mesh DIR")?;
-            let lease = step.duration.0.as_secs() + 30;
-            let said = hook(&hooks, &format!("stop-control {lease}")).await?;
+            let said = self
+                .leased("stopControlPlane", "stop-control", "", step)
+                .await?;
             self.undo.push(Undo::Control);
             return Ok(format!("control plane stopped ({said})"));
         }
@@ -977,23 +977,19 @@ impl Runner {
                 format!("fault removed in revision {rev}")
             }
             Undo::App { workload } => {
-                let hooks = self.hooks.clone().context("no hooks")?;
-                hook(&hooks, &format!("start-app {workload}")).await?;
+                self.hook(&format!("start-app {workload}")).await?;
                 format!("app of {workload} started again")
             }
             Undo::Thaw { workload } => {
-                let hooks = self.hooks.clone().context("no hooks")?;
-                hook(&hooks, &format!("thaw-app {workload}")).await?;
+                self.hook(&format!("thaw-app {workload}")).await?;
                 format!("app of {workload} thawed")
             }
             Undo::Sidecar { workload } => {
-                let hooks = self.hooks.clone().context("no hooks")?;
-                let said = hook(&hooks, &format!("start-sidecar {workload}")).await?;
+                let said = self.hook(&format!("start-sidecar {workload}")).await?;
                 format!("sidecar of {workload} {said}")
             }
             Undo::Control => {
-                let hooks = self.hooks.clone().context("no hooks")?;
-                hook(&hooks, "start-control").await?;
+                self.hook("start-control").await?;
                 // Back once its API answers (what the next steps and checks need).
                 let t0 = Instant::now();
                 while self.client.call("GET", "/v1/status", None).await.is_err() {

@@ -10,94 +10,28 @@
 //! removed; a drill interrupted mid-step leaves no fault and no stopped app behind.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_name().to_string_lossy().starts_with('.') {
-            continue;
-        }
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
+mod support;
+use support::{Mesh, copy_dir, examples, meshward};
 
-fn examples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
-}
+/// The mesh, with what the drills need of it.
+struct Up(Mesh);
 
-fn meshward() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_meshward"))
-}
-
-struct Up {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
+impl std::ops::Deref for Up {
+    type Target = Mesh;
+    fn deref(&self) -> &Mesh {
+        &self.0
     }
 }
 
 impl Up {
     fn start(dir: &Path) -> Up {
-        let mut child = meshward()
-            .arg("up")
-            .arg(dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut reader = BufReader::new(child.stdout.take().unwrap());
-        let up = Up {
-            child,
-            dir: dir.to_owned(),
-        };
-        let start = Instant::now();
-        let mut lines = vec![];
-        loop {
-            let mut l = String::new();
-            assert!(
-                reader.read_line(&mut l).unwrap() > 0,
-                "`meshward up` exited: {lines:#?}"
-            );
-            lines.push(l.trim_end().to_owned());
-            if l.contains("mesh is up") {
-                break;
-            }
-            assert!(start.elapsed() < Duration::from_secs(60), "{lines:#?}");
-        }
-        std::thread::spawn(move || for _ in reader.lines().map_while(Result::ok) {});
-        up
-    }
-
-    fn state(&self) -> Value {
-        let p = self.dir.join(".meshward/up.json");
-        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-    }
-
-    /// A CLI command against its control plane.
-    fn cli(&self) -> Command {
-        let s = self.state();
-        let mut c = meshward();
-        c.env("MESHWARD_SERVER", s["control"].as_str().unwrap())
-            .env("MESHWARD_CA_FILE", s["ca_file"].as_str().unwrap())
-            .env("MESHWARD_TOKEN_FILE", s["token_file"].as_str().unwrap());
-        c
+        Up(Mesh::start(dir))
     }
 
     fn newest_revision(&self) -> Value {

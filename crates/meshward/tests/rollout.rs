@@ -12,99 +12,43 @@
 //! authorization, it cannot see an app fail) is rolled back within the watch; all of it
 //! in the audit log, whose chain verifies.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_name().to_string_lossy().starts_with('.') {
-            continue;
-        }
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
+mod support;
+use support::{Mesh, copy_dir};
 
-fn meshward() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_meshward"))
-}
-
+/// The mesh, and the traffic this test sends through it (stopped with it).
 struct Up {
-    child: Child,
-    dir: PathBuf,
+    mesh: Mesh,
     stop: Arc<AtomicBool>,
-    /// What `up` printed until the mesh was up.
-    lines: Vec<String>,
+}
+
+impl std::ops::Deref for Up {
+    type Target = Mesh;
+    fn deref(&self) -> &Mesh {
+        &self.mesh
+    }
 }
 
 impl Drop for Up {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
     }
 }
 
 impl Up {
     fn start(dir: &Path) -> Up {
-        let mut child = meshward()
-            .arg("up")
-            .arg(dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut reader = BufReader::new(child.stdout.take().unwrap());
-        let mut up = Up {
-            child,
-            dir: dir.to_owned(),
+        Up {
+            mesh: Mesh::start(dir),
             stop: Arc::default(),
-            lines: vec![],
-        };
-        let start = Instant::now();
-        let mut lines = vec![];
-        loop {
-            let mut l = String::new();
-            assert!(
-                reader.read_line(&mut l).unwrap() > 0,
-                "`meshward up` exited: {lines:#?}"
-            );
-            lines.push(l.trim_end().to_owned());
-            if l.contains("mesh is up") {
-                break;
-            }
-            assert!(start.elapsed() < Duration::from_secs(60), "{lines:#?}");
         }
-        std::thread::spawn(move || for _ in reader.lines().map_while(Result::ok) {});
-        up.lines = lines;
-        up
-    }
-
-    fn state(&self) -> Value {
-        let p = self.dir.join(".meshward/up.json");
-        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-    }
-
-    fn cli(&self) -> Command {
-        let s = self.state();
-        let mut c = meshward();
-        c.env("MESHWARD_SERVER", s["control"].as_str().unwrap())
-            .env("MESHWARD_CA_FILE", s["ca_file"].as_str().unwrap())
-            .env("MESHWARD_TOKEN_FILE", s["token_file"].as_str().unwrap());
-        c
     }
 
     fn json(&self, args: &[&str]) -> Value {

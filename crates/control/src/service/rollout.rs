@@ -516,6 +516,8 @@ impl ControlPlane {
     ) -> Result<(), Refused> {
         let text = serde_json::to_string(r).map_err(|e| Refused::Internal(e.to_string()))?;
         self.store.set_state(STATE_KEY, &text, entry, now)?;
+        self.rollout_idle
+            .store(!r.stage.active(), std::sync::atomic::Ordering::Relaxed);
         self.rollout_gen.send_modify(|g| *g += 1);
         Ok(())
     }
@@ -529,6 +531,9 @@ impl ControlPlane {
 
     /// The candidate sidecars evaluate in shadow now: `(rollout, files)`.
     pub(super) fn shadow_candidate(&self) -> Option<(u64, Files)> {
+        if self.rollout_idle.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
         let r = self.active_rollout().ok().flatten()?;
         matches!(r.stage, Stage::Shadow | Stage::Waiting).then(|| (r.id, r.candidate))
     }
@@ -788,7 +793,13 @@ impl ControlPlane {
     /// One step of every rollout's clock (the controller calls it every second).
     pub fn rollout_tick(&self, now: SystemTime) -> Result<Option<String>, Refused> {
         let _g = self.lock_rollouts()?;
+        // Idle (the common case): nothing to read. This replica is the only writer.
+        if self.rollout_idle.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(None);
+        }
         let Some(mut r) = self.active_rollout()? else {
+            self.rollout_idle
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             return Ok(None);
         };
         let elapsed = now.duration_since(at_ms(r.stage_ms)).unwrap_or_default();
@@ -1087,6 +1098,21 @@ impl ControlPlane {
         Ok(format!("rollout {} {}: {why}", r.id, stage.as_str()))
     }
 
+    /// The running rollout, if `op` may `verb` it: whoever may make the change; for a
+    /// change that needed a second approval, platform-security only.
+    fn operators_rollout(&self, op: &Operator, verb: &str) -> Result<Rollout, Refused> {
+        let r = self
+            .active_rollout()?
+            .ok_or_else(|| Refused::NotFound("no rollout is running".into()))?;
+        if self.authorize(op, &r.base_files, &r.candidate)? && !op.is_platform_security() {
+            return Err(Refused::Forbidden(format!(
+                "`{}` may not {verb} rollout {}: it changes what only platform-security may",
+                op.name, r.id
+            )));
+        }
+        Ok(r)
+    }
+
     /// The operator's say: in shadow or waiting, enforce now (the watch still follows);
     /// in the watch, promote now. The operator must be allowed to make the change.
     pub fn promote_rollout(
@@ -1107,17 +1133,7 @@ impl ControlPlane {
     ) -> Result<String, Refused> {
         require_reason(reason)?;
         let _g = self.lock_rollouts()?;
-        let mut r = self
-            .active_rollout()?
-            .ok_or_else(|| Refused::NotFound("no rollout is running".into()))?;
-        // A change that needed a second approval: promoting it past its gate is
-        // platform-security's call.
-        if self.authorize(op, &r.base_files, &r.candidate)? && !op.is_platform_security() {
-            return Err(Refused::Forbidden(format!(
-                "`{}` may not promote rollout {}: it changes what only platform-security may",
-                op.name, r.id
-            )));
-        }
+        let mut r = self.operators_rollout(op, "promote")?;
         let actor = op.actor();
         if r.stage == Stage::Watch {
             return self.end(
@@ -1151,15 +1167,7 @@ impl ControlPlane {
         let result = (|| {
             require_reason(reason)?;
             let _g = self.lock_rollouts()?;
-            let r = self
-                .active_rollout()?
-                .ok_or_else(|| Refused::NotFound("no rollout is running".into()))?;
-            if self.authorize(op, &r.base_files, &r.candidate)? && !op.is_platform_security() {
-                return Err(Refused::Forbidden(format!(
-                    "`{}` may not abort rollout {}: it may not make this change",
-                    op.name, r.id
-                )));
-            }
+            let r = self.operators_rollout(op, "abort")?;
             let why = format!("aborted by {}: {reason}", op.name);
             if r.stage == Stage::Watch {
                 return self.roll_back(r, why, &op.actor(), now);
